@@ -1,0 +1,244 @@
+"""The chief's round logic as a state machine that knows nothing of sockets.
+
+Transports feed it events (a worker joined, sent its initial weights, sent an update, left, time
+passed) and carry out the actions it returns (send the global model to these workers, send an
+error, ask for initial weights). The same machine serves TCP, in-process and test workers.
+
+Rounds: the chief collects updates for round ``round``. A round closes when
+
+* every connected worker has sent its update, once the expected number of workers has joined
+  (the start barrier, so that round 0 does not close with the first worker alone), or
+* the deadline (``round_timeout`` after the round opened) has passed and at least
+  ``min_workers`` updates are in.
+
+Then the strategy's new global model is sent to the workers waiting for it. A worker that was
+not waiting (still training, or joined late) gets the newest model when it next syncs: its update
+for a closed round is dropped and it is told so. A worker is identified by its id, not its
+connection, so a repeated update for a round (after a reconnect) counts once.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .protocol import ErrorCode, Spec, spec_mismatch, spec_of
+from .strategies import FedAvg
+
+
+@dataclass
+class ChiefConfig:
+    workers: int = 1  # workers that must have joined before the first round can close
+    rounds: int | None = None  # stop after this many rounds; None: until every worker has left
+    min_workers: int = 1  # quorum for closing a round at its deadline
+    round_timeout: float | None = None  # seconds; None: wait for every connected worker
+
+    def __post_init__(self) -> None:
+        if self.workers < 1 or self.min_workers < 1:
+            raise ValueError("workers and min_workers must be at least 1")
+        if self.min_workers > self.workers:
+            raise ValueError("min_workers cannot exceed workers")
+        if self.rounds is not None and self.rounds < 1:
+            raise ValueError("rounds must be at least 1")
+
+
+# -- actions ---------------------------------------------------------------------------------
+@dataclass
+class SendGlobal:
+    """Send the current global model (round, done) to these workers."""
+
+    worker_ids: list[str]
+
+
+@dataclass
+class SendError:
+    worker_id: str
+    code: ErrorCode
+    message: str
+    fatal: bool  # the transport closes the connection after a fatal error
+
+
+@dataclass
+class RequestInit:
+    """The chief has no model yet: ask this worker for its initial weights."""
+
+    worker_id: str
+
+
+@dataclass
+class RoundClosed:
+    round: int  # rounds completed so far, 1 for the first
+    workers: int  # updates aggregated
+    num_samples: float
+    train_loss: float | None
+    worker_ids: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Finished:
+    reason: str
+
+
+Action = SendGlobal | SendError | RequestInit | RoundClosed | Finished
+
+
+def non_finite(arrays: Sequence[np.ndarray]) -> str | None:
+    for i, a in enumerate(arrays):
+        if np.issubdtype(a.dtype, np.inexact) and not np.isfinite(a).all():
+            return f"tensor {i} contains NaN or Inf"
+    return None
+
+
+class Chief:
+    def __init__(self, config: ChiefConfig, strategy: FedAvg | None = None,
+                 initial: Sequence[np.ndarray] | None = None, start_round: int = 0) -> None:
+        self.config = config
+        self.strategy = strategy or FedAvg()
+        self.round = start_round
+        self.global_arrays: list[np.ndarray] | None = None
+        self.spec: Spec | None = None
+        self.done = config.rounds is not None and start_round >= config.rounds
+        self.members: set[str] = set()
+        self.ever_joined: set[str] = set()
+        self._in_round: set[str] = set()
+        self._waiting: set[str] = set()
+        self._last_round_of: dict[str, int] = {}  # worker -> last round its update counted in
+        self._loss_sum = 0.0
+        self._loss_weight = 0.0
+        self._samples = 0.0
+        self._opened_at: float | None = None
+        self._finished = False
+        if initial is not None:
+            self._adopt(list(initial))
+
+    # -- queries -----------------------------------------------------------------------------
+    @property
+    def deadline(self) -> float | None:
+        if self.config.round_timeout is None or self._opened_at is None or self.done:
+            return None
+        return self._opened_at + self.config.round_timeout
+
+    @property
+    def started(self) -> bool:
+        return len(self.ever_joined) >= self.config.workers
+
+    # -- events ------------------------------------------------------------------------------
+    def join(self, worker_id: str, spec: Spec, now: float, want_model: bool = True) -> list[Action]:
+        if self.spec is not None:
+            why = spec_mismatch(self.spec, spec)
+            if why:
+                return [SendError(worker_id, ErrorCode.SPEC_MISMATCH,
+                                  f"your model does not match the federation's: {why}", True)]
+        self.members.add(worker_id)
+        self.ever_joined.add(worker_id)
+        if self._opened_at is None:
+            self._opened_at = now
+        if self.global_arrays is None:
+            return [RequestInit(worker_id)]
+        if worker_id in self._in_round:
+            self._waiting.add(worker_id)  # reconnected while waiting for this round's result
+            return []
+        return [SendGlobal([worker_id])] if want_model or self.done else []
+
+    def init(self, worker_id: str, arrays: list[np.ndarray], now: float) -> list[Action]:
+        if worker_id not in self.members:
+            return [SendError(worker_id, ErrorCode.PROTOCOL, "initial weights before joining", True)]
+        if self.global_arrays is None:
+            bad = non_finite(arrays)
+            if bad:
+                return [SendError(worker_id, ErrorCode.NON_FINITE,
+                                  f"initial weights refused: {bad}", True)]
+            self._adopt(arrays)
+            # Everyone who joined while the chief had no model asked for one: answer them all.
+            return [SendGlobal(sorted(self.members - self._in_round))]
+        why = spec_mismatch(self.spec, spec_of(arrays))  # type: ignore[arg-type]
+        if why:
+            return [SendError(worker_id, ErrorCode.SPEC_MISMATCH,
+                              f"your model does not match the federation's: {why}", True)]
+        return []  # another worker's weights won; this one was already sent the global model
+
+    def update(self, worker_id: str, round_: int, num_samples: float, arrays: list[np.ndarray],
+               metrics: dict[str, Any], now: float) -> list[Action]:
+        if worker_id not in self.members or self.global_arrays is None:
+            return [SendError(worker_id, ErrorCode.PROTOCOL, "update before joining", True)]
+        if self.done:
+            return [SendGlobal([worker_id])]
+        if self._last_round_of.get(worker_id) == round_:
+            # A repeat after a reconnect: it counted once already.
+            if round_ == self.round:
+                self._waiting.add(worker_id)
+                return []
+            return [SendGlobal([worker_id])]
+        if round_ != self.round:
+            return [SendError(worker_id, ErrorCode.STALE,
+                              f"update for round {round_} arrived after it closed (now round "
+                              f"{self.round}); it was dropped, the newest model follows", False),
+                    SendGlobal([worker_id])]
+        if not (isinstance(num_samples, (int, float)) and math.isfinite(num_samples)
+                and num_samples > 0):
+            return [SendError(worker_id, ErrorCode.BAD_FRAME,
+                              "num_samples must be a positive number", True)]
+        bad = non_finite(arrays)
+        if bad:
+            return [SendError(worker_id, ErrorCode.NON_FINITE, f"update refused: {bad}", True)]
+        self.strategy.add(arrays, num_samples)
+        self._in_round.add(worker_id)
+        self._waiting.add(worker_id)
+        self._last_round_of[worker_id] = round_
+        self._samples += num_samples
+        loss = metrics.get("loss")
+        if isinstance(loss, (int, float)) and math.isfinite(loss):
+            self._loss_sum += num_samples * loss
+            self._loss_weight += num_samples
+        return self._maybe_close(now)
+
+    def leave(self, worker_id: str, now: float) -> list[Action]:
+        self.members.discard(worker_id)
+        self._waiting.discard(worker_id)
+        actions = self._maybe_close(now)
+        if not self.members and self.started and not self._finished:
+            if self.done or self.config.rounds is None:
+                self._finished = True
+                actions.append(Finished("every worker has left"))
+        return actions
+
+    def tick(self, now: float) -> list[Action]:
+        return self._maybe_close(now)
+
+    # -- internals ---------------------------------------------------------------------------
+    def _adopt(self, arrays: list[np.ndarray]) -> None:
+        self.global_arrays = arrays
+        self.spec = spec_of(arrays)
+        self.strategy.begin(arrays)
+
+    def _maybe_close(self, now: float) -> list[Action]:
+        n = len(self._in_round)
+        if self.done or n == 0:
+            return []
+        everyone = self.started and self.members <= self._in_round
+        late = self.deadline is not None and now >= self.deadline and n >= self.config.min_workers
+        if not (everyone or late):
+            return []
+        return self._close(now)
+
+    def _close(self, now: float) -> list[Action]:
+        self.global_arrays = self.strategy.finish()
+        self.round += 1
+        record = RoundClosed(self.round, len(self._in_round), self._samples,
+                             self._loss_sum / self._loss_weight if self._loss_weight else None,
+                             sorted(self._in_round))
+        waiting = sorted(self._waiting & self.members)
+        self.done = self.config.rounds is not None and self.round >= self.config.rounds
+        self.strategy.begin(self.global_arrays)
+        self._in_round, self._waiting = set(), set()
+        self._loss_sum = self._loss_weight = self._samples = 0.0
+        self._opened_at = now
+        actions: list[Action] = [record, SendGlobal(waiting)]
+        if self.done and not self._finished:
+            self._finished = True
+            actions.append(Finished(f"{self.round} rounds done"))
+        return actions

@@ -1,0 +1,365 @@
+"""The fedberry wire format, sans-IO: bytes in, frames out; frames in, bytes out.
+
+Nothing here touches a socket, a thread or an event loop, so the same code serves TCP (asyncio),
+MPI and tests, and it can be fuzzed by feeding it bytes.
+
+A frame is::
+
+    header  20 bytes   magic b"FDBR", version u8, type u8, flags u16, meta_len u32, payload_len u64
+    meta    meta_len   UTF-8 JSON object; "tensors": [{"dtype": "<f4", "shape": [200, 784]}, ...]
+    payload            the tensors' raw little-endian bytes, back to back, in the order of "tensors"
+
+All integers are little-endian. Message boundaries come from the header, never from timeouts.
+
+What a misbehaving peer can cause: every length is checked against a limit *before* anything is
+allocated, so a hostile header can make us allocate at most ``Limits.max_meta_bytes`` for the
+metadata and, after the metadata has been validated (dtypes, shapes, counts, sizes adding up to
+payload_len, and shapes matching the model when one is expected), exactly the tensors it describes.
+Any violation raises :class:`ProtocolError`; the caller answers with an ERROR frame and closes.
+Nothing received is ever unpickled or evaluated: metadata is JSON, tensors are raw numbers.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import math
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+MAGIC = b"FDBR"
+VERSION = 1
+HEADER = struct.Struct("<4sBBHIQ")
+HEADER_SIZE = HEADER.size  # 20
+
+# dtypes a model may carry. Object, string, void and structured dtypes are excluded on purpose:
+# they are the ones numpy can only build from Python objects. Big-endian is refused rather than
+# swapped so that every receiver can read straight into a native (little-endian) buffer.
+ALLOWED_DTYPES = frozenset(
+    {"<f2", "<f4", "<f8", "|i1", "<i2", "<i4", "<i8", "|u1", "<u2", "<u4", "<u8", "|b1"}
+)
+MAX_DIMS = 8  # torch and numpy models stay far below this; numpy's own limit is 64.
+
+
+class MsgType(enum.IntEnum):
+    HELLO = 1  # worker -> chief: protocol version, worker id, client nonce
+    CHALLENGE = 2  # chief -> worker: server nonce
+    AUTH = 3  # worker -> chief: HMAC proof, model spec, sample count
+    WELCOME = 4  # chief -> worker: chief's HMAC proof, round, whether the chief needs a model
+    INIT = 5  # worker -> chief: initial weights, when the chief has none yet
+    UPDATE = 6  # worker -> chief: round, num_samples, metrics, weights
+    GLOBAL = 7  # chief -> worker: round, done, the global weights
+    ERROR = 8  # either way: code, message, fatal
+    BYE = 9  # worker -> chief: leaving on purpose
+    PING = 10  # either way: heartbeat
+    PONG = 11
+
+
+# Frames that carry tensors. Any other frame type with a non-empty payload is malformed.
+TENSOR_TYPES = frozenset({MsgType.INIT, MsgType.UPDATE, MsgType.GLOBAL})
+
+
+class ErrorCode(str, enum.Enum):
+    BAD_FRAME = "bad_frame"  # malformed header, metadata or tensor description
+    VERSION = "version"  # protocol versions differ
+    LIMIT = "limit"  # a frame exceeds a limit (size, tensor count)
+    AUTH_FAILED = "auth_failed"  # wrong token
+    SPEC_MISMATCH = "spec_mismatch"  # tensors differ from the federation's model in shape/dtype
+    NON_FINITE = "non_finite"  # NaN or Inf in an update
+    STALE = "stale_update"  # update for a round that has closed; newest model follows
+    PROTOCOL = "protocol"  # a frame that is not allowed in this state
+    BUSY = "busy"  # connection cap reached
+    TIMEOUT = "timeout"  # peer silent too long
+    SHUTDOWN = "shutdown"  # chief is stopping
+    INTERNAL = "internal"
+
+
+class ProtocolError(Exception):
+    """A peer sent something we refuse. ``code`` goes back to it in an ERROR frame."""
+
+    def __init__(self, code: ErrorCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    dtype: str  # numpy dtype.str, e.g. "<f4"
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return np.dtype(self.dtype).itemsize * math.prod(self.shape)
+
+    def describe(self) -> str:
+        return f"{np.dtype(self.dtype).name}{list(self.shape)}"
+
+
+Spec = tuple[TensorSpec, ...]
+
+
+def spec_of(arrays: Sequence[np.ndarray]) -> Spec:
+    return tuple(TensorSpec(wire_dtype(a.dtype).str, tuple(a.shape)) for a in arrays)
+
+
+def spec_to_json(spec: Spec) -> list[list[Any]]:
+    return [[t.dtype, list(t.shape)] for t in spec]
+
+
+def spec_from_json(obj: Any, limits: Limits) -> Spec:
+    if not isinstance(obj, list) or len(obj) > limits.max_tensors:
+        raise ProtocolError(ErrorCode.BAD_FRAME, "model spec must be a list of [dtype, shape]")
+    out = []
+    for item in obj:
+        if not isinstance(item, list) or len(item) != 2:
+            raise ProtocolError(ErrorCode.BAD_FRAME, "model spec entries must be [dtype, shape]")
+        out.append(_tensor_spec(item[0], item[1]))
+    return tuple(out)
+
+
+def spec_mismatch(expected: Spec, got: Spec) -> str | None:
+    """A sentence saying how ``got`` differs from ``expected``, or None when they match."""
+    if len(expected) != len(got):
+        return f"the model has {len(got)} tensors, the federation's has {len(expected)}"
+    for i, (e, g) in enumerate(zip(expected, got)):
+        if e != g:
+            return f"tensor {i} is {g.describe()}, the federation's is {e.describe()}"
+    return None
+
+
+def wire_dtype(dtype: np.dtype) -> np.dtype:
+    """The little-endian dtype an array travels as."""
+    dt = np.dtype(dtype).newbyteorder("<") if np.dtype(dtype).byteorder == ">" else np.dtype(dtype)
+    if dt.str not in ALLOWED_DTYPES:
+        raise ValueError(f"dtype {np.dtype(dtype)} cannot be sent; allowed: {sorted(ALLOWED_DTYPES)}")
+    return dt
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What a receiver accepts. Checked before allocating.
+
+    max_meta_bytes: metadata is JSON of a few hundred bytes plus ~30 bytes per tensor; 1 MiB
+    covers 10k tensors with room to spare. max_tensors: large vision models have ~1k state
+    tensors. max_payload: the chief lowers this to the model's size once it knows the model;
+    before authentication it is 0, so an unauthenticated peer cannot make us allocate tensors.
+    """
+
+    max_meta_bytes: int = 1 << 20
+    max_tensors: int = 10_000
+    max_payload: int = 4 << 30
+
+
+@dataclass
+class Frame:
+    type: MsgType
+    meta: dict[str, Any]
+    tensors: list[np.ndarray] = field(default_factory=list)
+    nbytes: int = 0  # bytes this frame took on the wire
+
+
+@dataclass
+class EncodedFrame:
+    """A frame as a list of buffers, for ``writelines``: the tensors are not copied."""
+
+    parts: list[bytes | memoryview]
+    nbytes: int
+
+    def tobytes(self) -> bytes:
+        return b"".join(bytes(p) for p in self.parts)
+
+
+def encode(msg_type: MsgType, meta: dict[str, Any] | None = None,
+           tensors: Sequence[np.ndarray] = ()) -> EncodedFrame:
+    """Build a frame. Tensors are sent as they are (made contiguous little-endian if needed)."""
+    meta = dict(meta or {})
+    arrays = []
+    for a in tensors:
+        a = np.asarray(a)
+        dt = wire_dtype(a.dtype)
+        arrays.append(np.ascontiguousarray(a, dtype=dt))
+    if arrays:
+        meta["tensors"] = [{"dtype": a.dtype.str, "shape": list(a.shape)} for a in arrays]
+    elif msg_type in TENSOR_TYPES:
+        meta["tensors"] = []
+    meta_bytes = json.dumps(meta, separators=(",", ":"), allow_nan=False).encode()
+    payload_len = sum(a.nbytes for a in arrays)
+    header = HEADER.pack(MAGIC, VERSION, int(msg_type), 0, len(meta_bytes), payload_len)
+    parts: list[bytes | memoryview] = [header + meta_bytes]
+    parts.extend(memoryview(a).cast("B") for a in arrays if a.nbytes)
+    return EncodedFrame(parts, HEADER_SIZE + len(meta_bytes) + payload_len)
+
+
+def _tensor_spec(dtype: Any, shape: Any) -> TensorSpec:
+    if not isinstance(dtype, str) or dtype not in ALLOWED_DTYPES:
+        raise ProtocolError(ErrorCode.BAD_FRAME, f"dtype {dtype!r} is not allowed")
+    if (not isinstance(shape, list) or len(shape) > MAX_DIMS
+            or not all(type(d) is int and 0 <= d < (1 << 40) for d in shape)):
+        raise ProtocolError(ErrorCode.BAD_FRAME, f"shape {shape!r} is not a list of sizes")
+    return TensorSpec(dtype, tuple(shape))
+
+
+class FrameDecoder:
+    """Turns a byte stream into frames, reading tensor bytes straight into numpy arrays.
+
+    Two ways to feed it:
+
+    * zero-copy, for ``asyncio.BufferedProtocol``: ``get_buffer()`` gives the memory the next bytes
+      belong in (the header, the metadata, or the current tensor's own buffer), and
+      ``buffer_updated(n)`` says n bytes were written there;
+    * ``receive_data(data)``, which copies ``data`` in through the same path (tests, fuzzing, MPI).
+
+    Both return the frames completed so far and raise :class:`ProtocolError` on a bad frame,
+    after which the decoder is unusable (the stream has lost its framing: close the connection).
+
+    ``expected`` (set by the owner once the model is known) is the spec every tensor-carrying
+    frame must match; ``limits`` may be replaced at any time (it takes effect at the next header).
+    """
+
+    def __init__(self, limits: Limits | None = None) -> None:
+        self.limits = limits or Limits()
+        self.expected: Spec | None = None
+        self._header = bytearray(HEADER_SIZE)
+        self._start_header()
+        self.broken = False
+
+    # -- state -------------------------------------------------------------------------------
+    def _start_header(self) -> None:
+        self._stage = "header"
+        self._buf = memoryview(self._header)
+        self._pos = 0
+        self._type: MsgType | None = None
+        self._meta: dict[str, Any] = {}
+        self._tensors: list[np.ndarray] = []
+        self._views: list[memoryview] = []
+        self._tensor_index = 0
+        self._frame_bytes = 0
+
+    def get_buffer(self) -> memoryview:
+        """Where the next received bytes go. Never empty while the decoder is usable."""
+        if self.broken:
+            raise ProtocolError(ErrorCode.BAD_FRAME, "the stream is broken")
+        return self._buf[self._pos:]
+
+    def buffer_updated(self, n: int) -> list[Frame]:
+        """``n`` bytes were written to the start of the last ``get_buffer()``."""
+        self._pos += n
+        frames: list[Frame] = []
+        try:
+            while self._pos == len(self._buf):
+                frame = self._advance()
+                if frame is not None:
+                    frames.append(frame)
+                    break  # the next frame starts with a fresh buffer
+        except ProtocolError:
+            self.broken = True
+            raise
+        return frames
+
+    def receive_data(self, data: bytes | bytearray | memoryview) -> list[Frame]:
+        frames: list[Frame] = []
+        src = memoryview(data).cast("B")
+        while len(src):
+            buf = self.get_buffer()
+            n = min(len(buf), len(src))
+            buf[:n] = src[:n]
+            src = src[n:]
+            frames.extend(self.buffer_updated(n))
+        return frames
+
+    # -- transitions -------------------------------------------------------------------------
+    def _advance(self) -> Frame | None:
+        if self._stage == "header":
+            self._parse_header()
+        elif self._stage == "meta":
+            self._parse_meta()
+        else:
+            self._tensor_index += 1
+            self._next_tensor()
+        if self._stage == "done":
+            frame = Frame(self._type, self._meta, self._tensors, self._frame_bytes)  # type: ignore[arg-type]
+            self._start_header()
+            return frame
+        return None
+
+    def _parse_header(self) -> None:
+        magic, version, mtype, _flags, meta_len, payload_len = HEADER.unpack(self._header)
+        if magic != MAGIC:
+            raise ProtocolError(ErrorCode.BAD_FRAME, "not a fedberry frame (bad magic)")
+        if version != VERSION:
+            raise ProtocolError(ErrorCode.VERSION,
+                                f"protocol version {version} is not supported (this side speaks "
+                                f"{VERSION}); upgrade fedberry on the older side")
+        try:
+            self._type = MsgType(mtype)
+        except ValueError:
+            raise ProtocolError(ErrorCode.BAD_FRAME, f"unknown message type {mtype}") from None
+        if meta_len > self.limits.max_meta_bytes:
+            raise ProtocolError(ErrorCode.LIMIT, f"metadata of {meta_len} bytes exceeds the limit "
+                                                 f"of {self.limits.max_meta_bytes}")
+        if payload_len > self.limits.max_payload:
+            raise ProtocolError(ErrorCode.LIMIT, f"payload of {payload_len} bytes exceeds the limit "
+                                                 f"of {self.limits.max_payload}")
+        if payload_len and self._type not in TENSOR_TYPES:
+            raise ProtocolError(ErrorCode.BAD_FRAME, f"{self._type.name} frames carry no tensors")
+        self._payload_len = payload_len
+        self._frame_bytes = HEADER_SIZE + meta_len + payload_len
+        self._stage = "meta"
+        self._buf = memoryview(bytearray(meta_len))
+        self._pos = 0
+        if meta_len == 0:
+            raise ProtocolError(ErrorCode.BAD_FRAME, "empty metadata")
+
+    def _parse_meta(self) -> None:
+        try:
+            meta = json.loads(bytes(self._buf).decode("utf-8"))
+        except (UnicodeDecodeError, ValueError, RecursionError):
+            raise ProtocolError(ErrorCode.BAD_FRAME, "metadata is not valid UTF-8 JSON") from None
+        if not isinstance(meta, dict):
+            raise ProtocolError(ErrorCode.BAD_FRAME, "metadata must be a JSON object")
+        self._meta = meta
+        specs: Spec = ()
+        if self._type in TENSOR_TYPES:
+            descr = meta.get("tensors")
+            if not isinstance(descr, list):
+                raise ProtocolError(ErrorCode.BAD_FRAME, "tensor frame without a tensor list")
+            if len(descr) > self.limits.max_tensors:
+                raise ProtocolError(ErrorCode.LIMIT, f"{len(descr)} tensors exceed the limit of "
+                                                     f"{self.limits.max_tensors}")
+            specs = tuple(_tensor_spec(d.get("dtype"), d.get("shape")) if isinstance(d, dict)
+                          else _tensor_spec(None, None) for d in descr)
+            total = sum(s.nbytes for s in specs)
+            if total != self._payload_len:
+                raise ProtocolError(ErrorCode.BAD_FRAME, f"tensors need {total} bytes, the header "
+                                                         f"says {self._payload_len}")
+            if self.expected is not None:
+                why = spec_mismatch(self.expected, specs)
+                if why:
+                    raise ProtocolError(ErrorCode.SPEC_MISMATCH, why)
+        elif "tensors" in meta:
+            raise ProtocolError(ErrorCode.BAD_FRAME, f"{self._type.name} frames carry no tensors")
+        # Only now, with everything checked, allocate the tensors the payload is read into.
+        self._tensors = [np.empty(s.shape, dtype=np.dtype(s.dtype)) for s in specs]
+        self._views = [memoryview(t).cast("B") if t.nbytes else memoryview(b"") for t in self._tensors]
+        self._tensor_index = 0
+        self._stage = "tensors"
+        self._next_tensor()
+
+    def _next_tensor(self) -> None:
+        while self._tensor_index < len(self._views) and len(self._views[self._tensor_index]) == 0:
+            self._tensor_index += 1  # zero-size tensors take no bytes
+        if self._tensor_index >= len(self._views):
+            self._stage = "done"
+            return
+        self._buf = self._views[self._tensor_index]
+        self._pos = 0
+
+
+def error_frame(code: ErrorCode | str, message: str, fatal: bool = True) -> EncodedFrame:
+    return encode(MsgType.ERROR, {"code": str(getattr(code, "value", code)), "message": message,
+                                  "fatal": fatal})

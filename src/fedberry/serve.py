@@ -1,0 +1,140 @@
+"""Start a chief: ``fedberry.serve(...)`` in the background, or ``run_chief(...)`` to block.
+
+The chief runs its event loop on its own thread, so the same process can also train as a worker
+(``Worker(chief=handle)``, the original design's worker 0) while TCP workers connect.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import checkpoint as ckpt_io
+from .auth import resolve_token
+from .chief import Chief, ChiefConfig
+from .server import ChiefServer, Evaluate
+from .strategies import make_strategy
+from .worker import LoopThread
+
+log = logging.getLogger("fedberry.chief")
+
+
+class ChiefHandle:
+    """A running chief. ``address`` is where it listens (None without TCP)."""
+
+    def __init__(self, server: ChiefServer, io: LoopThread, tcp: Any = None) -> None:
+        self.server = server
+        self.io = io
+        self.tcp = tcp
+        self.address: tuple[str, int] | None = None
+        self._task: Any = None
+
+    @property
+    def url(self) -> str:
+        assert self.address is not None, "this chief does not listen on TCP"
+        return f"tcp://{self.address[0]}:{self.address[1]}"
+
+    @property
+    def metrics(self) -> list[dict[str, Any]]:
+        return list(self.server.metrics.records)
+
+    @property
+    def chief(self) -> Chief:
+        return self.server.chief
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the chief has finished (True) or ``timeout`` passed (False)."""
+        try:
+            self._task.result(timeout)
+            return True
+        except TimeoutError:
+            return False
+
+    def stop(self) -> None:
+        if self.server.finished is not None:
+            self.io.loop.call_soon_threadsafe(self.server.finished.set)
+        try:
+            self._task.result(15)
+        except Exception as exc:
+            log.debug("stop: %s", exc)
+        self.io.stop()
+
+    def __enter__(self) -> ChiefHandle:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def serve(listen: str | None = "127.0.0.1:0", *, workers: int = 1, rounds: int | None = None,
+          min_workers: int = 1, round_timeout: float | None = None, strategy: str = "fedavg",
+          initial: Sequence[np.ndarray] | None = None, evaluate: Evaluate | None = None,
+          out_dir: str | os.PathLike | None = None, checkpoint: str | os.PathLike | None = None,
+          resume: bool = False, token: str | None = None, token_file: str | None = None,
+          tls_cert: str | None = None, tls_key: str | None = None, client_ca: str | None = None,
+          insecure: bool = False, max_connections: int = 256, idle_timeout: float = 60.0,
+          handshake_timeout: float = 15.0, finish_grace: float = 30.0,
+          run_config: dict[str, Any] | None = None) -> ChiefHandle:
+    """Start a chief in the background and return once it accepts connections."""
+    strat = make_strategy(strategy)
+    start_round = 0
+    append = False
+    if resume:
+        if not checkpoint or not Path(checkpoint).exists():
+            raise FileNotFoundError(f"--resume: no checkpoint at {checkpoint}")
+        ck = ckpt_io.load(checkpoint)
+        initial, start_round = ck.arrays, ck.round
+        strat.load_state_dict(ck.strategy_state)
+        append = True
+        log.info("resuming from %s at round %d", checkpoint, start_round)
+    chief = Chief(ChiefConfig(workers=workers, rounds=rounds, min_workers=min_workers,
+                              round_timeout=round_timeout),
+                  strat, initial=initial, start_round=start_round)
+    server = ChiefServer(chief, evaluate=evaluate, out_dir=str(out_dir) if out_dir else None,
+                         checkpoint_path=str(checkpoint) if checkpoint else None,
+                         run_config=run_config, finish_grace=finish_grace,
+                         append_metrics=append)
+    io = LoopThread("fedberry-chief")
+    handle = ChiefHandle(server, io)
+    tcp = None
+    if listen:
+        from .transports.tcp import ListenOptions, TcpChief, parse_address
+
+        ctx = None
+        if tls_cert:
+            from .certs import server_context
+
+            ctx = server_context(tls_cert, tls_key, client_ca)
+        host, port = parse_address(listen)
+        tcp = TcpChief(server, host, port, ListenOptions(
+            token=resolve_token(token, token_file), ssl_context=ctx, insecure=insecure,
+            max_connections=max_connections, idle_timeout=idle_timeout,
+            handshake_timeout=handshake_timeout))
+        handle.tcp = tcp
+        handle.address = io.run(tcp.start(), 30)
+        handle._task = asyncio.run_coroutine_threadsafe(tcp.serve(), io.loop)
+    else:
+        async def bind_and_wait() -> None:
+            server.bind_loop()
+            await server.wait_finished()
+
+        handle._task = asyncio.run_coroutine_threadsafe(bind_and_wait(), io.loop)
+        io.run(asyncio.sleep(0.01))
+    return handle
+
+
+def run_chief(**kwargs: Any) -> ChiefHandle:
+    """``serve(...)`` and block until the chief has finished."""
+    handle = serve(**kwargs)
+    try:
+        while not handle.wait(1.0):
+            pass
+    finally:
+        handle.stop()
+    return handle

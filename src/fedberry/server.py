@@ -1,0 +1,201 @@
+"""Runs the chief's state machine on an asyncio loop, for any transport.
+
+Transports authenticate connections and attach them here as peers; this module turns the chief's
+actions into sends, keeps the round deadline timer, counts bytes, writes metrics and checkpoints,
+and evaluates the global model off the loop so that heartbeats keep flowing meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import time
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import numpy as np
+
+from . import checkpoint as ckpt_io
+from .chief import Chief, Finished, RequestInit, RoundClosed, SendError, SendGlobal
+from .metrics import MetricsLog
+from .protocol import EncodedFrame, ErrorCode, MsgType, Spec, encode
+
+log = logging.getLogger("fedberry.chief")
+
+Evaluate = Callable[[list[np.ndarray]], dict[str, float]]
+
+
+class Peer(Protocol):
+    """One joined worker, as a transport sees it."""
+
+    worker_id: str
+
+    def send_global(self, server: ChiefServer) -> None: ...
+    def send_error(self, code: ErrorCode, message: str, fatal: bool) -> None: ...
+    def request_init(self) -> None: ...
+    def close(self) -> None: ...
+
+
+class ChiefServer:
+    def __init__(self, chief: Chief, *, evaluate: Evaluate | None = None,
+                 out_dir: str | None = None, checkpoint_path: str | None = None,
+                 run_config: dict[str, Any] | None = None, finish_grace: float = 30.0,
+                 append_metrics: bool = False,
+                 on_round: Callable[[dict[str, Any]], None] | None = None) -> None:
+        self.chief = chief
+        self.evaluate = evaluate
+        self.metrics = MetricsLog(out_dir, append=append_metrics)
+        self.checkpoint_path = checkpoint_path
+        self.run_config = run_config or {}
+        self.finish_grace = finish_grace
+        self.on_round = on_round
+        self.peers: dict[str, Peer] = {}
+        self.bytes_up = 0
+        self.bytes_down = 0
+        self._bytes_mark = (0, 0)
+        self._frame_cache: tuple[tuple[int, bool], EncodedFrame] | None = None
+        self._deadline_handle: asyncio.TimerHandle | None = None
+        self._grace_handle: asyncio.TimerHandle | None = None
+        self._finishing = False
+        self._t0: float | None = None
+        self._evals: list[asyncio.Future[Any]] = []
+        self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="fb-eval")
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.finished: asyncio.Event | None = None
+
+    def bind_loop(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.finished = asyncio.Event()
+
+    # -- events from transports --------------------------------------------------------------
+    def attach(self, peer: Peer, spec: Spec, want_model: bool) -> None:
+        old = self.peers.get(peer.worker_id)
+        if old is not None and old is not peer:
+            old.close()  # a reconnect replaces the half-dead connection; no leave for it
+        self.peers[peer.worker_id] = peer
+        if self._t0 is None:
+            self._t0 = time.monotonic()
+        self._run(self.chief.join(peer.worker_id, spec, time.monotonic(), want_model))
+
+    def on_init(self, peer: Peer, arrays: list[np.ndarray]) -> None:
+        self._run(self.chief.init(peer.worker_id, arrays, time.monotonic()))
+
+    def on_update(self, peer: Peer, round_: int, num_samples: float, arrays: list[np.ndarray],
+                  metrics: dict[str, Any]) -> None:
+        self._run(self.chief.update(peer.worker_id, round_, num_samples, arrays, metrics,
+                                    time.monotonic()))
+
+    def detach(self, peer: Peer) -> None:
+        if self.peers.get(peer.worker_id) is not peer:
+            return  # an old connection of a worker that has reconnected
+        del self.peers[peer.worker_id]
+        self._run(self.chief.leave(peer.worker_id, time.monotonic()))
+
+    # -- the global model, encoded once per round -------------------------------------------
+    def global_frame(self) -> EncodedFrame:
+        key = (self.chief.round, self.chief.done)
+        if self._frame_cache is None or self._frame_cache[0] != key:
+            frame = encode(MsgType.GLOBAL, {"round": self.chief.round, "done": self.chief.done},
+                           self.chief.global_arrays or [])
+            self._frame_cache = (key, frame)
+        return self._frame_cache[1]
+
+    # -- actions -----------------------------------------------------------------------------
+    def _run(self, actions: list[Any]) -> None:
+        for action in actions:
+            if isinstance(action, SendGlobal):
+                for wid in action.worker_ids:
+                    if wid in self.peers:
+                        self.peers[wid].send_global(self)
+            elif isinstance(action, SendError):
+                peer = self.peers.get(action.worker_id)
+                if peer is not None:
+                    log.warning("worker %s: %s", action.worker_id, action.message)
+                    peer.send_error(action.code, action.message, action.fatal)
+                    if action.fatal:
+                        self.peers.pop(action.worker_id, None)
+                        peer.close()
+                        self._run(self.chief.leave(action.worker_id, time.monotonic()))
+            elif isinstance(action, RequestInit):
+                if action.worker_id in self.peers:
+                    self.peers[action.worker_id].request_init()
+            elif isinstance(action, RoundClosed):
+                self._round_closed(action)
+            elif isinstance(action, Finished):
+                log.info("finishing: %s", action.reason)
+                self._finishing = True
+                if self.peers and self.loop is not None:
+                    self._grace_handle = self.loop.call_later(self.finish_grace, self._finish)
+        self._arm_deadline()
+        if self._finishing and not self.chief.members:
+            self._finish()
+
+    def _round_closed(self, rc: RoundClosed) -> None:
+        # Checkpoint before anyone sees the new model: a chief killed after this round resumes
+        # with exactly the model the workers were sent.
+        if self.checkpoint_path:
+            ckpt_io.save(self.checkpoint_path, ckpt_io.Checkpoint(
+                self.chief.round, self.chief.global_arrays or [],
+                self.chief.strategy.state_dict(), self.run_config))
+        wall = time.monotonic() - (self._t0 or time.monotonic())
+        record: dict[str, Any] = {"round": rc.round, "workers": rc.workers,
+                                  "num_samples": rc.num_samples, "train_loss": rc.train_loss}
+        # The bytes of this round's broadcast are counted when the sends are issued, which
+        # happens right after this (SendGlobal follows RoundClosed): finish the record then.
+        assert self.loop is not None
+        self.loop.call_soon(self._finish_record, record, wall, self.chief.global_arrays or [])
+
+    def _finish_record(self, record: dict[str, Any], wall: float,
+                       arrays: list[np.ndarray]) -> None:
+        up, down = self.bytes_up - self._bytes_mark[0], self.bytes_down - self._bytes_mark[1]
+        self._bytes_mark = (self.bytes_up, self.bytes_down)
+        record.update(bytes_up=up, bytes_down=down, wall_s=round(wall, 3))
+        assert self.loop is not None
+        if self.evaluate is None:
+            fut: asyncio.Future[Any] = self.loop.create_future()
+            fut.set_result({})
+        else:
+            fut = self.loop.run_in_executor(self._executor, self.evaluate, arrays)
+        prev = self._evals[-1] if self._evals else None
+        self._evals.append(asyncio.ensure_future(self._write_after(prev, fut, record)))
+
+    async def _write_after(self, prev: asyncio.Future[Any] | None, fut: asyncio.Future[Any],
+                           record: dict[str, Any]) -> None:
+        if prev is not None:
+            await asyncio.shield(prev)
+        try:
+            scores = await fut
+        except Exception as exc:  # an evaluation bug must not kill the federation
+            log.error("evaluation failed: %s", exc)
+            scores = {}
+        out = {"round": record["round"], "workers": record["workers"],
+               "test_accuracy": scores.get("accuracy"), "test_loss": scores.get("loss"),
+               **{k: v for k, v in record.items() if k not in ("round", "workers")}}
+        self.metrics.write(out)
+        if self.on_round:
+            self.on_round(out)
+
+    def _arm_deadline(self) -> None:
+        if self._deadline_handle is not None:
+            self._deadline_handle.cancel()
+            self._deadline_handle = None
+        deadline = self.chief.deadline
+        if deadline is not None and self.loop is not None:
+            delay = max(0.0, deadline - time.monotonic())
+            self._deadline_handle = self.loop.call_later(
+                delay + 0.01, lambda: self._run(self.chief.tick(time.monotonic())))
+
+    def _finish(self) -> None:
+        if self.finished is not None and not self.finished.is_set():
+            self.finished.set()
+
+    async def wait_finished(self) -> None:
+        assert self.finished is not None
+        await self.finished.wait()
+        if self._evals:
+            await asyncio.gather(*self._evals, return_exceptions=True)
+        for peer in list(self.peers.values()):
+            peer.send_error(ErrorCode.SHUTDOWN, "the chief has finished", True)
+            peer.close()
+        self._executor.shutdown(wait=False)

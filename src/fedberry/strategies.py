@@ -1,0 +1,163 @@
+"""Aggregation rules: small pure objects, no I/O.
+
+A strategy sees a round as ``begin(global)``, one ``add(arrays, num_samples)`` per accepted update,
+then ``finish() -> new global``. Updates are folded into a running sum as they arrive, so the
+chief's memory is O(model) however many workers there are. ``add`` may not keep references to
+the arrays it is given: the caller frees them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+Arrays = list[np.ndarray]
+
+
+class FedAvg:
+    """Federated Averaging: the sample-weighted mean of the workers' weights.
+
+    McMahan, Moore, Ramage, Hampson, Agüera y Arcas, "Communication-Efficient Learning of Deep
+    Networks from Decentralized Data", AISTATS 2017. The sum is kept in float64 so that the result
+    does not depend on the order in which updates arrive beyond float64 rounding; integer tensors
+    (e.g. BatchNorm's step counters) are rounded back to their dtype.
+    """
+
+    name = "fedavg"
+
+    def __init__(self) -> None:
+        self._global: Arrays = []
+        self._sum: Arrays = []
+        self._weight = 0.0
+        self.updates = 0
+
+    def begin(self, global_arrays: Sequence[np.ndarray]) -> None:
+        self._global = list(global_arrays)
+        self._sum = [np.zeros(a.shape, dtype=np.float64) for a in global_arrays]
+        self._weight = 0.0
+        self.updates = 0
+
+    def add(self, arrays: Sequence[np.ndarray], num_samples: float) -> None:
+        if num_samples <= 0:
+            raise ValueError("num_samples must be positive")
+        w = float(num_samples)
+        for acc, a in zip(self._sum, arrays):
+            acc += w * a  # one tensor-sized float64 temporary at a time, never a model copy
+        self._weight += w
+        self.updates += 1
+
+    def mean(self) -> Arrays:
+        if not self.updates:
+            raise RuntimeError("no update in this round")
+        out = []
+        for acc, g in zip(self._sum, self._global):
+            acc /= self._weight
+            out.append(_cast(acc, g.dtype))
+        return out
+
+    def finish(self) -> Arrays:
+        return self.mean()
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
+        pass
+
+
+def _cast(x: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    if np.issubdtype(dtype, np.integer) or dtype == np.bool_:
+        x = np.rint(x)
+    return x.astype(dtype)
+
+
+class FedAvgM(FedAvg):
+    """FedAvg with server momentum on the pseudo-gradient ``global - mean``.
+
+    Hsu, Qi, Brown, "Measuring the Effects of Non-Identical Data Distribution for Federated Visual
+    Classification", 2019. ``server_lr=1, momentum=0`` is plain FedAvg. Helps under label skew.
+    """
+
+    name = "fedavgm"
+
+    def __init__(self, server_lr: float = 1.0, momentum: float = 0.9) -> None:
+        super().__init__()
+        self.server_lr = server_lr
+        self.momentum = momentum
+        self._velocity: Arrays = []
+
+    def finish(self) -> Arrays:
+        mean = self.mean()
+        if not self._velocity:
+            self._velocity = [np.zeros(g.shape, np.float64) for g in self._global]
+        out = []
+        for g, m, v in zip(self._global, mean, self._velocity):
+            if not np.issubdtype(g.dtype, np.floating):
+                out.append(m)
+                continue
+            v *= self.momentum
+            v += g.astype(np.float64) - m
+            out.append((g - self.server_lr * v).astype(g.dtype))
+        return out
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        return {f"velocity.{i}": v for i, v in enumerate(self._velocity)}
+
+    def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
+        self._velocity = [state[f"velocity.{i}"] for i in range(len(state))]
+
+
+class FedAdam(FedAvg):
+    """Adam on the server over the pseudo-gradient ``mean - global``.
+
+    Reddi, Charles, Zaheer, Garrett, Rush, Konečný, Kumar, McMahan, "Adaptive Federated
+    Optimization", ICLR 2021 (Algorithm 2, FedAdam; no bias correction, as in the paper).
+    """
+
+    name = "fedadam"
+
+    def __init__(self, server_lr: float = 0.01, beta1: float = 0.9, beta2: float = 0.99,
+                 tau: float = 1e-3) -> None:
+        super().__init__()
+        self.server_lr, self.beta1, self.beta2, self.tau = server_lr, beta1, beta2, tau
+        self._m: Arrays = []
+        self._v: Arrays = []
+
+    def finish(self) -> Arrays:
+        mean = self.mean()
+        if not self._m:
+            self._m = [np.zeros(g.shape, np.float64) for g in self._global]
+            self._v = [np.zeros(g.shape, np.float64) for g in self._global]
+        out = []
+        for g, a, m, v in zip(self._global, mean, self._m, self._v):
+            if not np.issubdtype(g.dtype, np.floating):
+                out.append(a)
+                continue
+            delta = a.astype(np.float64) - g
+            m *= self.beta1
+            m += (1 - self.beta1) * delta
+            v *= self.beta2
+            v += (1 - self.beta2) * delta * delta
+            out.append((g + self.server_lr * m / (np.sqrt(v) + self.tau)).astype(g.dtype))
+        return out
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        state = {f"m.{i}": m for i, m in enumerate(self._m)}
+        state.update({f"v.{i}": v for i, v in enumerate(self._v)})
+        return state
+
+    def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
+        n = len(state) // 2
+        self._m = [state[f"m.{i}"] for i in range(n)]
+        self._v = [state[f"v.{i}"] for i in range(n)]
+
+
+STRATEGIES = {"fedavg": FedAvg, "fedavgm": FedAvgM, "fedadam": FedAdam}
+
+
+def make_strategy(name: str) -> FedAvg:
+    try:
+        return STRATEGIES[name]()
+    except KeyError:
+        raise ValueError(f"unknown strategy {name!r}; choose from {sorted(STRATEGIES)}") from None

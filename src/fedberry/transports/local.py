@@ -1,0 +1,79 @@
+"""In-process transport: a worker in the chief's own process (the chief trains too).
+
+No bytes are encoded: the worker hands its arrays to the chief's loop and gets a copy of the
+global model back, through the same ``ChiefServer`` that serves TCP workers.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from ..errors import from_code
+from ..protocol import ErrorCode, spec_of
+
+Result = tuple[int, list[np.ndarray], bool]
+
+
+class _LocalPeer:
+    def __init__(self, worker_id: str) -> None:
+        self.worker_id = worker_id
+        self.future: concurrent.futures.Future[Result] = concurrent.futures.Future()
+        self.init_arrays: list[np.ndarray] = []
+        self.warnings: list[str] = []
+
+    def send_global(self, server: Any) -> None:
+        chief = server.chief
+        if not self.future.done():
+            self.future.set_result((chief.round, [a.copy() for a in chief.global_arrays],
+                                    chief.done))
+
+    def send_error(self, code: ErrorCode, message: str, fatal: bool) -> None:
+        if fatal and not self.future.done():
+            self.future.set_exception(from_code(code.value, f"the chief refused: {message}"))
+        elif not fatal:
+            self.warnings.append(message)
+
+    def request_init(self) -> None:
+        pass  # handled right after attach, on the chief's loop
+
+    def close(self) -> None:
+        pass
+
+
+class LocalSession:
+    bytes_sent = 0
+    bytes_received = 0
+
+    def __init__(self, handle: Any, worker_id: str) -> None:
+        self.server = handle.server
+        self.loop = handle.io.loop
+        self.peer = _LocalPeer(worker_id)
+
+    def _submit(self, fn: Any, *args: Any) -> Result:
+        self.peer.future = concurrent.futures.Future()
+        self.loop.call_soon_threadsafe(fn, *args)
+        return self.peer.future.result()
+
+    def join(self, arrays: Sequence[np.ndarray]) -> Result:
+        own = [np.array(a) for a in arrays]
+
+        def attach() -> None:
+            needs_init = self.server.chief.global_arrays is None
+            self.server.attach(self.peer, spec_of(own), True)
+            if needs_init and not self.peer.future.done():
+                self.server.on_init(self.peer, own)
+
+        return self._submit(attach)
+
+    def sync(self, round_: int, arrays: Sequence[np.ndarray], num_samples: float,
+             metrics: dict[str, Any]) -> Result:
+        own = [np.array(a) for a in arrays]  # the chief may fold them in after we return
+        return self._submit(self.server.on_update, self.peer, round_, num_samples, own, metrics)
+
+    def close(self) -> None:
+        if self.loop.is_running():
+            self.loop.call_soon_threadsafe(self.server.detach, self.peer)
