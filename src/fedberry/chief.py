@@ -146,7 +146,8 @@ class Chief:
 
     def init(self, worker_id: str, arrays: list[np.ndarray], now: float) -> list[Action]:
         if worker_id not in self.members:
-            return [SendError(worker_id, ErrorCode.PROTOCOL, "initial weights before joining", True)]
+            return [SendError(worker_id, ErrorCode.PROTOCOL,
+                              "initial weights before joining", True)]
         if self.global_arrays is None:
             bad = non_finite(arrays)
             if bad:

@@ -136,7 +136,8 @@ def wire_dtype(dtype: np.dtype) -> np.dtype:
     """The little-endian dtype an array travels as."""
     dt = np.dtype(dtype).newbyteorder("<") if np.dtype(dtype).byteorder == ">" else np.dtype(dtype)
     if dt.str not in ALLOWED_DTYPES:
-        raise ValueError(f"dtype {np.dtype(dtype)} cannot be sent; allowed: {sorted(ALLOWED_DTYPES)}")
+        raise ValueError(f"dtype {np.dtype(dtype)} cannot be sent; "
+                         f"allowed: {sorted(ALLOWED_DTYPES)}")
     return dt
 
 
@@ -303,8 +304,8 @@ class FrameDecoder:
             raise ProtocolError(ErrorCode.LIMIT, f"metadata of {meta_len} bytes exceeds the limit "
                                                  f"of {self.limits.max_meta_bytes}")
         if payload_len > self.limits.max_payload:
-            raise ProtocolError(ErrorCode.LIMIT, f"payload of {payload_len} bytes exceeds the limit "
-                                                 f"of {self.limits.max_payload}")
+            raise ProtocolError(ErrorCode.LIMIT, f"payload of {payload_len} bytes exceeds the "
+                                                 f"limit of {self.limits.max_payload}")
         if payload_len and self._type not in TENSOR_TYPES:
             raise ProtocolError(ErrorCode.BAD_FRAME, f"{self._type.name} frames carry no tensors")
         self._payload_len = payload_len
@@ -345,7 +346,8 @@ class FrameDecoder:
             raise ProtocolError(ErrorCode.BAD_FRAME, f"{self._type.name} frames carry no tensors")
         # Only now, with everything checked, allocate the tensors the payload is read into.
         self._tensors = [np.empty(s.shape, dtype=np.dtype(s.dtype)) for s in specs]
-        self._views = [memoryview(t).cast("B") if t.nbytes else memoryview(b"") for t in self._tensors]
+        self._views = [memoryview(t).cast("B") if t.nbytes else memoryview(b"")
+                       for t in self._tensors]
         self._tensor_index = 0
         self._stage = "tensors"
         self._next_tensor()

@@ -23,8 +23,8 @@ import numpy as np
 from .. import auth
 from ..errors import AuthenticationError, ChiefUnreachable, FederationError, from_code
 from ..protocol import (
-    ErrorCode,
     EncodedFrame,
+    ErrorCode,
     Frame,
     FrameDecoder,
     Limits,
@@ -514,7 +514,8 @@ class TcpSession:
                            welcome.meta.get("proof")):
             proto.transport.abort()  # type: ignore[union-attr]
             raise AuthenticationError("the chief could not prove it knows the token: wrong "
-                                      "token on one side, or not the chief you meant", "auth_failed")
+                                      "token on one side, or not the chief you meant",
+                                      "auth_failed")
         proto.decoder.expected = self._spec
         if welcome.meta.get("need_init"):
             proto.send(encode(MsgType.INIT, {}, self._init_arrays))
