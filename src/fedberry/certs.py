@@ -356,7 +356,8 @@ def server_context(
     """The chief's context. With ``client_ca``, every worker must present a certificate it signed.
 
     Under TLS 1.3 a worker without an acceptable certificate finishes its handshake and only
-    learns it was refused on its first read; see :func:`describe_tls_error`.
+    learns it was refused on its first read, and from a chief on asyncio it gets no alert, only
+    the close (CPython gh-98078); see :func:`describe_tls_error`.
     """
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
@@ -502,9 +503,10 @@ _REASON: dict[Role, dict[str, str]] = {
     },
 }
 
-# A TLS 1.3 chief checks the client certificate after the worker's handshake has returned, and
-# if the worker has already written, the refusal alert can be lost to the reset: the worker then
-# sees only a closed connection, so the message has to name that possibility.
+# A refused client certificate often reaches the worker as a bare close, not as an alert: a chief
+# on asyncio sends no alert at all (CPython gh-98078), and under TLS 1.3 the worker has finished
+# its handshake and may lose a blocking chief's alert to the reset its own first write causes.
+# So a close this early must name that possibility.
 _CLOSED: dict[Role, str] = {
     "worker": "the chief closed the connection during or just after the TLS handshake without "
     "saying why; if it requires client certificates, this is how it refuses a missing or "
@@ -521,7 +523,9 @@ def describe_tls_error(
 ) -> str:
     """One sentence saying which TLS problem ``exc`` is and what to do about it.
 
-    ``exc`` is what the handshake, or the first read after it, raised. ``role`` is who caught it:
+    ``exc`` is what the handshake, or the first read after it, raised; when that read just finds
+    the connection closed, pass an ``EOFError`` (``asyncio.IncompleteReadError`` is one): for a
+    worker that is how a chief on asyncio refuses a client certificate. ``role`` is who caught it:
     the same alert means different things on each side (a worker that gets "unknown CA" had its
     client certificate refused; a chief that gets it had its own certificate refused).
     ``cert_names`` are the names in the chief's certificate (see :func:`peer_certificate_names`);
@@ -647,8 +651,7 @@ def _check_request(names: Sequence[str], clients: Sequence[str]) -> None:
 def _ensure_ca(out: Path) -> tuple[Path, Path, bool]:
     cert, key = out / CA_CERT, out / CA_KEY
     if cert.exists() and key.exists():
-        _require_cryptography()
-        _load_ca(cert, key)  # fail now, not at the chief, if the pair is broken
+        # Not loaded here: create_chief_cert loads and checks the pair before it writes anything.
         return cert, key, False
     if cert.exists() or key.exists():
         present, missing = (cert, key) if cert.exists() else (key, cert)
@@ -685,7 +688,8 @@ def _summary(
         "",
         "On the chief:",
         f"  fedberry chief ... {chief_flags}",
-        f"On the workers (copy {ca.name} there; dial one of: {', '.join(names)}):",
+        f"On the workers (copy {ca.name}{', and each its own .pem/.key,' if clients else ''} "
+        f"there; dial one of: {', '.join(names)}):",
     ]
     worker = f"  fedberry demo-worker --chief {_dial_example(names[0])} --ca {q(str(ca))}"
     if not clients:
