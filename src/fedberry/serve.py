@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -80,7 +80,8 @@ def serve(listen: str | None = "127.0.0.1:0", *, workers: int = 1, rounds: int |
           tls_cert: str | None = None, tls_key: str | None = None, client_ca: str | None = None,
           insecure: bool = False, max_connections: int = 256, idle_timeout: float = 60.0,
           handshake_timeout: float = 15.0, finish_grace: float = 30.0,
-          run_config: dict[str, Any] | None = None) -> ChiefHandle:
+          run_config: dict[str, Any] | None = None,
+          on_round: Callable[[dict[str, Any]], None] | None = None) -> ChiefHandle:
     """Start a chief in the background and return once it accepts connections."""
     strat = make_strategy(strategy)
     start_round = 0
@@ -99,7 +100,7 @@ def serve(listen: str | None = "127.0.0.1:0", *, workers: int = 1, rounds: int |
     server = ChiefServer(chief, evaluate=evaluate, out_dir=str(out_dir) if out_dir else None,
                          checkpoint_path=str(checkpoint) if checkpoint else None,
                          run_config=run_config, finish_grace=finish_grace,
-                         append_metrics=append)
+                         append_metrics=append, on_round=on_round)
     io = LoopThread("fedberry-chief")
     handle = ChiefHandle(server, io)
     tcp = None

@@ -1,0 +1,561 @@
+"""A slow, shared Wi-Fi-class link between a chief and n workers, built from network namespaces.
+
+Topology (every box is a network namespace; the host's own namespace is not touched)::
+
+      chief ns                       ap ns ("access point")                  worker ns i
+    +-----------+   veth    +----------------------------------+   veth    +-------------+
+    | eth0      |-----------| c0 --+                     +-- w0  |-----------| eth0 (.2)   |
+    | 10.231.0.1|           |      +------ br0 ----------+-- w1  |-----------| eth0 (.3)   |
+    +-----------+           |                            +-- ... |    ...    |  ...        |
+         ^                  +----------------------------------+           +-------------+
+         | downlink shaped here            ^ uplink shaped here
+         | (egress of chief eth0)          | (egress of c0, toward the chief)
+
+Why a separate "ap" namespace with a bridge and the chief in its own namespace: every packet between
+the chief and any worker crosses the single veth pair chief:eth0 <-> ap:c0, so one htb qdisc at
+each end of that pair is one bottleneck shared by all workers in that direction, with no ingress
+shaping, no ifb and no filters (this kernel has htb, tbf, pfifo and bfifo but few classifiers).
+Keeping the chief out of the root namespace also means nothing is routed or named in the host's
+namespace: parallel runs may reuse the same subnet and interface names without colliding, and
+deleting our namespaces removes every link we made.
+
+`duplex="half"` instead redirects both directions (ingress and egress of c0) into one ifb device
+in the ap namespace carrying a single htb, so upload and download compete for the same airtime
+as on real Wi-Fi. It needs ifb, the u32 classifier and the mirred action; `available()` reports.
+
+Latency needs the netem qdisc. When netem is missing (as on the kernel this was developed on), a
+requested `delay_ms` is *not* applied: `delay_applied` is False and a RuntimeWarning is issued.
+We do not fake a delay in user space.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import itertools
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import cache
+from types import TracebackType
+from typing import Any, Literal
+
+__all__ = [
+    "CHIEF",
+    "LinkCapabilities",
+    "SlowLink",
+    "SlowLinkError",
+    "available",
+    "capabilities",
+    "cleanup_stale",
+]
+
+CHIEF: Literal["chief"] = "chief"
+"""Pass as the host index to `netns_cmd`/`spawn` to run in the chief's namespace."""
+
+# Bounds every `ip`/`tc` call: they finish in milliseconds unless the kernel is wedged, and a
+# benchmark that hangs forever on setup is worse than one that fails with a message.
+CMD_TIMEOUT_S = 10.0
+
+# Names are `<prefix>-<pid>-<seq>-<role>`: the pid keeps parallel runs apart and lets
+# `cleanup_stale` tell a dead run's leftovers from a live one's.
+_PREFIX_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,15}$")
+_seq = itertools.count(1)  # next() is atomic under the GIL: safe from threads
+
+
+class SlowLinkError(RuntimeError):
+    """Setting up or tearing down the emulated link failed; the message carries tc/ip's stderr."""
+
+
+def _run(argv: Sequence[str], timeout: float = CMD_TIMEOUT_S, check: bool = True) -> str:
+    try:
+        proc = subprocess.run(
+            list(argv), capture_output=True, text=True, timeout=timeout, check=False
+        )
+    except subprocess.TimeoutExpired as exc:
+        raise SlowLinkError(f"timed out after {timeout}s: {' '.join(argv)}") from exc
+    except OSError as exc:
+        raise SlowLinkError(f"cannot run {argv[0]}: {exc}") from exc
+    if check and proc.returncode != 0:
+        raise SlowLinkError(f"{' '.join(argv)} failed ({proc.returncode}): {proc.stderr.strip()}")
+    return proc.stdout
+
+
+def _ok(argv: Sequence[str]) -> bool:
+    try:
+        _run(argv)
+    except SlowLinkError:
+        return False
+    return True
+
+
+def _ns_name(prefix: str, pid: int, seq: int, role: str) -> str:
+    return f"{prefix}-{pid}-{seq}-{role}"
+
+
+def _list_netns() -> list[str]:
+    # `ip netns list` prints "name (id: N)" for namespaces with an assigned id.
+    return [line.split()[0] for line in _run(["ip", "netns", "list"]).splitlines() if line.strip()]
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _kill_ns_pids(ns: str) -> None:
+    # Processes inside a namespace keep it (and its shaped links) alive after `ip netns del`.
+    # Everything in our uniquely named namespaces was started for this link, so it is ours to end.
+    try:
+        pids = [int(p) for p in _run(["ip", "netns", "pids", ns], check=False).split()]
+    except SlowLinkError:
+        return
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        alive = []
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+                alive.append(pid)
+        if not alive:
+            return
+        deadline = time.monotonic() + 1.0
+        while time.monotonic() < deadline and any(_pid_alive(p) for p in alive):
+            time.sleep(0.02)
+        pids = [p for p in alive if _pid_alive(p)]
+
+
+def _delete_ns(ns: str) -> None:
+    _kill_ns_pids(ns)
+    _run(["ip", "netns", "del", ns], check=False)
+
+
+def cleanup_stale(prefix: str = "fb", *, include_live: bool = False) -> list[str]:
+    """Delete namespaces left by runs with this prefix whose process is gone (a killed run).
+
+    Namespaces of a live process are kept unless `include_live`. Returns the names deleted.
+    """
+    if not _PREFIX_RE.match(prefix):
+        raise ValueError(f"bad prefix {prefix!r}")
+    pattern = re.compile(rf"^{re.escape(prefix)}-(\d+)-\d+-(?:chief|ap|w\d+|probe)$")
+    removed = []
+    for ns in _list_netns():
+        m = pattern.match(ns)
+        if not m:
+            continue
+        pid = int(m.group(1))
+        if include_live or not _pid_alive(pid):
+            _delete_ns(ns)
+            removed.append(ns)
+    return removed
+
+
+@dataclass(frozen=True)
+class LinkCapabilities:
+    """What this host can do, found by trying it in a throw-away namespace."""
+
+    ok: bool  # namespaces, veth, bridge and htb all work: SlowLink can run
+    reason: str  # human sentence: why not, or what is missing
+    netem: bool = False  # latency can be emulated
+    half_duplex: bool = False  # ifb + u32 + mirred: duplex="half" can run
+
+
+@cache
+def capabilities() -> LinkCapabilities:
+    """Probe once per process: root, `ip`, `tc`, and kernel support for what SlowLink uses."""
+    if sys.platform != "linux":
+        return LinkCapabilities(False, f"network namespaces need Linux, not {sys.platform}")
+    if os.geteuid() != 0:
+        return LinkCapabilities(False, "network namespaces need root (CAP_SYS_ADMIN+NET_ADMIN)")
+    for tool in ("ip", "tc"):
+        if shutil.which(tool) is None:
+            return LinkCapabilities(False, f"`{tool}` (iproute2) is not installed")
+    ns = _ns_name("fb", os.getpid(), next(_seq), "probe")
+    try:
+        _run(["ip", "netns", "add", ns])
+    except SlowLinkError as exc:
+        return LinkCapabilities(False, f"cannot create a network namespace: {exc}")
+    try:
+        n = ["ip", "-n", ns]
+        t = ["tc", "-n", ns]
+        try:
+            _run([*n, "link", "add", "a0", "type", "veth", "peer", "name", "a1"])
+            _run([*n, "link", "add", "br0", "type", "bridge"])
+            _run([*n, "link", "set", "a1", "master", "br0"])
+        except SlowLinkError as exc:
+            return LinkCapabilities(False, f"veth or bridge unsupported: {exc}")
+        try:
+            _run([*t, "qdisc", "add", "dev", "a0", "root", "handle", "1:", "htb", "default", "10"])
+            _run(
+                [
+                    *t,
+                    "class",
+                    "add",
+                    "dev",
+                    "a0",
+                    "parent",
+                    "1:",
+                    "classid",
+                    "1:10",
+                    "htb",
+                    "rate",
+                    "1mbit",
+                ]
+            )
+            _run([*t, "qdisc", "add", "dev", "a0", "parent", "1:10", "bfifo", "limit", "100000"])
+        except SlowLinkError as exc:
+            return LinkCapabilities(False, f"htb/bfifo qdisc unsupported: {exc}")
+        netem = _ok([*t, "qdisc", "add", "dev", "a1", "root", "netem", "delay", "1ms"])
+        half = (
+            _ok([*n, "link", "add", "ifb0", "type", "ifb"])
+            and _ok([*t, "qdisc", "add", "dev", "a1", "ingress"])
+            and _ok(
+                [
+                    *t,
+                    "filter",
+                    "add",
+                    "dev",
+                    "a1",
+                    "parent",
+                    "ffff:",
+                    "protocol",
+                    "all",
+                    "u32",
+                    "match",
+                    "u32",
+                    "0",
+                    "0",
+                    "action",
+                    "mirred",
+                    "egress",
+                    "redirect",
+                    "dev",
+                    "ifb0",
+                ]
+            )
+        )
+        missing = [
+            name
+            for name, have in (
+                ("netem: no latency", netem),
+                ("ifb/u32/mirred: no half duplex", half),
+            )
+            if not have
+        ]
+        reason = "ok" + (f" (missing {'; '.join(missing)})" if missing else "")
+        return LinkCapabilities(True, reason, netem=netem, half_duplex=half)
+    finally:
+        _run(["ip", "netns", "del", ns], check=False)
+
+
+def available() -> tuple[bool, str]:
+    """(True, "ok...") if SlowLink can run here, else (False, why)."""
+    caps = capabilities()
+    return caps.ok, caps.reason
+
+
+class SlowLink:
+    """Context manager: chief + `n_hosts` workers behind one shared, rate-limited access point.
+
+    `rate_mbit` is the rate of Ethernet frames in each direction (headers included, as tc counts;
+    TCP payload gets ~95.6% of it at MTU 1500, see `shaper.tcp_payload_fraction`). `delay_ms` is
+    one-way per direction (RTT = 2 * delay_ms) and needs netem. `queue_ms` sizes the bottleneck
+    queue in time at `rate_mbit`, like an access point's buffer.
+
+    Workers are indexed 0..n_hosts-1; `CHIEF` addresses the chief. Setup failures, exceptions in
+    the body and interpreter exit all tear everything down; `cleanup_stale` handles a SIGKILL.
+    """
+
+    def __init__(
+        self,
+        n_hosts: int,
+        rate_mbit: float = 20.0,
+        delay_ms: float = 0.0,
+        prefix: str = "fb",
+        *,
+        duplex: Literal["full", "half"] = "full",
+        queue_ms: float = 100.0,
+        burst_bytes: int = 32 * 1024,
+        subnet: str = "10.231.0",
+    ) -> None:
+        if not 1 <= n_hosts <= 250:
+            raise ValueError("n_hosts must be in 1..250 (one /24)")
+        if rate_mbit <= 0:
+            raise ValueError("rate_mbit must be positive")
+        if delay_ms < 0:
+            raise ValueError("delay_ms must be non-negative")
+        if duplex not in ("full", "half"):
+            raise ValueError("duplex must be 'full' or 'half'")
+        if not _PREFIX_RE.match(prefix):
+            raise ValueError(f"prefix must match {_PREFIX_RE.pattern}")
+        self.n_hosts = n_hosts
+        self.rate_mbit = float(rate_mbit)
+        self.delay_ms = float(delay_ms)
+        self.prefix = prefix
+        self.duplex = duplex
+        self.queue_ms = float(queue_ms)
+        self.burst_bytes = int(burst_bytes)
+        self.delay_applied = False
+        pid, seq = os.getpid(), next(_seq)
+        self.chief_ns = _ns_name(prefix, pid, seq, "chief")
+        self.ap_ns = _ns_name(prefix, pid, seq, "ap")
+        self.ns_names = [_ns_name(prefix, pid, seq, f"w{i}") for i in range(n_hosts)]
+        self.chief_ip = f"{subnet}.1"
+        self.worker_ips = [f"{subnet}.{i + 2}" for i in range(n_hosts)]
+        self._procs: list[subprocess.Popen[bytes]] = []
+        self._created: list[str] = []
+        self._open = False
+
+    # ----------------------------------------------------------------- lifecycle
+
+    def __enter__(self) -> SlowLink:
+        self.open()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def open(self) -> None:
+        caps = capabilities()
+        if not caps.ok:
+            raise SlowLinkError(f"SlowLink unavailable: {caps.reason}")
+        if self.duplex == "half" and not caps.half_duplex:
+            raise SlowLinkError(f"duplex='half' unavailable: {caps.reason}")
+        if self.delay_ms > 0 and not caps.netem:
+            warnings.warn(
+                f"netem is not available in this kernel: delay_ms={self.delay_ms} is NOT applied; "
+                "the link is rate-limited only",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        self._open = True
+        atexit.register(self.close)
+        try:
+            self._build(netem=caps.netem)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Kill our processes, delete our namespaces (and with them every veth). Idempotent."""
+        if not self._open:
+            return
+        self._open = False
+        atexit.unregister(self.close)
+        for proc in self._procs:
+            _terminate(proc)
+        self._procs.clear()
+        for ns in reversed(self._created):
+            _delete_ns(ns)
+        self._created.clear()
+
+    # ----------------------------------------------------------------- building
+
+    def _add_ns(self, ns: str) -> None:
+        _run(["ip", "netns", "add", ns])
+        self._created.append(ns)
+        # Loopback up so a process in the namespace may still bind 127.0.0.1.
+        _run(["ip", "-n", ns, "link", "set", "lo", "up"])
+
+    def _attach(self, port: str, ns: str, ip: str) -> None:
+        """veth `port` in the ap bridge <-> `eth0` with `ip` in `ns`."""
+        ap = ["ip", "-n", self.ap_ns]
+        _run([*ap, "link", "add", port, "type", "veth", "peer", "name", "eth0", "netns", ns])
+        # No IPv6 link-local addresses: their router solicitations and MLD reports would be the
+        # only unsolicited traffic on the shaped link.
+        _run([*ap, "link", "set", port, "addrgenmode", "none"])
+        _run([*ap, "link", "set", port, "master", "br0", "up"])
+        _run(["ip", "-n", ns, "link", "set", "eth0", "addrgenmode", "none"])
+        _run(["ip", "-n", ns, "addr", "add", f"{ip}/24", "dev", "eth0"])
+        _run(["ip", "-n", ns, "link", "set", "eth0", "up"])
+
+    def _shape(self, ns: str, dev: str, netem: bool) -> None:
+        """One htb class at `rate_mbit` as the root of `dev`'s egress, leaf = queue (or netem)."""
+        rate_bps = self.rate_mbit * 1e6 / 8.0
+        # htb's quantum only matters between sibling classes; set it to quiet "quantum is big".
+        quantum = 1514 * 4
+        t = ["tc", "-n", ns]
+        _run([*t, "qdisc", "replace", "dev", dev, "root", "handle", "1:", "htb", "default", "10"])
+        _run(
+            [
+                *t,
+                "class",
+                "add",
+                "dev",
+                dev,
+                "parent",
+                "1:",
+                "classid",
+                "1:10",
+                "htb",
+                "rate",
+                f"{self.rate_mbit}mbit",
+                "ceil",
+                f"{self.rate_mbit}mbit",
+                "burst",
+                str(self.burst_bytes),
+                "cburst",
+                str(self.burst_bytes),
+                "quantum",
+                str(quantum),
+            ]
+        )
+        # Limit the queue in bytes, not packets: veth carries 64 KiB GSO super-packets, so a packet
+        # limit would be a 64x looser buffer than it looks.
+        limit = max(64 * 1024 + 1514, int(rate_bps * self.queue_ms / 1000.0))
+        if netem and self.delay_ms > 0:
+            # netem's own limit is in packets; size it from the byte budget at full-size frames.
+            _run(
+                [
+                    *t,
+                    "qdisc",
+                    "add",
+                    "dev",
+                    dev,
+                    "parent",
+                    "1:10",
+                    "handle",
+                    "10:",
+                    "netem",
+                    "delay",
+                    f"{self.delay_ms}ms",
+                    "limit",
+                    str(max(100, limit // 1514)),
+                ]
+            )
+            self.delay_applied = True
+        else:
+            _run(
+                [
+                    *t,
+                    "qdisc",
+                    "add",
+                    "dev",
+                    dev,
+                    "parent",
+                    "1:10",
+                    "handle",
+                    "10:",
+                    "bfifo",
+                    "limit",
+                    str(limit),
+                ]
+            )
+
+    def _build(self, netem: bool) -> None:
+        for ns in (self.ap_ns, self.chief_ns, *self.ns_names):
+            self._add_ns(ns)
+        ap = ["ip", "-n", self.ap_ns]
+        _run([*ap, "link", "add", "br0", "type", "bridge"])
+        _run([*ap, "link", "set", "br0", "addrgenmode", "none"])
+        _run([*ap, "link", "set", "br0", "up"])
+        self._attach("c0", self.chief_ns, self.chief_ip)
+        for i, ns in enumerate(self.ns_names):
+            self._attach(f"w{i}", ns, self.worker_ips[i])
+        if self.duplex == "full":
+            self._shape(self.chief_ns, "eth0", netem)  # downlink: chief -> workers
+            self._shape(self.ap_ns, "c0", netem)  # uplink: workers -> chief
+        else:
+            # Both directions through one ifb: c0's ingress (from the chief, downlink) and c0's
+            # egress (toward the chief, uplink) each redirect into ifb0, whose single htb class is
+            # the shared airtime.
+            _run([*ap, "link", "add", "ifb0", "type", "ifb"])
+            _run([*ap, "link", "set", "ifb0", "up"])
+            self._shape(self.ap_ns, "ifb0", netem)
+            t = ["tc", "-n", self.ap_ns]
+            redirect = [
+                "protocol",
+                "all",
+                "u32",
+                "match",
+                "u32",
+                "0",
+                "0",
+                "action",
+                "mirred",
+                "egress",
+                "redirect",
+                "dev",
+                "ifb0",
+            ]
+            _run([*t, "qdisc", "add", "dev", "c0", "ingress"])
+            _run([*t, "filter", "add", "dev", "c0", "parent", "ffff:", *redirect])
+            # A classful root is needed to hang an egress filter on; its own rate is never used
+            # because the filter steals every packet before it is queued.
+            _run([*t, "qdisc", "add", "dev", "c0", "root", "handle", "1:", "htb"])
+            _run([*t, "filter", "add", "dev", "c0", "parent", "1:", *redirect])
+
+    # ----------------------------------------------------------------- running things
+
+    def _ns_for(self, i: int | Literal["chief"]) -> str:
+        if i == CHIEF:
+            return self.chief_ns
+        if isinstance(i, int) and 0 <= i < self.n_hosts:
+            return self.ns_names[i]
+        raise IndexError(f"host {i!r}: expected 0..{self.n_hosts - 1} or {CHIEF!r}")
+
+    def ip_of(self, i: int | Literal["chief"]) -> str:
+        self._ns_for(i)  # validates i
+        return self.chief_ip if i == CHIEF else self.worker_ips[int(i)]
+
+    def netns_cmd(self, i: int | Literal["chief"], argv: Sequence[str]) -> list[str]:
+        """argv prefixed to run in worker `i`'s namespace (or the chief's, with `CHIEF`)."""
+        return ["ip", "netns", "exec", self._ns_for(i), *argv]
+
+    def spawn(
+        self, i: int | Literal["chief"], argv: Sequence[str], **popen_kwargs: Any
+    ) -> subprocess.Popen[bytes]:
+        """Start argv in host `i`'s namespace; it is killed when the link closes."""
+        if not self._open:
+            raise SlowLinkError("link is not open")
+        proc: subprocess.Popen[bytes] = subprocess.Popen(self.netns_cmd(i, argv), **popen_kwargs)
+        self._procs.append(proc)
+        return proc
+
+    def qdisc_stats(self) -> dict[str, dict[str, int]]:
+        """Bytes, packets and drops seen by the shaping qdiscs, per direction, from `tc -s -j`.
+
+        Evidence that traffic really went through the shaper (and which way)."""
+        if self.duplex == "full":
+            where = {"downlink": (self.chief_ns, "eth0"), "uplink": (self.ap_ns, "c0")}
+        else:
+            where = {"both": (self.ap_ns, "ifb0")}
+        out: dict[str, dict[str, int]] = {}
+        for direction, (ns, dev) in where.items():
+            qdiscs = json.loads(_run(["tc", "-n", ns, "-s", "-j", "qdisc", "show", "dev", dev]))
+            root = next(q for q in qdiscs if q.get("root") or q.get("parent") is None)
+            out[direction] = {
+                "bytes": int(root.get("bytes", 0)),
+                "packets": int(root.get("packets", 0)),
+                "drops": int(root.get("drops", 0)),
+            }
+        return out
+
+
+def _terminate(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout=2.0)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=2.0)

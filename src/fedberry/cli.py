@@ -1,0 +1,186 @@
+"""The ``fedberry`` command: chief, worker, demo, certs, bench."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from dataclasses import fields
+from pathlib import Path
+
+from .demo import TrainConfig
+
+
+def _add_train_options(p: argparse.ArgumentParser) -> None:
+    d = TrainConfig()
+    p.add_argument("--model", default=d.model, choices=["mlp", "cnn"])
+    p.add_argument("--partition-scheme", default=d.partition_scheme,
+                   help="iid, dirichlet:ALPHA (label skew) or shards[:K] (the FedAvg paper's)")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--sync-every", type=int, default=None,
+                   help="local steps between averagings (default: one pass over local data)")
+    p.add_argument("--data-dir", default=None,
+                   help="Fashion-MNIST IDX files (default /usr/share/datasets/fashion-mnist, "
+                        "Debian package dataset-fashion-mnist)")
+    p.add_argument("--framework", default=d.framework, choices=["torch", "keras"])
+
+
+def _train_config(args: argparse.Namespace) -> TrainConfig:
+    return TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
+
+
+def _add_token_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--token", help="shared secret (prefer --token-file or FEDBERRY_TOKEN: "
+                                   "arguments are visible in the process list)")
+    p.add_argument("--token-file", help="file holding the shared secret")
+
+
+def _add_chief_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("chief", help="run a chief (aggregator) that workers dial")
+    p.add_argument("--listen", default="0.0.0.0:7777",
+                   help="address to bind, HOST:PORT (workers may dial another, public address)")
+    p.add_argument("--workers", type=int, required=True,
+                   help="workers to wait for before the first round closes")
+    p.add_argument("--rounds", type=int, default=None, help="stop after this many rounds")
+    p.add_argument("--min-workers", type=int, default=1,
+                   help="quorum: a round may close at its deadline with this many updates")
+    p.add_argument("--round-timeout", type=float, default=None,
+                   help="seconds after which a round closes with the quorum")
+    p.add_argument("--strategy", default="fedavg", choices=["fedavg", "fedavgm", "fedadam"])
+    p.add_argument("--model", default="mlp", choices=["mlp", "cnn", "none"],
+                   help="the chief's initial model and test-set evaluation ('none': a pure "
+                        "aggregator that adopts the first worker's model and evaluates nothing)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--out", default="runs/chief", help="metrics.jsonl and checkpoint go here")
+    p.add_argument("--checkpoint", default=None, help="default: OUT/checkpoint.npz")
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoint")
+    _add_token_options(p)
+    p.add_argument("--tls-cert", help="chief certificate (PEM), from 'fedberry certs'")
+    p.add_argument("--tls-key", help="chief private key (PEM)")
+    p.add_argument("--client-ca", help="require worker certificates signed by this CA (mTLS)")
+    p.add_argument("--insecure", action="store_true",
+                   help="allow plain TCP or no token on a non-loopback address")
+    p.add_argument("--max-connections", type=int, default=256)
+    p.add_argument("--idle-timeout", type=float, default=60.0)
+    p.set_defaults(func=_run_chief)
+
+
+def _run_chief(args: argparse.Namespace) -> int:
+    from .demo import TABLE_HEADER, format_row, initial_model, make_evaluator
+    from .serve import run_chief
+
+    initial = evaluate = None
+    if args.model != "none":
+        initial = initial_model(args.model, args.seed)
+        evaluate = make_evaluator(args.model, args.data_dir)
+    checkpoint = args.checkpoint or str(Path(args.out) / "checkpoint.npz")
+    print(TABLE_HEADER, flush=True)
+    run_chief(listen=args.listen, workers=args.workers, rounds=args.rounds,
+              min_workers=args.min_workers, round_timeout=args.round_timeout,
+              strategy=args.strategy, initial=initial, evaluate=evaluate, out_dir=args.out,
+              checkpoint=checkpoint, resume=args.resume, token=args.token,
+              token_file=args.token_file, tls_cert=args.tls_cert, tls_key=args.tls_key,
+              client_ca=args.client_ca, insecure=args.insecure,
+              max_connections=args.max_connections, idle_timeout=args.idle_timeout,
+              run_config={k: v for k, v in vars(args).items()
+                          if k not in ("func", "token") and not callable(v)},
+              on_round=lambda r: print(format_row(r), flush=True))
+    return 0
+
+
+def _add_worker_parser(sub: argparse._SubParsersAction) -> None:
+    for name in ("worker", "demo-worker"):
+        p = sub.add_parser(name, help="a Fashion-MNIST training worker" if name == "worker"
+                           else argparse.SUPPRESS)
+        p.add_argument("--chief", required=True, help="tcp://HOST:PORT (the public address) "
+                                                      "or mpi://")
+        p.add_argument("--partition", default="1/1", help="INDEX/COUNT, 1-based, e.g. 3/6")
+        _add_train_options(p)
+        _add_token_options(p)
+        p.add_argument("--ca", help="CA certificate to verify the chief (enables TLS)")
+        p.add_argument("--cert", help="this worker's certificate, for mTLS")
+        p.add_argument("--key", help="this worker's private key, for mTLS")
+        p.add_argument("--server-hostname", help="name to check the chief's certificate against "
+                                                 "(default: the host in --chief)")
+        p.add_argument("--worker-id", help="stable name (default: host-pid-random)")
+        p.set_defaults(func=_run_worker)
+
+
+def _run_worker(args: argparse.Namespace) -> int:
+    from .data.partition import parse_partition_spec
+    from .demo import run_worker
+
+    part = parse_partition_spec(args.partition)
+    options = {k: getattr(args, k) for k in ("token", "token_file", "ca", "cert", "key",
+                                             "server_hostname", "worker_id")
+               if getattr(args, k) is not None}
+    result = run_worker(args.chief, part.index, part.count, _train_config(args), **options)
+    print(f"worker {part.index}/{part.count} finished: {result}", flush=True)
+    return 0
+
+
+def _add_demo_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="chief + N workers on loopback, Fashion-MNIST")
+    p.add_argument("--workers", type=int, default=4)
+    p.add_argument("--rounds", type=int, default=10)
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--transport", default="tcp", choices=["tcp", "mpi"])
+    p.add_argument("--timeout", type=float, default=1800.0)
+    _add_train_options(p)
+    p.set_defaults(func=_run_demo)
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    if args.transport == "mpi":
+        from .transports.mpi import run_mpi_demo
+
+        return run_mpi_demo(args.workers, args.rounds, args.out, _train_config(args),
+                            timeout=args.timeout)
+    from .demo import run_demo
+
+    return run_demo(args.workers, args.rounds, args.out, _train_config(args), args.timeout)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fedberry", description="Federated averaging for small, badly connected machines.")
+    parser.add_argument("-v", "--verbose", action="count", default=0)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_chief_parser(sub)
+    _add_worker_parser(sub)
+    _add_demo_parser(sub)
+    try:
+        from .certs import add_certs_parser
+
+        add_certs_parser(sub)
+    except ImportError:
+        pass
+    try:
+        from .bench.cli import add_bench_parser
+
+        add_bench_parser(sub)
+    except ImportError:
+        pass
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    level = logging.WARNING - 10 * args.verbose
+    if args.command == "chief":
+        level = min(level, logging.INFO)
+    logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        return 130
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"fedberry {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

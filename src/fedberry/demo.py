@@ -1,0 +1,207 @@
+"""The Fashion-MNIST demo: a training worker, the chief's evaluator, and a launcher that runs a
+chief and N worker processes on loopback and prints a table as rounds close."""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .auth import TOKEN_ENV, new_token
+
+TABLE_HEADER = (f"{'round':>5} {'workers':>7} {'test_acc':>8} {'test_loss':>9} {'train_loss':>10} "
+                f"{'up_KiB':>9} {'down_KiB':>9} {'wall_s':>7}")
+
+
+def format_row(r: dict[str, Any]) -> str:
+    def num(v: Any, fmt: str) -> str:
+        return format(v, fmt) if isinstance(v, (int, float)) else "-"
+
+    return (f"{r['round']:>5} {r['workers']:>7} {num(r.get('test_accuracy'), '8.4f')} "
+            f"{num(r.get('test_loss'), '9.4f')} {num(r.get('train_loss'), '10.4f')} "
+            f"{r['bytes_up'] / 1024:>9.1f} {r['bytes_down'] / 1024:>9.1f} {r['wall_s']:>7.1f}")
+
+
+@dataclass
+class TrainConfig:
+    """How a demo worker trains. Every field has a command-line flag of the same name."""
+
+    model: str = "mlp"
+    partition_scheme: str = "iid"  # iid | dirichlet:ALPHA | shards[:K]
+    seed: int = 0
+    batch_size: int = 32
+    lr: float = 0.05
+    sync_every: int | None = None  # local steps per round; None: one pass over the local data
+    data_dir: str | None = None
+    framework: str = "torch"
+
+    def argv(self) -> list[str]:
+        out = []
+        for k, v in asdict(self).items():
+            if v is not None:
+                out += [f"--{k.replace('_', '-')}", str(v)]
+        return out
+
+
+def local_data(cfg: TrainConfig, index: int, count: int) -> tuple[np.ndarray, np.ndarray]:
+    """This worker's shard of the training set (``index`` is 1-based), the same on every run."""
+    from .data.fashion_mnist import load_fashion_mnist
+    from .data.partition import partition
+
+    data = load_fashion_mnist(cfg.data_dir)
+    idx = partition(data.y_train, count, cfg.partition_scheme, seed=cfg.seed)[index - 1]
+    return data.x_train[idx], data.y_train[idx]
+
+
+def run_torch_worker(chief: Any, index: int, count: int, cfg: TrainConfig,
+                     **worker_options: Any) -> dict[str, Any]:
+    """Train on partition ``index``/``count`` until the chief says the run is done."""
+    import torch
+    import torch.nn.functional as F
+
+    from .models import build_model, model_input
+    from .torch import FederatedOptimizer
+
+    torch.set_num_threads(1)  # one thread per worker process: more collapses on shared cores
+    x_np, y_np = local_data(cfg, index, count)
+    x, y = model_input(cfg.model, x_np), torch.from_numpy(y_np)
+    model = build_model(cfg.model, seed=cfg.seed)
+    sync_every = cfg.sync_every or math.ceil(len(x) / cfg.batch_size)
+    worker_options.setdefault("worker_id", f"worker-{index}of{count}-{os.getpid()}")
+    opt = FederatedOptimizer(torch.optim.SGD(model.parameters(), lr=cfg.lr), model, chief=chief,
+                             sync_every=sync_every, num_samples=len(x), **worker_options)
+    # Batches come from a generator seeded per worker: the same seed gives the same run.
+    rng = np.random.default_rng([cfg.seed, index])
+    with opt:
+        while not opt.done:
+            perm = torch.from_numpy(rng.permutation(len(x)))
+            for start in range(0, len(perm), cfg.batch_size):
+                b = perm[start:start + cfg.batch_size]
+                loss = F.cross_entropy(model(x[b]), y[b])
+                opt.zero_grad()
+                loss.backward()
+                opt.record_loss(loss.item())
+                opt.step()
+                if opt.done:
+                    break
+        return {"steps": opt.steps, "round": opt.worker.round,
+                "bytes_sent": opt.worker.bytes_sent, "bytes_received": opt.worker.bytes_received}
+
+
+def run_worker(chief: Any, index: int, count: int, cfg: TrainConfig,
+               **worker_options: Any) -> dict[str, Any]:
+    if cfg.framework == "torch":
+        return run_torch_worker(chief, index, count, cfg, **worker_options)
+    if cfg.framework == "keras":
+        from .integrations.keras_demo import run_keras_worker
+
+        return run_keras_worker(chief, index, count, cfg, **worker_options)
+    raise ValueError(f"unknown framework {cfg.framework!r}: torch or keras")
+
+
+def initial_model(model: str, seed: int) -> list[np.ndarray]:
+    from .models import build_model, get_arrays
+
+    return get_arrays(build_model(model, seed=seed))
+
+
+def make_evaluator(model_name: str, data_dir: str | None = None) -> Any:
+    """``evaluate(arrays) -> {"accuracy", "loss"}`` of a global model on the 10k test set."""
+    import torch
+
+    from .data.fashion_mnist import load_fashion_mnist
+    from .models import build_model, evaluate, model_input, set_arrays
+
+    torch.set_num_threads(1)
+    data = load_fashion_mnist(data_dir)
+    x, y = model_input(model_name, data.x_test), torch.from_numpy(data.y_test)
+    model = build_model(model_name)
+
+    def evaluate_arrays(arrays: list[np.ndarray]) -> dict[str, float]:
+        set_arrays(model, arrays)
+        acc, loss = evaluate(model, x, y)
+        return {"accuracy": acc, "loss": loss}
+
+    return evaluate_arrays
+
+
+def run_demo(workers: int = 4, rounds: int = 10, out: str = "runs/demo",
+             cfg: TrainConfig | None = None, timeout: float = 1800.0,
+             quiet: bool = False) -> int:
+    """Chief in this process, ``workers`` worker processes on loopback. Returns an exit code."""
+    from .serve import serve
+
+    cfg = cfg or TrainConfig()
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    say = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
+    token = new_token()
+    say(f"fedberry demo: {workers} workers x {rounds} rounds, {cfg.model} on Fashion-MNIST "
+        f"({cfg.partition_scheme}), chief on loopback, metrics in {out_dir / 'metrics.jsonl'}")
+    handle = serve("127.0.0.1:0", workers=workers, rounds=rounds,
+                   initial=initial_model(cfg.model, cfg.seed),
+                   evaluate=make_evaluator(cfg.model, cfg.data_dir), out_dir=out_dir,
+                   token=token, run_config={"demo": asdict(cfg), "workers": workers},
+                   on_round=lambda r: say(format_row(r)))
+    env = dict(os.environ, **{TOKEN_ENV: token})
+    procs = []
+    logs = []
+    try:
+        for i in range(1, workers + 1):
+            log_file = open(out_dir / f"worker-{i}.log", "w")  # noqa: SIM115 - closed below
+            logs.append(log_file)
+            procs.append(subprocess.Popen(
+                [sys.executable, "-m", "fedberry", "worker", "--chief", handle.url,
+                 "--partition", f"{i}/{workers}", *cfg.argv()],
+                env=env, stdout=log_file, stderr=subprocess.STDOUT))
+        say(TABLE_HEADER)
+        deadline = time.monotonic() + timeout
+        while not handle.wait(0.5):
+            dead = [(i + 1, p.returncode) for i, p in enumerate(procs)
+                    if p.poll() not in (None, 0)]
+            if dead and len(dead) == len(procs):
+                say(f"all workers failed (exit codes {dead}); see {out_dir}/worker-*.log")
+                return 1
+            if time.monotonic() > deadline:
+                say(f"timed out after {timeout:.0f} s")
+                return 1
+        failed = []
+        for i, p in enumerate(procs, 1):
+            try:
+                code = p.wait(max(5.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                p.kill()
+                code = p.wait()
+            if code != 0:
+                failed.append(i)
+        records = handle.metrics
+        if records:
+            last = records[-1]
+            say(f"done: round {last['round']}, test accuracy {last['test_accuracy']:.4f}, "
+                f"{sum(r['bytes_up'] + r['bytes_down'] for r in records) / 2**20:.1f} MiB on "
+                f"the wire, {last['wall_s']:.1f} s")
+        if failed:
+            say(f"workers {failed} exited with an error; see {out_dir}/worker-N.log")
+            return 1
+        return 0
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in procs:
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        for f in logs:
+            f.close()
+        handle.stop()
