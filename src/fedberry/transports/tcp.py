@@ -567,6 +567,12 @@ class TcpSession:
             proto.send(encode(MsgType.PING, {}))
 
 
+# TODO(issue 5, from the certs author): asyncio sends no TLS alert when the chief refuses a
+# handshake (CPython gh-98078), so a worker refused for a missing/unknown client certificate
+# sees only a closed connection (TLS 1.3: handshake "succeeds", then EOF). On a TLS connection
+# that closes before CHALLENGE, call describe_tls_error(EOFError()) and do not retry silently.
+# On the chief side use describe_tls_error(exc, role="chief"). For a name mismatch, pass
+# cert_names=await asyncio.to_thread(peer_certificate_names, host, port, ca, cert, key).
 def _tls_message(exc: ssl.SSLError) -> str:
     try:
         from ..certs import describe_tls_error
