@@ -1,0 +1,98 @@
+import numpy as np
+import pytest
+
+from fedberry.strategies import FedAdam, FedAvg, FedAvgM, make_strategy
+
+
+def _updates(rng, n=4):
+    shapes = [(3, 5), (5,), (2, 2, 2)]
+    return [[rng.standard_normal(s).astype(np.float32) for s in shapes] for _ in range(n)]
+
+
+def test_fedavg_is_the_sample_weighted_mean():
+    rng = np.random.default_rng(0)
+    glob = [np.zeros(s, np.float32) for s in [(3, 5), (5,), (2, 2, 2)]]
+    ups = _updates(rng)
+    ns = [10, 1, 300, 7]
+    s = FedAvg()
+    s.begin(glob)
+    for u, n in zip(ups, ns):
+        s.add([a.copy() for a in u], n)
+    out = s.finish()
+    for i in range(3):
+        ref = sum(n * u[i].astype(np.float64) for u, n in zip(ups, ns)) / sum(ns)
+        assert out[i].dtype == np.float32
+        np.testing.assert_allclose(out[i], ref, rtol=1e-6, atol=1e-7)
+
+
+def test_fedavg_order_does_not_matter_beyond_float64_rounding():
+    rng = np.random.default_rng(1)
+    glob = [np.zeros(s, np.float32) for s in [(3, 5), (5,), (2, 2, 2)]]
+    ups = _updates(rng, 6)
+    results = []
+    for order in (range(6), reversed(range(6))):
+        s = FedAvg()
+        s.begin(glob)
+        for i in order:
+            s.add(ups[i], i + 1)
+        results.append(s.finish())
+    for a, b in zip(*results):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_integer_tensors_are_rounded_back():
+    s = FedAvg()
+    s.begin([np.array([0], np.int64)])
+    s.add([np.array([3], np.int64)], 1)
+    s.add([np.array([4], np.int64)], 2)
+    out = s.finish()
+    assert out[0].dtype == np.int64 and out[0][0] == 4  # 11/3 = 3.67 -> 4
+
+
+def test_fedavgm_without_momentum_and_unit_lr_is_fedavg():
+    rng = np.random.default_rng(2)
+    glob = [rng.standard_normal((4, 4)).astype(np.float32)]
+    ups = [[rng.standard_normal((4, 4)).astype(np.float32)] for _ in range(3)]
+    a, b = FedAvg(), FedAvgM(server_lr=1.0, momentum=0.0)
+    for s in (a, b):
+        s.begin(glob)
+        for u in ups:
+            s.add(u, 2)
+    np.testing.assert_allclose(a.finish()[0], b.finish()[0], rtol=1e-6)
+
+
+def test_fedavgm_momentum_accumulates_and_round_trips_state():
+    glob = [np.zeros(3, np.float32)]
+    s = FedAvgM(server_lr=1.0, momentum=0.5)
+    s.begin(glob)
+    s.add([np.ones(3, np.float32)], 1)
+    g1 = s.finish()  # v = -1, g = 0 - (-1) = 1
+    np.testing.assert_allclose(g1[0], 1.0)
+    s.begin(g1)
+    s.add([np.ones(3, np.float32)], 1)
+    g2 = s.finish()  # v = 0.5*-1 + 0 = -0.5, g = 1 + 0.5
+    np.testing.assert_allclose(g2[0], 1.5)
+    t = FedAvgM(server_lr=1.0, momentum=0.5)
+    t.load_state_dict(s.state_dict())
+    np.testing.assert_allclose(t.state_dict()["velocity.0"], -0.5)
+
+
+def test_fedadam_moves_towards_the_mean():
+    glob = [np.zeros(2, np.float32)]
+    s = FedAdam(server_lr=0.1)
+    s.begin(glob)
+    s.add([np.array([1.0, -1.0], np.float32)], 1)
+    out = s.finish()[0]
+    assert out[0] > 0 > out[1]
+    assert set(s.state_dict()) == {"m.0", "v.0"}
+
+
+def test_bad_inputs():
+    s = FedAvg()
+    s.begin([np.zeros(1, np.float32)])
+    with pytest.raises(ValueError):
+        s.add([np.zeros(1, np.float32)], 0)
+    with pytest.raises(RuntimeError):
+        s.finish()
+    with pytest.raises(ValueError, match="unknown strategy"):
+        make_strategy("median-of-nothing")
