@@ -2,8 +2,9 @@
 
 import subprocess
 
-from fedberry.metrics import read
 from helpers import fedberry_env, python
+
+from fedberry.metrics import read
 
 MLP_PARAMS = 199_210
 

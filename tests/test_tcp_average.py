@@ -5,9 +5,9 @@ import subprocess
 import textwrap
 
 import numpy as np
+from helpers import fedberry_env, processes, python
 
 from fedberry.serve import serve
-from helpers import fedberry_env, processes, python
 
 SHAPES = [(64, 33), (33,), (3, 4, 5), (1,)]
 
