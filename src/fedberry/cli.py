@@ -78,6 +78,16 @@ def _run_chief(args: argparse.Namespace) -> int:
         evaluate = make_evaluator(args.model, args.data_dir)
     checkpoint = args.checkpoint or str(Path(args.out) / "checkpoint.npz")
     print(TABLE_HEADER, flush=True)
+    if args.listen.startswith("mpi://"):  # rank 0 of an mpiexec launch (see transports/mpi.py)
+        from .transports.mpi import run_mpi_chief
+
+        run_mpi_chief(rounds=args.rounds, strategy=args.strategy, initial=initial,
+                      evaluate=evaluate, out_dir=args.out, checkpoint=checkpoint,
+                      resume=args.resume, workers=args.workers,
+                      run_config={k: v for k, v in vars(args).items()
+                                  if k not in ("func", "token") and not callable(v)},
+                      on_round=lambda r: print(format_row(r), flush=True))
+        return 0
     run_chief(listen=args.listen, workers=args.workers, rounds=args.rounds,
               min_workers=args.min_workers, round_timeout=args.round_timeout,
               strategy=args.strategy, initial=initial, evaluate=evaluate, out_dir=args.out,

@@ -158,7 +158,7 @@ def _make_session(chief: Any, worker: Worker, **kw: Any) -> Any:
     if chief.startswith("mpi://"):
         from .transports.mpi import MpiSession
 
-        return MpiSession()
+        return MpiSession(chief)  # the query string may carry options
     if chief.startswith("tcp://") or "://" not in chief:
         from .transports.tcp import TcpSession, is_loopback, parse_address
 

@@ -1,0 +1,787 @@
+"""MPI transport: the same ``Worker`` API under ``mpiexec``, averaging with MPI collectives.
+
+Launch ``mpiexec -n N+1 python train.py`` with ``chief="mpi://"`` in the script: rank 0 is the
+chief (it may train too), ranks 1..N are workers. A pure aggregator on rank 0 is
+``run_mpi_chief(...)`` (``fedberry chief --listen mpi://`` in an MPMD launch, as the demo does).
+
+One round is two collectives on contiguous numpy buffers, never pickled objects:
+
+1. ``Reduce(SUM)`` to rank 0 of ONE flat float64 buffer per rank: every tensor multiplied by the
+   rank's sample weight, back to back, then a 5-number trailer (weight, weighted loss, loss weight,
+   update count, "has left" flag). A rank with nothing to contribute (a pure chief, a rank that
+   has left) sends zeros. Rank 0 ends up with the federation's weighted sum.
+2. Rank 0 turns the sum into the weighted mean, hands it to the strategy (FedAvg, FedAvgM, FedAdam:
+   the same objects and numbers as the TCP chief), writes ``metrics.jsonl``, checkpoints, and
+   ``Bcast``-s ONE uint8 buffer: a small header (round, done) and the new global model's raw bytes
+   in the model's own dtypes.
+
+Why Reduce + Bcast rather than one Allreduce: the policy stays on the chief, as with TCP. Stateful
+strategies (FedAvgM's velocity, FedAdam's moments), the round limit, checkpoints and evaluation
+live on rank 0 only, and every rank receives the bit-identical model rank 0 computed (the MPI
+standard only *recommends* that Allreduce give every rank the same bits). The cost is the
+broadcast of the model, in float32 for a float32 model, i.e. half the bytes of the float64 sum.
+
+Why float64 for the sum: the TCP chief's FedAvg accumulates in float64, so the MPI average equals
+it up to float64 rounding (far below float32 resolution) whatever the reduction order; integer
+tensors (BatchNorm's counters) and large sample weights stay exact. It doubles the bytes going up
+compared with a float32 model; ``docs/benchmarks.md`` measures what that costs.
+
+Bytes are counted per rank with a star model, the same model as TCP's sockets so the columns
+compare: in a Reduce each non-root rank sends its buffer once and rank 0 counts one buffer received
+per other rank; in a Bcast rank 0 counts one buffer sent per other rank and each other rank one
+received. Inside, MPICH spreads this over a tree (binomial for small buffers; for large ones
+reduce-scatter + gather for Reduce and scatter + allgather for Bcast), so no single link carries
+N buffers but every rank moves about twice its buffer; the star figure is what a central chief
+would move, and it is what ``metrics.jsonl``'s ``bytes_up``/``bytes_down`` report.
+
+Rounds are lockstep (a collective completes when every rank is in it): no quorum, no deadline, no
+stale updates. A rank that calls ``close()`` before the run is done keeps taking part with weight 0
+until it is (it cannot leave a collective); with ``rounds=None`` the run ends once every training
+rank has left, as with TCP.
+
+A dead rank must stop the run, not hang it: mpiexec (hydra) kills the job when a rank is killed,
+and this module turns the other ways a rank can die into an ``MPI_Abort`` with a message naming it
+(an uncaught exception, ``sys.exit`` before the run is done, an optional collective timeout).
+Rank 0 writes ``OUT/mpi_ranks.json`` (rank -> pid, host) so that the launcher's "PID 1234 died"
+can be told as "rank 2 died"; ``run_mpi_demo`` does that.
+"""
+
+from __future__ import annotations
+
+import atexit
+import concurrent.futures
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import numpy as np
+
+from .. import checkpoint as ckpt_io
+from ..chief import non_finite
+from ..errors import FederationError, ModelMismatchError
+from ..metrics import MetricsLog
+from ..protocol import Spec, TensorSpec, spec_mismatch, spec_of, spec_to_json, wire_dtype
+from ..strategies import FedAvg, make_strategy
+
+log = logging.getLogger("fedberry.mpi")
+
+Result = tuple[int, list[np.ndarray], bool]
+Evaluate = Callable[[list[np.ndarray]], dict[str, float]]
+
+# The float64 trailer after the weighted tensors in every rank's Reduce buffer.
+T_WEIGHT, T_LOSS_SUM, T_LOSS_WEIGHT, T_UPDATES, T_LEFT = range(5)
+TRAILER = 5
+# The Bcast buffer starts with int64 [round, done]; tensors start at 64-byte aligned offsets so
+# that the arrays handed back (views into the buffer) are aligned for numpy and torch.
+HEADER_BYTES = 64
+ALIGN = 64
+RANKS_FILE = "mpi_ranks.json"
+
+
+def _mpi() -> Any:
+    try:
+        from mpi4py import MPI
+    except ImportError as exc:  # the extra is optional: say how to get it
+        raise ImportError("the MPI transport needs mpi4py and an MPI library: "
+                          "pip install 'fedberry[mpi]' (brings the mpich wheels)") from exc
+    return MPI
+
+
+# ============================================================================================
+# Chief options (rank 0)
+# ============================================================================================
+@dataclass
+class MpiChiefOptions:
+    """What rank 0 needs to act as the chief. Other ranks ignore it."""
+
+    rounds: int | None = None  # None: until every training rank has called close()
+    strategy: str | FedAvg = "fedavg"
+    evaluate: Evaluate | None = None  # run on a thread after each round, like the TCP chief's
+    out_dir: str | None = None  # metrics.jsonl and mpi_ranks.json go here
+    checkpoint: str | None = None
+    resume: bool = False
+    initial: Sequence[np.ndarray] | None = None  # None: adopt the lowest rank's model
+    run_config: dict[str, Any] = field(default_factory=dict)
+    on_round: Callable[[dict[str, Any]], None] | None = None
+    workers: int | None = None  # expected training ranks; a mismatch is logged
+
+    @classmethod
+    def from_address(cls, address: str) -> MpiChiefOptions:
+        """``mpi://?rounds=50&out=runs/x&strategy=fedavgm&checkpoint=ck.npz`` (all optional)."""
+        q = _query(address)
+        rounds = q.get("rounds")
+        return cls(rounds=int(rounds) if rounds else None, strategy=q.get("strategy", "fedavg"),
+                   out_dir=q.get("out"), checkpoint=q.get("checkpoint"),
+                   resume=q.get("resume", "") in ("1", "true", "yes"))
+
+
+_configured: MpiChiefOptions | None = None
+
+
+def configure_chief(**options: Any) -> None:
+    """Set rank 0's chief options (evaluation, rounds, ...) before ``Worker(chief="mpi://")``.
+
+    For a script where rank 0 trains too; the address's query string covers the simple cases.
+    """
+    global _configured
+    _configured = MpiChiefOptions(**options)
+
+
+def _query(address: str) -> dict[str, str]:
+    parts = urlsplit(address)
+    if parts.scheme != "mpi":
+        raise ValueError(f"not an MPI address: {address!r}")
+    return {k: v[-1] for k, v in parse_qs(parts.query).items()}
+
+
+# ============================================================================================
+# Dying ranks: turn "this rank is gone" into MPI_Abort with a message, never a silent hang
+# ============================================================================================
+class _Guard:
+    """While a session is live (joined or joining, run not done) on this rank, the other ranks
+    may be waiting for it inside a collective. If this rank then dies of an uncaught exception or
+    exits, they would wait forever (MPI_Finalize does not release them), so abort the job."""
+
+    def __init__(self) -> None:
+        self.live: set[int] = set()
+        self.installed = False
+        self.comm: Any = None
+        self.who = ""
+
+    def install(self, comm: Any, who: str) -> None:
+        self.comm, self.who = comm, who
+        if self.installed:
+            return
+        self.installed = True
+        previous = sys.excepthook
+
+        def hook(exc_type: type[BaseException], exc: BaseException, tb: Any) -> None:
+            previous(exc_type, exc, tb)
+            if self.live:
+                self.abort(f"failed: {exc_type.__name__}: {exc}")
+
+        sys.excepthook = hook
+        # Registered after mpi4py was imported, so it runs before mpi4py finalizes MPI.
+        atexit.register(self._at_exit)
+
+    def _at_exit(self) -> None:
+        if self.live:
+            self.abort("exited before the federation finished (no close() or the run is not "
+                       "done)")
+
+    def abort(self, why: str) -> None:
+        msg = (f"fedberry mpi: {self.who} {why}; aborting the MPI job so that the other ranks "
+               "do not wait for it forever\n")
+        try:
+            sys.stderr.write(msg)
+            sys.stderr.flush()
+        finally:
+            self.comm.Abort(1)
+
+
+_guard = _Guard()
+
+
+# ============================================================================================
+# Layout of the buffers
+# ============================================================================================
+class _Layout:
+    """Where each tensor lives in the float64 Reduce buffer and in the uint8 Bcast buffer."""
+
+    def __init__(self, spec: Spec) -> None:
+        self.spec = spec
+        self.dtypes = [np.dtype(t.dtype) for t in spec]
+        self.sizes = [math.prod(t.shape) for t in spec]
+        self.elem_offsets = np.concatenate([[0], np.cumsum(self.sizes)]).astype(int).tolist()
+        self.elements = self.elem_offsets[-1]
+        self.byte_offsets = []
+        pos = HEADER_BYTES
+        for t in spec:
+            self.byte_offsets.append(pos)
+            pos += -(-t.nbytes // ALIGN) * ALIGN
+        self.bcast_bytes = pos
+        self.model_bytes = sum(t.nbytes for t in spec)
+
+    def pack_weighted(self, buf: np.ndarray, arrays: Sequence[np.ndarray], w: float) -> None:
+        for a, lo, hi in zip(arrays, self.elem_offsets, self.elem_offsets[1:]):
+            # Multiply straight into the buffer: no float64 copy of the model besides it.
+            np.multiply(np.asarray(a).reshape(-1), w, out=buf[lo:hi], casting="unsafe")
+
+    def sums(self, buf: np.ndarray) -> list[np.ndarray]:
+        return [buf[lo:hi].reshape(t.shape)
+                for t, lo, hi in zip(self.spec, self.elem_offsets, self.elem_offsets[1:])]
+
+    def pack_model(self, arrays: Sequence[np.ndarray], round_: int, done: bool) -> np.ndarray:
+        out = np.empty(self.bcast_bytes, np.uint8)
+        out[:16].view(np.int64)[:] = (round_, int(done))
+        for a, dt, off in zip(arrays, self.dtypes, self.byte_offsets):
+            src = np.ascontiguousarray(a, dtype=dt).reshape(-1).view(np.uint8)
+            out[off:off + src.size] = src
+        return out
+
+    def unpack_model(self, buf: np.ndarray) -> tuple[int, bool, list[np.ndarray]]:
+        round_, done = (int(x) for x in buf[:16].view(np.int64))
+        arrays = [buf[off:off + t.nbytes].view(dt).reshape(t.shape)
+                  for t, dt, off in zip(self.spec, self.dtypes, self.byte_offsets)]
+        return round_, bool(done), arrays
+
+
+# ============================================================================================
+# The session
+# ============================================================================================
+class MpiSession:
+    """One rank's part in the federation. Methods are blocking and collective: every rank of the
+    communicator must call ``join`` once, then ``sync`` (or ``close``) once per round.
+
+    ``timeout`` (seconds, or ``mpi://?timeout=S``): a collective that has not completed by then
+    means a rank is dead or stuck; the job is aborted with a message. None (the default) waits
+    as long as training takes and relies on the launcher to stop the job when a rank dies.
+    """
+
+    def __init__(self, address: str = "mpi://", *, comm: Any = None,
+                 chief: MpiChiefOptions | None = None, trains: bool = True,
+                 timeout: float | None = None) -> None:
+        MPI = _mpi()
+        self.MPI = MPI
+        self.comm = comm if comm is not None else MPI.COMM_WORLD
+        self.rank = self.comm.Get_rank()
+        self.size = self.comm.Get_size()
+        q = _query(address)
+        self.timeout = timeout if timeout is not None else (
+            float(q["timeout"]) if q.get("timeout") else None)
+        self.trains = trains
+        self.bytes_sent = 0
+        self.bytes_received = 0
+        self.round = 0
+        self.done = False
+        self.joined = False
+        self.left = False
+        self.host = socket.gethostname()
+        self.layout: _Layout | None = None
+        self._sendbuf: np.ndarray | None = None
+        self._zeros: np.ndarray | None = None
+        self._chief: _ChiefState | None = None
+        # Armed before anything can fail: from here on the other ranks may be waiting for us.
+        _guard.install(self.comm, self.describe())
+        _guard.live.add(id(self))
+        if self.rank == 0:
+            opts = chief or _configured or MpiChiefOptions.from_address(address)
+            self._chief = _ChiefState(opts, self)
+
+    def describe(self) -> str:
+        role = "the chief" if self.rank == 0 else "a worker"
+        return f"rank {self.rank} ({role}, pid {os.getpid()} on {self.host})"
+
+    # -- the session interface --------------------------------------------------------------
+    def join(self, arrays: Sequence[np.ndarray] | None) -> Result:
+        """Check that every rank has the same model spec, then start everyone from rank 0's
+        model (or, for a chief without one, from the lowest rank that has one)."""
+        if self.joined:
+            raise FederationError("join() was already called")
+        own = None if arrays is None else [np.asarray(a) for a in arrays]
+        spec = spec_of(own) if own is not None else None
+        chief = self._chief
+        if chief is not None and chief.initial is not None:
+            own, spec = chief.initial, spec_of(chief.initial)
+        info = {"pid": os.getpid(), "host": self.host, "trains": self.trains,
+                "spec": spec_to_json(spec) if spec is not None else None}
+        infos = self._allgather_json(info)
+        root = next((r for r, i in enumerate(infos) if i["spec"] is not None), None)
+        if root is None:
+            self._fail_everywhere(FederationError("no rank has a model to start from"))
+        specs = [_spec_from(i["spec"]) for i in infos]
+        root_spec = specs[root]
+        assert root_spec is not None
+        bad = [(r, why) for r, s in enumerate(specs) if s is not None
+               and (why := spec_mismatch(root_spec, s))]
+        if bad:
+            # Every rank saw every spec, so every rank raises the same error at the same point:
+            # no collective is left waiting, and the mismatching rank learns which tensor.
+            lines = "; ".join(f"rank {r}: {why}" for r, why in bad)
+            mine = next((why for r, why in bad if r == self.rank), None)
+            head = (f"this rank's (rank {self.rank}) model does not match the federation's "
+                    f"(rank {root}'s): {mine}" if mine else
+                    f"the models of ranks {[r for r, _ in bad]} do not match the federation's "
+                    f"(rank {root}'s)")
+            self._fail_everywhere(ModelMismatchError(f"{head} [{lines}]", "spec_mismatch"))
+        trainers = sum(bool(i["trains"]) for i in infos)
+        if trainers == 0:
+            self._fail_everywhere(FederationError("no rank trains: start at least one worker"))
+        self.layout = layout = _Layout(root_spec)
+        model = (np.ascontiguousarray(np.concatenate(
+            [np.ascontiguousarray(a, dtype=wire_dtype(a.dtype)).reshape(-1).view(np.uint8)
+             for a in own])) if self.rank == root and own is not None
+            else np.empty(layout.model_bytes, np.uint8))
+        self._bcast(model, root)
+        if chief is not None:
+            chief.start(infos, root, trainers, _split(model, layout))
+        header = np.zeros(2, np.int64)
+        if chief is not None:
+            header[:] = (chief.round, int(chief.done))
+        self._bcast(header, 0)
+        self.round, self.done = int(header[0]), bool(header[1])
+        self._sendbuf = np.empty(layout.elements + TRAILER, np.float64)
+        self.joined = True
+        if self.done:
+            self._finished()
+        # Arrays of their own (not views into the receive buffer): the caller may keep them.
+        return self.round, _split(model, layout, copy=True), self.done
+
+    def sync(self, round_: int, arrays: Sequence[np.ndarray], num_samples: float,
+             metrics: dict[str, Any]) -> Result:
+        if not self.joined:
+            raise FederationError("sync() before join()")
+        if self.done:
+            return self.round, [np.asarray(a) for a in arrays], True
+        if self.left:
+            raise FederationError("this rank has left the federation (close() was called)")
+        arrays = [np.asarray(a) for a in arrays]
+        assert self.layout is not None
+        why = spec_mismatch(self.layout.spec, spec_of(arrays))
+        if why:  # refused before the collective, so the other ranks are not involved yet
+            raise ModelMismatchError(f"the model changed since join(): {why}", "spec_mismatch")
+        bad = non_finite(arrays)
+        if bad:
+            raise ValueError(f"refusing to send an update with non-finite weights: {bad}")
+        if not (num_samples > 0 and math.isfinite(num_samples)):
+            raise ValueError(f"num_samples must be a positive number, got {num_samples!r}")
+        loss = metrics.get("loss")
+        return self._round(arrays, float(num_samples),
+                           float(loss) if isinstance(loss, (int, float)) else None)
+
+    def close(self) -> None:
+        """Leave. Before the run is done this rank keeps taking part in the rounds with weight 0
+        (MPI has no way to leave a collective) and returns once the run is done."""
+        if not self.joined:
+            return  # never joined: the guard aborts at exit if others wait for us
+        if not self.done and not self.left:
+            log.info("%s leaves before the run is done; it takes part with weight 0 until then",
+                     self.describe())
+            self.left = True
+        while not self.done:
+            self._round(None, 0.0, None)
+
+    def serve(self) -> list[dict[str, Any]]:
+        """Rank 0 as a pure aggregator: take part with weight 0 until the run is done."""
+        while not self.done:
+            self._round(None, 0.0, None)
+        assert self._chief is not None
+        return self._chief.metrics.records
+
+    # -- a round ----------------------------------------------------------------------------
+    def _round(self, arrays: list[np.ndarray] | None, w: float, loss: float | None) -> Result:
+        layout, buf = self.layout, self._sendbuf
+        assert layout is not None and buf is not None
+        n = layout.elements
+        if arrays is not None:
+            layout.pack_weighted(buf, arrays, w)
+            buf[n:] = 0.0
+            buf[n + T_WEIGHT] = w
+            buf[n + T_UPDATES] = 1.0
+            if loss is not None and math.isfinite(loss):
+                buf[n + T_LOSS_SUM] = w * loss
+                buf[n + T_LOSS_WEIGHT] = w
+            send = buf
+        else:
+            if self._zeros is None:  # kept: a rank with nothing to add sends the same zeros
+                self._zeros = np.zeros_like(buf)
+            self._zeros[n + T_LEFT] = 1.0 if self.left else 0.0
+            send = self._zeros
+        if self.rank == 0:
+            total = buf  # the chief's own contribution is summed in place
+            if send is buf:
+                self._reduce(self.MPI.IN_PLACE, buf)
+            else:
+                self._reduce(send, buf)
+            assert self._chief is not None
+            out = self._chief.close_round(total)
+        else:
+            self._reduce(send, None)
+            out = np.empty(layout.bcast_bytes, np.uint8)
+        self._bcast(out, 0)
+        self.round, self.done, new = layout.unpack_model(out)
+        if self.done:
+            self._finished()
+        return self.round, new, self.done
+
+    def _finished(self) -> None:
+        if self._chief is not None:
+            self._chief.drain()
+        _guard.live.discard(id(self))
+
+    # -- collectives, with byte counts and the optional timeout -----------------------------
+    def _reduce(self, send: Any, recv: np.ndarray | None) -> None:
+        nbytes = (recv if recv is not None else send).nbytes
+        if self.rank == 0:
+            self.bytes_received += (self.size - 1) * nbytes
+        else:
+            self.bytes_sent += nbytes
+        self._wait(lambda: self.comm.Reduce(send, recv, op=self.MPI.SUM, root=0),
+                   lambda: self.comm.Ireduce(send, recv, op=self.MPI.SUM, root=0), "Reduce")
+
+    def _bcast(self, buf: np.ndarray, root: int) -> None:
+        if self.rank == root:
+            self.bytes_sent += (self.size - 1) * buf.nbytes
+        else:
+            self.bytes_received += buf.nbytes
+        self._wait(lambda: self.comm.Bcast(buf, root=root),
+                   lambda: self.comm.Ibcast(buf, root=root), "Bcast")
+
+    def _allgather_json(self, obj: Any) -> list[Any]:
+        """Every rank's JSON object: lengths by Allgather, bytes by Allgatherv (never pickle)."""
+        mine = np.frombuffer(json.dumps(obj).encode(), np.uint8)
+        lengths = np.zeros(self.size, np.int64)
+        self._wait(lambda: self.comm.Allgather(np.array([mine.size], np.int64), lengths),
+                   lambda: self.comm.Iallgather(np.array([mine.size], np.int64), lengths),
+                   "Allgather")
+        counts = lengths.tolist()
+        displs = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(int).tolist()
+        allbuf = np.empty(int(sum(counts)), np.uint8)
+        spec = [allbuf, counts, displs, self.MPI.BYTE]
+        self._wait(lambda: self.comm.Allgatherv(mine, spec),
+                   lambda: self.comm.Iallgatherv(mine, spec), "Allgatherv")
+        self.bytes_sent += (self.size - 1) * mine.size
+        self.bytes_received += allbuf.size - mine.size
+        return [json.loads(allbuf[d:d + c].tobytes()) for d, c in zip(displs, counts)]
+
+    def _wait(self, blocking: Callable[[], Any], nonblocking: Callable[[], Any],
+              what: str) -> None:
+        if self.timeout is None:
+            blocking()
+            return
+        req = nonblocking()
+        deadline = time.monotonic() + self.timeout
+        pause = 1e-5
+        while not req.Test():
+            if time.monotonic() > deadline:
+                _guard.abort(f"({self.describe()}): the {what} of round {self.round + 1} did "
+                             f"not complete within {self.timeout:g} s: a rank is dead or stuck "
+                             f"(MPI cannot say which; see the other ranks' messages)")
+            time.sleep(pause)
+            pause = min(pause * 2, 1e-3)  # short sleeps: MPICH progresses inside Test()
+
+    def _fail_everywhere(self, exc: FederationError) -> None:
+        """Raise an error every rank raises at the same point (so nobody is left waiting)."""
+        _guard.live.discard(id(self))
+        raise exc
+
+
+def _spec_from(obj: Any) -> Spec | None:
+    if obj is None:
+        return None
+    return tuple(TensorSpec(d, tuple(s)) for d, s in obj)
+
+
+def _split(model: np.ndarray, layout: _Layout, copy: bool = False) -> list[np.ndarray]:
+    """The tensors of a packed (unaligned, back-to-back) model buffer."""
+    out, pos = [], 0
+    for t, dt in zip(layout.spec, layout.dtypes):
+        raw = model[pos:pos + t.nbytes]
+        a = raw.copy().view(dt) if copy or pos % dt.itemsize else raw.view(dt)
+        out.append(a.reshape(t.shape))
+        pos += t.nbytes
+    return out
+
+
+# ============================================================================================
+# Rank 0: the round's policy, metrics and checkpoints
+# ============================================================================================
+class _ChiefState:
+    def __init__(self, opts: MpiChiefOptions, session: MpiSession) -> None:
+        self.opts = opts
+        self.session = session
+        self.strategy = (make_strategy(opts.strategy) if isinstance(opts.strategy, str)
+                         else opts.strategy)
+        self.round = 0
+        self.done = False
+        self.initial = [np.asarray(a) for a in opts.initial] if opts.initial is not None else None
+        append = False
+        if opts.resume:
+            if not opts.checkpoint or not Path(opts.checkpoint).exists():
+                raise FileNotFoundError(f"resume: no checkpoint at {opts.checkpoint}")
+            ck = ckpt_io.load(opts.checkpoint)
+            self.initial, self.round = ck.arrays, ck.round
+            self.strategy.load_state_dict(ck.strategy_state)
+            append = True
+        self.metrics = MetricsLog(opts.out_dir, append=append)
+        self.global_arrays: list[np.ndarray] = []
+        self.trainers = 0
+        self._t0 = time.monotonic()
+        self._mark = (0, 0)
+        self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="fb-eval")
+        self._pending: list[concurrent.futures.Future[Any]] = []
+
+    def start(self, infos: list[dict[str, Any]], root: int, trainers: int,
+              model: list[np.ndarray]) -> None:
+        self._t0 = time.monotonic()
+        self.trainers = trainers
+        self.global_arrays = [a.copy() for a in model]
+        self.strategy.begin(self.global_arrays)
+        self.done = self.opts.rounds is not None and self.round >= self.opts.rounds
+        if self.opts.workers is not None and self.opts.workers != trainers:
+            log.warning("expected %d workers, but mpiexec started %d training ranks: the run "
+                        "goes on with %d", self.opts.workers, trainers, trainers)
+        table = [{"rank": r, "pid": i["pid"], "host": i["host"], "trains": i["trains"]}
+                 for r, i in enumerate(infos)]
+        log.info("MPI federation of %d ranks (%d training), model from rank %d: %s",
+                 len(infos), trainers, root,
+                 ", ".join(f"rank {t['rank']} = pid {t['pid']} on {t['host']}" for t in table))
+        if self.opts.out_dir:
+            # Read by launchers to name the rank behind a PID that mpiexec says died.
+            path = Path(self.opts.out_dir) / RANKS_FILE
+            path.write_text(json.dumps(table))
+
+    def close_round(self, total: np.ndarray) -> np.ndarray:
+        """The weighted sum of every rank's buffer -> the Bcast buffer of the new round."""
+        s = self.session
+        layout = s.layout
+        assert layout is not None
+        n = layout.elements
+        trailer = total[n:]
+        updates = int(round(trailer[T_UPDATES]))
+        weight = float(trailer[T_WEIGHT])
+        left = int(round(trailer[T_LEFT]))
+        if updates > 0 and not self.done:
+            # The strategy gets the weighted mean with the total weight, which is what its
+            # running sum would hold after the same updates one by one (to float64 rounding).
+            means = layout.sums(total)
+            for m in means:
+                m /= weight
+            self.strategy.add(means, weight)
+            self.global_arrays = self.strategy.finish()
+            self.strategy.begin(self.global_arrays)
+            self.round += 1
+            self.done = self.opts.rounds is not None and self.round >= self.opts.rounds
+            loss_w = float(trailer[T_LOSS_WEIGHT])
+            record: dict[str, Any] = {
+                "round": self.round, "workers": updates, "num_samples": weight,
+                "train_loss": float(trailer[T_LOSS_SUM]) / loss_w if loss_w else None}
+            if self.opts.checkpoint:  # before anyone sees the model, as the TCP chief does
+                ckpt_io.save(self.opts.checkpoint, ckpt_io.Checkpoint(
+                    self.round, self.global_arrays, self.strategy.state_dict(),
+                    self.opts.run_config))
+            self._record(record, layout.bcast_bytes)
+        if left >= self.trainers and not self.done:
+            log.info("every training rank has left: the run is done")
+            self.done = True
+        return layout.pack_model(self.global_arrays, self.round, self.done)
+
+    def _record(self, record: dict[str, Any], bcast_bytes: int) -> None:
+        s = self.session
+        # This round's broadcast is counted now: it goes out right after this.
+        down = s.bytes_sent + (s.size - 1) * bcast_bytes
+        up, down, self._mark = (s.bytes_received - self._mark[0], down - self._mark[1],
+                                (s.bytes_received, down))
+        record.update(bytes_up=up, bytes_down=down,
+                      wall_s=round(time.monotonic() - self._t0, 3))
+        arrays = self.global_arrays
+        # Evaluation runs on a thread while the workers train the next round (the TCP chief
+        # does the same); one thread, so the records are written in round order.
+        self._pending.append(self._executor.submit(self._evaluate_and_write, record, arrays))
+
+    def _evaluate_and_write(self, record: dict[str, Any], arrays: list[np.ndarray]) -> None:
+        scores: dict[str, float] = {}
+        if self.opts.evaluate is not None:
+            try:
+                scores = self.opts.evaluate(arrays)
+            except Exception as exc:  # an evaluation bug must not kill the federation
+                log.error("evaluation failed: %s", exc)
+        out = {"round": record["round"], "workers": record["workers"],
+               "test_accuracy": scores.get("accuracy"), "test_loss": scores.get("loss"),
+               **{k: v for k, v in record.items() if k not in ("round", "workers")}}
+        self.metrics.write(out)
+        if self.opts.on_round:
+            self.opts.on_round(out)
+
+    def drain(self) -> None:
+        for fut in self._pending:
+            fut.result()
+        self._pending.clear()
+        self._executor.shutdown(wait=True)
+
+
+# ============================================================================================
+# Entry points
+# ============================================================================================
+def run_mpi_chief(*, rounds: int | None = None, strategy: str | FedAvg = "fedavg",
+                  evaluate: Evaluate | None = None, out_dir: str | os.PathLike | None = None,
+                  initial: Sequence[np.ndarray] | None = None,
+                  checkpoint: str | os.PathLike | None = None, resume: bool = False,
+                  run_config: dict[str, Any] | None = None,
+                  on_round: Callable[[dict[str, Any]], None] | None = None,
+                  workers: int | None = None, timeout: float | None = None,
+                  comm: Any = None) -> list[dict[str, Any]]:
+    """Rank 0 as a pure aggregator (weight 0) until the run is done; returns the metrics.
+
+    Call it on rank 0 only; the other ranks run ``Worker(chief="mpi://")``.
+    """
+    opts = MpiChiefOptions(rounds=rounds, strategy=strategy, evaluate=evaluate,
+                           out_dir=str(out_dir) if out_dir else None,
+                           checkpoint=str(checkpoint) if checkpoint else None, resume=resume,
+                           initial=initial, run_config=run_config or {}, on_round=on_round,
+                           workers=workers)
+    session = MpiSession(comm=comm, chief=opts, trains=False, timeout=timeout)
+    if session.rank != 0:
+        raise FederationError("run_mpi_chief() is for rank 0; other ranks are workers")
+    session.join(None)
+    return session.serve()
+
+
+def find_mpiexec() -> str:
+    """``mpiexec`` from PATH, else beside this Python (where the mpich wheel puts it)."""
+    found = shutil.which("mpiexec") or shutil.which("mpiexec",
+                                                    path=str(Path(sys.executable).parent))
+    if not found:
+        raise FileNotFoundError("mpiexec not found: pip install 'fedberry[mpi]' (the mpich wheel "
+                                "brings it) or install a system MPI")
+    return found
+
+
+_HYDRA_DEATH = re.compile(r"PID (\d+) RUNNING AT (\S+)\s*\n.*?EXIT CODE: (-?\d+)", re.S)
+_HYDRA_STRING = re.compile(r"EXIT STRING: (.+)")
+_OMPI_DEATH = re.compile(r"process rank (\d+) with PID (\d+) on node (\S+) exited on "
+                         r"signal (\d+)")
+_OUR_ABORT = re.compile(r"fedberry mpi: (rank \d+ \([^)]*\)) (.+?); aborting")
+
+
+def explain_failure(output: str, ranks: list[dict[str, Any]] | None) -> str:
+    """A sentence naming the rank that brought an MPI job down, from the launcher's output.
+
+    ``ranks`` is rank 0's ``mpi_ranks.json`` (rank -> pid), when it was written.
+    """
+    ours = _OUR_ABORT.search(output)
+    if ours:
+        return f"{ours.group(1)} {ours.group(2)}"
+    by_pid = {int(r["pid"]): r for r in ranks or []}
+    m = _HYDRA_DEATH.search(output)
+    if m:
+        pid, host, code = int(m.group(1)), m.group(2), int(m.group(3))
+        how = _HYDRA_STRING.search(output)
+        cause = how.group(1).strip() if how else f"exit code {code}"
+        r = by_pid.get(pid)
+        who = (f"rank {r['rank']} ({'the chief' if r['rank'] == 0 else 'a worker'}, pid {pid} "
+               f"on {host})" if r else f"the process with pid {pid} on {host} (it died before "
+               "the ranks were recorded)")
+        return f"{who} died ({cause}); mpiexec stopped the other ranks"
+    m = _OMPI_DEATH.search(output)
+    if m:
+        return (f"rank {m.group(1)} (pid {m.group(2)} on {m.group(3)}) died (signal "
+                f"{m.group(4)}); mpiexec stopped the other ranks")
+    return ""
+
+
+def mpi_demo_command(mpiexec: str, workers: int, rounds: int, out: Path, cfg: Any,
+                     python: str = sys.executable) -> list[str]:
+    """``mpiexec`` in MPMD form: rank 0 runs ``fedberry chief --listen mpi://``, rank i runs
+    ``fedberry worker --chief mpi:// --partition i/N``: the TCP demo's commands, with the same
+    partition per worker. Each rank's output goes to OUT/rank-R.log."""
+    chief = [python, "-m", "fedberry", "chief", "--listen", "mpi://", "--workers", str(workers),
+             "--rounds", str(rounds), "--model", cfg.model, "--seed", str(cfg.seed),
+             "--out", str(out)]
+    if cfg.data_dir:
+        chief += ["--data-dir", cfg.data_dir]
+    cmd = [mpiexec, "-outfile-pattern", str(out / "rank-%r.log"),
+           "-errfile-pattern", str(out / "rank-%r.log"), "-n", "1", *chief]
+    for i in range(1, workers + 1):
+        cmd += [":", "-n", "1", python, "-m", "fedberry", "worker", "--chief", "mpi://",
+                "--partition", f"{i}/{workers}", *cfg.argv()]
+    return cmd
+
+
+def run_mpi_demo(workers: int = 4, rounds: int = 10, out: str = "runs/demo-mpi",
+                 cfg: Any = None, timeout: float = 1800.0, quiet: bool = False) -> int:
+    """``fedberry demo --transport mpi``: launch ``mpiexec -n N+1``, print the same table as the
+    TCP demo from the metrics file as rounds close. Returns an exit code."""
+    from ..demo import TABLE_HEADER, TrainConfig, format_row
+
+    cfg = cfg or TrainConfig()
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    metrics_path = out_dir / "metrics.jsonl"
+    for stale in (metrics_path, out_dir / RANKS_FILE):
+        stale.unlink(missing_ok=True)
+    say = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
+    cmd = mpi_demo_command(find_mpiexec(), workers, rounds, out_dir, cfg)
+    say(f"fedberry demo: {workers} workers x {rounds} rounds, {cfg.model} on Fashion-MNIST "
+        f"({cfg.partition_scheme}), MPI: mpiexec -n {workers + 1} (rank 0 the chief), metrics "
+        f"in {metrics_path}")
+    say(TABLE_HEADER)
+    launcher_log = out_dir / "mpiexec.log"
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", "1")
+    with open(launcher_log, "w") as logf:
+        # Its own process group, so that a timeout stops mpiexec and every rank it started.
+        proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env,
+                                start_new_session=True)
+        shown = 0
+        deadline = time.monotonic() + timeout
+        try:
+            while True:
+                code = proc.poll()
+                shown = _show_new_rows(metrics_path, shown, say, format_row)
+                if code is not None:
+                    break
+                if time.monotonic() > deadline:
+                    say(f"timed out after {timeout:.0f} s; stopping mpiexec")
+                    return 1
+                time.sleep(0.2)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+                try:
+                    proc.wait(10)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
+    records = _read_records(metrics_path)
+    if code != 0:
+        output = launcher_log.read_text(errors="replace")
+        for f in sorted(out_dir.glob("rank-*.log")):
+            output += "\n" + f.read_text(errors="replace")
+        ranks_file = out_dir / RANKS_FILE
+        ranks = json.loads(ranks_file.read_text()) if ranks_file.exists() else None
+        why = explain_failure(output, ranks) or f"mpiexec exited with code {code}"
+        say(f"the MPI run failed after {len(records)} rounds: {why}. See {out_dir}/rank-R.log "
+            f"and {launcher_log}")
+        return 1
+    if records:
+        last = records[-1]
+        acc = last.get("test_accuracy")
+        say(f"done: round {last['round']}, test accuracy "
+            f"{acc if acc is None else format(acc, '.4f')}, "
+            f"{sum(r['bytes_up'] + r['bytes_down'] for r in records) / 2**20:.1f} MiB moved by "
+            f"the collectives, {last['wall_s']:.1f} s")
+    return 0
+
+
+def _read_records(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            break  # a line being written right now
+    return out
+
+
+def _show_new_rows(path: Path, shown: int, say: Callable[..., None],
+                   fmt: Callable[[dict[str, Any]], str]) -> int:
+    records = _read_records(path)
+    for r in records[shown:]:
+        say(fmt(r))
+    return max(shown, len(records))
