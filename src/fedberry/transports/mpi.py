@@ -224,8 +224,14 @@ class _Layout:
         return [buf[lo:hi].reshape(t.shape)
                 for t, lo, hi in zip(self.spec, self.elem_offsets, self.elem_offsets[1:])]
 
+    def empty_bcast(self) -> np.ndarray:
+        """A fresh receive buffer, 64-byte aligned (numpy only promises 16)."""
+        raw = np.empty(self.bcast_bytes + ALIGN, np.uint8)
+        start = -raw.ctypes.data % ALIGN
+        return raw[start:start + self.bcast_bytes]
+
     def pack_model(self, arrays: Sequence[np.ndarray], round_: int, done: bool) -> np.ndarray:
-        out = np.empty(self.bcast_bytes, np.uint8)
+        out = self.empty_bcast()
         out[:16].view(np.int64)[:] = (round_, int(done))
         for a, dt, off in zip(arrays, self.dtypes, self.byte_offsets):
             src = np.ascontiguousarray(a, dtype=dt).reshape(-1).view(np.uint8)
@@ -410,7 +416,7 @@ class MpiSession:
             out = self._chief.close_round(total)
         else:
             self._reduce(send, None)
-            out = np.empty(layout.bcast_bytes, np.uint8)
+            out = layout.empty_bcast()  # fresh: the arrays handed back are views into it
         self._bcast(out, 0)
         self.round, self.done, new = layout.unpack_model(out)
         if self.done:
@@ -690,7 +696,7 @@ def mpi_demo_command(mpiexec: str, workers: int, rounds: int, out: Path, cfg: An
     partition per worker. Each rank's output goes to OUT/rank-R.log."""
     chief = [python, "-m", "fedberry", "chief", "--listen", "mpi://", "--workers", str(workers),
              "--rounds", str(rounds), "--model", cfg.model, "--seed", str(cfg.seed),
-             "--out", str(out)]
+             "--framework", cfg.framework, "--out", str(out)]
     if cfg.data_dir:
         chief += ["--data-dir", cfg.data_dir]
     cmd = [mpiexec, "-outfile-pattern", str(out / "rank-%r.log"),

@@ -1,0 +1,340 @@
+"""The MPI transport with real ``mpiexec`` and real processes.
+
+Every launch runs in its own process group with a timeout, and the whole group is killed on the
+way out, so a hung collective fails the test instead of hanging the suite.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+from helpers import fedberry_env
+
+from fedberry.metrics import read
+from fedberry.protocol import spec_of
+from fedberry.strategies import FedAvgM
+from fedberry.transports.mpi import (
+    HEADER_BYTES,
+    TRAILER,
+    _Layout,
+    explain_failure,
+    find_mpiexec,
+)
+
+pytest.importorskip("mpi4py")
+try:
+    MPIEXEC = find_mpiexec()
+except FileNotFoundError:  # pragma: no cover - the mpi extra brings it
+    MPIEXEC = ""
+needs_mpiexec = pytest.mark.skipif(not MPIEXEC, reason="mpiexec not installed")
+
+# Mixed dtypes and shapes, including a scalar-like tensor and an integer counter.
+SHAPES = [((64, 33), "float32"), ((33,), "float32"), ((3, 4, 5), "float64"), ((1,), "int64"),
+          ((7,), "float16")]
+SAMPLES = {1: 5.0, 2: 120.0}  # rank -> num_samples
+
+
+def run_mpi(argv: list[str], timeout: float = 60.0, **kw) -> subprocess.CompletedProcess:
+    """Run an mpiexec command line; on timeout kill mpiexec and every rank, then fail."""
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=fedberry_env(), start_new_session=True, **kw)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        pytest.fail(f"{argv[:6]}... did not finish in {timeout} s:\n{out}")
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    return subprocess.CompletedProcess(argv, proc.returncode, out, "")
+
+
+def mpi_python(n: int, script: str, *args: str) -> list[str]:
+    return [MPIEXEC, "-n", str(n), sys.executable, "-c", script, *args]
+
+
+# ---------------------------------------------------------------------------------------------
+# The average against numpy, rank 0 a pure aggregator (the CLI's `chief --listen mpi://` path)
+# ---------------------------------------------------------------------------------------------
+AVERAGE = textwrap.dedent("""
+    import sys
+    import numpy as np
+    from mpi4py import MPI
+    from fedberry import Worker
+    from fedberry.transports.mpi import run_mpi_chief
+
+    out, strategy, rounds = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    shapes, samples = {shapes!r}, {samples!r}
+    rank = MPI.COMM_WORLD.rank
+    if rank == 0:
+        rng = np.random.default_rng(99)
+        initial = [(10 * rng.standard_normal(s)).astype(d) for s, d in shapes]
+        np.savez(f"{{out}}/initial.npz", *initial)
+        run_mpi_chief(rounds=rounds, strategy=strategy, initial=initial, out_dir=out,
+                      workers=2, evaluate=lambda a: {{"accuracy": float(a[0].sum()),
+                                                      "loss": 0.5}})
+    else:
+        w = Worker("mpi://")
+        model = w.join([np.zeros(s, d) for s, d in shapes])
+        rng = np.random.default_rng(rank)
+        saved = {{}}
+        for r in range(rounds):
+            mine = [(m + 10 * rng.standard_normal(m.shape)).astype(m.dtype) for m in model]
+            model = w.sync(mine, samples[rank], {{"loss": float(rank)}})
+            saved.update({{f"sent{{r}}_{{i}}": a for i, a in enumerate(mine)}})
+            saved.update({{f"got{{r}}_{{i}}": a for i, a in enumerate(model)}})
+        w.close()
+        np.savez(f"{{out}}/rank{{rank}}.npz", done=np.array(w.done), sent_bytes=w.bytes_sent,
+                 received_bytes=w.bytes_received, **saved)
+""").format(shapes=SHAPES, samples=SAMPLES)
+
+
+def _load(path: Path) -> dict[str, np.ndarray]:
+    with np.load(path) as z:
+        return {k: z[k] for k in z.files}
+
+
+@needs_mpiexec
+def test_mpiexec_n3_average_matches_numpy_weighted_mean(tmp_path):
+    rounds = 2
+    proc = run_mpi(mpi_python(3, AVERAGE, str(tmp_path), "fedavg", str(rounds)))
+    assert proc.returncode == 0, proc.stdout
+    init = _load(tmp_path / "initial.npz")
+    ranks = {r: _load(tmp_path / f"rank{r}.npz") for r in (1, 2)}
+    for r in (1, 2):
+        assert bool(ranks[r]["done"])
+        # Round 0's update was built on rank 0's initial model (Bcast at join).
+        noise = (10 * np.random.default_rng(r).standard_normal(SHAPES[0][0])).astype(np.float32)
+        np.testing.assert_allclose(ranks[r]["sent0_0"], init["arr_0"] + noise, atol=1e-5)
+    total = sum(SAMPLES.values())
+    for rnd in range(rounds):
+        for i, (_, dtype) in enumerate(SHAPES):
+            ref = sum(SAMPLES[r] * ranks[r][f"sent{rnd}_{i}"].astype(np.float64)
+                      for r in (1, 2)) / total
+            if np.issubdtype(np.dtype(dtype), np.integer):
+                ref = np.rint(ref)
+            got1, got2 = ranks[1][f"got{rnd}_{i}"], ranks[2][f"got{rnd}_{i}"]
+            assert got1.dtype == np.dtype(dtype)
+            # Bcast: every rank holds the same bits.
+            np.testing.assert_array_equal(got1, got2)
+            tol = 2e-3 if dtype == "float16" else 1e-6
+            np.testing.assert_allclose(got1.astype(np.float64), ref, rtol=tol, atol=tol)
+
+    records = read(tmp_path / "metrics.jsonl")
+    assert [r["round"] for r in records] == [1, 2]
+    layout = _Layout(spec_of([np.zeros(s, d) for s, d in SHAPES]))
+    reduce_bytes = 8 * (layout.elements + TRAILER)
+    for rec in records:
+        assert list(rec) == ["round", "workers", "test_accuracy", "test_loss", "num_samples",
+                             "train_loss", "bytes_up", "bytes_down", "wall_s"]
+        assert rec["workers"] == 2 and rec["num_samples"] == total
+        assert rec["train_loss"] == pytest.approx((5 * 1 + 120 * 2) / total)
+        assert rec["test_loss"] == 0.5
+    # Star model: every round, each of the 2 workers sends one float64 buffer up and receives
+    # one packed model down; round 1 also carries the join (specs up, the initial model down).
+    assert records[1]["bytes_up"] == 2 * reduce_bytes
+    assert records[1]["bytes_down"] == 2 * layout.bcast_bytes
+    assert records[0]["bytes_down"] >= 2 * (layout.bcast_bytes + layout.model_bytes)
+    assert records[0]["test_accuracy"] == pytest.approx(
+        float(ranks[1]["got0_0"].astype(np.float32).sum()), rel=1e-5)
+    for r in (1, 2):
+        assert ranks[r]["sent_bytes"] >= rounds * reduce_bytes
+        assert ranks[r]["received_bytes"] >= rounds * layout.bcast_bytes + layout.model_bytes
+    table = json.loads((tmp_path / "mpi_ranks.json").read_text())
+    assert [t["rank"] for t in table] == [0, 1, 2] and not table[0]["trains"]
+
+
+@needs_mpiexec
+def test_mpi_fedavgm_gives_the_strategy_objects_numbers(tmp_path):
+    """A stateful strategy runs on rank 0 only: the numbers are FedAvgM's, update by update."""
+    rounds = 2
+    proc = run_mpi(mpi_python(3, AVERAGE, str(tmp_path), "fedavgm", str(rounds)))
+    assert proc.returncode == 0, proc.stdout
+    init = _load(tmp_path / "initial.npz")
+    ranks = {r: _load(tmp_path / f"rank{r}.npz") for r in (1, 2)}
+    k = len(SHAPES)
+    ref = FedAvgM()
+    global_ = [init[f"arr_{i}"] for i in range(k)]
+    for rnd in range(rounds):
+        ref.begin(global_)
+        for r in (1, 2):
+            ref.add([ranks[r][f"sent{rnd}_{i}"].copy() for i in range(k)], SAMPLES[r])
+        global_ = ref.finish()
+        for i, (_, dtype) in enumerate(SHAPES):
+            tol = 2e-3 if dtype == "float16" else 1e-5
+            np.testing.assert_allclose(ranks[1][f"got{rnd}_{i}"].astype(np.float64),
+                                       global_[i].astype(np.float64), rtol=tol, atol=tol)
+
+
+# ---------------------------------------------------------------------------------------------
+# Rank 0 trains too: the same script on every rank, options in the address
+# ---------------------------------------------------------------------------------------------
+EVERY_RANK = textwrap.dedent("""
+    import sys
+    import numpy as np
+    from mpi4py import MPI
+    from fedberry import Worker
+
+    out = sys.argv[1]
+    rank = MPI.COMM_WORLD.rank
+    with Worker(f"mpi://?rounds=3&out={out}") as w:
+        model = w.join([np.full(4, rank, np.float32)])
+        assert model[0].tolist() == [0, 0, 0, 0], model   # everyone starts from rank 0's
+        steps = 0
+        while not w.done:
+            model = w.sync([model[0] + rank + 1], rank + 1)
+            steps += 1
+        np.save(f"{out}/final{rank}.npy", model[0])
+        assert steps == 3 and w.round == 3
+""")
+
+
+@needs_mpiexec
+def test_rank0_trains_too_with_options_in_the_address(tmp_path):
+    proc = run_mpi(mpi_python(3, EVERY_RANK, str(tmp_path)))
+    assert proc.returncode == 0, proc.stdout
+    # Each round adds the weighted mean of (rank + 1) with weights rank + 1: 14 / 6.
+    expected = np.float32(0)
+    for _ in range(3):
+        expected = np.float32((1 * (expected + 1) + 2 * (expected + 2) + 3 * (expected + 3)) / 6)
+    finals = [np.load(tmp_path / f"final{r}.npy") for r in range(3)]
+    for f in finals:
+        np.testing.assert_allclose(f, expected, rtol=1e-6)
+        np.testing.assert_array_equal(f, finals[0])
+    records = read(tmp_path / "metrics.jsonl")
+    assert [(r["round"], r["workers"], r["num_samples"]) for r in records] == \
+        [(1, 3, 6.0), (2, 3, 6.0), (3, 3, 6.0)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Failures: a clear message naming the rank, never a hang
+# ---------------------------------------------------------------------------------------------
+MISMATCH = textwrap.dedent("""
+    import numpy as np
+    from mpi4py import MPI
+    from fedberry import Worker
+    from fedberry.errors import ModelMismatchError
+
+    rank = MPI.COMM_WORLD.rank
+    shape = (10, 3) if rank == 2 else (10, 2)
+    w = Worker("mpi://?rounds=1")
+    try:
+        w.join([np.zeros(4, np.float32), np.zeros(shape, np.float32)])
+    except ModelMismatchError as exc:
+        print(f"rank {rank} caught: {exc}", flush=True)
+        raise
+""")
+
+
+@needs_mpiexec
+def test_model_mismatch_names_the_tensor_and_the_rank(tmp_path):
+    proc = run_mpi(mpi_python(3, MISMATCH))
+    assert proc.returncode != 0
+    assert ("rank 2 caught: this rank's (rank 2) model does not match the federation's "
+            "(rank 0's): tensor 1 is float32[10, 3], the federation's is float32[10, 2]"
+            in proc.stdout), proc.stdout
+    assert "rank 0 caught: the models of ranks [2] do not match" in proc.stdout
+
+
+DIES = textwrap.dedent("""
+    import sys, time
+    import numpy as np
+    from mpi4py import MPI
+    from fedberry import Worker
+
+    how = sys.argv[1]
+    rank = MPI.COMM_WORLD.rank
+    w = Worker("mpi://?rounds=5" + ("&timeout=2" if how == "stall" else ""))
+    model = w.join([np.zeros(8, np.float32)])
+    model = w.sync(model, 1)
+    if rank == 2:
+        if how == "raise":
+            raise RuntimeError("out of memory, say")
+        if how == "exit":
+            sys.exit(0)           # leaves without close() while the others wait
+        if how == "stall":
+            time.sleep(30)        # alive but stuck: only a timeout can tell
+    while not w.done:
+        model = w.sync(model, 1)
+""")
+
+
+@needs_mpiexec
+@pytest.mark.parametrize("how, why", [
+    ("raise", "failed: RuntimeError: out of memory, say"),
+    ("exit", "exited before the federation finished"),
+    ("stall", "did not complete within 2 s"),
+])
+def test_a_failing_rank_stops_the_job_with_its_name(how, why):
+    proc = run_mpi(mpi_python(3, DIES, how), timeout=40)
+    assert proc.returncode != 0
+    assert "fedberry mpi: rank" in proc.stdout and why in proc.stdout, proc.stdout
+    if how != "stall":  # a stall is seen by the ranks waiting for the stuck one
+        assert "fedberry mpi: rank 2 (a worker, pid" in proc.stdout, proc.stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure functions: buffer layout, launcher-output parsing
+# ---------------------------------------------------------------------------------------------
+def test_layout_packs_and_unpacks_aligned_views():
+    rng = np.random.default_rng(0)
+    arrays = [rng.standard_normal((5, 3)).astype(np.float32), np.arange(3, dtype=np.int64),
+              rng.standard_normal(1).astype(np.float16), np.array([True, False])]
+    layout = _Layout(spec_of(arrays))
+    buf = layout.pack_model(arrays, 7, True)
+    assert buf.size == layout.bcast_bytes and layout.byte_offsets[0] == HEADER_BYTES
+    round_, done, out = layout.unpack_model(buf)
+    assert (round_, done) == (7, True)
+    for a, b in zip(arrays, out):
+        assert b.dtype == a.dtype and b.ctypes.data % 64 == 0
+        np.testing.assert_array_equal(a, b)
+    sums = np.zeros(layout.elements + TRAILER)
+    layout.pack_weighted(sums, arrays, 2.0)
+    for a, s in zip(arrays, layout.sums(sums)):
+        np.testing.assert_array_equal(s, 2.0 * a.astype(np.float64))
+
+
+HYDRA_KILLED = """
+===================================================================================
+=   BAD TERMINATION OF ONE OF YOUR APPLICATION PROCESSES
+=   PID 11310 RUNNING AT node7
+=   EXIT CODE: 9
+=   CLEANING UP REMAINING PROCESSES
+=   YOU CAN IGNORE THE BELOW CLEANUP MESSAGES
+===================================================================================
+YOUR APPLICATION TERMINATED WITH THE EXIT STRING: Killed (signal 9)
+"""
+
+
+def test_explain_failure_names_the_rank_behind_a_pid():
+    ranks = [{"rank": 0, "pid": 11300}, {"rank": 1, "pid": 11305}, {"rank": 2, "pid": 11310}]
+    assert explain_failure(HYDRA_KILLED, ranks) == (
+        "rank 2 (a worker, pid 11310 on node7) died (Killed (signal 9)); mpiexec stopped the "
+        "other ranks")
+    assert "pid 11310 on node7 (it died before the ranks were recorded)" in explain_failure(
+        HYDRA_KILLED, None)
+    ompi = ("mpiexec noticed that process rank 3 with PID 0 on node n2 exited on signal 9 "
+            "(Killed).")
+    assert explain_failure(ompi, None).startswith("rank 3 (pid 0 on n2) died (signal 9)")
+    ours = ("fedberry mpi: rank 1 (a worker, pid 5 on h) failed: ValueError: x; aborting the "
+            "MPI job so that")
+    assert explain_failure(ours + HYDRA_KILLED, ranks) == \
+        "rank 1 (a worker, pid 5 on h) failed: ValueError: x"
+    assert explain_failure("nothing useful", ranks) == ""
+
+
+def test_mpiexec_is_found():
+    if not MPIEXEC:
+        pytest.skip("no mpiexec")
+    assert Path(MPIEXEC).name == "mpiexec" and shutil.which(MPIEXEC)
