@@ -121,11 +121,12 @@ def test_mlp_learns_fashion_mnist_in_one_epoch():
     ds = load_fashion_mnist(DEFAULT_DATA_DIR)
     model = build_model("mlp", seed=0)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    x, y = model_input("mlp", ds.x_train[:10_000]), torch.from_numpy(ds.y_train[:10_000].copy())
+    x, y = model_input("mlp", ds.x_train[:20_000]), torch.from_numpy(ds.y_train[:20_000].copy())
     order = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
     for batch in order.split(32):
         opt.zero_grad()
         torch.nn.functional.cross_entropy(model(x[batch]), y[batch]).backward()
         opt.step()
     acc, loss = evaluate(model, model_input("mlp", ds.x_test), ds.y_test)
+    # Seeds 0-7 give 0.767-0.815 on 20k samples; 0.7 leaves room for other CPUs' rounding.
     assert acc > 0.7, (acc, loss)
