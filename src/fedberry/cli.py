@@ -53,6 +53,8 @@ def _add_chief_parser(sub: argparse._SubParsersAction) -> None:
                    help="the chief's initial model and test-set evaluation ('none': a pure "
                         "aggregator that adopts the first worker's model and evaluates nothing)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--framework", default="torch", choices=["torch", "keras"],
+                   help="the workers' framework: the model's tensor layout differs")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--out", default="runs/chief", help="metrics.jsonl and checkpoint go here")
     p.add_argument("--checkpoint", default=None, help="default: OUT/checkpoint.npz")
@@ -74,8 +76,8 @@ def _run_chief(args: argparse.Namespace) -> int:
 
     initial = evaluate = None
     if args.model != "none":
-        initial = initial_model(args.model, args.seed)
-        evaluate = make_evaluator(args.model, args.data_dir)
+        initial = initial_model(args.model, args.seed, args.framework)
+        evaluate = make_evaluator(args.model, args.data_dir, args.framework)
     checkpoint = args.checkpoint or str(Path(args.out) / "checkpoint.npz")
     print(TABLE_HEADER, flush=True)
     if args.listen.startswith("mpi://"):  # rank 0 of an mpiexec launch (see transports/mpi.py)

@@ -107,14 +107,23 @@ def run_worker(chief: Any, index: int, count: int, cfg: TrainConfig,
     raise ValueError(f"unknown framework {cfg.framework!r}: torch or keras")
 
 
-def initial_model(model: str, seed: int) -> list[np.ndarray]:
+def initial_model(model: str, seed: int, framework: str = "torch") -> list[np.ndarray]:
+    if framework == "keras":  # Keras layout (Dense kernels are (in, out)): a Keras federation
+        from .integrations.keras_demo import initial_arrays
+
+        return initial_arrays(model, seed)
     from .models import build_model, get_arrays
 
     return get_arrays(build_model(model, seed=seed))
 
 
-def make_evaluator(model_name: str, data_dir: str | None = None) -> Any:
+def make_evaluator(model_name: str, data_dir: str | None = None,
+                   framework: str = "torch") -> Any:
     """``evaluate(arrays) -> {"accuracy", "loss"}`` of a global model on the 10k test set."""
+    if framework == "keras":
+        from .integrations.keras_demo import make_keras_evaluator
+
+        return make_keras_evaluator(model_name, data_dir)
     import torch
 
     from .data.fashion_mnist import load_fashion_mnist
@@ -147,8 +156,9 @@ def run_demo(workers: int = 4, rounds: int = 10, out: str = "runs/demo",
     say(f"fedberry demo: {workers} workers x {rounds} rounds, {cfg.model} on Fashion-MNIST "
         f"({cfg.partition_scheme}), chief on loopback, metrics in {out_dir / 'metrics.jsonl'}")
     handle = serve("127.0.0.1:0", workers=workers, rounds=rounds,
-                   initial=initial_model(cfg.model, cfg.seed),
-                   evaluate=make_evaluator(cfg.model, cfg.data_dir), out_dir=out_dir,
+                   initial=initial_model(cfg.model, cfg.seed, cfg.framework),
+                   evaluate=make_evaluator(cfg.model, cfg.data_dir, cfg.framework),
+                   out_dir=out_dir,
                    token=token, run_config={"demo": asdict(cfg), "workers": workers},
                    on_round=lambda r: say(format_row(r)))
     env = dict(os.environ, **{TOKEN_ENV: token})

@@ -1,0 +1,5 @@
+"""``fedberry.keras.FederatedCallback``: see ``fedberry.integrations.keras``."""
+
+from .integrations.keras import FederatedCallback
+
+__all__ = ["FederatedCallback"]
