@@ -1,0 +1,124 @@
+"""``fedberry demo --transport mpi``: the same table, metrics and final model as the TCP demo, and
+a clear message naming the rank when one is killed."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+import numpy as np
+import pytest
+from helpers import fedberry_env, python
+
+from fedberry import checkpoint
+from fedberry.metrics import read
+
+pytest.importorskip("mpi4py")
+pytest.importorskip("torch")
+
+from fedberry.transports.mpi import RANKS_FILE, find_mpiexec  # noqa: E402
+
+try:
+    find_mpiexec()
+except FileNotFoundError:  # pragma: no cover - the mpi extra brings it
+    pytest.skip("mpiexec not installed", allow_module_level=True)
+
+# Small and quick, but several batches and two rounds so that training and averaging both act.
+WORKERS, ROUNDS, SYNC_EVERY = 2, 2, 20
+
+
+def start_demo(out, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        python("-m", "fedberry", "demo", "--transport", "mpi", "--workers", str(WORKERS),
+               "--out", str(out), "--sync-every", str(SYNC_EVERY), "--timeout", "120", *extra),
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=fedberry_env(),
+        start_new_session=True)
+
+
+def finish(proc: subprocess.Popen, timeout: float) -> str:
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+        return out
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        pytest.fail(f"the MPI demo did not finish in {timeout} s:\n{out}")
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def test_mpi_demo_matches_the_tcp_demo(tmp_path, monkeypatch):
+    import importlib
+
+    from fedberry.demo import TrainConfig, run_demo
+
+    # The MPI demo in the background while the TCP demo runs here: same seed, partition,
+    # batches and sync schedule (the demo worker trains on one torch thread, seeded batches).
+    handles = []
+
+    def capture(*args, **kwargs):
+        handles.append(real_serve(*args, **kwargs))
+        return handles[-1]
+
+    serve_mod = importlib.import_module("fedberry.serve")  # the package exports serve()
+    real_serve = serve_mod.serve
+    monkeypatch.setattr(serve_mod, "serve", capture)
+    mpi = start_demo(tmp_path / "mpi", "--rounds", str(ROUNDS))
+    try:
+        code = run_demo(WORKERS, ROUNDS, str(tmp_path / "tcp"),
+                        TrainConfig(sync_every=SYNC_EVERY), timeout=120, quiet=True)
+    finally:
+        out = finish(mpi, 120)
+    assert code == 0
+    assert mpi.returncode == 0, out
+    tcp_model = handles[0].chief.global_arrays
+    mpi_model = checkpoint.load(tmp_path / "mpi" / "checkpoint.npz").arrays
+
+    assert len(tcp_model) == len(mpi_model)
+    print("max |mpi - tcp| per tensor:",
+          [float(np.abs(m - t).max()) for t, m in zip(tcp_model, mpi_model)])
+    for t, m in zip(tcp_model, mpi_model):
+        assert t.dtype == m.dtype and t.shape == m.shape
+        # Sums in another order (float64 Reduce vs the TCP chief's running sum), two rounds of
+        # SGD on top: measured within 3e-8 (a few float32 ulps), far below any training effect.
+        np.testing.assert_allclose(m, t, rtol=1e-5, atol=1e-6)
+
+    tcp_rec = read(tmp_path / "tcp" / "metrics.jsonl")
+    mpi_rec = read(tmp_path / "mpi" / "metrics.jsonl")
+    assert [list(r) for r in mpi_rec] == [list(r) for r in tcp_rec]
+    for a, b in zip(tcp_rec, mpi_rec):
+        assert (a["round"], a["workers"], a["num_samples"]) == \
+            (b["round"], b["workers"], b["num_samples"])
+        assert b["test_accuracy"] == pytest.approx(a["test_accuracy"], abs=2e-3)
+        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-4)
+    # The same table as the TCP demo, printed as rounds close.
+    assert "round workers test_acc" in out and f"done: round {ROUNDS}" in out, out
+
+
+def test_mpi_demo_names_a_killed_rank(tmp_path):
+    out_dir = tmp_path / "killed"
+    proc = start_demo(out_dir, "--rounds", "1000")
+    try:
+        deadline = time.monotonic() + 90
+        metrics = out_dir / "metrics.jsonl"
+        # Kill worker rank 2 once the run is under way (a round has closed).
+        while not (metrics.exists() and metrics.read_text().strip()):
+            assert proc.poll() is None, proc.communicate()[0]
+            assert time.monotonic() < deadline, "no round closed in 90 s"
+            time.sleep(0.2)
+        ranks = json.loads((out_dir / RANKS_FILE).read_text())
+        victim = next(r for r in ranks if r["rank"] == 2)
+        os.kill(victim["pid"], signal.SIGKILL)
+        out = finish(proc, 60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 1, out
+    assert (f"rank 2 (a worker, pid {victim['pid']} on {victim['host']}) died (Killed "
+            "(signal 9)); mpiexec stopped the other ranks") in out, out
