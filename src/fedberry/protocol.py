@@ -43,6 +43,7 @@ ALLOWED_DTYPES = frozenset(
     {"<f2", "<f4", "<f8", "|i1", "<i2", "<i4", "<i8", "|u1", "<u2", "<u4", "<u8", "|b1"}
 )
 MAX_DIMS = 8  # torch and numpy models stay far below this; numpy's own limit is 64.
+MAX_ELEMENTS = 1 << 40  # per tensor: 4 TiB of float32, far past any payload limit
 
 
 class MsgType(enum.IntEnum):
@@ -183,7 +184,9 @@ def encode(msg_type: MsgType, meta: dict[str, Any] | None = None,
     for a in tensors:
         a = np.asarray(a)
         dt = wire_dtype(a.dtype)
-        arrays.append(np.ascontiguousarray(a, dtype=dt))
+        # Not ascontiguousarray: it turns a 0-d array (torch's BatchNorm step counter) into 1-d,
+        # and the receiver would then see a different model.
+        arrays.append(np.require(a, dtype=dt, requirements="C"))
     if arrays:
         meta["tensors"] = [{"dtype": a.dtype.str, "shape": list(a.shape)} for a in arrays]
     elif msg_type in TENSOR_TYPES:
@@ -202,6 +205,10 @@ def _tensor_spec(dtype: Any, shape: Any) -> TensorSpec:
     if (not isinstance(shape, list) or len(shape) > MAX_DIMS
             or not all(type(d) is int and 0 <= d < (1 << 40) for d in shape)):
         raise ProtocolError(ErrorCode.BAD_FRAME, f"shape {shape!r} is not a list of sizes")
+    # numpy refuses to build an array whose dimensions multiply past its index range even when
+    # another dimension is 0 (so it holds no bytes): bound the product of the non-zero ones.
+    if math.prod(d for d in shape if d) > MAX_ELEMENTS:
+        raise ProtocolError(ErrorCode.LIMIT, f"shape {shape!r} has too many elements")
     return TensorSpec(dtype, tuple(shape))
 
 
@@ -249,6 +256,8 @@ class FrameDecoder:
 
     def buffer_updated(self, n: int) -> list[Frame]:
         """``n`` bytes were written to the start of the last ``get_buffer()``."""
+        if self.broken:
+            raise ProtocolError(ErrorCode.BAD_FRAME, "the stream is broken")
         self._pos += n
         frames: list[Frame] = []
         try:
@@ -318,7 +327,7 @@ class FrameDecoder:
 
     def _parse_meta(self) -> None:
         try:
-            meta = json.loads(bytes(self._buf).decode("utf-8"))
+            meta = json.loads(bytes(self._buf).decode("utf-8"), parse_constant=_no_constant)
         except (UnicodeDecodeError, ValueError, RecursionError):
             raise ProtocolError(ErrorCode.BAD_FRAME, "metadata is not valid UTF-8 JSON") from None
         if not isinstance(meta, dict):
@@ -345,7 +354,10 @@ class FrameDecoder:
         elif "tensors" in meta:
             raise ProtocolError(ErrorCode.BAD_FRAME, f"{self._type.name} frames carry no tensors")
         # Only now, with everything checked, allocate the tensors the payload is read into.
-        self._tensors = [np.empty(s.shape, dtype=np.dtype(s.dtype)) for s in specs]
+        try:
+            self._tensors = [np.empty(s.shape, dtype=np.dtype(s.dtype)) for s in specs]
+        except (ValueError, MemoryError) as exc:
+            raise ProtocolError(ErrorCode.LIMIT, f"cannot allocate the tensors: {exc}") from None
         self._views = [memoryview(t).cast("B") if t.nbytes else memoryview(b"")
                        for t in self._tensors]
         self._tensor_index = 0
@@ -360,6 +372,12 @@ class FrameDecoder:
             return
         self._buf = self._views[self._tensor_index]
         self._pos = 0
+
+
+def _no_constant(name: str) -> Any:
+    # NaN and Infinity are not JSON; Python's json accepts them by default. A NaN round number or
+    # sample count would slip past comparisons, so refuse them here, once, for every field.
+    raise ValueError(f"{name} is not valid JSON")
 
 
 def error_frame(code: ErrorCode | str, message: str, fatal: bool = True) -> EncodedFrame:

@@ -18,6 +18,7 @@ import numpy as np
 from . import checkpoint as ckpt_io
 from .auth import resolve_token
 from .chief import Chief, ChiefConfig
+from .protocol import spec_mismatch, spec_of
 from .server import ChiefServer, Evaluate
 from .strategies import make_strategy
 from .worker import LoopThread
@@ -90,10 +91,13 @@ def serve(listen: str | None = "127.0.0.1:0", *, workers: int = 1, rounds: int |
         if not checkpoint or not Path(checkpoint).exists():
             raise FileNotFoundError(f"--resume: no checkpoint at {checkpoint}")
         ck = ckpt_io.load(checkpoint)
+        _check_resumable(ck, checkpoint, strategy, initial)
         initial, start_round = ck.arrays, ck.round
         strat.load_state_dict(ck.strategy_state)
         append = True
         log.info("resuming from %s at round %d", checkpoint, start_round)
+    # The strategy goes into every checkpoint, so that --resume can refuse a different one.
+    run_config = {**(run_config or {}), "strategy": strategy}
     chief = Chief(ChiefConfig(workers=workers, rounds=rounds, min_workers=min_workers,
                               round_timeout=round_timeout),
                   strat, initial=initial, start_round=start_round)
@@ -109,12 +113,21 @@ def serve(listen: str | None = "127.0.0.1:0", *, workers: int = 1, rounds: int |
 
         ctx = None
         if tls_cert:
+            import ssl
+
             from .certs import server_context
 
             ctx = server_context(tls_cert, tls_key, client_ca)
+            if client_ca:
+                # The handshake may finish without a client certificate; the transport then
+                # refuses the worker with an ERROR frame that says so (see ListenOptions).
+                ctx.verify_mode = ssl.CERT_OPTIONAL
+        elif client_ca:
+            raise ValueError("--client-ca needs TLS: give --tls-cert and --tls-key too")
         host, port = parse_address(listen)
         tcp = TcpChief(server, host, port, ListenOptions(
-            token=resolve_token(token, token_file), ssl_context=ctx, insecure=insecure,
+            token=resolve_token(token, token_file), ssl_context=ctx,
+            require_client_cert=bool(tls_cert and client_ca), insecure=insecure,
             max_connections=max_connections, idle_timeout=idle_timeout,
             handshake_timeout=handshake_timeout))
         handle.tcp = tcp
@@ -128,6 +141,19 @@ def serve(listen: str | None = "127.0.0.1:0", *, workers: int = 1, rounds: int |
         handle._task = asyncio.run_coroutine_threadsafe(bind_and_wait(), io.loop)
         io.run(asyncio.sleep(0.01))
     return handle
+
+
+def _check_resumable(ck: ckpt_io.Checkpoint, path: str | os.PathLike, strategy: str,
+                     initial: Sequence[np.ndarray] | None) -> None:
+    """Refuse to resume a run with a different strategy or model: the state would not fit."""
+    saved = ck.config.get("strategy")
+    if saved is not None and saved != strategy:
+        raise ValueError(f"--resume: {path} was written by a run with --strategy {saved}, not "
+                         f"{strategy}")
+    if initial is not None:
+        why = spec_mismatch(spec_of(list(initial)), spec_of(ck.arrays))
+        if why:
+            raise ValueError(f"--resume: the model in {path} is not this run's model: {why}")
 
 
 def run_chief(**kwargs: Any) -> ChiefHandle:

@@ -181,10 +181,12 @@ class ChiefServer:
             self._deadline_handle.cancel()
             self._deadline_handle = None
         deadline = self.chief.deadline
-        if deadline is not None and self.loop is not None:
-            delay = max(0.0, deadline - time.monotonic())
+        now = time.monotonic()
+        # Once the deadline has passed without a quorum, no timer: the update that completes
+        # the quorum closes the round itself (re-arming at a past deadline would spin).
+        if deadline is not None and deadline > now and self.loop is not None:
             self._deadline_handle = self.loop.call_later(
-                delay + 0.01, lambda: self._run(self.chief.tick(time.monotonic())))
+                deadline - now + 0.01, lambda: self._run(self.chief.tick(time.monotonic())))
 
     def _finish(self) -> None:
         if self.finished is not None and not self.finished.is_set():

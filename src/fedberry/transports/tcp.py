@@ -12,8 +12,10 @@ import asyncio
 import collections
 import ipaddress
 import logging
+import math
 import random
 import ssl
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -44,7 +46,8 @@ log = logging.getLogger("fedberry.tcp")
 
 # Before authentication a peer may send only small frames with no tensors: an anonymous
 # connection cannot make the chief allocate more than the metadata limit.
-PREAUTH_LIMITS = Limits(max_meta_bytes=1 << 20, max_tensors=10_000, max_payload=0)
+# 256 KiB of metadata holds a model spec of ~8k tensors (about 30 bytes each).
+PREAUTH_LIMITS = Limits(max_meta_bytes=256 << 10, max_tensors=10_000, max_payload=0)
 MAX_WORKER_ID = 128
 
 
@@ -92,7 +95,11 @@ class _FrameWriter:
         self._paused = False
         self._close_when_flushed = False
         if self.transport is not None:
-            self.transport.set_write_buffer_limits(high=0, low=0)
+            # high=1, not 0, under TLS: asyncio's TLS transport pauses when the buffer is
+            # >= high (plain sockets: > high), so 0 paused it after every write, even a
+            # flushed one, and nothing resumed it: the second frame never left.
+            tls = self.transport.get_extra_info("ssl_object") is not None
+            self.transport.set_write_buffer_limits(high=1 if tls else 0, low=0)
 
     def _queue(self, frame: EncodedFrame) -> None:
         self._out.extend(memoryview(p) for p in frame.parts)
@@ -130,36 +137,97 @@ class _FrameWriter:
 class ListenOptions:
     token: str = ""
     ssl_context: ssl.SSLContext | None = None
+    # The chief's context asks for client certificates without failing the handshake when there
+    # is none (CERT_OPTIONAL), so that it can say in an ERROR frame that one is required: a TLS
+    # handshake refused by an asyncio server reaches the worker as a bare close (gh-98078).
+    require_client_cert: bool = False
     insecure: bool = False  # allow plain TCP / no token beyond loopback
     max_connections: int = 256
-    handshake_timeout: float = 15.0
+    # Handshakes in flight from one address. Workers behind one home router share an address,
+    # but each handshakes in milliseconds; this keeps one address from holding the whole cap.
+    max_pending_per_address: int = 16
+    handshake_timeout: float = 15.0  # TCP accept to WELCOME, TLS included
     idle_timeout: float = 60.0  # workers ping every few seconds; silence this long = dead
-    auth_failures_before_block: int = 3
-    max_block: float = 300.0
+    # Failed authentications from one address are free up to auth_failures_free; after that the
+    # chief holds its answer to every AUTH from that address for auth_delay_base * 2**(excess-1)
+    # seconds, at most auth_delay_max (below handshake_timeout, so an honest worker behind the
+    # same address still gets in). An address's failures are forgotten after auth_memory quiet
+    # seconds. Delaying rather than blocking: a block would lock out honest workers behind the
+    # attacker's NAT, and with at most max_pending_per_address attempts in flight it caps the
+    # guessing rate just the same.
+    auth_failures_free: int = 3
+    auth_delay_base: float = 0.25
+    auth_delay_max: float = 8.0
+    auth_memory: float = 600.0
+
+
+# A connection we decided to close gets this long to take its last frame before it is aborted.
+CLOSE_GRACE = 5.0
+# Metrics an UPDATE may carry: a few numbers (loss, accuracy); the rest are dropped.
+MAX_METRICS = 32
 
 
 class _ChiefConnection(_FrameWriter, asyncio.BufferedProtocol):
+    """One worker's connection. States: tls -> hello -> auth (-> auth-wait) -> joined."""
+
     def __init__(self, listener: TcpChief) -> None:
         self.listener = listener
         self.server = listener.server
         self.decoder = FrameDecoder(PREAUTH_LIMITS)
-        self.transport: asyncio.Transport | None = None
+        self.transport: asyncio.Transport | None = None  # the TLS transport once TLS is up
+        self._raw: asyncio.BaseTransport | None = None
         self.state = "hello"
         self.worker_id = ""
         self.peer_ip = "?"
-        self.opened = self.last_seen = time.monotonic()
+        self.opened = self.last_seen = self.last_ping = time.monotonic()
+        self.closing_since: float | None = None
         self._worker_nonce = ""
         self._chief_nonce = ""
+        self._announced: Spec = ()
+        self._may_init = False
         self.closed = False
 
     # -- asyncio protocol --------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-        self._init_writer()
+        if self._raw is not None:
+            return  # start_tls does not call this again, but be sure
+        self._raw = transport
         peer = transport.get_extra_info("peername")
         self.peer_ip = peer[0] if peer else "?"
+        tls = self.listener.options.ssl_context is not None
+        if not tls:
+            self.transport = transport  # type: ignore[assignment]
+            self._init_writer()
+        # Admission comes before the TLS handshake, so that the connection cap also bounds
+        # handshakes in progress and a refused peer costs no key exchange.
         if not self.listener.admit(self):
             return
+        if tls:
+            self.state = "tls"
+            asyncio.ensure_future(self._start_tls(transport))
+
+    async def _start_tls(self, raw: asyncio.BaseTransport) -> None:
+        o = self.listener.options
+        try:
+            tls = await asyncio.get_running_loop().start_tls(
+                raw, self, o.ssl_context, server_side=True,  # type: ignore[arg-type]
+                ssl_handshake_timeout=o.handshake_timeout)
+        except (OSError, asyncio.TimeoutError) as exc:
+            log.warning("TLS handshake with %s failed: %s", self.peer_ip, _chief_tls_message(exc))
+            self._gone()
+            return
+        if self.closed or self.closing_since is not None:
+            tls.abort()
+            return
+        self.transport = tls  # type: ignore[assignment]
+        self._init_writer()
+        self.state = "hello"
+        self.last_seen = time.monotonic()
+        if o.require_client_cert and not tls.get_extra_info("peercert"):
+            self.fail(ErrorCode.AUTH_FAILED,
+                      "this chief requires a client certificate (mutual TLS) and you presented "
+                      "none: give the worker --cert and --key, made with 'fedberry certs "
+                      "--client NAME' from the chief's CA")
 
     def get_buffer(self, sizehint: int) -> memoryview:
         try:
@@ -168,8 +236,8 @@ class _ChiefConnection(_FrameWriter, asyncio.BufferedProtocol):
             return memoryview(bytearray(1 << 16))  # draining a broken stream until it closes
 
     def buffer_updated(self, nbytes: int) -> None:
-        if self.closed:
-            return
+        if self.closed or self.closing_since is not None:
+            return  # what a connection sends after we decided to close it does not matter
         self.last_seen = time.monotonic()
         self.server.bytes_up += nbytes
         try:
@@ -178,7 +246,7 @@ class _ChiefConnection(_FrameWriter, asyncio.BufferedProtocol):
             self.fail(exc.code, exc.message)
             return
         for frame in frames:
-            if self.closed:
+            if self.closed or self.closing_since is not None:
                 return
             try:
                 self.handle(frame)
@@ -189,6 +257,11 @@ class _ChiefConnection(_FrameWriter, asyncio.BufferedProtocol):
                 self.fail(ErrorCode.INTERNAL, f"internal error: {exc}")
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._gone()
+
+    def _gone(self) -> None:
+        if self.closed:
+            return
         self.closed = True
         self.listener.connections.discard(self)
         if self.state == "joined":
@@ -206,13 +279,10 @@ class _ChiefConnection(_FrameWriter, asyncio.BufferedProtocol):
         elif self.state == "auth" and t == MsgType.AUTH:
             self._auth(frame.meta)
         elif self.state == "joined" and t == MsgType.UPDATE:
-            m = frame.meta
-            round_, n = m.get("round"), m.get("num_samples")
-            metrics = m.get("metrics") if isinstance(m.get("metrics"), dict) else {}
-            if type(round_) is not int or not isinstance(n, (int, float)) or isinstance(n, bool):
-                raise ProtocolError(ErrorCode.BAD_FRAME, "UPDATE needs integer round, num_samples")
-            self.server.on_update(self, round_, float(n), frame.tensors, metrics)
-        elif self.state == "joined" and t == MsgType.INIT:
+            round_, n, metrics = _update_fields(frame.meta)
+            self.server.on_update(self, round_, n, frame.tensors, metrics)
+        elif self.state == "joined" and t == MsgType.INIT and self._may_init:
+            self._may_init = False  # once, and only when WELCOME asked for it
             self.server.on_init(self, frame.tensors)
             self._expect_model()
         elif self.state == "joined" and t == MsgType.BYE:
@@ -232,40 +302,79 @@ class _ChiefConnection(_FrameWriter, asyncio.BufferedProtocol):
         self.send(encode(MsgType.CHALLENGE, {"nonce": self._chief_nonce}))
 
     def _auth(self, meta: dict[str, Any]) -> None:
+        delay = self.listener.auth_delay(self.peer_ip)
+        if delay <= 0:
+            self._auth_now(meta)
+            return
+        # This address has failed too often lately: answer later, reading nothing meanwhile.
+        assert self.transport is not None
+        self.state = "auth-wait"
+        self.transport.pause_reading()
+        asyncio.get_running_loop().call_later(delay, self._auth_now, meta)
+
+    def _auth_now(self, meta: dict[str, Any]) -> None:
+        if self.closed or self.closing_since is not None:
+            return
+        if self.state == "auth-wait":
+            self.state = "auth"
+            assert self.transport is not None
+            self.transport.resume_reading()
+        try:
+            self._verify_and_join(meta)
+        except ProtocolError as exc:
+            self.fail(exc.code, exc.message)
+
+    def _verify_and_join(self, meta: dict[str, Any]) -> None:
         token = self.listener.options.token
         if not auth.verify(auth.worker_proof(token, self._chief_nonce, self._worker_nonce),
                            meta.get("proof")):
-            self.listener.auth_failed(self.peer_ip)
-            log.warning("authentication failed for worker %r from %s", self.worker_id, self.peer_ip)
+            failures = self.listener.auth_failed(self.peer_ip)
+            log.warning("authentication failed for worker %r from %s (%d lately)",
+                        self.worker_id, self.peer_ip, failures)
+            slowed = ""
+            if failures >= self.listener.options.auth_failures_free:
+                slowed = (f" ({failures} failed attempts from {self.peer_ip} lately: the chief "
+                          f"now waits {self.listener.auth_delay(self.peer_ip):.2f} s before "
+                          "answering each attempt from this address)")
             self.fail(ErrorCode.AUTH_FAILED, "authentication failed: your token does not match "
                                              "the chief's (check --token, --token-file or "
-                                             "FEDBERRY_TOKEN)")
+                                             f"FEDBERRY_TOKEN){slowed}")
             return
         spec = spec_from_json(meta.get("spec"), PREAUTH_LIMITS)
         self._announced = spec
         chief = self.server.chief
         self.state = "joined"
+        self._may_init = chief.global_arrays is None
         self.send(encode(MsgType.WELCOME, {
             "proof": auth.chief_proof(token, self._chief_nonce, self._worker_nonce),
-            "round": chief.round, "need_init": chief.global_arrays is None}))
+            "round": chief.round, "need_init": self._may_init}))
         self._expect_model()
-        self.server.attach(self, spec, bool(meta.get("want_model", True)))
+        self.server.attach(self, spec, meta.get("want_model", True) is not False)
 
     def _expect_model(self) -> None:
         spec = self.server.chief.spec or self._announced
         self.decoder.expected = spec
-        self.decoder.limits = Limits(PREAUTH_LIMITS.max_meta_bytes, max(len(spec), 1),
-                                     sum(t.nbytes for t in spec))
+        # Metadata: ~40 bytes per tensor description plus a few metrics.
+        self.decoder.limits = Limits(max(PREAUTH_LIMITS.max_meta_bytes, 64 * len(spec)),
+                                     max(len(spec), 1), sum(t.nbytes for t in spec))
 
     # -- Peer interface ----------------------------------------------------------------------
     def send(self, frame: EncodedFrame) -> None:
-        if self.transport is None or self.closed:
+        if self.transport is None or self.closed or self.closing_since is not None:
             return
         self.server.bytes_down += frame.nbytes
         self._queue(frame)
 
     def send_global(self, server: ChiefServer) -> None:
-        self.send(server.global_frame())
+        frame = server.global_frame()
+        # The global model goes out only in answer to a join or an update, so more than two
+        # models still queued means the worker sends but does not read: it would make us hold
+        # a model per round for it.
+        pending = sum(len(p) for p in getattr(self, "_out", ()))
+        if pending > 2 * frame.nbytes:
+            self.fail(ErrorCode.TIMEOUT, "you are not reading what the chief sends")
+            return
+        self.send(frame)
 
     def send_error(self, code: ErrorCode, message: str, fatal: bool) -> None:
         self.send(error_frame(code, message, fatal))
@@ -273,21 +382,72 @@ class _ChiefConnection(_FrameWriter, asyncio.BufferedProtocol):
     def request_init(self) -> None:
         pass  # WELCOME already said need_init
 
+    def ping(self) -> None:
+        self.last_ping = time.monotonic()
+        self.send(encode(MsgType.PING, {}))
+
     def fail(self, code: ErrorCode, message: str) -> None:
+        """Tell the peer why (when it can still be told) and close."""
+        if self.closed or self.closing_since is not None:
+            return
         log.warning("closing %s: %s", self.describe(), message)
+        if self.transport is None:  # still in the TLS handshake: nothing can be said
+            self.abort()
+            return
         self.send(error_frame(code, message, True))
         self.close()
 
     def close(self) -> None:
-        if self.transport is not None and not self.transport.is_closing():
+        if self.closing_since is None:
+            self.closing_since = time.monotonic()
+        if self.transport is None:
+            self.abort()
+        elif not self.transport.is_closing():
             self._close_after_flush()  # the error frame goes out first; then connection_lost
 
     def abort(self) -> None:
-        if self.transport is not None:
-            self.transport.abort()
+        t = self.transport or self._raw
+        if t is not None:
+            t.abort()
+        if self.transport is None:
+            self._gone()  # start_tls may never report a transport aborted mid-handshake
 
     def describe(self) -> str:
         return f"{self.worker_id or 'connection'} from {self.peer_ip}"
+
+
+def _update_fields(m: dict[str, Any]) -> tuple[int, float, dict[str, float]]:
+    """round, num_samples and metrics of an UPDATE, checked: JSON can say anything."""
+    round_, n = m.get("round"), m.get("num_samples")
+    if type(round_) is not int or type(n) not in (int, float):
+        raise ProtocolError(ErrorCode.BAD_FRAME, "UPDATE needs an integer round and a number "
+                                                 "num_samples")
+    try:
+        num_samples = float(n)
+    except OverflowError:  # a 400-digit integer is valid JSON
+        raise ProtocolError(ErrorCode.BAD_FRAME, "num_samples is out of range") from None
+    metrics: dict[str, float] = {}
+    raw = m.get("metrics")
+    if isinstance(raw, dict):
+        for k, v in list(raw.items())[:MAX_METRICS]:
+            if type(v) in (int, float):
+                try:
+                    f = float(v)
+                except OverflowError:
+                    continue
+                if math.isfinite(f):
+                    metrics[k[:64]] = f
+    return round_, num_samples, metrics
+
+
+def _chief_tls_message(exc: BaseException) -> str:
+    if isinstance(exc, (asyncio.TimeoutError, ConnectionAbortedError)) and "longer" in str(exc):
+        return "the handshake did not complete in time"
+    try:
+        from ..certs import describe_tls_error
+    except ImportError:
+        return str(exc)
+    return describe_tls_error(exc, role="chief")
 
 
 class TcpChief:
@@ -299,33 +459,41 @@ class TcpChief:
         self.host, self.port = host, port
         self.options = options or ListenOptions()
         self.connections: set[_ChiefConnection] = set()
+        # address -> (failed authentications, monotonic time of the last), oldest first
         self._failures: dict[str, tuple[int, float]] = {}
         self._aserver: asyncio.base_events.Server | None = None
+        self._sweeper: asyncio.Future[None] | None = None
         self._check_exposure()
 
     def _check_exposure(self) -> None:
         o = self.options
+        if o.insecure:
+            # Printed as well as logged: the operator must see this even with logging off.
+            msg = (f"!!! INSECURE: serving on {self.host} "
+                   f"{'WITHOUT TLS' if o.ssl_context is None else 'with TLS'}"
+                   f"{'' if o.token else ' and WITHOUT A TOKEN'}. Anyone who can reach this port "
+                   f"can {'read and forge the traffic' if o.ssl_context is None else 'join'}"
+                   f"{' and join' if not o.token and o.ssl_context is None else ''}. "
+                   "Use --insecure only on a network you trust.")
+            log.warning(msg)
+            print(msg, file=sys.stderr, flush=True)
         if is_loopback(self.host):
             return
         if o.ssl_context is None and not o.insecure:
             raise ValueError(f"refusing to serve plain TCP on {self.host}: traffic would be "
                              "readable and forgeable on the network. Give --tls-cert/--tls-key "
                              "(see 'fedberry certs'), or pass --insecure on a network you trust.")
-        if not o.token and not o.insecure and not _requires_client_cert(o.ssl_context):
+        if not o.token and not o.insecure and not o.require_client_cert:
             raise ValueError(f"refusing to serve on {self.host} without a token: anyone could "
                              "join. Give --token, --token-file or FEDBERRY_TOKEN (or require "
                              "client certificates with --client-ca), or pass --insecure.")
-        if o.insecure:
-            log.warning("!!! INSECURE: serving on %s %s. Anyone who can reach this port can %s. "
-                        "Use this only on a network you trust.", self.host,
-                        "without TLS" if o.ssl_context is None else "with TLS",
-                        "read and forge traffic" if o.ssl_context is None else "join")
 
     async def start(self) -> tuple[str, int]:
         self.server.bind_loop()
         loop = asyncio.get_running_loop()
+        # No ssl= here: each connection is admitted first, then upgraded with start_tls.
         self._aserver = await loop.create_server(
-            lambda: _ChiefConnection(self), self.host, self.port, ssl=self.options.ssl_context,
+            lambda: _ChiefConnection(self), self.host, self.port,
             reuse_address=True, backlog=512)
         sock = self._aserver.sockets[0].getsockname()
         self.port = sock[1]
@@ -342,7 +510,8 @@ class TcpChief:
             await self.stop()
 
     async def stop(self) -> None:
-        self._sweeper.cancel()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
         if self._aserver is not None:
             self._aserver.close()
         for conn in list(self.connections):
@@ -356,45 +525,63 @@ class TcpChief:
 
     # -- admission ---------------------------------------------------------------------------
     def admit(self, conn: _ChiefConnection) -> bool:
-        count, until = self._failures.get(conn.peer_ip, (0, 0.0))
-        now = time.monotonic()
-        if now < until:
-            conn.fail(ErrorCode.AUTH_FAILED, f"too many failed authentications from "
-                                             f"{conn.peer_ip}; retry in {until - now:.0f} s")
-            return False
-        if len(self.connections) >= self.options.max_connections:
-            conn.fail(ErrorCode.BUSY, "the chief has too many connections; retry later")
-            return False
-        self.connections.add(conn)
-        return True
+        o = self.options
+        why = None
+        if len(self.connections) >= o.max_connections:
+            why = "the chief has too many connections; retry later"
+        elif sum(1 for c in self.connections if c.peer_ip == conn.peer_ip
+                 and c.state != "joined") >= o.max_pending_per_address:
+            why = f"too many connections from {conn.peer_ip} are still handshaking; retry later"
+        if why is None:
+            self.connections.add(conn)
+            return True
+        if conn.transport is not None:
+            conn.fail(ErrorCode.BUSY, why)  # plain TCP: the worker retries with backoff
+        else:
+            log.warning("refusing a connection from %s: %s", conn.peer_ip, why)
+            conn.abort()  # TLS: no handshake for a refused peer; the worker retries
+        return False
 
-    def auth_failed(self, ip: str) -> None:
-        count, _ = self._failures.get(ip, (0, 0.0))
-        count += 1
-        block = 0.0
-        if count >= self.options.auth_failures_before_block:
-            block = min(self.options.max_block,
-                        2.0 ** (count - self.options.auth_failures_before_block))
-        self._failures[ip] = (count, time.monotonic() + block)
-        if len(self._failures) > 10_000:  # bounded memory under a spray of addresses
+    def auth_delay(self, ip: str) -> float:
+        """Seconds to hold the answer to an AUTH from ``ip``."""
+        o = self.options
+        count, last = self._failures.get(ip, (0, 0.0))
+        if count < o.auth_failures_free or time.monotonic() - last > o.auth_memory:
+            return 0.0
+        return min(o.auth_delay_max, o.auth_delay_base * 2.0 ** (count - o.auth_failures_free))
+
+    def auth_failed(self, ip: str) -> int:
+        """Count a failed authentication from ``ip``; returns its recent failures."""
+        now = time.monotonic()
+        count, last = self._failures.pop(ip, (0, 0.0))  # re-inserted last: oldest stay first
+        if now - last > self.options.auth_memory:
+            count = 0
+        self._failures[ip] = (count + 1, now)
+        while len(self._failures) > 10_000:  # bounded memory under a spray of addresses
             self._failures.pop(next(iter(self._failures)))
+        return count + 1
 
     async def _sweep(self) -> None:
         o = self.options
+        # The chief's heartbeat: a joined worker that has been quiet for a while gets a PING, so
+        # that a connection dead without a FIN (a Pi unplugged) is found from this side too.
+        ping_every = max(1.0, o.idle_timeout / 4)
         while True:
             await asyncio.sleep(0.5)
             now = time.monotonic()
             for conn in list(self.connections):
-                if conn.state != "joined" and now - conn.opened > o.handshake_timeout:
-                    conn.fail(ErrorCode.TIMEOUT, "handshake not completed in time")
-                    conn.abort()
+                if conn.closing_since is not None:
+                    if now - conn.closing_since > CLOSE_GRACE:
+                        conn.abort()  # it does not take its last frame: stop waiting
+                elif conn.state == "auth-wait":
+                    pass  # held back on purpose, for at most auth_delay_max
+                elif conn.state != "joined":
+                    if now - conn.opened > o.handshake_timeout:
+                        conn.fail(ErrorCode.TIMEOUT, "handshake not completed in time")
                 elif now - conn.last_seen > o.idle_timeout:
                     conn.fail(ErrorCode.TIMEOUT, f"silent for {o.idle_timeout:.0f} s")
-                    conn.abort()
-
-
-def _requires_client_cert(ctx: ssl.SSLContext | None) -> bool:
-    return ctx is not None and ctx.verify_mode == ssl.CERT_REQUIRED
+                elif now - max(conn.last_seen, conn.last_ping) > ping_every:
+                    conn.ping()
 
 
 # ============================================================================================
@@ -476,6 +663,7 @@ class TcpSession:
         self.reconnects = 0
         self.warnings: list[str] = []
         self._proto: _WorkerProtocol | None = None
+        self._tls_closes = 0  # consecutive TLS connections closed before CHALLENGE
         self._spec: Spec = ()
         self._init_arrays: Sequence[np.ndarray] = ()
         self._hb_task: asyncio.Task[None] | None = None
@@ -544,18 +732,43 @@ class TcpSession:
 
     async def _connect(self, want_model: bool) -> None:
         loop = asyncio.get_running_loop()
+        tls = self.ssl_context is not None
         try:
             _, proto = await asyncio.wait_for(loop.create_connection(
                 lambda: _WorkerProtocol(self), self.host, self.port, ssl=self.ssl_context,
-                server_hostname=self.server_hostname if self.ssl_context else None), 30)
+                server_hostname=self.server_hostname if tls else None), 30)
+        except ssl.SSLCertVerificationError as exc:
+            raise FederationError(await self._explain_verify(exc), "tls") from None
         except ssl.SSLError as exc:
             raise FederationError(_tls_message(exc), "tls") from None
+        except (ConnectionResetError, ConnectionAbortedError, BrokenPipeError) as exc:
+            # Reached the port, then lost the connection: under TLS the chief refuses a peer
+            # it cannot admit (busy) and a client certificate it does not trust (TLS 1.2) this
+            # way, without a word (gh-98078). Retry, but say what it may be if we give up.
+            raise _Retryable(f"connection closed during the handshake ({exc or 'reset'})"
+                             + (f"; {_TLS_CLOSED_HINT}" if tls else "")) from None
         except (OSError, asyncio.TimeoutError) as exc:
             raise _Retryable(f"connect failed ({exc or 'timeout'})") from None
         self._proto = proto
+        # Until the chief has proved it knows the token, accept only small frames from it: a
+        # wrong address must not make us allocate a model's worth of memory.
+        proto.decoder.limits = Limits(max_meta_bytes=1 << 20, max_tensors=0, max_payload=0)
         nonce = auth.new_nonce()
         proto.send(encode(MsgType.HELLO, {"worker_id": self.worker_id, "nonce": nonce}))
-        challenge = await self._expect(MsgType.CHALLENGE)
+        try:
+            challenge = await self._expect(MsgType.CHALLENGE)
+        except _Retryable:
+            if tls:
+                # TLS 1.3: the handshake completed on our side, then the chief closed without
+                # a word. Its client-certificate check does that; a crash between handshake and
+                # CHALLENGE would have to happen three times in a row.
+                self._tls_closes += 1
+                if self._tls_closes >= 3:
+                    raise FederationError(f"the chief closed the TLS connection right after the "
+                                          f"handshake, {self._tls_closes} times: "
+                                          f"{_TLS_CLOSED_HINT}", "tls") from None
+            raise
+        self._tls_closes = 0
         chief_nonce = str(challenge.meta.get("nonce", ""))
         proto.send(encode(MsgType.AUTH, {
             "proof": auth.worker_proof(self.token, chief_nonce, nonce),
@@ -568,10 +781,38 @@ class TcpSession:
                                       "token on one side, or not the chief you meant",
                                       "auth_failed")
         proto.decoder.expected = self._spec
+        proto.decoder.limits = Limits(
+            max(1 << 20, 64 * len(self._spec)), max(len(self._spec), 1),
+            sum(t.nbytes for t in self._spec))
         if welcome.meta.get("need_init"):
             proto.send(encode(MsgType.INIT, {}, self._init_arrays))
         if self._hb_task is None or self._hb_task.done():
             self._hb_task = asyncio.ensure_future(self._heartbeat())
+
+    async def _explain_verify(self, exc: ssl.SSLCertVerificationError) -> str:
+        """The sentence for a refused chief certificate; for a name mismatch, with the names
+        the certificate does have (fetched over a second connection that skips only the name
+        check: the chain is still verified against our CA)."""
+        names = None
+        if exc.verify_code in (62, 64) and self.ssl_context is not None:  # host / IP mismatch
+            ctx = self.ssl_context
+            ctx.check_hostname = False
+            try:
+                transport, _ = await asyncio.wait_for(asyncio.get_running_loop().create_connection(
+                    asyncio.Protocol, self.host, self.port, ssl=ctx,
+                    server_hostname=self.server_hostname), 10)
+                cert = transport.get_extra_info("peercert") or {}
+                transport.abort()
+                names = [v for _kind, v in cert.get("subjectAltName", ())]
+            except (OSError, asyncio.TimeoutError):
+                names = None  # the plain message will do
+            finally:
+                ctx.check_hostname = True
+        try:
+            from ..certs import describe_tls_error
+        except ImportError:
+            return f"the chief's certificate was refused: {exc.verify_message}"
+        return describe_tls_error(exc, cert_names=names)
 
     async def _expect(self, msg_type: MsgType) -> Frame:
         frame = await self._next_frame()
@@ -602,7 +843,10 @@ class TcpSession:
 
     async def _await_global(self) -> tuple[int, list[np.ndarray], bool]:
         frame = await self._expect(MsgType.GLOBAL)
-        return int(frame.meta["round"]), frame.tensors, bool(frame.meta.get("done"))
+        round_ = frame.meta.get("round")
+        if type(round_) is not int or round_ < 0:
+            raise FederationError(f"protocol error: GLOBAL with round {round_!r}", "protocol")
+        return round_, frame.tensors, frame.meta.get("done") is True
 
     async def _heartbeat(self) -> None:
         while True:
@@ -618,12 +862,11 @@ class TcpSession:
             proto.send(encode(MsgType.PING, {}))
 
 
-# TODO(issue 5, from the certs author): asyncio sends no TLS alert when the chief refuses a
-# handshake (CPython gh-98078), so a worker refused for a missing/unknown client certificate
-# sees only a closed connection (TLS 1.3: handshake "succeeds", then EOF). On a TLS connection
-# that closes before CHALLENGE, call describe_tls_error(EOFError()) and do not retry silently.
-# On the chief side use describe_tls_error(exc, role="chief"). For a name mismatch, pass
-# cert_names=await asyncio.to_thread(peer_certificate_names, host, port, ca, cert, key).
+_TLS_CLOSED_HINT = ("if the chief requires client certificates, it did not accept yours: it must "
+                    "be signed by the chief's --client-ca and not expired (--cert/--key, made "
+                    "with 'fedberry certs --client NAME'); otherwise the chief may be busy")
+
+
 def _tls_message(exc: ssl.SSLError) -> str:
     try:
         from ..certs import describe_tls_error
