@@ -180,9 +180,11 @@ class Chief:
                 return []
             return [SendGlobal([worker_id])]
         if round_ != self.round:
+            when = ("arrived after it closed" if round_ < self.round else
+                    "is ahead of the chief (did it restart from an older checkpoint?)")
             return [SendError(worker_id, ErrorCode.STALE,
-                              f"update for round {round_} arrived after it closed (now round "
-                              f"{self.round}); it was dropped, the newest model follows", False),
+                              f"update for round {round_} {when} (now round {self.round}); it "
+                              "was dropped, the newest model follows", False),
                     SendGlobal([worker_id])]
         if not (isinstance(num_samples, (int, float)) and math.isfinite(num_samples)
                 and num_samples > 0):
