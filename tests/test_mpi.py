@@ -134,6 +134,7 @@ def test_mpiexec_n3_average_matches_numpy_weighted_mean(tmp_path):
     records = read(tmp_path / "metrics.jsonl")
     assert [r["round"] for r in records] == [1, 2]
     layout = _Layout(spec_of([np.zeros(s, d) for s, d in SHAPES]))
+    assert layout.sum_dtype == np.float64  # integer and float64 tensors: summed in float64
     reduce_bytes = 8 * (layout.elements + TRAILER)
     for rec in records:
         assert list(rec) == ["round", "workers", "test_accuracy", "test_loss", "num_samples",
@@ -215,6 +216,8 @@ def test_rank0_trains_too_with_options_in_the_address(tmp_path):
     records = read(tmp_path / "metrics.jsonl")
     assert [(r["round"], r["workers"], r["num_samples"]) for r in records] == \
         [(1, 3, 6.0), (2, 3, 6.0), (3, 3, 6.0)]
+    # A float32 model is summed in float32: 2 ranks x (4 values + 5 trailer) x 4 bytes up.
+    assert records[2]["bytes_up"] == 2 * 4 * (4 + TRAILER)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -287,6 +290,13 @@ def test_a_failing_rank_stops_the_job_with_its_name(how, why):
 # ---------------------------------------------------------------------------------------------
 # Pure functions: buffer layout, launcher-output parsing
 # ---------------------------------------------------------------------------------------------
+def test_sum_dtype_is_float32_only_for_small_float_models():
+    f32, f16 = np.zeros(3, np.float32), np.zeros(2, np.float16)
+    assert _Layout(spec_of([f32, f16])).sum_dtype == np.float32
+    assert _Layout(spec_of([f32, np.zeros(1, np.int64)])).sum_dtype == np.float64
+    assert _Layout(spec_of([f32, np.zeros(1, np.float64)])).sum_dtype == np.float64
+
+
 def test_layout_packs_and_unpacks_aligned_views():
     rng = np.random.default_rng(0)
     arrays = [rng.standard_normal((5, 3)).astype(np.float32), np.arange(3, dtype=np.int64),

@@ -6,7 +6,7 @@ chief (it may train too), ranks 1..N are workers. A pure aggregator on rank 0 is
 
 One round is two collectives on contiguous numpy buffers, never pickled objects:
 
-1. ``Reduce(SUM)`` to rank 0 of ONE flat float64 buffer per rank: every tensor multiplied by the
+1. ``Reduce(SUM)`` to rank 0 of ONE flat float buffer per rank: every tensor multiplied by the
    rank's sample weight, back to back, then a 5-number trailer (weight, weighted loss, loss weight,
    update count, "has left" flag). A rank with nothing to contribute (a pure chief, a rank that
    has left) sends zeros. Rank 0 ends up with the federation's weighted sum.
@@ -18,13 +18,16 @@ One round is two collectives on contiguous numpy buffers, never pickled objects:
 Why Reduce + Bcast rather than one Allreduce: the policy stays on the chief, as with TCP. Stateful
 strategies (FedAvgM's velocity, FedAdam's moments), the round limit, checkpoints and evaluation
 live on rank 0 only, and every rank receives the bit-identical model rank 0 computed (the MPI
-standard only *recommends* that Allreduce give every rank the same bits). The cost is the
-broadcast of the model, in float32 for a float32 model, i.e. half the bytes of the float64 sum.
+standard only *recommends* that Allreduce give every rank the same bits). The cost is a second
+collective (the Bcast, as many bytes as the model); a bare float32 Allreduce is the floor
+``docs/benchmarks.md`` compares against.
 
-Why float64 for the sum: the TCP chief's FedAvg accumulates in float64, so the MPI average equals
-it up to float64 rounding (far below float32 resolution) whatever the reduction order; integer
-tensors (BatchNorm's counters) and large sample weights stay exact. It doubles the bytes going up
-compared with a float32 model; ``docs/benchmarks.md`` measures what that costs.
+The sum's dtype (``_Layout.sum_dtype``): float32 when every tensor is float32 or float16, else
+float64. A float32 model cannot be averaged more precisely than float32 can hold, the sum of the
+handful of terms a round has stays within a few float32 ulps of the exact mean (as the TCP chief's
+per-tensor float32 sum does), and it halves the bytes going up against float64; measured, MPICH's
+float64 Reduce of 1M values also took 3x the float32 one. Integer tensors (BatchNorm's counters,
+times a sample weight) and float64 tensors need float64, which is exact for integers up to 2**53.
 
 Bytes are counted per rank with a star model, the same model as TCP's sockets so the columns
 compare: in a Reduce each non-root rank sends its buffer once and rank 0 counts one buffer received
@@ -81,7 +84,8 @@ log = logging.getLogger("fedberry.mpi")
 Result = tuple[int, list[np.ndarray], bool]
 Evaluate = Callable[[list[np.ndarray]], dict[str, float]]
 
-# The float64 trailer after the weighted tensors in every rank's Reduce buffer.
+# The trailer after the weighted tensors in every rank's Reduce buffer (in the sum's dtype:
+# sample counts stay exact up to 2**24 in float32, 2**53 in float64).
 T_WEIGHT, T_LOSS_SUM, T_LOSS_WEIGHT, T_UPDATES, T_LEFT = range(5)
 TRAILER = 5
 # The Bcast buffer starts with int64 [round, done]; tensors start at 64-byte aligned offsets so
@@ -199,11 +203,13 @@ _guard = _Guard()
 # Layout of the buffers
 # ============================================================================================
 class _Layout:
-    """Where each tensor lives in the float64 Reduce buffer and in the uint8 Bcast buffer."""
+    """Where each tensor lives in the Reduce buffer and in the uint8 Bcast buffer."""
 
     def __init__(self, spec: Spec) -> None:
         self.spec = spec
         self.dtypes = [np.dtype(t.dtype) for t in spec]
+        small_floats = all(dt in (np.float32, np.float16) for dt in self.dtypes)
+        self.sum_dtype = np.dtype(np.float32 if small_floats else np.float64)
         self.sizes = [math.prod(t.shape) for t in spec]
         self.elem_offsets = np.concatenate([[0], np.cumsum(self.sizes)]).astype(int).tolist()
         self.elements = self.elem_offsets[-1]
@@ -217,7 +223,7 @@ class _Layout:
 
     def pack_weighted(self, buf: np.ndarray, arrays: Sequence[np.ndarray], w: float) -> None:
         for a, lo, hi in zip(arrays, self.elem_offsets, self.elem_offsets[1:]):
-            # Multiply straight into the buffer: no float64 copy of the model besides it.
+            # Multiply straight into the buffer: no other copy of the model.
             np.multiply(np.asarray(a).reshape(-1), w, out=buf[lo:hi], casting="unsafe")
 
     def sums(self, buf: np.ndarray) -> list[np.ndarray]:
@@ -339,7 +345,7 @@ class MpiSession:
             header[:] = (chief.round, int(chief.done))
         self._bcast(header, 0)
         self.round, self.done = int(header[0]), bool(header[1])
-        self._sendbuf = np.empty(layout.elements + TRAILER, np.float64)
+        self._sendbuf = np.empty(layout.elements + TRAILER, layout.sum_dtype)
         self.joined = True
         if self.done:
             self._finished()
@@ -562,7 +568,7 @@ class _ChiefState:
         left = int(round(trailer[T_LEFT]))
         if updates > 0 and not self.done:
             # The strategy gets the weighted mean with the total weight, which is what its
-            # running sum would hold after the same updates one by one (to float64 rounding).
+            # running sum would hold after the same updates one by one (to rounding).
             means = layout.sums(total)
             for m in means:
                 m /= weight
