@@ -89,6 +89,21 @@ def test_start_barrier_first_worker_alone_does_not_close_round_zero() -> None:
     assert closed(chief.update("b", 0, 1, arrays(1), {}, 2)) is not None
 
 
+def test_start_barrier_counts_workers_connected_together() -> None:
+    # One that came and went (a crash before the start, a probe after a restart) does not
+    # stand in for a missing worker.
+    chief = make(workers=2)
+    join_all(chief, "probe")
+    chief.leave("probe", 1)
+    join_all(chief, "a")
+    assert chief.update("a", 0, 1, arrays(1), {}, 2) == [] and not chief.started
+    join_all(chief, "b")
+    assert chief.started
+    assert closed(chief.update("b", 0, 1, arrays(1), {}, 3)).workers == 2
+    chief.leave("b", 4)
+    assert chief.started  # latched: the run goes on with fewer
+
+
 def test_quorum_and_deadline() -> None:
     chief = make(workers=3, min_workers=2, round_timeout=10)
     join_all(chief, "a", "b", "c", now=0)

@@ -32,11 +32,15 @@ def save(path: str | os.PathLike, ckpt: Checkpoint) -> None:
     header = {"round": ckpt.round, "tensors": len(ckpt.arrays), "config": ckpt.config}
     entries["header"] = np.frombuffer(json.dumps(header).encode(), dtype=np.uint8)
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        np.savez(f, **entries)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            np.savez(f, **entries)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk must not also leave a model-sized leftover
+        raise
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(dir_fd)

@@ -6,8 +6,9 @@ error, ask for initial weights). The same machine serves TCP, in-process and tes
 
 Rounds: the chief collects updates for round ``round``. A round closes when
 
-* every connected worker has sent its update, once the expected number of workers has joined
-  (the start barrier, so that round 0 does not close with the first worker alone), or
+* every connected worker has sent its update, once the expected number of workers has been
+  connected at the same time (the start barrier, so that round 0, or the first round after a
+  resume, does not close with the first worker alone), or
 * the deadline (``round_timeout`` after the round opened) has passed and at least
   ``min_workers`` updates are in.
 
@@ -108,7 +109,10 @@ class Chief:
         self.spec: Spec | None = None
         self.done = config.rounds is not None and start_round >= config.rounds
         self.members: set[str] = set()
-        self.ever_joined: set[str] = set()
+        # Latched once ``workers`` are connected at the same time. Counting workers that ever
+        # joined instead let one that came and went (a crash before the start, a probe after a
+        # restart) stand in for a missing one, and the round closed with the first alone.
+        self.started = False
         self._in_round: set[str] = set()
         self._waiting: set[str] = set()
         self._last_round_of: dict[str, int] = {}  # worker -> last round its update counted in
@@ -127,10 +131,6 @@ class Chief:
             return None
         return self._opened_at + self.config.round_timeout
 
-    @property
-    def started(self) -> bool:
-        return len(self.ever_joined) >= self.config.workers
-
     # -- events ------------------------------------------------------------------------------
     def join(self, worker_id: str, spec: Spec, now: float, want_model: bool = True) -> list[Action]:
         if self.spec is not None:
@@ -139,7 +139,7 @@ class Chief:
                 return [SendError(worker_id, ErrorCode.SPEC_MISMATCH,
                                   f"your model does not match the federation's: {why}", True)]
         self.members.add(worker_id)
-        self.ever_joined.add(worker_id)
+        self.started = self.started or len(self.members) >= self.config.workers
         if self._opened_at is None:
             self._opened_at = now
         if self.global_arrays is None:

@@ -1,0 +1,144 @@
+"""Checkpoint and resume.
+
+With real processes: the chief is killed with SIGKILL after round r and restarted with --resume
+on the same port; it continues at round r+1 from a global model bit-identical to the checkpoint
+(a worker joining mid-training receives exactly those bytes), the connected workers reconnect by
+themselves, and the run completes. In process: a stateful strategy's state survives too, and a
+resume with another strategy or model is refused.
+"""
+
+from __future__ import annotations
+
+import shutil
+import signal
+from pathlib import Path
+
+import numpy as np
+import pytest
+from robustness_harness import TOKEN, Cluster
+
+from fedberry import Worker
+from fedberry import checkpoint as ckpt_io
+from fedberry.serve import serve
+
+ROUNDS = 10
+
+
+def test_chief_killed_and_resumed_continues_from_an_identical_model(tmp_path: Path) -> None:
+    with Cluster(tmp_path) as c:
+        args = ["--workers", "2", "--rounds", str(ROUNDS)]
+        chief = c.chief(*args)
+        workers = [c.worker(i, 2) for i in (1, 2)]
+        c.wait_round(3)
+        # Freeze the workers first, so that nobody reconnects before the probe below has
+        # looked at the resumed chief's model; they resume later and reconnect on their own.
+        for w in workers:
+            w.signal(signal.SIGSTOP)
+        chief.signal(signal.SIGKILL)
+        assert chief.wait(10) == -signal.SIGKILL
+        saved = ckpt_io.load(c.out / "checkpoint.npz")
+        r = saved.round
+        assert 3 <= r < ROUNDS
+        shutil.copy(c.out / "checkpoint.npz", tmp_path / "at-kill.npz")
+        before = c.metrics()
+        assert before and before[-1]["round"] <= r  # checkpoint first, then the metrics line
+
+        resumed = c.chief(*args, "--resume", name="chief-resumed")
+        # A worker joining mid-training starts from the current global model: the checkpoint's.
+        probe = Worker(c.url, token=TOKEN, worker_id="probe", connect_timeout=30)
+        try:
+            got = probe.join([np.zeros_like(a) for a in saved.arrays])
+            assert probe.round == r
+        finally:
+            probe.close()
+        assert len(got) == len(saved.arrays)
+        for a, b in zip(got, saved.arrays):
+            assert a.dtype == b.dtype and a.shape == b.shape
+            assert a.tobytes() == b.tobytes()  # bit-identical
+
+        for w in workers:
+            w.signal(signal.SIGCONT)
+        assert resumed.wait(120) == 0, c.logs()
+        for w in workers:
+            assert w.wait(30) == 0, c.logs()
+
+        after = c.metrics()[len(before):]
+        assert [rec["round"] for rec in after] == list(range(r + 1, ROUNDS + 1))
+        # The probe that came and went did not stand in for a worker: round r+1 waited for both.
+        assert after[0]["workers"] == 2
+        assert f"resuming from {c.out / 'checkpoint.npz'} at round {r}" in resumed.log()
+        final = ckpt_io.load(c.out / "checkpoint.npz")
+        assert final.round == ROUNDS and final.config["resume"] is True
+        assert after[-1]["test_accuracy"] > 0.6
+        for w in workers:
+            assert f"'round': {ROUNDS}" in w.log()
+
+
+def _run_rounds(handle, n: int, rng: np.random.Generator) -> None:  # type: ignore[no-untyped-def]
+    w = Worker(handle, worker_id="local")
+    try:
+        model = w.join([np.zeros((4, 3), np.float32), np.zeros(3, np.float32)])
+        for _ in range(n):
+            model = w.sync([m + rng.standard_normal(m.shape).astype(np.float32) for m in model], 5)
+    finally:
+        w.close()
+
+
+def test_strategy_state_survives_a_restart(tmp_path: Path) -> None:
+    ck = tmp_path / "ck.npz"
+    initial = [np.zeros((4, 3), np.float32), np.zeros(3, np.float32)]
+    h = serve(None, workers=1, rounds=10, strategy="fedavgm", initial=initial, checkpoint=ck)
+    try:
+        _run_rounds(h, 3, np.random.default_rng(0))
+        velocity = [v.copy() for v in h.chief.strategy._velocity]
+        model = [a.copy() for a in h.chief.global_arrays]
+    finally:
+        h.stop()
+    saved = ckpt_io.load(ck)
+    assert saved.round == 3 and saved.config["strategy"] == "fedavgm"
+
+    h = serve(None, workers=1, rounds=10, strategy="fedavgm", initial=initial, checkpoint=ck,
+              resume=True)
+    try:
+        assert h.chief.round == 3
+        for a, b in zip(h.chief.global_arrays, model):
+            assert a.tobytes() == b.tobytes()
+        assert len(h.chief.strategy._velocity) == len(velocity)
+        for a, b in zip(h.chief.strategy._velocity, velocity):
+            assert a.tobytes() == b.tobytes()
+        _run_rounds(h, 1, np.random.default_rng(1))
+        assert h.chief.round == 4
+    finally:
+        h.stop()
+
+
+def test_resume_refuses_another_strategy_or_model(tmp_path: Path) -> None:
+    ck = tmp_path / "ck.npz"
+    initial = [np.zeros((4, 3), np.float32), np.zeros(3, np.float32)]
+    h = serve(None, workers=1, rounds=5, initial=initial, checkpoint=ck)
+    try:
+        _run_rounds(h, 1, np.random.default_rng(0))
+    finally:
+        h.stop()
+    with pytest.raises(ValueError, match="--strategy fedavg, not fedadam"):
+        serve(None, workers=1, strategy="fedadam", initial=initial, checkpoint=ck, resume=True)
+    with pytest.raises(ValueError, match="not this run's model"):
+        serve(None, workers=1, initial=[np.zeros(7, np.float32)], checkpoint=ck, resume=True)
+    with pytest.raises(FileNotFoundError):
+        serve(None, workers=1, checkpoint=tmp_path / "none.npz", resume=True)
+
+
+def test_checkpoint_write_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    ck = tmp_path / "ck.npz"
+    first = ckpt_io.Checkpoint(1, [np.ones(3, np.float32)], {}, {"strategy": "fedavg"})
+    ckpt_io.save(ck, first)
+
+    def crash(*a: object, **k: object) -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ckpt_io.os, "replace", crash)
+    with pytest.raises(OSError):
+        ckpt_io.save(ck, ckpt_io.Checkpoint(2, [np.zeros(3, np.float32)], {}, {}))
+    assert [p.name for p in tmp_path.iterdir()] == ["ck.npz"]  # no temporary left behind
+    kept = ckpt_io.load(ck)  # the old checkpoint, whole
+    assert kept.round == 1 and kept.arrays[0].tobytes() == first.arrays[0].tobytes()
