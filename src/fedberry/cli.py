@@ -9,6 +9,7 @@ from dataclasses import fields
 from pathlib import Path
 
 from .demo import TrainConfig
+from .errors import FederationError
 
 
 def _add_train_options(p: argparse.ArgumentParser) -> None:
@@ -192,6 +193,9 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as exc:
         print(f"fedberry {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except FederationError as exc:  # refused by, or lost, the chief: the sentence says why
+        print(f"fedberry {args.command}: error: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
