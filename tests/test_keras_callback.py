@@ -97,6 +97,21 @@ def test_syncs_every_k_batches_across_epochs_and_at_train_end_then_leaves():
                                [np.mean(win) for win in windows], rtol=1e-4)
 
 
+@pytest.mark.skipif(os.environ["KERAS_BACKEND"] == "torch",
+                    reason="the torch backend has no steps_per_execution")
+def test_steps_per_execution_counts_every_batch():
+    model = linear(lr=0.0)
+    model.compile(optimizer=keras.optimizers.SGD(0.0), loss="mse", steps_per_execution=2)
+    x, y = data(28)  # 7 batches: executions of 2, 2, 2, 1
+    with serve(None, workers=1, initial=constant_arrays(model)) as chief:
+        cb = FederatedCallback(chief, sync_every=3)
+        model.fit(x, y, batch_size=4, epochs=2, shuffle=False, verbose=0, callbacks=[cb])
+        assert chief.wait(10)
+        # A sync can only fall between executions: after 4 batches, then the epoch's last 3.
+        assert [r["num_samples"] for r in chief.metrics] == [4, 3, 4, 3]
+    assert cb.steps == 14
+
+
 def test_num_samples_weights_every_sync():
     model = linear(lr=0.0)
     x, y = data(8)

@@ -232,7 +232,12 @@ class FederatedCallback(keras.callbacks.Callback):
         self._batch_begin = batch
 
     def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
-        # With steps_per_execution > 1 (TensorFlow, JAX) one call covers several batches.
+        # With steps_per_execution > 1 (TensorFlow, JAX) one call covers several batches, and
+        # the last call of an epoch names a full execution's end even when fewer batches were
+        # left: clip to the epoch's length when Keras knows it.
+        steps = (self.params or {}).get("steps")
+        if isinstance(steps, int) and steps > 0:
+            batch = min(batch, steps - 1)
         n = max(1, batch - self._batch_begin + 1)
         self.steps += n
         self._since_sync += n
