@@ -142,16 +142,16 @@ def test_mpiexec_n3_average_matches_numpy_weighted_mean(tmp_path):
         assert rec["workers"] == 2 and rec["num_samples"] == total
         assert rec["train_loss"] == pytest.approx((5 * 1 + 120 * 2) / total)
         assert rec["test_loss"] == 0.5
-    # Star model: every round, each of the 2 workers sends one float64 buffer up and receives
-    # one packed model down; round 1 also carries the join (specs up, the initial model down).
+    # Star model: every round, each of the 2 workers sends its float64 buffer up and gets the
+    # sum back (FedAvg: no broadcast); round 1 also carries the join (the initial model down).
     assert records[1]["bytes_up"] == 2 * reduce_bytes
-    assert records[1]["bytes_down"] == 2 * layout.bcast_bytes
-    assert records[0]["bytes_down"] >= 2 * (layout.bcast_bytes + layout.model_bytes)
+    assert records[1]["bytes_down"] == 2 * reduce_bytes
+    assert records[0]["bytes_down"] >= 2 * (reduce_bytes + layout.model_bytes)
     assert records[0]["test_accuracy"] == pytest.approx(
         float(ranks[1]["got0_0"].astype(np.float32).sum()), rel=1e-5)
     for r in (1, 2):
         assert ranks[r]["sent_bytes"] >= rounds * reduce_bytes
-        assert ranks[r]["received_bytes"] >= rounds * layout.bcast_bytes + layout.model_bytes
+        assert ranks[r]["received_bytes"] >= rounds * reduce_bytes + layout.model_bytes
     table = json.loads((tmp_path / "mpi_ranks.json").read_text())
     assert [t["rank"] for t in table] == [0, 1, 2] and not table[0]["trains"]
 
@@ -328,7 +328,7 @@ YOUR APPLICATION TERMINATED WITH THE EXIT STRING: Killed (signal 9)
 
 
 def test_explain_failure_names_the_rank_behind_a_pid():
-    ranks = [{"rank": 0, "pid": 11300}, {"rank": 1, "pid": 11305}, {"rank": 2, "pid": 11310}]
+    ranks = [{"rank": r, "pid": 11300 + 5 * r, "host": "node7"} for r in range(3)]
     assert explain_failure(HYDRA_KILLED, ranks) == (
         "rank 2 (a worker, pid 11310 on node7) died (Killed (signal 9)); mpiexec stopped the "
         "other ranks")
@@ -342,6 +342,10 @@ def test_explain_failure_names_the_rank_behind_a_pid():
     assert explain_failure(ours + HYDRA_KILLED, ranks) == \
         "rank 1 (a worker, pid 5 on h) failed: ValueError: x"
     assert explain_failure("nothing useful", ranks) == ""
+    # What the launcher saw die first beats hydra's report (which may name a rank it killed).
+    first = {"rank": 1, "pid": 11305, "host": "node7"}
+    assert explain_failure(HYDRA_KILLED, ranks, first) == (
+        "rank 1 (a worker, pid 11305 on node7) died; mpiexec stopped the other ranks")
 
 
 def test_mpiexec_is_found():

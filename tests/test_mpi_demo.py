@@ -120,5 +120,6 @@ def test_mpi_demo_names_a_killed_rank(tmp_path):
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
     assert proc.returncode == 1, out
-    assert (f"rank 2 (a worker, pid {victim['pid']} on {victim['host']}) died (Killed "
-            "(signal 9)); mpiexec stopped the other ranks") in out, out
+    assert (f"rank 2 (a worker, pid {victim['pid']} on {victim['host']}) died"
+            in out), out
+    assert "mpiexec stopped the other ranks" in out, out
