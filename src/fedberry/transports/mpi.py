@@ -442,15 +442,18 @@ class MpiSession:
         done = ((closed and trailer[T_LAST] > 0)
                 or int(round(float(trailer[T_LEFT]))) >= self.trainers)
         if self.local_mean:
-            new = layout.means(buf, float(trailer[T_WEIGHT])) if closed else []
+            weight = float(trailer[T_WEIGHT])
+            # A pure chief (rank 0 not training) averages only when it needs the model.
+            new = layout.means(buf, weight) if closed and (chief is None or self.trains) else []
             if chief is not None:
-                chief.close_round(buf, new if not self.trains else [a.copy() for a in new],
-                                  done)
+                chief.close_round(buf, done, local=(
+                    (lambda: [a.copy() for a in new]) if self.trains  # the user gets `new`
+                    else (lambda: layout.means(buf, weight))))
             self.round += int(closed)
             self.done = done
         else:
             if chief is not None:
-                out = chief.close_round(buf, None, done)
+                out = chief.close_round(buf, done)
             else:
                 out = layout.empty_bcast()  # fresh: the arrays handed back are views into it
             self._bcast(out, 0)
@@ -590,11 +593,12 @@ class _ChiefState:
     def is_last_round(self) -> bool:
         return self.opts.rounds is not None and self.round + 1 >= self.opts.rounds
 
-    def close_round(self, total: np.ndarray, means: list[np.ndarray] | None,
-                    done: bool) -> np.ndarray | None:
+    def close_round(self, total: np.ndarray, done: bool,
+                    local: Callable[[], list[np.ndarray]] | None = None) -> np.ndarray | None:
         """After the Allreduce: ``total`` is the weighted sum with its trailer. With FedAvg,
-        ``means`` is the new global model every rank computed; otherwise the strategy makes it
-        here and the returned buffer is what rank 0 broadcasts."""
+        ``local()`` gives the new global model every rank computes itself (called only if rank 0
+        needs it: evaluation, checkpoint, the final model); otherwise the strategy makes it here
+        and the returned buffer is what rank 0 broadcasts."""
         layout = self.session.layout
         assert layout is not None
         n = layout.elements
@@ -602,8 +606,9 @@ class _ChiefState:
         updates = int(round(float(trailer[T_UPDATES])))
         weight = float(trailer[T_WEIGHT])
         if updates > 0:
-            if means is not None:
-                self.global_arrays = means
+            if local is not None:
+                if self.opts.evaluate is not None or self.opts.checkpoint or done:
+                    self.global_arrays = local()
             else:
                 # The strategy gets the weighted mean with the total weight, which is what its
                 # running sum would hold after the same updates one by one (to rounding).
@@ -622,11 +627,11 @@ class _ChiefState:
                 ckpt_io.save(self.opts.checkpoint, ckpt_io.Checkpoint(
                     self.round, self.global_arrays, self.strategy.state_dict(),
                     self.opts.run_config))
-            self._record(record, 0 if means is not None else layout.bcast_bytes)
+            self._record(record, 0 if local is not None else layout.bcast_bytes)
         if done and (self.opts.rounds is None or self.round < self.opts.rounds):
             log.info("every training rank has left: the run is done")
         self.done = done
-        if means is not None:
+        if local is not None:
             return None
         return layout.pack_model(self.global_arrays, self.round, self.done)
 
