@@ -281,6 +281,15 @@ def test_non_finite_update_is_refused_with_a_clear_error(bad: float) -> None:
     assert chief.strategy.updates == 0
 
 
+def test_non_finite_update_is_refused_even_when_it_is_late() -> None:
+    chief = make(workers=1)
+    join_all(chief, "a")
+    chief.update("a", 0, 1, arrays(1), {}, 1)
+    update = arrays(1)
+    update[1][0] = np.nan
+    assert error(chief.update("a", 0, 1, update, {}, 2)).code == ErrorCode.NON_FINITE
+
+
 def test_float16_update_whose_sum_overflows_is_not_mistaken_for_inf() -> None:
     chief = Chief(ChiefConfig(1, 1), FedAvg(), initial=[np.zeros(1000, np.float16)])
     chief.join("a", spec_of([np.zeros(1000, np.float16)]), 0)

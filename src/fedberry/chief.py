@@ -173,6 +173,15 @@ class Chief:
             return [SendError(worker_id, ErrorCode.PROTOCOL, "update before joining", True)]
         if self.done:
             return [SendGlobal([worker_id])]
+        # Bad numbers are refused whatever the round, so that the worker hears about them even
+        # when its update was late anyway.
+        if not (isinstance(num_samples, (int, float)) and math.isfinite(num_samples)
+                and num_samples > 0):
+            return [SendError(worker_id, ErrorCode.BAD_FRAME,
+                              "num_samples must be a positive number", True)]
+        bad = non_finite(arrays)
+        if bad:
+            return [SendError(worker_id, ErrorCode.NON_FINITE, f"update refused: {bad}", True)]
         if self._last_round_of.get(worker_id) == round_:
             # A repeat after a reconnect: it counted once already.
             if round_ == self.round:
@@ -186,13 +195,6 @@ class Chief:
                               f"update for round {round_} {when} (now round {self.round}); it "
                               "was dropped, the newest model follows", False),
                     SendGlobal([worker_id])]
-        if not (isinstance(num_samples, (int, float)) and math.isfinite(num_samples)
-                and num_samples > 0):
-            return [SendError(worker_id, ErrorCode.BAD_FRAME,
-                              "num_samples must be a positive number", True)]
-        bad = non_finite(arrays)
-        if bad:
-            return [SendError(worker_id, ErrorCode.NON_FINITE, f"update refused: {bad}", True)]
         self.strategy.add(arrays, num_samples)
         self._in_round.add(worker_id)
         self._waiting.add(worker_id)
