@@ -116,6 +116,10 @@ def launch(kind: str, params: int, workers: int, rounds: int, warmup: int,
         return json.loads(out.read_text())
 
 
+def _median(xs: list[float]) -> float:
+    return float(np.median(xs))
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in ("_fedberry", "_floor"):
@@ -127,6 +131,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, nargs="+", default=[2, 8])
     p.add_argument("--rounds", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--repeat", type=int, default=1,
+                   help="run every measurement this many times and report the median (a shared "
+                        "or small machine is noisy)")
     p.add_argument("--tcp", action="store_true",
                    help="also run fedberry.bench.round_time's TCP and socket-floor figures")
     p.add_argument("--json", help="write the results here too")
@@ -140,8 +147,11 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for params in map(int, args.params):
         for workers in args.workers:
-            fb = launch("_fedberry", params, workers, args.rounds, args.warmup)
-            fl = launch("_floor", params, workers, args.rounds, args.warmup)
+            runs = [(launch("_fedberry", params, workers, args.rounds, args.warmup),
+                     launch("_floor", params, workers, args.rounds, args.warmup))
+                    for _ in range(args.repeat)]
+            fb = {k: _median([r[0][k] for r in runs]) for k in runs[0][0]}
+            fl = {k: _median([r[1][k] for r in runs]) for k in runs[0][1]}
             row = {"params": params, "workers": workers, "mpi_s": fb["round_s"],
                    "mpi_floor_s": fl["reduce_bcast_s"], "allreduce_s": fl["allreduce_s"],
                    "mib": (fb["bytes_up"] + fb["bytes_down"]) / 2**20}
@@ -150,9 +160,13 @@ def main(argv: list[str] | None = None) -> int:
             if args.tcp:
                 from fedberry.bench import round_time
 
-                row["tcp_s"] = round_time.run_fedberry(params, workers, args.rounds, args.warmup)
-                row["floor_s"] = round_time.run_floor(params, workers, args.rounds, args.warmup,
-                                                      Path(tempfile.gettempdir()))
+                tmp = Path(tempfile.gettempdir())
+                row["tcp_s"] = _median([round_time.run_fedberry(params, workers, args.rounds,
+                                                                args.warmup)
+                                        for _ in range(args.repeat)])
+                row["floor_s"] = _median([round_time.run_floor(params, workers, args.rounds,
+                                                               args.warmup, tmp)
+                                          for _ in range(args.repeat)])
                 line += f" {row['tcp_s']:.3f} | {row['floor_s']:.3f} |"
             rows.append(row)
             print(line, flush=True)
