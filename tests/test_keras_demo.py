@@ -32,17 +32,17 @@ def run_demo(out, *args: str, timeout: float) -> subprocess.CompletedProcess:
 
 def test_keras_demo_trains_and_the_chief_evaluates_the_keras_model(tmp_path):
     out = tmp_path / "demo"
-    proc = run_demo(out, "--workers", "2", "--rounds", "2", "--sync-every", "100", timeout=300)
+    # One worker: every Keras process costs seconds of imports, and averaging is tested elsewhere.
+    proc = run_demo(out, "--workers", "1", "--rounds", "2", "--sync-every", "100", timeout=300)
     records = read(out / "metrics.jsonl")
     assert [r["round"] for r in records] == [1, 2]
-    assert all(r["workers"] == 2 and r["bytes_up"] >= 2 * 4 * MLP_PARAMS for r in records)
-    # 200 averaged SGD steps: well above chance (0.1) only if the chief reads the Keras layout.
+    assert all(r["workers"] == 1 and r["bytes_up"] >= 4 * MLP_PARAMS for r in records)
+    # 200 SGD steps: well above chance (0.1) only if the chief reads the Keras layout.
     assert records[-1]["test_accuracy"] >= 0.6
     assert records[-1]["train_loss"] < records[0]["train_loss"]
     assert "done: round 2" in proc.stdout
-    for i in (1, 2):
-        log = (out / f"worker-{i}.log").read_text()
-        assert "finished" in log and "'backend'" in log and "'round': 2" in log
+    log = (out / "worker-1.log").read_text()
+    assert "finished" in log and "'backend'" in log and "'round': 2" in log
 
 
 @pytest.mark.skipif(not os.environ.get("FEDBERRY_FULL_DEMO"),
