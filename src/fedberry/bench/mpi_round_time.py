@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
             fb = {k: _median([r[0][k] for r in runs]) for k in runs[0][0]}
             fl = {k: _median([r[1][k] for r in runs]) for k in runs[0][1]}
             row = {"params": params, "workers": workers, "mpi_s": fb["round_s"],
-                   "mpi_floor_s": fl["reduce_bcast_s"], "allreduce_s": fl["allreduce_s"],
+                   "allreduce_floor_s": fl["allreduce_s"], "reduce_bcast_s": fl["reduce_bcast_s"],
                    "mib": (fb["bytes_up"] + fb["bytes_down"]) / 2**20}
             line = (f"| {params / 1e6:g}M | {workers} | {row['mib']:.0f} | {fb['round_s']:.3f} "
                     f"| {fl['allreduce_s']:.3f} | {fl['reduce_bcast_s']:.3f} |")
