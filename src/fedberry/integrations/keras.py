@@ -141,7 +141,7 @@ class FederatedCallback(keras.callbacks.Callback):
         self._batch_begin = 0
         self._final: list[np.ndarray] | None = None
         # Keras reports the running mean of the loss since the epoch began; the mean over the
-        # batches since the last sync is recovered from it by differences (see _track_loss).
+        # batches since the last sync is recovered from it by differences (_close_epoch_window).
         self._loss_sum = 0.0
         self._loss_batches = 0
         self._anchor = (0, 0.0)  # (batches into the epoch, running mean) at the window's start
@@ -193,7 +193,10 @@ class FederatedCallback(keras.callbacks.Callback):
         if loss is not None:
             metrics["loss"] = loss
         weight = self.num_samples if self.num_samples is not None else max(1, self._since_sync)
-        model = self.model  # under JAX this attaches the training state to the variables
+        # Callback.model, not _model: under JAX it writes the training state into the variables
+        # (else get_weights is stale) and makes fit read them back after this batch (else
+        # set_weights below would be ignored by the training loop).
+        model = self.model
         global_arrays = self.worker.sync(get_arrays(model), weight, metrics)
         set_arrays(model, global_arrays)
         self.syncs += 1
