@@ -41,7 +41,8 @@ def _add_token_options(p: argparse.ArgumentParser) -> None:
 def _add_chief_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("chief", help="run a chief (aggregator) that workers dial")
     p.add_argument("--listen", default="0.0.0.0:7777",
-                   help="address to bind, HOST:PORT (workers may dial another, public address)")
+                   help="address to bind, HOST:PORT (workers may dial another, public address); "
+                        "mpi:// as rank 0 of an mpiexec launch")
     p.add_argument("--workers", type=int, required=True,
                    help="workers to wait for before the first round closes")
     p.add_argument("--rounds", type=int, default=None, help="stop after this many rounds")

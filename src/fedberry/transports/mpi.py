@@ -801,18 +801,36 @@ class DeathWatch:
             self._thread.join(2)
 
 
+def launcher_kind(mpiexec: str) -> str:
+    """"hydra" (MPICH, the mpich wheel), "openmpi", or "other", from ``mpiexec --version``."""
+    try:
+        text = subprocess.run([mpiexec, "--version"], capture_output=True, text=True,
+                              timeout=20).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return "other"
+    if "HYDRA" in text:
+        return "hydra"
+    return "openmpi" if "Open MPI" in text or "OpenRTE" in text else "other"
+
+
 def mpi_demo_command(mpiexec: str, workers: int, rounds: int, out: Path, cfg: Any,
-                     python: str = sys.executable) -> list[str]:
+                     python: str = sys.executable, kind: str = "hydra") -> list[str]:
     """``mpiexec`` in MPMD form: rank 0 runs ``fedberry chief --listen mpi://``, rank i runs
     ``fedberry worker --chief mpi:// --partition i/N``: the TCP demo's commands, with the same
-    partition per worker. Each rank's output goes to OUT/rank-R.log."""
+    partition per worker. With hydra each rank's output goes to OUT/rank-R.log; other launchers
+    write everything to OUT/mpiexec.log."""
     chief = [python, "-m", "fedberry", "chief", "--listen", "mpi://", "--workers", str(workers),
              "--rounds", str(rounds), "--model", cfg.model, "--seed", str(cfg.seed),
              "--framework", cfg.framework, "--out", str(out)]
     if cfg.data_dir:
         chief += ["--data-dir", cfg.data_dir]
-    cmd = [mpiexec, "-outfile-pattern", str(out / "rank-%r.log"),
-           "-errfile-pattern", str(out / "rank-%r.log"), "-n", "1", *chief]
+    cmd = [mpiexec]
+    if kind == "hydra":
+        cmd += ["-outfile-pattern", str(out / "rank-%r.log"),
+                "-errfile-pattern", str(out / "rank-%r.log")]
+    elif kind == "openmpi":  # a laptop has fewer cores than ranks; Open MPI refuses root
+        cmd += ["--oversubscribe"] + (["--allow-run-as-root"] if os.geteuid() == 0 else [])
+    cmd += ["-n", "1", *chief]
     for i in range(1, workers + 1):
         cmd += [":", "-n", "1", python, "-m", "fedberry", "worker", "--chief", "mpi://",
                 "--partition", f"{i}/{workers}", *cfg.argv()]
@@ -832,7 +850,8 @@ def run_mpi_demo(workers: int = 4, rounds: int = 10, out: str = "runs/demo-mpi",
     for stale in (metrics_path, out_dir / RANKS_FILE):
         stale.unlink(missing_ok=True)
     say = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
-    cmd = mpi_demo_command(find_mpiexec(), workers, rounds, out_dir, cfg)
+    mpiexec = find_mpiexec()
+    cmd = mpi_demo_command(mpiexec, workers, rounds, out_dir, cfg, kind=launcher_kind(mpiexec))
     say(f"fedberry demo: {workers} workers x {rounds} rounds, {cfg.model} on Fashion-MNIST "
         f"({cfg.partition_scheme}), MPI: mpiexec -n {workers + 1} (rank 0 the chief), metrics "
         f"in {metrics_path}")
