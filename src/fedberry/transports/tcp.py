@@ -595,7 +595,9 @@ class _Lost:
 class _WorkerProtocol(_FrameWriter, asyncio.BufferedProtocol):
     def __init__(self, session: TcpSession) -> None:
         self.session = session
-        self.decoder = FrameDecoder(session.limits)
+        # Until the chief has said WELCOME, only small frames: a wrong address must not make us
+        # allocate a model's worth of memory.
+        self.decoder = FrameDecoder(Limits(max_meta_bytes=1 << 20, max_tensors=0, max_payload=0))
         self.queue: asyncio.Queue[Frame | _Lost] = asyncio.Queue()
         self.transport: asyncio.Transport | None = None
         self.last_seen = time.monotonic()
@@ -621,6 +623,12 @@ class _WorkerProtocol(_FrameWriter, asyncio.BufferedProtocol):
                 self.transport.abort()
             return
         for f in frames:
+            if f.type == MsgType.WELCOME:
+                # The model may follow WELCOME in the same read, before the session has looked
+                # at it: allow it now (the session still checks the chief's proof and aborts on
+                # a bad one; a forged WELCOME gains exactly one buffer of our own model's size).
+                self.decoder.expected = self.session._spec
+                self.decoder.limits = self.session.model_limits()
             if f.type == MsgType.PING:
                 self.send(encode(MsgType.PONG, {}))
             elif f.type != MsgType.PONG:
@@ -705,6 +713,12 @@ class TcpSession:
         if self._proto is not None and self._proto.transport is not None:
             self._proto.transport.abort()
 
+    def model_limits(self) -> Limits:
+        """What the chief may send once it has welcomed us: frames of our model, no larger."""
+        return Limits(max(self.limits.max_meta_bytes, 64 * len(self._spec)),
+                      max(len(self._spec), 1),
+                      min(self.limits.max_payload, sum(t.nbytes for t in self._spec)))
+
     # -- internals ---------------------------------------------------------------------------
     async def _with_retries(self, fn: Any, budget: float) -> Any:
         deadline = time.monotonic() + budget
@@ -750,9 +764,6 @@ class TcpSession:
         except (OSError, asyncio.TimeoutError) as exc:
             raise _Retryable(f"connect failed ({exc or 'timeout'})") from None
         self._proto = proto
-        # Until the chief has proved it knows the token, accept only small frames from it: a
-        # wrong address must not make us allocate a model's worth of memory.
-        proto.decoder.limits = Limits(max_meta_bytes=1 << 20, max_tensors=0, max_payload=0)
         nonce = auth.new_nonce()
         proto.send(encode(MsgType.HELLO, {"worker_id": self.worker_id, "nonce": nonce}))
         try:
@@ -780,10 +791,6 @@ class TcpSession:
             raise AuthenticationError("the chief could not prove it knows the token: wrong "
                                       "token on one side, or not the chief you meant",
                                       "auth_failed")
-        proto.decoder.expected = self._spec
-        proto.decoder.limits = Limits(
-            max(1 << 20, 64 * len(self._spec)), max(len(self._spec), 1),
-            sum(t.nbytes for t in self._spec))
         if welcome.meta.get("need_init"):
             proto.send(encode(MsgType.INIT, {}, self._init_arrays))
         if self._hb_task is None or self._hb_task.done():
