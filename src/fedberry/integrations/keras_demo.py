@@ -162,10 +162,11 @@ def run_keras_worker(chief: Any, index: int, count: int, cfg: Any,
     callback = FederatedCallback(chief, sync_every=cfg.sync_every or steps_per_epoch,
                                  num_samples=len(x), **worker_options)
     rng = np.random.default_rng([cfg.seed, index])
-    # "Epochs" without end: the callback stops fit when the chief has run all its rounds.
+    # "Epochs" without end: the callback stops fit when the chief has run all its rounds. The
+    # generator shuffles; shuffle=False only tells Keras not to warn that it cannot.
     with callback:
         model.fit(_batches(x, y, cfg.batch_size, rng), steps_per_epoch=steps_per_epoch,
-                  epochs=10**9, verbose=0, callbacks=[callback])
+                  epochs=10**9, shuffle=False, verbose=0, callbacks=[callback])
     worker = callback.worker
     return {"steps": callback.steps, "round": worker.round if worker else 0,
             "bytes_sent": worker.bytes_sent if worker else 0,
