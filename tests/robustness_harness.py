@@ -117,6 +117,12 @@ class Cluster:
         self.procs.append(proc)
         return proc
 
+    def python(self, name: str, argv: list[str]) -> Proc:
+        """A plain Python process (``python ARGV``), e.g. a numpy-only worker script."""
+        proc = Proc(name, [sys.executable, *argv], self.tmp / f"{name}.log", self.env)
+        self.procs.append(proc)
+        return proc
+
     def chief(self, *args: str, name: str = "chief", wait: bool = True) -> Proc:
         proc = self.start(name, ["chief", "--listen", f"127.0.0.1:{self.port}", "--out",
                                  str(self.out), "--token-file", str(self.token_file), *args])

@@ -116,7 +116,12 @@ class _FrameWriter:
                 self._out.popleft()
             t.write(part)
         if self._close_when_flushed and not self._out and t is not None:
-            t.close()
+            self._close_when_flushed = False
+            self._flushed(t)
+
+    def _flushed(self, transport: asyncio.Transport) -> None:
+        """Everything queued before ``_close_after_flush`` has been handed to the transport."""
+        transport.close()
 
     def pause_writing(self) -> None:
         self._paused = True
@@ -185,6 +190,7 @@ class _ChiefConnection(_FrameWriter, asyncio.BufferedProtocol):
         self._chief_nonce = ""
         self._announced: Spec = ()
         self._may_init = False
+        self._drain: memoryview | None = None
         self.closed = False
 
     # -- asyncio protocol --------------------------------------------------------------------
@@ -230,10 +236,15 @@ class _ChiefConnection(_FrameWriter, asyncio.BufferedProtocol):
                       "--client NAME' from the chief's CA")
 
     def get_buffer(self, sizehint: int) -> memoryview:
-        try:
-            return self.decoder.get_buffer()
-        except ProtocolError:
-            return memoryview(bytearray(1 << 16))  # draining a broken stream until it closes
+        if self.closing_since is None:
+            try:
+                return self.decoder.get_buffer()
+            except ProtocolError:
+                pass
+        # Draining what a peer sends after we decided to close (see _flushed).
+        if self._drain is None:
+            self._drain = memoryview(bytearray(1 << 16))
+        return self._drain
 
     def buffer_updated(self, nbytes: int) -> None:
         if self.closed or self.closing_since is not None:
@@ -404,6 +415,16 @@ class _ChiefConnection(_FrameWriter, asyncio.BufferedProtocol):
             self.abort()
         elif not self.transport.is_closing():
             self._close_after_flush()  # the error frame goes out first; then connection_lost
+
+    def _flushed(self, transport: asyncio.Transport) -> None:
+        # A lingering close: send FIN but keep reading (and dropping) until the peer closes
+        # too, or CLOSE_GRACE passes. Closing a socket with unread bytes in it makes the kernel
+        # send a reset, which can destroy the ERROR frame before the peer has read it: a worker
+        # refused in the middle of sending would learn nothing. TLS cannot half-close.
+        if transport.can_write_eof():
+            transport.write_eof()
+        else:
+            transport.close()
 
     def abort(self) -> None:
         t = self.transport or self._raw
