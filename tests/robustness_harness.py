@@ -285,10 +285,14 @@ class RawClient:
     stand for many different machines.
     """
 
-    def __init__(self, port: int, source: str = "127.0.0.1", timeout: float = 10.0) -> None:
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout,
-                                             source_address=(source, 0))
+    def __init__(self, port: int, source: str = "127.0.0.1", timeout: float = 10.0,
+                 rcvbuf: int | None = None) -> None:
+        self.sock = socket.socket()
+        if rcvbuf is not None:  # before connecting, so that the window is small from the start
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
         self.sock.settimeout(timeout)
+        self.sock.bind((source, 0))
+        self.sock.connect(("127.0.0.1", port))
         self.decoder = FrameDecoder()
 
     def send(self, data: bytes) -> None:

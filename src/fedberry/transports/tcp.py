@@ -191,6 +191,7 @@ class _ChiefConnection(_FrameWriter, asyncio.BufferedProtocol):
         self._announced: Spec = ()
         self._may_init = False
         self._drain: memoryview | None = None
+        self._left = False  # detached from the server (it no longer counts as a member)
         self.closed = False
 
     # -- asyncio protocol --------------------------------------------------------------------
@@ -275,7 +276,13 @@ class _ChiefConnection(_FrameWriter, asyncio.BufferedProtocol):
             return
         self.closed = True
         self.listener.connections.discard(self)
-        if self.state == "joined":
+        self._leave()
+
+    def _leave(self) -> None:
+        # As soon as we decide to close, not when the socket is gone: a lingering close can
+        # take CLOSE_GRACE, and a round must not wait for a worker that is already out.
+        if self.state == "joined" and not self._left:
+            self._left = True
             self.server.detach(self)
 
     # -- frames ------------------------------------------------------------------------------
@@ -384,6 +391,7 @@ class _ChiefConnection(_FrameWriter, asyncio.BufferedProtocol):
         pending = sum(len(p) for p in getattr(self, "_out", ()))
         if pending > 2 * frame.nbytes:
             self.fail(ErrorCode.TIMEOUT, "you are not reading what the chief sends")
+            self.abort()  # it would not read the error either: no lingering close
             return
         self.send(frame)
 
@@ -411,6 +419,7 @@ class _ChiefConnection(_FrameWriter, asyncio.BufferedProtocol):
     def close(self) -> None:
         if self.closing_since is None:
             self.closing_since = time.monotonic()
+            self._leave()
         if self.transport is None:
             self.abort()
         elif not self.transport.is_closing():
