@@ -23,4 +23,6 @@ case "$(uname -m)" in
 esac
 "$PY" -m pip install -q --disable-pip-version-check "$TORCH"
 "$PY" -m pip install -q --disable-pip-version-check -e ".[torch,keras,mpi,tls,bench,test]"
+# JAX (CPU, ~5 s from PyPI) so that the Keras callback is also tested on a second backend.
+"$PY" -m pip install -q --disable-pip-version-check jax
 echo "fedberry set up: $("$PY" -c 'import fedberry, torch; print("fedberry", fedberry.__version__, "torch", torch.__version__)')"
