@@ -431,7 +431,10 @@ class _ChiefConnection(_FrameWriter, asyncio.BufferedProtocol):
         # send a reset, which can destroy the ERROR frame before the peer has read it: a worker
         # refused in the middle of sending would learn nothing. TLS cannot half-close.
         if transport.can_write_eof():
-            transport.write_eof()
+            try:
+                transport.write_eof()
+            except OSError:  # the peer is already gone: nothing left to tell it
+                transport.abort()
         else:
             transport.close()
 
