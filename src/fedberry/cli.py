@@ -81,16 +81,22 @@ def _run_chief(args: argparse.Namespace) -> int:
         initial = initial_model(args.model, args.seed, args.framework)
         evaluate = make_evaluator(args.model, args.data_dir, args.framework)
     checkpoint = args.checkpoint or str(Path(args.out) / "checkpoint.npz")
-    print(TABLE_HEADER, flush=True)
+    run_config = {k: v for k, v in vars(args).items()
+                  if k not in ("func", "token") and not callable(v)}
+    header = [TABLE_HEADER]  # printed with the first round, not before a refusal to start
+
+    def show(record: dict) -> None:
+        while header:
+            print(header.pop(), flush=True)
+        print(format_row(record), flush=True)
+
     if args.listen.startswith("mpi://"):  # rank 0 of an mpiexec launch (see transports/mpi.py)
         from .transports.mpi import run_mpi_chief
 
         run_mpi_chief(rounds=args.rounds, strategy=args.strategy, initial=initial,
                       evaluate=evaluate, out_dir=args.out, checkpoint=checkpoint,
-                      resume=args.resume, workers=args.workers,
-                      run_config={k: v for k, v in vars(args).items()
-                                  if k not in ("func", "token") and not callable(v)},
-                      on_round=lambda r: print(format_row(r), flush=True))
+                      resume=args.resume, workers=args.workers, run_config=run_config,
+                      on_round=show)
         return 0
     run_chief(listen=args.listen, workers=args.workers, rounds=args.rounds,
               min_workers=args.min_workers, round_timeout=args.round_timeout,
@@ -99,28 +105,24 @@ def _run_chief(args: argparse.Namespace) -> int:
               token_file=args.token_file, tls_cert=args.tls_cert, tls_key=args.tls_key,
               client_ca=args.client_ca, insecure=args.insecure,
               max_connections=args.max_connections, idle_timeout=args.idle_timeout,
-              run_config={k: v for k, v in vars(args).items()
-                          if k not in ("func", "token") and not callable(v)},
-              on_round=lambda r: print(format_row(r), flush=True))
+              run_config=run_config, on_round=show)
     return 0
 
 
 def _add_worker_parser(sub: argparse._SubParsersAction) -> None:
-    for name in ("worker", "demo-worker"):
-        p = sub.add_parser(name, help="a Fashion-MNIST training worker" if name == "worker"
-                           else argparse.SUPPRESS)
-        p.add_argument("--chief", required=True, help="tcp://HOST:PORT (the public address) "
-                                                      "or mpi://")
-        p.add_argument("--partition", default="1/1", help="INDEX/COUNT, 1-based, e.g. 3/6")
-        _add_train_options(p)
-        _add_token_options(p)
-        p.add_argument("--ca", help="CA certificate to verify the chief (enables TLS)")
-        p.add_argument("--cert", help="this worker's certificate, for mTLS")
-        p.add_argument("--key", help="this worker's private key, for mTLS")
-        p.add_argument("--server-hostname", help="name to check the chief's certificate against "
-                                                 "(default: the host in --chief)")
-        p.add_argument("--worker-id", help="stable name (default: host-pid-random)")
-        p.set_defaults(func=_run_worker)
+    p = sub.add_parser("worker", aliases=["demo-worker"], help="a Fashion-MNIST training worker")
+    p.add_argument("--chief", required=True, help="tcp://HOST:PORT (the public address) "
+                                                  "or mpi://")
+    p.add_argument("--partition", default="1/1", help="INDEX/COUNT, 1-based, e.g. 3/6")
+    _add_train_options(p)
+    _add_token_options(p)
+    p.add_argument("--ca", help="CA certificate to verify the chief (enables TLS)")
+    p.add_argument("--cert", help="this worker's certificate, for mTLS")
+    p.add_argument("--key", help="this worker's private key, for mTLS")
+    p.add_argument("--server-hostname", help="name to check the chief's certificate against "
+                                             "(default: the host in --chief)")
+    p.add_argument("--worker-id", help="stable name (default: host-pid-random)")
+    p.set_defaults(func=_run_worker)
 
 
 def _run_worker(args: argparse.Namespace) -> int:
