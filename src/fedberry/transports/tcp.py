@@ -219,8 +219,9 @@ class _ChiefConnection(_FrameWriter, asyncio.BufferedProtocol):
             tls = await asyncio.get_running_loop().start_tls(
                 raw, self, o.ssl_context, server_side=True,  # type: ignore[arg-type]
                 ssl_handshake_timeout=o.handshake_timeout)
-        except (OSError, asyncio.TimeoutError) as exc:
+        except Exception as exc:  # OSError and ssl.SSLError mostly; any other still costs one
             log.warning("TLS handshake with %s failed: %s", self.peer_ip, _chief_tls_message(exc))
+            raw.abort()
             self._gone()
             return
         if self.closed or self.closing_since is not None:
@@ -825,6 +826,10 @@ class TcpSession:
                                       "token on one side, or not the chief you meant",
                                       "auth_failed")
         if welcome.meta.get("need_init"):
+            if not self._init_arrays:  # we are past join(): the chief lost its model
+                proto.transport.abort()  # type: ignore[union-attr]
+                raise FederationError("the chief has no model any more: it restarted without "
+                                      "its checkpoint (restart it with --resume)", "protocol")
             proto.send(encode(MsgType.INIT, {}, self._init_arrays))
         if self._hb_task is None or self._hb_task.done():
             self._hb_task = asyncio.ensure_future(self._heartbeat())
