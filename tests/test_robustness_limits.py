@@ -161,3 +161,24 @@ def test_auth_delay_grows_per_address_and_is_forgotten(monkeypatch: pytest.Monke
     for i in range(10_050):  # a spray of addresses cannot grow the table without bound
         tcp.auth_failed(f"10.{i >> 16}.{(i >> 8) & 255}.{i & 255}")
     assert len(tcp._failures) <= 10_000
+
+
+def test_reconnect_replaces_the_old_connection_without_leaving() -> None:
+    """A worker back on a new connection while the chief still holds its old one (a dead link
+    not yet noticed) is the same member: the round does not close without it meanwhile."""
+    handle = serve("127.0.0.1:0", workers=2, rounds=5, initial=MODEL, token=TOKEN)
+    try:
+        with RawClient(port(handle)) as x, RawClient(port(handle)) as old:
+            assert x.handshake(TOKEN, SPEC, worker_id="x").type == MsgType.WELCOME
+            assert old.handshake(TOKEN, SPEC, worker_id="w").type == MsgType.WELCOME
+            x.send(encode(MsgType.UPDATE, {"round": 0, "num_samples": 1}, MODEL).tobytes())
+            with RawClient(port(handle)) as new:
+                assert new.handshake(TOKEN, SPEC, worker_id="w").type == MsgType.WELCOME
+                assert old.answer() is None  # the old connection is closed ...
+                assert handle.chief.round == 0 and "w" in handle.chief.members  # ... w stays
+                new.send(encode(MsgType.UPDATE, {"round": 0, "num_samples": 1},
+                                MODEL).tobytes())
+                f = new.answer()
+                assert f is not None and f.type == MsgType.GLOBAL and f.meta["round"] == 1
+    finally:
+        handle.stop()

@@ -71,9 +71,9 @@ class ChiefServer:
     # -- events from transports --------------------------------------------------------------
     def attach(self, peer: Peer, spec: Spec, want_model: bool) -> None:
         old = self.peers.get(peer.worker_id)
+        self.peers[peer.worker_id] = peer  # first: closing the old one must not count as leaving
         if old is not None and old is not peer:
             old.close()  # a reconnect replaces the half-dead connection; no leave for it
-        self.peers[peer.worker_id] = peer
         if self._t0 is None:
             self._t0 = time.monotonic()
         self._run(self.chief.join(peer.worker_id, spec, time.monotonic(), want_model))
