@@ -167,3 +167,20 @@ def test_plain_tcp_only_on_loopback_or_insecure(capsys: pytest.CaptureFixture[st
     serve("0.0.0.0:0", workers=1, insecure=True).stop()
     err = capsys.readouterr().err
     assert "!!! INSECURE" in err and "WITHOUT TLS" in err and "WITHOUT A TOKEN" in err
+
+
+def test_client_certificates_alone_authenticate_workers(pki: Pki,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """mTLS as the second way in: no token on either side, the certificate is the credential."""
+    monkeypatch.delenv("FEDBERRY_TOKEN", raising=False)
+    model = [np.ones((8, 4), np.float32)]
+    handle = serve("127.0.0.1:0", workers=1, rounds=1, initial=model, tls_cert=str(pki.chief),
+                   tls_key=str(pki.chief_key), client_ca=str(pki.ca))
+    try:
+        cert, key = pki.clients["w1"]
+        with Worker(handle.url, ca=str(pki.ca), cert=str(cert), key=str(key)) as w:
+            got = w.sync([m * 3 for m in w.join(model)], 1)
+            assert w.done and np.array_equal(got[0], model[0] * 3)
+        assert handle.wait(10)
+    finally:
+        handle.stop()
