@@ -182,3 +182,33 @@ def test_reconnect_replaces_the_old_connection_without_leaving() -> None:
                 assert f is not None and f.type == MsgType.GLOBAL and f.meta["round"] == 1
     finally:
         handle.stop()
+
+
+def test_a_deadline_passed_without_quorum_leaves_the_loop_idle() -> None:
+    """The deadline timer fires once; it is not re-armed at a past deadline (that spun the
+    chief's loop at 100 Hz for as long as the quorum was missing), and the update that
+    completes the quorum closes the round by itself."""
+    handle = serve(None, workers=2, rounds=3, min_workers=2, round_timeout=0.2, initial=MODEL)
+    ticks = []
+    real_tick = handle.chief.tick
+    handle.chief.tick = lambda now: ticks.append(now) or real_tick(now)  # type: ignore[method-assign]
+    done = threading.Event()
+
+    def worker(name: str, delay: float) -> None:
+        with Worker(handle, worker_id=name) as w:
+            g = w.join(MODEL)
+            time.sleep(delay)
+            w.sync([a + 1 for a in g], 1)
+            if name == "late":
+                done.set()
+
+    try:
+        threads = [threading.Thread(target=worker, args=a, daemon=True)
+                   for a in (("early", 0.0), ("late", 1.0))]
+        for t in threads:
+            t.start()
+        assert done.wait(10)
+        assert handle.chief.round == 1
+        assert len(ticks) <= 3, len(ticks)  # one per armed deadline, not one per 10 ms
+    finally:
+        handle.stop()
