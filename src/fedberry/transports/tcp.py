@@ -89,6 +89,12 @@ class _FrameWriter:
 
     CHUNK = 1 << 20
     transport: asyncio.Transport | None
+    # Optional bench.shaper.TokenBucket (ListenOptions.shaper): each chunk waits for its tokens
+    # before it is written, so that a loopback benchmark sees a slow link. Small chunks then,
+    # so that the connections sharing the bucket interleave as flows on one link do.
+    _bucket: Any = None
+    _paid = _shaping = False
+    SHAPED_CHUNK = 16 * 1024
 
     def _init_writer(self) -> None:
         self._out: collections.deque[memoryview] = collections.deque()
@@ -107,13 +113,23 @@ class _FrameWriter:
 
     def _pump(self) -> None:
         t = self.transport
-        while self._out and not self._paused and t is not None and not t.is_closing():
+        chunk = self.CHUNK if self._bucket is None else self.SHAPED_CHUNK
+        while (self._out and not self._paused and not self._shaping and t is not None
+               and not t.is_closing()):
             part = self._out[0]
-            if len(part) > self.CHUNK:
-                self._out[0] = part[self.CHUNK:]
-                part = part[:self.CHUNK]
+            if len(part) > chunk:
+                self._out[0] = part[chunk:]
+                part = part[:chunk]
             else:
                 self._out.popleft()
+            if self._bucket is not None and not self._paid:
+                wait = self._bucket.reserve(len(part))
+                if wait > 0:  # tokens taken; this chunk goes first once they are paid for
+                    self._out.appendleft(part)
+                    self._paid = self._shaping = True
+                    asyncio.get_running_loop().call_later(wait, self._tokens_paid)
+                    return
+            self._paid = False
             t.write(part)
         if self._close_when_flushed and not self._out and t is not None:
             self._close_when_flushed = False
@@ -122,6 +138,10 @@ class _FrameWriter:
     def _flushed(self, transport: asyncio.Transport) -> None:
         """Everything queued before ``_close_after_flush`` has been handed to the transport."""
         transport.close()
+
+    def _tokens_paid(self) -> None:
+        self._shaping = False
+        self._pump()
 
     def pause_writing(self) -> None:
         self._paused = True
@@ -164,6 +184,9 @@ class ListenOptions:
     auth_delay_base: float = 0.25
     auth_delay_max: float = 8.0
     auth_memory: float = 600.0
+    # bench.shaper.SharedLink, for benchmarks without root: one token bucket per direction shared
+    # by every connection emulates a slow shared link (see docs/slow-link.md). None: full speed.
+    shaper: Any = None
 
 
 # A connection we decided to close gets this long to take its last frame before it is aborted.
@@ -193,6 +216,9 @@ class _ChiefConnection(_FrameWriter, asyncio.BufferedProtocol):
         self._drain: memoryview | None = None
         self._left = False  # detached from the server (it no longer counts as a member)
         self.closed = False
+        shaper = listener.options.shaper
+        self._uplink = shaper.uplink if shaper is not None else None
+        self._bucket = shaper.downlink if shaper is not None else None
 
     # -- asyncio protocol --------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -240,7 +266,8 @@ class _ChiefConnection(_FrameWriter, asyncio.BufferedProtocol):
     def get_buffer(self, sizehint: int) -> memoryview:
         if self.closing_since is None:
             try:
-                return self.decoder.get_buffer()
+                buf = self.decoder.get_buffer()
+                return buf if self._uplink is None else buf[:self.SHAPED_CHUNK]
             except ProtocolError:
                 pass
         # Draining what a peer sends after we decided to close (see _flushed).
@@ -249,6 +276,22 @@ class _ChiefConnection(_FrameWriter, asyncio.BufferedProtocol):
         return self._drain
 
     def buffer_updated(self, nbytes: int) -> None:
+        if self._uplink is not None and not (self.closed or self.closing_since is not None):
+            # Shaped (benchmarks): these bytes "arrive" once the shared uplink bucket has paid
+            # for them. Reading pauses meanwhile, so the receive window slows the sender too.
+            wait = self._uplink.reserve(nbytes)
+            if wait > 0 and self.transport is not None:
+                self.transport.pause_reading()
+                asyncio.get_running_loop().call_later(wait, self._arrived, nbytes)
+                return
+        self._received(nbytes)
+
+    def _arrived(self, nbytes: int) -> None:
+        self._received(nbytes)
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.resume_reading()
+
+    def _received(self, nbytes: int) -> None:
         if self.closed or self.closing_since is not None:
             return  # what a connection sends after we decided to close it does not matter
         self.last_seen = time.monotonic()
