@@ -77,10 +77,6 @@ class Proc:
         if self.popen.poll() is None:
             os.kill(self.popen.pid, sig)
 
-    def kill(self) -> None:
-        self.signal(signal.SIGKILL)
-        self.popen.wait(10)
-
     def stop(self) -> None:
         if self.popen.poll() is None:
             self.signal(signal.SIGCONT)  # a stopped process cannot die of SIGKILL until resumed

@@ -20,12 +20,11 @@ import numpy as np
 import pytest
 from robustness_harness import TOKEN, Cluster, Proxy
 
-from fedberry import Worker
+from fedberry import Worker, certs
 from fedberry import checkpoint as ckpt_io
 from fedberry.protocol import MAGIC, MsgType, encode
 from fedberry.serve import serve
 
-certs = pytest.importorskip("fedberry.certs")
 pytest.importorskip("cryptography", reason="making certificates needs fedberry[tls]")
 
 
