@@ -317,7 +317,9 @@ async def fuzz(port: int, frames: int, seed: int, tally: Tally) -> None:
             except (AssertionError, OSError) as exc:
                 tally.failures.append(f"{state}: {type(exc).__name__}: {exc}")
 
-    while sum(tally.sent.values()) < frames and len(tally.failures) < 20:
+    deadline = time.monotonic() + 300  # bounded even if the generator went astray
+    while (sum(tally.sent.values()) < frames and len(tally.failures) < 20
+           and time.monotonic() < deadline):
         batch = [guarded(random.Random(rng.random()), rng.choice(states))
                  for _ in range(min(500, frames - sum(tally.sent.values())) + 20)]
         await asyncio.gather(*batch)
