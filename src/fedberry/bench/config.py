@@ -1,0 +1,97 @@
+"""What `fedberry bench` runs: the modes, their hyperparameters, the link, the caps.
+
+Every mode is tuned for its own best wall time to the target accuracy on this setup (see
+docs/benchmarks.md for the sweeps behind these numbers), not for a flattering ratio:
+
+* ``single``: one process with all 60k images, SGD with momentum, batch 128.
+* ``dsgd`` and ``ddp``: synchronous data parallel. Each step costs a model-sized exchange
+  whatever the batch, so the best time to target comes from few, large steps: 1024 images per
+  worker per step and Adam, which needs about half the steps of SGD with momentum here. Both
+  modes average *gradients*, so the two differ only in how the bytes move (our chief vs gloo).
+* ``fedavg``: SGD with momentum, batch 32, several local epochs per round: on this link a round
+  costs seconds of transfer, so the fewer rounds the better, as long as the average still
+  generalises.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+MODES = ("single", "dsgd", "ddp", "fedavg")
+
+
+@dataclass
+class OptimConfig:
+    """A torch optimizer by name; the same spec builds the workers' and the evaluator's."""
+
+    name: str = "sgd"  # sgd | adam
+    lr: float = 0.05
+    momentum: float = 0.9  # sgd: momentum; adam: beta1
+
+    def build(self, params: Any) -> Any:
+        import torch
+
+        if self.name == "sgd":
+            return torch.optim.SGD(params, lr=self.lr, momentum=self.momentum)
+        if self.name == "adam":
+            return torch.optim.Adam(params, lr=self.lr, betas=(self.momentum, 0.999))
+        raise ValueError(f"unknown optimizer {self.name!r}: sgd or adam")
+
+
+@dataclass
+class ModeConfig:
+    batch_size: int  # per process
+    optim: OptimConfig
+    time_cap_s: float  # after this much wall time the mode stops and reports a lower bound
+    local_epochs: int = 1  # fedavg: local epochs per round
+    max_steps: int = 100_000  # dsgd/ddp steps, fedavg rounds: a backstop behind the time cap
+    eval_every: int = 4096  # single: evaluate after this many more training samples
+
+
+def default_modes() -> dict[str, ModeConfig]:
+    return {
+        "single": ModeConfig(128, OptimConfig("sgd", 0.05, 0.9), time_cap_s=120.0),
+        "dsgd": ModeConfig(1024, OptimConfig("adam", 0.008, 0.9), time_cap_s=420.0, max_steps=2000),
+        "ddp": ModeConfig(1024, OptimConfig("adam", 0.008, 0.9), time_cap_s=420.0, max_steps=2000),
+        "fedavg": ModeConfig(32, OptimConfig("sgd", 0.02, 0.9), time_cap_s=180.0, local_epochs=8,
+                             max_steps=100),
+    }
+
+
+@dataclass
+class BenchConfig:
+    modes: list[str] = field(default_factory=lambda: list(MODES))
+    workers: int = 6
+    target: float = 0.85
+    model: str = "mlp"
+    seed: int = 0
+    data_dir: str | None = None
+    # The link: one access point shared by every worker, per direction (full duplex) or for
+    # both directions together (half, like Wi-Fi airtime).
+    link: str = "auto"  # auto | netns | shaper
+    rate_mbit: float = 20.0
+    delay_ms: float = 2.0  # one way; needs netem, which some kernels lack (then not applied)
+    duplex: str = "full"
+    stop_at_target: bool = True  # False: every mode trains until its cap
+    check_shaper: bool = False  # also time dsgd steps through both link emulations
+    check_steps: int = 12
+    out: str = "runs/bench"
+    plots: bool = True
+    per_mode: dict[str, ModeConfig] = field(default_factory=default_modes)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def quick(cfg: BenchConfig) -> BenchConfig:
+    """A few minutes: 3 workers, a faster link, an easier target, short caps.
+
+    For checking that every mode runs and produces its row (the test uses it), not for figures.
+    """
+    modes = default_modes()
+    for m in modes.values():
+        m.time_cap_s = 60.0
+    modes["single"].time_cap_s = 30.0
+    modes["fedavg"].local_epochs = 1
+    return replace(cfg, workers=3, target=0.80, rate_mbit=50.0, check_steps=4, per_mode=modes)

@@ -1,0 +1,142 @@
+"""One benchmark run: open the link, run the modes one after the other, write the results."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from . import link as link_mod
+from . import report
+from .config import BenchConfig
+from .harness import Bench, ModeResult
+
+
+def run(cfg: BenchConfig, *, quiet: bool = False, command: str | None = None,
+        started: float | None = None) -> int:
+    t_start = time.monotonic()
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    say = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
+    kind, why = link_mod.choose(cfg.link)
+    if cfg.check_shaper and kind != "netns":
+        raise ValueError("--check-shaper compares the namespaces with the in-process shaper: "
+                         f"it needs network namespaces ({why})")
+    link = link_mod.BenchLink(kind, cfg.workers, cfg.rate_mbit, cfg.delay_ms, cfg.duplex)
+    results: dict[str, ModeResult] = {}
+    check: dict[str, Any] | None = None
+    payload: dict[str, Any] = {
+        "command": command, "started_unix": started, "machine": report.machine(),
+        "config": cfg.to_json(), "modes": {}, "status": "running"}
+    say(f"fedberry bench: {', '.join(cfg.modes)}; {cfg.workers} workers; target "
+        f"{cfg.target}; {cfg.model} on Fashion-MNIST; out {out}")
+    with link:
+        payload["link"] = link.describe()
+        d = payload["link"]
+        say(f"link: {kind}, {cfg.rate_mbit:g} Mbit/s shared, {d['duplex']} duplex, latency "
+            + (f"{cfg.delay_ms:g} ms" if d["delay_applied"] else
+               "none (netem missing)" if kind == "netns" and cfg.delay_ms else "none")
+            + f" ({why})")
+        bench = Bench(cfg, link, out, quiet)
+        for mode in cfg.modes:
+            say(f"\n== {mode} (cap {cfg.per_mode[mode].time_cap_s:.0f} s)")
+            t0 = time.monotonic()
+            res = bench.run(mode)
+            results[mode] = res
+            say(f"  {mode}: {_summary(res)} [{time.monotonic() - t0:.0f} s with start-up]")
+            payload["modes"][mode] = res.to_json()
+            report.write_json(out / "results.json", payload)  # a killed run keeps its modes
+        if cfg.check_shaper:
+            check = check_shaper(cfg, bench, out, say)
+    payload["ratios"] = report.ratios(results)
+    payload["check_shaper"] = check
+    payload["table"] = report.table(results, cfg.target)
+    payload["elapsed_s"] = round(time.monotonic() - t_start, 1)
+    payload["status"] = "done"
+    pngs = []
+    if cfg.plots:
+        pngs = report.plots(results, cfg.target, out, title=_title(cfg, payload["link"]))
+        payload["plots"] = [str(p) for p in pngs]
+    report.write_json(out / "results.json", payload)
+    print("\n" + payload["table"], flush=True)
+    if check is not None:
+        print(_check_line(check), flush=True)
+    print(f"\nresults: {out / 'results.json'}" + "".join(f"\nplot: {p}" for p in pngs)
+          + f"\ntotal {payload['elapsed_s']:.0f} s", flush=True)
+    if cfg.plots and not pngs:
+        print("(no plots: install matplotlib, the extra fedberry[bench])", flush=True)
+    return 0
+
+
+def _summary(r: ModeResult) -> str:
+    if r.time_to_target_s is None:
+        return "no result: " + "; ".join(r.notes)
+    when = (f"target at {r.time_to_target_s:.1f} s ({r.unit} {r.k_to_target})" if r.reached
+            else f"target NOT reached by {r.time_to_target_s:.0f} s")
+    mb = "" if r.bytes_to_target is None else f", {r.bytes_to_target / 1e6:.1f} MB"
+    acc = f", final acc {r.final_acc:.4f}" if r.final_acc is not None else ""
+    return when + mb + acc + (f" ({'; '.join(r.notes)})" if r.notes else "")
+
+
+def _title(cfg: BenchConfig, d: dict[str, Any]) -> str:
+    return (f"Fashion-MNIST MLP, {cfg.workers} workers, {cfg.rate_mbit:g} Mbit/s shared link "
+            f"({d['kind']}), target {cfg.target}")
+
+
+# -- the two emulations side by side -----------------------------------------------------------
+def check_shaper(cfg: BenchConfig, bench: Bench, out: Path, say: Any) -> dict[str, Any]:
+    """The same dsgd steps through the namespaces (kernel htb) and through our in-process token
+    bucket on loopback: seconds per step must agree within 10%.
+
+    dsgd is the test because its steps are almost all transfer (a model up from every worker, a
+    model down to every worker). The first step is left out: it includes joining."""
+    k = max(3, cfg.check_steps)
+    say(f"\n== check: {k} dsgd steps, namespaces vs in-process shaper")
+    runs: dict[str, ModeResult] = {"netns": bench.run("dsgd", tag="check-netns", max_k=k,
+                                                      stop_at_target=False)}
+    with link_mod.BenchLink("shaper", cfg.workers, cfg.rate_mbit) as loop_link:
+        other = Bench(cfg, loop_link, out, bench.quiet)
+        runs["shaper"] = other.run("dsgd", tag="check-shaper", max_k=k, stop_at_target=False)
+    per_step: dict[str, float | None] = {}
+    for name, r in runs.items():
+        pts = [p for p in r.points if p.k >= 1]
+        if len(pts) >= 2 and pts[-1].k > pts[0].k:
+            per_step[name] = (pts[-1].t - pts[0].t) / (pts[-1].k - pts[0].k)
+        else:
+            per_step[name] = None
+    ns, sh = per_step["netns"], per_step["shaper"]
+    rel = None if not ns or not sh else sh / ns
+    socket_ns = runs["netns"].socket_bytes_run
+    socket_sh = runs["shaper"].socket_bytes_run
+    res = {
+        "steps": k, "s_per_step_netns": ns, "s_per_step_shaper": sh, "shaper_over_netns": rel,
+        "agree_within_10pct": rel is not None and abs(rel - 1) <= 0.10,
+        "socket_bytes_netns": socket_ns, "socket_bytes_shaper": socket_sh,
+        "iface_bytes_netns": runs["netns"].iface_bytes_run,
+        "qdisc_bytes_netns": runs["netns"].qdisc_bytes,
+        "expected_s_per_step": _expected_step(cfg, runs["netns"]),
+    }
+    say(_check_line(res))
+    return res
+
+
+def _expected_step(cfg: BenchConfig, r: ModeResult) -> float | None:
+    """Transfer time alone of one dsgd step on the nominal link: N models up, then N down."""
+    from .shaper import mbit_to_bytes_per_s, tcp_payload_fraction
+
+    pts = r.points
+    if len(pts) < 2 or r.socket_bytes_run is None:
+        return None
+    per_step = (pts[-1].socket_bytes - pts[0].socket_bytes) / (pts[-1].k - pts[0].k)  # type: ignore[operator]
+    return per_step / (mbit_to_bytes_per_s(cfg.rate_mbit) * tcp_payload_fraction())
+
+
+def _check_line(c: dict[str, Any]) -> str:
+    if c.get("shaper_over_netns") is None:
+        return "check-shaper: no result"
+    verdict = "agree" if c["agree_within_10pct"] else "DISAGREE"
+    exp = c.get("expected_s_per_step")
+    return (f"check-shaper: {c['steps']} dsgd steps, {c['s_per_step_netns']:.2f} s/step "
+            f"(namespaces) vs {c['s_per_step_shaper']:.2f} s/step (in-process shaper): "
+            f"ratio {c['shaper_over_netns']:.3f}, {verdict} within 10%"
+            + (f"; transfer alone {exp:.2f} s/step" if exp else ""))
