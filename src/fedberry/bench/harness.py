@@ -20,6 +20,7 @@ import contextlib
 import json
 import os
 import queue
+import random
 import shutil
 import socket
 import subprocess
@@ -84,9 +85,17 @@ class ModeResult:
 
 
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    # Below Linux's ephemeral range (32768-60999): a rank that dials the store before rank 0
+    # listens could otherwise be given the store's own port as its source port, connect to
+    # itself, and leave rank 0 with EADDRINUSE.
+    for port in random.sample(range(20000, 32000), 200):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port for the ddp rendezvous")
 
 
 class Procs:
@@ -172,7 +181,9 @@ class Progress:
         now = time.monotonic()
         if p.acc >= target or p.k <= 2 or now - self._last >= self.every:
             self._last = now
-            mb = f"{p.bytes / 1e6:9.1f} MB" if p.bytes is not None else "        - MB"
+            # Worker reports of a round may trail the chief's record: show its count then.
+            n = p.bytes if p.bytes is not None else p.socket_bytes
+            mb = f"{n / 1e6:9.1f} MB" if n is not None else "        - MB"
             mark = "  <- target" if p.acc >= target else ""
             print(f"  {self.mode:<7} {self.unit} {p.k:>5}  t={p.t:7.1f} s  acc={p.acc:.4f}  "
                   f"{mb}{mark}", flush=True)

@@ -80,7 +80,8 @@ def _fmt_ratio(cell: dict[str, Any] | None, suffix: str = "x") -> str:
         return "-"
     kind = {"=": "", ">=": ">=", "<=": "<=", "?": "?"}[cell["kind"]]
     v = cell["value"]
-    return f"{kind}{v:.1f}{suffix}" if v < 100 else f"{kind}{v:.0f}{suffix}"
+    text = f"{v:.0f}" if v >= 100 else f"{v:.1f}" if v >= 1 else f"{v:.2g}"
+    return f"{kind}{text}{suffix}"
 
 
 def _mb(n: float | None, lower: bool = False) -> str:
@@ -122,7 +123,7 @@ def table(results: dict[str, ModeResult], target: float, markdown: bool = False)
         lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
         lines += ["| " + " | ".join(r) + " |" for r in body]
         return "\n".join(lines)
-    widths = [max(len(c), *(len(r[i]) for r in body)) for i, c in enumerate(COLUMNS)]
+    widths = [max([len(c), *(len(r[i]) for r in body)]) for i, c in enumerate(COLUMNS)]
     fmt = "  ".join(f"{{:<{w}}}" if i == 0 else f"{{:>{w}}}" for i, w in enumerate(widths))
     return "\n".join([fmt.format(*COLUMNS), fmt.format(*("-" * w for w in widths)),
                       *(fmt.format(*r) for r in body)])
