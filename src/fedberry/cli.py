@@ -8,6 +8,7 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
+from . import __version__
 from .demo import TrainConfig
 from .errors import FederationError
 
@@ -164,6 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fedberry", description="Federated averaging for small, badly connected machines.")
     parser.add_argument("-v", "--verbose", action="count", default=0)
+    parser.add_argument("--version", action="version", version=f"fedberry {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_chief_parser(sub)
     _add_worker_parser(sub)
