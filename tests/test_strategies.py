@@ -96,3 +96,37 @@ def test_bad_inputs():
         s.finish()
     with pytest.raises(ValueError, match="unknown strategy"):
         make_strategy("median-of-nothing")
+
+
+def test_median_ignores_a_minority_of_poisoned_updates():
+    rng = np.random.default_rng(3)
+    honest = [[rng.normal(1.0, 0.01, (4, 3)).astype(np.float32)] for _ in range(3)]
+    poisoned = [[np.full((4, 3), 1e6, np.float32)] for _ in range(2)]
+    s = make_strategy("median")
+    s.begin([np.zeros((4, 3), np.float32)])
+    for u in honest:
+        s.add(u, 1)
+    for u in poisoned:
+        s.add(u, 1_000_000)  # a huge claimed count buys nothing
+    out = s.finish()[0]
+    assert out.dtype == np.float32
+    np.testing.assert_allclose(out, np.median(np.stack([u[0] for u in honest + poisoned]), 0))
+    assert np.abs(out - 1.0).max() < 0.05
+
+
+def test_trimmed_mean_drops_the_extremes_per_coordinate():
+    vals = np.array([[0.0], [1.0], [2.0], [3.0], [100.0]], np.float32)
+    s = make_strategy("trimmed_mean")  # trim 0.1 of 5 updates: nothing dropped
+    s.begin([np.zeros(1, np.float32)])
+    for v in vals:
+        s.add([v], 1)
+    np.testing.assert_allclose(s.finish()[0], vals.mean())
+    from fedberry.strategies import TrimmedMean
+
+    t = TrimmedMean(trim=0.2)  # one of five dropped at each end: mean of 1, 2, 3
+    t.begin([np.zeros(1, np.float32)])
+    for v in vals:
+        t.add([v], 1)
+    np.testing.assert_allclose(t.finish()[0], 2.0)
+    with pytest.raises(ValueError):
+        TrimmedMean(trim=0.5)

@@ -11,6 +11,7 @@ from pathlib import Path
 from . import __version__
 from .demo import TrainConfig
 from .errors import FederationError
+from .strategies import STRATEGIES
 
 
 def _add_train_options(p: argparse.ArgumentParser) -> None:
@@ -51,7 +52,10 @@ def _add_chief_parser(sub: argparse._SubParsersAction) -> None:
                    help="quorum: a round may close at its deadline with this many updates")
     p.add_argument("--round-timeout", type=float, default=None,
                    help="seconds after which a round closes with the quorum")
-    p.add_argument("--strategy", default="fedavg", choices=["fedavg", "fedavgm", "fedadam"])
+    p.add_argument("--strategy", default="fedavg", choices=sorted(STRATEGIES),
+                   help="aggregation rule: fedavg (sample-weighted mean), fedavgm/fedadam "
+                        "(server momentum/Adam), median/trimmed_mean (robust to poisoned "
+                        "updates, memory O(model x workers))")
     p.add_argument("--model", default="mlp", choices=["mlp", "cnn", "none"],
                    help="the chief's initial model and test-set evaluation ('none': a pure "
                         "aggregator that adopts the first worker's model and evaluates nothing)")

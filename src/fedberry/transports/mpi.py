@@ -549,6 +549,10 @@ class _ChiefState:
         self.session = session
         self.strategy = (make_strategy(opts.strategy) if isinstance(opts.strategy, str)
                          else opts.strategy)
+        if getattr(self.strategy, "needs_all_updates", False):
+            # The Allreduce leaves only the weighted sum: a median cannot be computed from it.
+            raise ValueError(f"the {self.strategy.name} strategy needs every update, but MPI "
+                             "rounds sum in one collective; use it over TCP")
         self.round = 0
         self.done = False
         self.initial = [np.asarray(a) for a in opts.initial] if opts.initial is not None else None
