@@ -148,7 +148,7 @@ def test_auth_delay_grows_per_address_and_is_forgotten(monkeypatch: pytest.Monke
                                 auth_memory=60)
     tcp._failures = {}
     now = [1000.0]
-    monkeypatch.setattr("fedberry.transports.tcp.time.monotonic", lambda: now[0])
+    monkeypatch.setattr("time.monotonic", lambda: now[0])
     delays = []
     for _ in range(8):
         delays.append(tcp.auth_delay("198.51.100.7"))

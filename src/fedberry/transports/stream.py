@@ -1,0 +1,131 @@
+"""Frames over asyncio streams, shared by the chief's and the worker's TCP side: addresses,
+the pre-authentication limits, and the chunked writer that sends tensors without copying them.
+
+The TCP transport is ``tcp_chief.py`` (the listener) and ``tcp_worker.py`` (the worker's one
+connection); ``tcp.py`` gathers their public names.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import ipaddress
+import logging
+from typing import Any
+
+from ..protocol import (
+    EncodedFrame,
+    Limits,
+)
+
+log = logging.getLogger("fedberry.tcp")
+
+# Before authentication a peer may send only small frames with no tensors: an anonymous
+# connection cannot make the chief allocate more than the metadata limit.
+# 256 KiB of metadata holds a model spec of ~8k tensors (about 30 bytes each).
+PREAUTH_LIMITS = Limits(max_meta_bytes=256 << 10, max_tensors=10_000, max_payload=0)
+MAX_WORKER_ID = 128
+
+
+def parse_address(addr: str, default_port: int = 7777) -> tuple[str, int]:
+    """``tcp://host:port``, ``host:port``, ``[::1]:port`` or ``host`` -> (host, port)."""
+    rest = addr.split("://", 1)[1] if "://" in addr else addr
+    if rest.startswith("["):
+        host, _, port = rest[1:].partition("]")
+        port = port.lstrip(":")
+    elif rest.count(":") == 1:
+        host, port = rest.split(":")
+    else:
+        host, port = rest, ""
+    if not host:
+        raise ValueError(f"no host in address {addr!r}")
+    try:
+        return host, int(port) if port else default_port
+    except ValueError:
+        raise ValueError(f"bad port in address {addr!r}") from None
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class _FrameWriter:
+    """Feeds frames to the transport a chunk at a time, waiting while its buffer is non-empty.
+
+    asyncio's transports copy whatever the kernel does not take at once into their own buffer;
+    for a 40 MB model that is a full copy per worker. Writing 1 MiB chunks only when the buffer
+    is empty (write-buffer limits of zero: pause_writing as soon as anything is buffered) lets
+    the tensors go from their numpy memory to the socket with at most a chunk's remainder copied.
+    """
+
+    CHUNK = 1 << 20
+    transport: asyncio.Transport | None
+    # Optional bench.shaper.TokenBucket (ListenOptions.shaper): each chunk waits for its tokens
+    # before it is written, so that a loopback benchmark sees a slow link. Small chunks then,
+    # so that the connections sharing the bucket interleave as flows on one link do.
+    _bucket: Any = None
+    _paid = _shaping = False
+    SHAPED_CHUNK = 16 * 1024
+
+    def _init_writer(self) -> None:
+        self._out: collections.deque[memoryview] = collections.deque()
+        self._paused = False
+        self._close_when_flushed = False
+        if self.transport is not None:
+            # high=1, not 0, under TLS: asyncio's TLS transport pauses when the buffer is
+            # >= high (plain sockets: > high), so 0 paused it after every write, even a
+            # flushed one, and nothing resumed it: the second frame never left.
+            tls = self.transport.get_extra_info("ssl_object") is not None
+            self.transport.set_write_buffer_limits(high=1 if tls else 0, low=0)
+
+    def _queue(self, frame: EncodedFrame) -> None:
+        self._out.extend(memoryview(p) for p in frame.parts)
+        self._pump()
+
+    def _pump(self) -> None:
+        t = self.transport
+        chunk = self.CHUNK if self._bucket is None else self.SHAPED_CHUNK
+        while (self._out and not self._paused and not self._shaping and t is not None
+               and not t.is_closing()):
+            part = self._out[0]
+            if len(part) > chunk:
+                self._out[0] = part[chunk:]
+                part = part[:chunk]
+            else:
+                self._out.popleft()
+            if self._bucket is not None and not self._paid:
+                wait = self._bucket.reserve(len(part))
+                if wait > 0:  # tokens taken; this chunk goes first once they are paid for
+                    self._out.appendleft(part)
+                    self._paid = self._shaping = True
+                    asyncio.get_running_loop().call_later(wait, self._tokens_paid)
+                    return
+            self._paid = False
+            t.write(part)
+        if self._close_when_flushed and not self._out and t is not None:
+            self._close_when_flushed = False
+            self._flushed(t)
+
+    def _flushed(self, transport: asyncio.Transport) -> None:
+        """Everything queued before ``_close_after_flush`` has been handed to the transport."""
+        transport.close()
+
+    def _tokens_paid(self) -> None:
+        self._shaping = False
+        self._pump()
+
+    def pause_writing(self) -> None:
+        self._paused = True
+
+    def resume_writing(self) -> None:
+        self._paused = False
+        self._pump()
+
+    def _close_after_flush(self) -> None:
+        self._close_when_flushed = True
+        self._pump()
