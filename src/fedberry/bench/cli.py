@@ -34,8 +34,9 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--delay-ms", type=float, default=d.delay_ms,
                    help="one-way latency; needs netem (reported when missing)")
     p.add_argument("--duplex", default=d.duplex, choices=["full", "half"])
-    p.add_argument("--check-shaper", action="store_true",
-                   help="also time dsgd steps through both emulations and compare (needs root)")
+    p.add_argument("--check-shaper", action=argparse.BooleanOptionalAction, default=None,
+                   help="also time dsgd steps through both emulations and compare them "
+                        "(default: on when the link is network namespaces)")
     p.add_argument("--run-to-cap", action="store_true",
                    help="keep training after the target, up to each mode's time cap")
     p.add_argument("--set", action="append", default=[], metavar="MODE.FIELD=VALUE",

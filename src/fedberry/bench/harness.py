@@ -77,6 +77,9 @@ class ModeResult:
     iface_bytes_run: int | None = None  # whole run, total by interface counters
     socket_bytes_run: int | None = None
     crc_match: bool | None = None  # dsgd/fedavg: worker 1's model == the one evaluated
+    # 1-minute load average when the mode started and ended: other jobs on the machine show
+    # up here (ours alone are about workers + 1 at most).
+    loadavg: tuple[float, float] | None = None
     notes: list[str] = field(default_factory=list)
     points: list[Point] = field(default_factory=list)
 
@@ -215,11 +218,15 @@ class Bench:
             stop_at_target: bool | None = None) -> ModeResult:
         mc = self.cfg.per_mode[mode]
         stop = self.cfg.stop_at_target if stop_at_target is None else stop_at_target
+        load0 = os.getloadavg()[0]
         if mode == "single":
-            return self._single(mc, stop)
-        if mode == "ddp":
-            return self._ddp(mc, stop, tag or mode, max_k)
-        return self._fed(mode, mc, stop, tag or mode, max_k)
+            res = self._single(mc, stop)
+        elif mode == "ddp":
+            res = self._ddp(mc, stop, tag or mode, max_k)
+        else:
+            res = self._fed(mode, mc, stop, tag or mode, max_k)
+        res.loadavg = (load0, os.getloadavg()[0])
+        return res
 
     # -- single ------------------------------------------------------------------------------
     def _single(self, mc: ModeConfig, stop: bool) -> ModeResult:

@@ -19,6 +19,8 @@ def run(cfg: BenchConfig, *, quiet: bool = False, command: str | None = None,
     out.mkdir(parents=True, exist_ok=True)
     say = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
     kind, why = link_mod.choose(cfg.link)
+    if cfg.check_shaper is None:
+        cfg.check_shaper = kind == "netns"
     if cfg.check_shaper and kind != "netns":
         raise ValueError("--check-shaper compares the namespaces with the in-process shaper: "
                          f"it needs network namespaces ({why})")
@@ -112,6 +114,7 @@ def check_shaper(cfg: BenchConfig, bench: Bench, out: Path, say: Any) -> dict[st
         "steps": k, "s_per_step_netns": ns, "s_per_step_shaper": sh, "shaper_over_netns": rel,
         "agree_within_10pct": rel is not None and abs(rel - 1) <= 0.10,
         "socket_bytes_netns": socket_ns, "socket_bytes_shaper": socket_sh,
+        "bytes_shaper_over_netns": (socket_sh / socket_ns) if socket_ns and socket_sh else None,
         "iface_bytes_netns": runs["netns"].iface_bytes_run,
         "qdisc_bytes_netns": runs["netns"].qdisc_bytes,
         "expected_s_per_step": _expected_step(cfg, runs["netns"]),
