@@ -53,6 +53,7 @@ def run(cfg: BenchConfig, *, quiet: bool = False, command: str | None = None,
     payload["ratios"] = report.ratios(results)
     payload["check_shaper"] = check
     payload["table"] = report.table(results, cfg.target)
+    payload["table_markdown"] = report.table(results, cfg.target, markdown=True)
     payload["elapsed_s"] = round(time.monotonic() - t_start, 1)
     payload["status"] = "done"
     pngs = []
