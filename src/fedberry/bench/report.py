@@ -91,7 +91,7 @@ def _mb(n: float | None, lower: bool = False) -> str:
 
 
 # -- the table ---------------------------------------------------------------------------------
-COLUMNS = ["mode", "workers", "time to target [s]", "steps|rounds", "final acc",
+COLUMNS = ["mode", "workers", "time to target [s]", "steps / rounds", "final acc",
            "MB to target", "MB per worker", "faster than dsgd", "fewer bytes than dsgd",
            "faster than single"]
 
@@ -104,7 +104,8 @@ def rows(results: dict[str, ModeResult], target: float) -> list[list[str]]:
         t = "-" if r.time_to_target_s is None else f"{r.time_to_target_s:.1f}"
         if lb:
             t = f">={t} (not reached)"
-        k = "-" if r.k_to_target is None else f"{'>=' if lb else ''}{r.k_to_target} {r.unit}s"
+        k = "-" if r.k_to_target is None else (
+            f"{'>=' if lb else ''}{r.k_to_target} {r.unit}{'' if r.k_to_target == 1 else 's'}")
         acc = "-" if r.final_acc is None else f"{r.final_acc:.4f}"
         mb = "0" if name == "single" else _mb(r.bytes_to_target, lb)
         per = "0" if name == "single" else _mb(r.per_worker_to_target, lb)
@@ -192,3 +193,45 @@ def plots(results: dict[str, ModeResult], target: float, out: Path,
         plt.close(fig)
         written.append(path)
     return written
+
+
+def load(path: str | Path) -> tuple[dict[str, ModeResult], dict[str, Any]]:
+    """The modes of a results.json as ModeResults, and the whole payload."""
+    from .harness import Point
+
+    payload = json.loads(Path(path).read_text())
+    results = {}
+    for name, d in payload["modes"].items():
+        d = dict(d)
+        points = [Point(**p) for p in d.pop("points")]
+        results[name] = ModeResult(**d, points=points)
+    return results, payload
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m fedberry.bench.report RESULTS_JSON [--markdown] [--plots DIR]``: the table
+    again (for docs), or the plots redrawn, from a finished run."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m fedberry.bench.report")
+    p.add_argument("results")
+    p.add_argument("--markdown", action="store_true")
+    p.add_argument("--plots", metavar="DIR", help="write the two PNGs into DIR")
+    args = p.parse_args(argv)
+    results, payload = load(args.results)
+    target = payload["config"]["target"]
+    print(table(results, target, markdown=args.markdown))
+    if args.plots:
+        out = Path(args.plots)
+        out.mkdir(parents=True, exist_ok=True)
+        cfg = payload["config"]
+        link = payload.get("link", {})
+        title = (f"Fashion-MNIST MLP, {cfg['workers']} workers, {cfg['rate_mbit']:g} Mbit/s "
+                 f"shared link ({link.get('kind', '?')}), target {target}")
+        for path in plots(results, target, out, title=title):
+            print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
