@@ -110,6 +110,8 @@ class Procs:
         self.events: queue.Queue[tuple[str, dict[str, Any]]] = queue.Queue()
         self.procs: dict[str, subprocess.Popen] = {}
         self._logs: list[Any] = []
+        self._lock = threading.Lock()
+        (logdir / "events.jsonl").write_text("")
 
     def start(self, name: str, host: int | str | None, role: str, spec: dict[str, Any]) -> None:
         argv = [sys.executable, "-m", "fedberry.bench.procs", role, json.dumps(spec)]
@@ -128,7 +130,13 @@ class Procs:
             if line.startswith("{"):
                 with contextlib.suppress(json.JSONDecodeError):
                     self.events.put((name, json.loads(line)))
+                    self._record(name, line)
         self.events.put((name, {"ev": "exit", "code": proc.wait()}))
+
+    def _record(self, name: str, line: str) -> None:
+        # Every event of every process, raw, for whoever wants to look behind the table.
+        with self._lock, open(self.logdir / "events.jsonl", "a") as f:
+            f.write(f'{{"proc": "{name}", "event": {line.strip()}}}\n')
 
     def wait_for(self, names: list[str], ev: str, timeout: float) -> dict[str, dict[str, Any]]:
         got: dict[str, dict[str, Any]] = {}
@@ -449,6 +457,9 @@ class Bench:
                     steps.setdefault(e["step"], {})[name] = e
                     if name == "rank0" and not netns:
                         lo_at[e["step"]] = self.link.loopback_bytes() - lo0
+                    if res.points and res.points[-1].k == e["step"]:
+                        self._ddp_bytes(res.points[-1], steps[e["step"]], base, base_tx, n,
+                                        netns)
                 elif e["ev"] == "eval":
                     evals[e["step"]] = (e["acc"], e["loss"])
                 while emitted + 1 in evals and "rank0" in steps.get(emitted + 1, {}):
