@@ -151,6 +151,7 @@ def plots(results: dict[str, ModeResult], target: float, out: Path,
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        import matplotlib.ticker
     except ImportError:
         return []
     written = []
@@ -178,6 +179,10 @@ def plots(results: dict[str, ModeResult], target: float, out: Path,
         ax.axhline(target, color="black", linestyle="--", linewidth=0.8,
                    label=f"target {target:.2f}")
         ax.set_xscale("log")
+        # Plain numbers at 1-2-5: matplotlib's default minor-tick labels on a log axis collide.
+        ax.xaxis.set_major_locator(matplotlib.ticker.LogLocator(10, subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel(xlabel)
         ax.set_ylabel("test accuracy (Fashion-MNIST, 10k)")
         lows = [p.acc for r in results.values() for p in r.points]
