@@ -31,6 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .round_time import add_grid_options
+
 TENSORS = 8  # as in the TCP benchmark: a model is a handful of tensors, not one blob
 
 
@@ -127,16 +129,12 @@ def main(argv: list[str] | None = None) -> int:
         fn(int(argv[1]), int(argv[2]), int(argv[3]), argv[4])
         return 0
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--params", type=float, nargs="+", default=[1e6, 1e7])
-    p.add_argument("--workers", type=int, nargs="+", default=[2, 8])
-    p.add_argument("--rounds", type=int, default=10)
-    p.add_argument("--warmup", type=int, default=2)
+    add_grid_options(p)
     p.add_argument("--repeat", type=int, default=1,
                    help="run every measurement this many times and report the median (a shared "
                         "or small machine is noisy)")
     p.add_argument("--tcp", action="store_true",
                    help="also run fedberry.bench.round_time's TCP and socket-floor figures")
-    p.add_argument("--json", help="write the results here too")
     args = p.parse_args(argv)
     head = "| params | workers | MiB per round (star) | fedberry MPI (s) | "
     head += "MPI floor: Allreduce (s) | bare Reduce+Bcast (s) |"

@@ -120,6 +120,15 @@ def run_floor(params: int, workers: int, rounds: int, warmup: int, tmp: Path) ->
     return json.loads(out)["round_s"]
 
 
+def add_grid_options(p: argparse.ArgumentParser) -> None:
+    """The measurement grid shared by the round-time benchmarks (TCP here, MPI beside it)."""
+    p.add_argument("--params", type=float, nargs="+", default=[1e6, 1e7])
+    p.add_argument("--workers", type=int, nargs="+", default=[2, 8])
+    p.add_argument("--rounds", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--json", help="write the results here too")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "_fb_worker":
@@ -132,11 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         floor_chief(argv[1], *map(int, argv[2:6]))
         return 0
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--params", type=float, nargs="+", default=[1e6, 1e7])
-    p.add_argument("--workers", type=int, nargs="+", default=[2, 8])
-    p.add_argument("--rounds", type=int, default=10)
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--json", help="write the results here too")
+    add_grid_options(p)
     args = p.parse_args(argv)
     tmp = Path("/tmp")
     rows = []
