@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 from robustness_harness import TOKEN, Cluster
 
-from fedberry import auth
+from fedberry import auth, codecs
 from fedberry.protocol import (
     HEADER,
     HEADER_SIZE,
@@ -53,7 +53,8 @@ MODEL_BYTES = sum(a.nbytes for a in MODEL)
 # What the chief accepts in each state, as documented (transports/tcp.py): small tensor-free
 # frames before WELCOME, then frames of exactly the federation's model.
 PREAUTH = Limits(max_meta_bytes=256 << 10, max_tensors=10_000, max_payload=0)
-JOINED = Limits(max_meta_bytes=256 << 10, max_tensors=len(SHAPES), max_payload=MODEL_BYTES)
+# (A q8 update carries two tensors, values and scales, per float tensor.)
+JOINED = Limits(max_meta_bytes=256 << 10, max_tensors=2 * len(SHAPES), max_payload=MODEL_BYTES)
 
 HONEST = textwrap.dedent("""
     import os, sys, time
@@ -127,6 +128,8 @@ def judge(data: bytes, state: str, proof: str = "") -> Verdict:
         return Verdict("bad", "UPDATE fields")
     if not all(np.isfinite(t).all() for t in f.tensors):
         return Verdict("bad", "non-finite")
+    if f.meta.get("codec") == "q8" and any((t < 0).any() for t in f.tensors[1::2]):
+        return Verdict("bad", "negative q8 scale")
     return Verdict("valid", "a real update")
 
 
@@ -191,6 +194,14 @@ def update_frame(rng: random.Random) -> tuple[MsgType, dict, list[np.ndarray]]:
         tensors[t].flat[rng.randrange(tensors[t].size)] = rng.choice([np.nan, np.inf, -np.inf])
     meta = {"round": rng.randrange(5), "num_samples": rng.choice([1, 10.5, 0, -3]),
             "metrics": {"loss": rng.random()}}
+    if rng.random() < 0.3:  # compressed: values and scales, or half floats
+        meta["codec"] = rng.choice(["q8", "fp16"])
+        with np.errstate(invalid="ignore"):  # NaN and Inf stay (as NaN scales for q8)
+            tensors = (codecs.get("q8").encode(tensors, MODEL) if meta["codec"] == "q8"
+                       else [t.astype(np.float16) for t in tensors])
+        if meta["codec"] == "q8" and rng.random() < 0.5:
+            tensors[1] = tensors[1].copy()
+            tensors[1][0] = rng.choice([np.nan, np.inf, -1.0])
     return MsgType.UPDATE, meta, tensors
 
 

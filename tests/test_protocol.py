@@ -371,3 +371,12 @@ def test_spec_from_json_refuses(bad: object) -> None:
 def test_spec_from_json_limits_the_tensor_count() -> None:
     with pytest.raises(ProtocolError):
         spec_from_json([["<f4", [1]]] * 3, Limits(max_tensors=2))
+
+
+def test_auth_verify_refuses_what_a_peer_may_put_in_a_proof():
+    from fedberry import auth
+
+    good = auth.worker_proof("t" * 32, "a" * 64, "b" * 64)
+    assert auth.verify(good, good)
+    for bad in [None, 1, [good], good[:-1], good[:-1] + "\u00e9", "\u0000" * len(good)]:
+        assert not auth.verify(good, bad)  # refused, never raised (hmac raises on non-ASCII)

@@ -130,3 +130,20 @@ def test_trimmed_mean_drops_the_extremes_per_coordinate():
     np.testing.assert_allclose(t.finish()[0], 2.0)
     with pytest.raises(ValueError):
         TrimmedMean(trim=0.5)
+
+
+@pytest.mark.parametrize("name", ["fedavg", "fedavgm", "fedadam", "median", "trimmed_mean"])
+def test_zero_dim_tensors_average_over_every_update(name):
+    # A BatchNorm step counter is a 0-d int64: numpy hands back scalars for 0-d results, and a
+    # running sum kept in one counted only the first update.
+    strategy = make_strategy(name)
+    strategy.begin([np.array(0, np.int64), np.array(0.0, np.float32)])
+    for v, n in [(10, 1.0), (20, 1.0), (30, 2.0)]:
+        strategy.add([np.array(v, np.int64), np.array(float(v), np.float32)], n)
+    counter, value = strategy.finish()
+    assert isinstance(counter, np.ndarray) and counter.shape == () and counter.dtype == np.int64
+    assert isinstance(value, np.ndarray) and value.shape == ()
+    if name in ("fedavg", "fedavgm"):
+        assert counter == 22  # (10 + 20 + 2 * 30) / 4 = 22.5, rounded half to even
+    else:
+        assert 10 <= counter <= 30

@@ -103,7 +103,8 @@ def test_plain_tcp_capture_does_show_the_plaintext(tmp_path: Path) -> None:
     try:
         with Proxy(handle.address[1], record=True) as wire:
             with Worker(wire.url, token=TOKEN) as w:
-                w.sync([m + 1 for m in w.join(model)], 10)
+                # Joined with another model, so that the chief's crosses the wire.
+                w.sync([m + 1 for m in w.join([np.zeros_like(a) for a in model])], 10)
             assert handle.wait(10)
             captured = bytes(wire.captured)
         for name, needle in plaintext_needles(model).items():

@@ -39,7 +39,8 @@ def chief_proof(token: str, chief_nonce: str, worker_nonce: str) -> str:
 
 
 def verify(expected: str, got: object) -> bool:
-    return isinstance(got, str) and hmac.compare_digest(expected, got)
+    # compare_digest raises on a str with non-ASCII characters: a peer's JSON may hold any.
+    return isinstance(got, str) and got.isascii() and hmac.compare_digest(expected, got)
 
 
 def resolve_token(token: str | None = None, token_file: str | os.PathLike | None = None) -> str:

@@ -9,6 +9,7 @@ from dataclasses import fields
 from pathlib import Path
 
 from . import __version__
+from .codecs import DOWNLINK_CODECS, UPLINK_CODECS
 from .demo import TrainConfig
 from .errors import FederationError
 from .strategies import STRATEGIES
@@ -28,6 +29,15 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
                    help="Fashion-MNIST IDX files (default /usr/share/datasets/fashion-mnist, "
                         "Debian package dataset-fashion-mnist)")
     p.add_argument("--framework", default=d.framework, choices=["torch", "keras"])
+    p.add_argument("--codec", default=d.codec, choices=list(UPLINK_CODECS),
+                   help="how updates travel: none, fp16 (half the bytes) or q8 (the change since "
+                        "the global model in 8 bits with error feedback: a quarter)")
+
+
+def _add_downlink_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--downlink", default="none", choices=list(DOWNLINK_CODECS),
+                   help="how the global model travels to the workers: none or fp16 (half the "
+                        "bytes; the chief keeps the model as the workers get it)")
 
 
 def _train_config(args: argparse.Namespace) -> TrainConfig:
@@ -74,6 +84,7 @@ def _add_chief_parser(sub: argparse._SubParsersAction) -> None:
                    help="allow plain TCP or no token on a non-loopback address")
     p.add_argument("--max-connections", type=int, default=256)
     p.add_argument("--idle-timeout", type=float, default=60.0)
+    _add_downlink_option(p)
     p.set_defaults(func=_run_chief)
 
 
@@ -110,7 +121,7 @@ def _run_chief(args: argparse.Namespace) -> int:
               token_file=args.token_file, tls_cert=args.tls_cert, tls_key=args.tls_key,
               client_ca=args.client_ca, insecure=args.insecure,
               max_connections=args.max_connections, idle_timeout=args.idle_timeout,
-              run_config=run_config, on_round=show)
+              run_config=run_config, on_round=show, downlink=args.downlink)
     return 0
 
 
@@ -151,6 +162,7 @@ def _add_demo_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--transport", default="tcp", choices=["tcp", "mpi"])
     p.add_argument("--timeout", type=float, default=1800.0)
     _add_train_options(p)
+    _add_downlink_option(p)
     p.set_defaults(func=_run_demo)
 
 
@@ -162,7 +174,8 @@ def _run_demo(args: argparse.Namespace) -> int:
                             timeout=args.timeout)
     from .demo import run_demo
 
-    return run_demo(args.workers, args.rounds, args.out, _train_config(args), args.timeout)
+    return run_demo(args.workers, args.rounds, args.out, _train_config(args), args.timeout,
+                    downlink=args.downlink)
 
 
 def build_parser() -> argparse.ArgumentParser:

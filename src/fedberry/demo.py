@@ -42,6 +42,7 @@ class TrainConfig:
     sync_every: int | None = None  # local steps per round; None: one pass over the local data
     data_dir: str | None = None
     framework: str = "torch"
+    codec: str = "none"  # how updates travel: none | fp16 | q8 (codecs.py)
 
     def argv(self) -> list[str]:
         out = []
@@ -76,6 +77,7 @@ def run_torch_worker(chief: Any, index: int, count: int, cfg: TrainConfig,
     model = build_model(cfg.model, seed=cfg.seed)
     sync_every = cfg.sync_every or math.ceil(len(x) / cfg.batch_size)
     worker_options.setdefault("worker_id", f"worker-{index}of{count}-{os.getpid()}")
+    worker_options.setdefault("codec", cfg.codec)
     opt = FederatedOptimizer(torch.optim.SGD(model.parameters(), lr=cfg.lr), model, chief=chief,
                              sync_every=sync_every, num_samples=len(x), **worker_options)
     # Batches come from a generator seeded per worker: the same seed gives the same run.
@@ -144,7 +146,7 @@ def make_evaluator(model_name: str, data_dir: str | None = None,
 
 def run_demo(workers: int = 4, rounds: int = 10, out: str = "runs/demo",
              cfg: TrainConfig | None = None, timeout: float = 1800.0,
-             quiet: bool = False) -> int:
+             quiet: bool = False, downlink: str = "none") -> int:
     """Chief in this process, ``workers`` worker processes on loopback. Returns an exit code."""
     from .serve import serve
 
@@ -160,7 +162,7 @@ def run_demo(workers: int = 4, rounds: int = 10, out: str = "runs/demo",
                    evaluate=make_evaluator(cfg.model, cfg.data_dir, cfg.framework),
                    out_dir=out_dir,
                    token=token, run_config={"demo": asdict(cfg), "workers": workers},
-                   on_round=lambda r: say(format_row(r)))
+                   on_round=lambda r: say(format_row(r)), downlink=downlink)
     env = dict(os.environ, **{TOKEN_ENV: token})
     procs = []
     logs = []

@@ -7,6 +7,7 @@ A frame is::
 
     header  20 bytes   magic b"FDBR", version u8, type u8, flags u16, meta_len u32, payload_len u64
     meta    meta_len   UTF-8 JSON object; "tensors": [{"dtype": "<f4", "shape": [200, 784]}, ...]
+                       and, for a compressed model, "codec": "fp16" | "q8" | ... (codecs.py)
     payload            the tensors' raw little-endian bytes, back to back, in the order of "tensors"
 
 All integers are little-endian. Message boundaries come from the header, never from timeouts.
@@ -347,10 +348,19 @@ class FrameDecoder:
             if total != self._payload_len:
                 raise ProtocolError(ErrorCode.BAD_FRAME, f"tensors need {total} bytes, the header "
                                                          f"says {self._payload_len}")
+            # Imported here: codecs builds on this module's types.
+            from . import codecs
+
+            name = meta.get("codec", "none")
+            codec = codecs.get(name)
+            if name not in codecs.FRAME_CODECS[self._type.name]:
+                raise ProtocolError(ErrorCode.BAD_FRAME, f"{self._type.name} frames cannot use "
+                                                         f"codec {name!r}")
             if self.expected is not None:
-                why = spec_mismatch(self.expected, specs)
+                why = spec_mismatch(codec.wire_spec(self.expected), specs)
                 if why:
-                    raise ProtocolError(ErrorCode.SPEC_MISMATCH, why)
+                    raise ProtocolError(ErrorCode.SPEC_MISMATCH,
+                                        why if codec.name == "none" else f"{name}-encoded: {why}")
         elif "tensors" in meta:
             raise ProtocolError(ErrorCode.BAD_FRAME, f"{self._type.name} frames carry no tensors")
         # Only now, with everything checked, allocate the tensors the payload is read into.

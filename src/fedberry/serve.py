@@ -82,8 +82,12 @@ def serve(listen: str | None = "127.0.0.1:0", *, workers: int = 1, rounds: int |
           insecure: bool = False, max_connections: int = 256, idle_timeout: float = 60.0,
           handshake_timeout: float = 15.0, finish_grace: float = 30.0,
           run_config: dict[str, Any] | None = None,
-          on_round: Callable[[dict[str, Any]], None] | None = None) -> ChiefHandle:
-    """Start a chief in the background and return once it accepts connections."""
+          on_round: Callable[[dict[str, Any]], None] | None = None,
+          downlink: str = "none") -> ChiefHandle:
+    """Start a chief in the background and return once it accepts connections.
+
+    ``downlink``: how the global model travels to TCP workers, ``none`` or ``fp16`` (half the
+    bytes; the chief then keeps the model rounded to half precision, as the workers get it)."""
     strat = make_strategy(strategy)
     start_round = 0
     append = False
@@ -104,7 +108,7 @@ def serve(listen: str | None = "127.0.0.1:0", *, workers: int = 1, rounds: int |
     server = ChiefServer(chief, evaluate=evaluate, out_dir=str(out_dir) if out_dir else None,
                          checkpoint_path=str(checkpoint) if checkpoint else None,
                          run_config=run_config, finish_grace=finish_grace,
-                         append_metrics=append, on_round=on_round)
+                         append_metrics=append, on_round=on_round, downlink=downlink)
     io = LoopThread("fedberry-chief")
     handle = ChiefHandle(server, io)
     tcp = None

@@ -17,6 +17,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from . import checkpoint as ckpt_io
+from . import codecs
 from .chief import Chief, Finished, RequestInit, RoundClosed, SendError, SendGlobal
 from .metrics import MetricsLog
 from .protocol import EncodedFrame, ErrorCode, MsgType, Spec, encode
@@ -42,8 +43,11 @@ class ChiefServer:
                  out_dir: str | None = None, checkpoint_path: str | None = None,
                  run_config: dict[str, Any] | None = None, finish_grace: float = 30.0,
                  append_metrics: bool = False,
-                 on_round: Callable[[dict[str, Any]], None] | None = None) -> None:
+                 on_round: Callable[[dict[str, Any]], None] | None = None,
+                 downlink: str = "none") -> None:
         self.chief = chief
+        self.downlink = codecs.get(codecs.check_name(downlink, codecs.DOWNLINK_CODECS,
+                                                     "downlink"))
         self.evaluate = evaluate
         self.metrics = MetricsLog(out_dir, append=append_metrics)
         self.checkpoint_path = checkpoint_path
@@ -55,9 +59,15 @@ class ChiefServer:
         self.bytes_down = 0
         self._bytes_mark = (0, 0)
         self._frame_cache: tuple[tuple[int, bool], EncodedFrame] | None = None
+        self._digest: tuple[int, str] | None = None
+        self._projected: tuple[int, bool] | None = None  # (round, fits the downlink codec)
         self._deadline_handle: asyncio.TimerHandle | None = None
         self._grace_handle: asyncio.TimerHandle | None = None
         self._finishing = False
+        # Workers whose connection broke before the last round (worker id -> when): for
+        # finish_grace after that, a finished chief waits for them to reconnect and take the
+        # final model, instead of leaving them to retry against a closed port.
+        self._lost: dict[str, float] = {}
         self._t0: float | None = None
         self._evals: list[asyncio.Future[Any]] = []
         self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="fb-eval")
@@ -82,24 +92,72 @@ class ChiefServer:
         self._run(self.chief.init(peer.worker_id, arrays, time.monotonic()))
 
     def on_update(self, peer: Peer, round_: int, num_samples: float, arrays: list[np.ndarray],
-                  metrics: dict[str, Any]) -> None:
+                  metrics: dict[str, Any], codec: str = "none") -> None:
+        if codec != "none":
+            chief = self.chief
+            if round_ == chief.round and chief.spec is not None:
+                arrays = codecs.get(codec).decode(arrays, chief.spec, chief.global_arrays)
+            elif codecs.get(codec).needs_reference and chief.spec is not None:
+                # Encoded against a model that is gone: it can only be a late or early update,
+                # which the chief drops (and says so). Bad numbers are refused all the same.
+                codecs.get(codec).check(arrays, chief.spec)
+                arrays = []
+            else:
+                arrays = codecs.get(codec).decode(arrays, chief.spec or (), None)
         self._run(self.chief.update(peer.worker_id, round_, num_samples, arrays, metrics,
                                     time.monotonic()))
 
-    def detach(self, peer: Peer) -> None:
+    def detach(self, peer: Peer, lost: bool = False) -> None:
         if self.peers.get(peer.worker_id) is not peer:
             return  # an old connection of a worker that has reconnected
         del self.peers[peer.worker_id]
+        if lost and not self.chief.done:
+            self._lost[peer.worker_id] = time.monotonic()
         self._run(self.chief.leave(peer.worker_id, time.monotonic()))
 
     # -- the global model, encoded once per round -------------------------------------------
     def global_frame(self) -> EncodedFrame:
         key = (self.chief.round, self.chief.done)
         if self._frame_cache is None or self._frame_cache[0] != key:
-            frame = encode(MsgType.GLOBAL, {"round": self.chief.round, "done": self.chief.done},
-                           self.chief.global_arrays or [])
+            meta: dict[str, Any] = {"round": self.chief.round, "done": self.chief.done}
+            arrays = self.chief.global_arrays or []
+            if self._project():
+                meta["codec"] = self.downlink.name
+                arrays = self.downlink.encode(arrays)
+            frame = encode(MsgType.GLOBAL, meta, arrays)
             self._frame_cache = (key, frame)
         return self._frame_cache[1]
+
+    def _project(self) -> bool:
+        """Round the global model to what the downlink codec delivers, once per round, so that
+        the chief keeps (checkpoints, evaluates, decodes q8 updates against) exactly the model
+        the workers hold. False: send this round's model as it is.
+
+        The first model (round 0) always goes as it is: workers built from the same seed hold it
+        already (and are sent 'unchanged'), and every worker's first reference must be exact."""
+        if self.downlink.name == "none" or self.chief.round == 0 or not self.chief.global_arrays:
+            return False
+        if self._projected is None or self._projected[0] != self.chief.round:
+            assert isinstance(self.downlink, codecs.Fp16)
+            self._projected = (self.chief.round, self.downlink.project(self.chief.global_arrays))
+            if not self._projected[1]:
+                log.warning("round %d: the model does not fit the %s downlink; sent as it is",
+                            self.chief.round, self.downlink.name)
+        return self._projected[1]
+
+    def global_digest(self) -> str | None:
+        """SHA-256 of the current global model (codecs.digest), computed once per round."""
+        if self.chief.global_arrays is None:
+            return None
+        self._project()
+        if self._digest is None or self._digest[0] != self.chief.round:
+            self._digest = (self.chief.round, codecs.digest(self.chief.global_arrays))
+        return self._digest[1]
+
+    def unchanged_frame(self) -> EncodedFrame:
+        """GLOBAL for a worker that already holds the global model (its digest matched)."""
+        return encode(MsgType.GLOBAL, {"round": self.chief.round, "done": self.chief.done,
+                                       "codec": "unchanged"})
 
     # -- actions -----------------------------------------------------------------------------
     def _run(self, actions: list[Any]) -> None:
@@ -108,6 +166,8 @@ class ChiefServer:
                 for wid in action.worker_ids:
                     if wid in self.peers:
                         self.peers[wid].send_global(self)
+                        if self.chief.done:
+                            self._lost.pop(wid, None)
             elif isinstance(action, SendError):
                 peer = self.peers.get(action.worker_id)
                 if peer is not None:
@@ -125,15 +185,22 @@ class ChiefServer:
             elif isinstance(action, Finished):
                 log.info("finishing: %s", action.reason)
                 self._finishing = True
-                if self.peers and self.loop is not None:
+                if (self.peers or self._awaited()) and self.loop is not None:
                     self._grace_handle = self.loop.call_later(self.finish_grace, self._finish)
         self._arm_deadline()
-        if self._finishing and not self.chief.members:
+        if self._finishing and not self.chief.members and not self._awaited():
             self._finish()
+
+    def _awaited(self) -> list[str]:
+        """Workers cut off lately that have not had the final model: they are reconnecting."""
+        now = time.monotonic()
+        return [w for w, t in self._lost.items()
+                if now - t < self.finish_grace and w not in self.chief.members]
 
     def _round_closed(self, rc: RoundClosed) -> None:
         # Checkpoint before anyone sees the new model: a chief killed after this round resumes
         # with exactly the model the workers were sent.
+        self._project()
         if self.checkpoint_path:
             ckpt_io.save(self.checkpoint_path, ckpt_io.Checkpoint(
                 self.chief.round, self.chief.global_arrays or [],

@@ -54,7 +54,9 @@ class FedAvg:
                 if a.dtype == dtype and a.flags.writeable:
                     self._sum.append(np.multiply(a, w, out=a))
                 else:
-                    self._sum.append(np.multiply(a, w, dtype=dtype))
+                    # asarray: numpy turns a 0-d result into a scalar, and ``acc +=`` on a
+                    # scalar would rebind the name instead of adding (step counters are 0-d).
+                    self._sum.append(np.asarray(np.multiply(a, w, dtype=dtype)))
         else:
             for acc, a in zip(self._sum, arrays):
                 if a.dtype == acc.dtype and a.flags.writeable:
@@ -86,11 +88,12 @@ class FedAvg:
 
 
 def _cast(x: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    # np.asarray throughout: numpy computes a 0-d result as a scalar, and a model is arrays.
     if x.dtype == dtype:
-        return x
+        return np.asarray(x)
     if np.issubdtype(dtype, np.integer) or dtype == np.bool_:
         x = np.rint(x)
-    return x.astype(dtype)
+    return np.asarray(x.astype(dtype))
 
 
 class FedAvgM(FedAvg):
@@ -119,7 +122,7 @@ class FedAvgM(FedAvg):
                 continue
             v *= self.momentum
             v += g.astype(np.float64) - m
-            out.append((g - self.server_lr * v).astype(g.dtype))
+            out.append(_cast(g - self.server_lr * v, g.dtype))
         return out
 
     def state_dict(self) -> dict[str, np.ndarray]:
@@ -160,7 +163,7 @@ class FedAdam(FedAvg):
             m += (1 - self.beta1) * delta
             v *= self.beta2
             v += (1 - self.beta2) * delta * delta
-            out.append((g + self.server_lr * m / (np.sqrt(v) + self.tau)).astype(g.dtype))
+            out.append(_cast(g + self.server_lr * m / (np.sqrt(v) + self.tau), g.dtype))
         return out
 
     def state_dict(self) -> dict[str, np.ndarray]:

@@ -291,13 +291,14 @@ class Bench:
         try:
             procs.start("chief", "chief", "chief", self._spec(
                 mode, mc, host=self.link.chief_host, port=CHIEF_PORT if netns else 0,
-                max_rounds=max_rounds, shaper_mbit=self.link.shaper_mbit))
+                max_rounds=max_rounds, shaper_mbit=self.link.shaper_mbit,
+                downlink=mc.downlink))
             port = procs.wait_for(["chief"], "listening", READY_TIMEOUT)["chief"]["port"]
             url = f"tcp://{self.link.chief_host}:{port}"
             for i, name in enumerate(names):
                 procs.start(name, i, "fed", self._spec(
                     mode, mc, chief=url, index=i + 1, iface=self.link.iface,
-                    local_epochs=mc.local_epochs))
+                    local_epochs=mc.local_epochs, codec=mc.codec))
             ready = procs.wait_for(["chief", *names], "ready", READY_TIMEOUT)
             base = {w: ready[w]["tx"] + ready[w]["rx"] for w in names}
             base_tx = {w: ready[w]["tx"] for w in names}

@@ -145,7 +145,7 @@ def run_chief(spec: dict[str, Any]) -> None:
     handle = serve(f"{spec['host']}:{spec['port']}", workers=spec["count"],
                    rounds=spec["max_rounds"], initial=initial, evaluate=eval_keep_crc,
                    insecure=not loopback, idle_timeout=120.0, finish_grace=5.0,
-                   on_round=on_round)
+                   on_round=on_round, downlink=spec.get("downlink", "none"))
     if spec.get("shaper_mbit"):
         # Set before any worker connects (they wait for "go"): every connection is shaped.
         handle.tcp.options.shaper = SharedLink.from_mbit(spec["shaper_mbit"])
@@ -175,7 +175,7 @@ def run_fed(spec: dict[str, Any]) -> None:
     report_crc = spec["index"] == 1
     wait_go(iface)
     worker = Worker(spec["chief"], worker_id=f"bench-{spec['mode']}-{spec['index']}",
-                    idle_timeout=120.0)
+                    idle_timeout=120.0, codec=spec.get("codec", "none"))
     compute = cpu = 0.0  # seconds spent training, wall and this thread's CPU
 
     def report(round_: int, loss: float | None, arrays: list[np.ndarray] | None = None) -> None:

@@ -91,9 +91,19 @@ def _mb(n: float | None, lower: bool = False) -> str:
 
 
 # -- the table ---------------------------------------------------------------------------------
-COLUMNS = ["mode", "workers", "time to target [s]", "steps / rounds", "final acc",
-           "MB to target", "MB per worker", "faster than dsgd", "fewer bytes than dsgd",
-           "faster than single"]
+COLUMNS = ["mode", "workers", "wire (up/down)", "time to target [s]", "steps / rounds",
+           "final acc", "MB to target", "MB per worker", "faster than dsgd",
+           "fewer bytes than dsgd", "faster than single"]
+
+
+def _wire(mode: str, config: dict[str, Any]) -> str:
+    """How the mode's tensors travel: float32, or fedberry's codecs (codecs.py)."""
+    if mode == "single":
+        return "-"
+    if mode == "ddp":
+        return "f32/f32"
+    up, down = (config.get(k, "none") for k in ("codec", "downlink"))
+    return f"{'f32' if up == 'none' else up}/{'f32' if down == 'none' else down}"
 
 
 def rows(results: dict[str, ModeResult], target: float) -> list[list[str]]:
@@ -111,7 +121,7 @@ def rows(results: dict[str, ModeResult], target: float) -> list[list[str]]:
         per = "0" if name == "single" else _mb(r.per_worker_to_target, lb)
         if not r.link_shaped and name != "single":
             mb += " (unshaped)"
-        out.append([name, str(r.workers), t, k, acc, mb, per,
+        out.append([name, str(r.workers), _wire(name, r.config), t, k, acc, mb, per,
                     _fmt_ratio(rat[name].get("speedup_vs_dsgd")),
                     _fmt_ratio(rat[name].get("fewer_bytes_vs_dsgd")),
                     _fmt_ratio(rat[name].get("speedup_vs_single"))])

@@ -159,6 +159,7 @@ def run_keras_worker(chief: Any, index: int, count: int, cfg: Any,
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     steps_per_epoch = math.ceil(len(x) / cfg.batch_size)
     worker_options.setdefault("worker_id", f"keras-worker-{index}of{count}-{os.getpid()}")
+    worker_options.setdefault("codec", cfg.codec)
     callback = FederatedCallback(chief, sync_every=cfg.sync_every or steps_per_epoch,
                                  num_samples=len(x), **worker_options)
     rng = np.random.default_rng([cfg.seed, index])

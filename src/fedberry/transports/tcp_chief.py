@@ -97,6 +97,8 @@ class _ChiefConnection(_FrameWriter, asyncio.BufferedProtocol):
         self._worker_nonce = ""
         self._chief_nonce = ""
         self._announced: Spec = ()
+        self._have: str | None = None
+        self._bye = False  # the worker left on purpose (else it may come back)
         self._may_init = False
         self._drain: memoryview | None = None
         self._left = False  # detached from the server (it no longer counts as a member)
@@ -212,7 +214,7 @@ class _ChiefConnection(_FrameWriter, asyncio.BufferedProtocol):
         # take CLOSE_GRACE, and a round must not wait for a worker that is already out.
         if self.state == "joined" and not self._left:
             self._left = True
-            self.server.detach(self)
+            self.server.detach(self, lost=not self._bye)
 
     # -- frames ------------------------------------------------------------------------------
     def handle(self, frame: Frame) -> None:
@@ -227,12 +229,14 @@ class _ChiefConnection(_FrameWriter, asyncio.BufferedProtocol):
             self._auth(frame.meta)
         elif self.state == "joined" and t == MsgType.UPDATE:
             round_, n, metrics = _update_fields(frame.meta)
-            self.server.on_update(self, round_, n, frame.tensors, metrics)
+            self.server.on_update(self, round_, n, frame.tensors, metrics,
+                                  frame.meta.get("codec", "none"))
         elif self.state == "joined" and t == MsgType.INIT and self._may_init:
             self._may_init = False  # once, and only when WELCOME asked for it
             self.server.on_init(self, frame.tensors)
             self._expect_model()
         elif self.state == "joined" and t == MsgType.BYE:
+            self._bye = True
             self.close()
         else:
             raise ProtocolError(ErrorCode.PROTOCOL, f"{t.name} is not allowed now ({self.state})")
@@ -289,6 +293,8 @@ class _ChiefConnection(_FrameWriter, asyncio.BufferedProtocol):
             return
         spec = spec_from_json(meta.get("spec"), PREAUTH_LIMITS)
         self._announced = spec
+        have = meta.get("have")  # the digest of the model the worker holds, if it offers one
+        self._have = have if isinstance(have, str) and len(have) == 64 else None
         chief = self.server.chief
         self.state = "joined"
         self._may_init = chief.global_arrays is None
@@ -301,9 +307,10 @@ class _ChiefConnection(_FrameWriter, asyncio.BufferedProtocol):
     def _expect_model(self) -> None:
         spec = self.server.chief.spec or self._announced
         self.decoder.expected = spec
-        # Metadata: ~40 bytes per tensor description plus a few metrics.
-        self.decoder.limits = Limits(max(PREAUTH_LIMITS.max_meta_bytes, 64 * len(spec)),
-                                     max(len(spec), 1), sum(t.nbytes for t in spec))
+        # Metadata: ~40 bytes per tensor description plus a few metrics. A q8 update carries
+        # two tensors (values, scales) per float tensor, in fewer bytes than the model.
+        self.decoder.limits = Limits(max(PREAUTH_LIMITS.max_meta_bytes, 128 * len(spec)),
+                                     max(2 * len(spec), 1), sum(t.nbytes for t in spec))
 
     # -- Peer interface ----------------------------------------------------------------------
     def send(self, frame: EncodedFrame) -> None:
@@ -313,6 +320,10 @@ class _ChiefConnection(_FrameWriter, asyncio.BufferedProtocol):
         self._queue(frame)
 
     def send_global(self, server: ChiefServer) -> None:
+        have, self._have = self._have, None  # it describes the model the worker joined with
+        if have is not None and have == server.global_digest():
+            self.send(server.unchanged_frame())
+            return
         frame = server.global_frame()
         # The global model goes out only in answer to a join or an update, so more than two
         # models still queued means the worker sends but does not read: it would make us hold

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from .. import auth
+from .. import auth, codecs
 from ..errors import AuthenticationError, ChiefUnreachable, FederationError, from_code
 from ..protocol import (
     EncodedFrame,
@@ -104,8 +104,9 @@ class TcpSession:
                  ssl_context: ssl.SSLContext | None = None, server_hostname: str | None = None,
                  connect_timeout: float = 60.0, reconnect_timeout: float = 300.0,
                  heartbeat: float = 5.0, idle_timeout: float = 60.0,
-                 limits: Limits | None = None) -> None:
+                 limits: Limits | None = None, codec: str = "none") -> None:
         self.host, self.port = host, port
+        self.codec = codecs.get(codecs.check_name(codec, codecs.UPLINK_CODECS, "update"))
         self.token = token
         self.worker_id = worker_id
         self.ssl_context = ssl_context
@@ -123,21 +124,27 @@ class TcpSession:
         self._tls_closes = 0  # consecutive TLS connections closed before CHALLENGE
         self._spec: Spec = ()
         self._init_arrays: Sequence[np.ndarray] = ()
+        # The global model as the chief holds it, kept for delta codecs (q8) and 'unchanged'.
+        self._reference: list[np.ndarray] | None = None
+        self._residual: list[np.ndarray] | None = None  # error feedback of a lossy codec
         self._hb_task: asyncio.Task[None] | None = None
+        self._have: str | None = None
 
     # -- public coroutines -------------------------------------------------------------------
     async def join(self, arrays: Sequence[np.ndarray]) -> tuple[int, list[np.ndarray], bool]:
         self._spec = spec_of(arrays)
         self._init_arrays = arrays
+        self._have = codecs.digest(arrays)
         return await self._with_retries(self._join_once, self.connect_timeout)
 
     async def sync(self, round_: int, arrays: Sequence[np.ndarray], num_samples: float,
                    metrics: dict[str, Any]) -> tuple[int, list[np.ndarray], bool]:
         # Encoded once: a resend after a reconnect sends the same bytes, and the chief counts
         # a repeated update for a round once.
-        frame = encode(MsgType.UPDATE, {"round": round_, "num_samples": num_samples,
-                                        "metrics": metrics}, arrays)
+        meta: dict[str, Any] = {"round": round_, "num_samples": num_samples, "metrics": metrics}
+        frame = encode(MsgType.UPDATE, *self._encode_update(meta, arrays))
         self._init_arrays = ()
+        self._have = None
 
         async def once() -> tuple[int, list[np.ndarray], bool]:
             if self._proto is None:
@@ -161,6 +168,23 @@ class TcpSession:
         """Close the socket abruptly (tests use this to simulate a network failure)."""
         if self._proto is not None and self._proto.transport is not None:
             self._proto.transport.abort()
+
+    def _encode_update(self, meta: dict[str, Any], arrays: Sequence[np.ndarray]
+                       ) -> tuple[dict[str, Any], Sequence[np.ndarray]]:
+        codec = self.codec
+        if codec.needs_reference and self._reference is None:
+            codec = codecs.CODECS["none"]  # nothing to take a difference from (yet)
+        if codec.name == "none":
+            return meta, arrays
+        if codec.needs_reference and self._residual is None:
+            self._residual = [np.zeros(a.shape, np.result_type(a.dtype, np.float32))
+                              if a.dtype.kind == "f" else np.zeros(0) for a in arrays]
+        try:
+            wire = codec.encode(arrays, self._reference, self._residual)
+        except OverflowError as exc:
+            log.info("worker %s: update sent uncompressed: %s", self.worker_id, exc)
+            return meta, arrays
+        return {**meta, "codec": codec.name}, wire
 
     def model_limits(self) -> Limits:
         """What the chief may send once it has welcomed us: frames of our model, no larger."""
@@ -230,9 +254,11 @@ class TcpSession:
             raise
         self._tls_closes = 0
         chief_nonce = str(challenge.meta.get("nonce", ""))
-        proto.send(encode(MsgType.AUTH, {
-            "proof": auth.worker_proof(self.token, chief_nonce, nonce),
-            "spec": spec_to_json(self._spec), "want_model": want_model}))
+        hello: dict[str, Any] = {"proof": auth.worker_proof(self.token, chief_nonce, nonce),
+                                 "spec": spec_to_json(self._spec), "want_model": want_model}
+        if want_model and self._have:
+            hello["have"] = self._have  # the chief need not send what we hold already
+        proto.send(encode(MsgType.AUTH, hello))
         welcome = await self._expect(MsgType.WELCOME)
         if not auth.verify(auth.chief_proof(self.token, chief_nonce, nonce),
                            welcome.meta.get("proof")):
@@ -306,7 +332,19 @@ class TcpSession:
         round_ = frame.meta.get("round")
         if type(round_) is not int or round_ < 0:
             raise FederationError(f"protocol error: GLOBAL with round {round_!r}", "protocol")
-        return round_, frame.tensors, frame.meta.get("done") is True
+        name = frame.meta.get("codec", "none")
+        reference = self._init_arrays if name == "unchanged" else None
+        if name == "unchanged" and not reference:
+            raise FederationError("protocol error: the chief sent 'unchanged' but this worker "
+                                  "holds no model", "protocol")
+        try:
+            arrays = codecs.get(name).decode(frame.tensors, self._spec, reference)
+        except ProtocolError as exc:
+            raise FederationError(f"the chief sent a bad model: {exc.message}",
+                                  "protocol") from None
+        if self.codec.needs_reference:
+            self._reference = [np.array(a) for a in arrays]  # the caller may change its own
+        return round_, arrays, frame.meta.get("done") is True
 
     async def _heartbeat(self) -> None:
         while True:
