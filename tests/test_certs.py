@@ -70,6 +70,7 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
 class Served:
     port: int
     handshake_errors: list[OSError] = field(default_factory=list)
+    peer_certs: list[dict] = field(default_factory=list)  # as getpeercert() decodes them
 
 
 def _serve_one(listener: socket.socket, ctx: ssl.SSLContext, served: Served) -> None:
@@ -81,6 +82,7 @@ def _serve_one(listener: socket.socket, ctx: ssl.SSLContext, served: Served) -> 
         except OSError as exc:  # ssl.SSLError is an OSError
             served.handshake_errors.append(exc)
             return
+        served.peer_certs.append(tls.getpeercert())
         with tls:
             try:
                 tls.sendall(GREETING)
@@ -404,6 +406,47 @@ def test_import_and_contexts_work_without_cryptography(pki: Pki) -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=30, check=True
     )
     assert "pip install 'fedberry[tls]'" in done.stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# Names in certificates: under mutual TLS a worker's id is its certificate's name
+
+
+def test_client_cert_name_is_the_common_name(pki: Pki, tmp_path: Path) -> None:
+    assert certs.client_cert_name(pki.client) == "worker1"
+    assert certs.client_cert_name(tmp_path / "missing.pem") is None
+    (tmp_path / "junk.pem").write_text("not a certificate")
+    assert certs.client_cert_name(tmp_path / "junk.pem") is None
+
+
+def test_client_cert_name_without_cryptography(pki: Pki, tmp_path: Path) -> None:
+    (tmp_path / "junk.pem").write_text("not a certificate")
+    code = (
+        "import sys; sys.modules['cryptography'] = None\n"
+        "from fedberry import certs\n"
+        f"print(certs.client_cert_name({str(pki.client)!r}))\n"
+        f"print(certs.client_cert_name({str(tmp_path / 'junk.pem')!r}))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=30, check=True
+    )
+    assert done.stdout.split() == ["worker1", "None"]
+
+
+def test_cert_names_from_a_real_handshake(pki: Pki, tmp_path: Path) -> None:
+    """What the chief's ssl says about a worker's certificate: the commonName, then DNS names
+    (IP addresses are not names a worker can take)."""
+    leaf, key = certs._issue_leaf(
+        pki.ca, pki.ca_key, "pi7", ["pi7.lab.example", "10.0.0.7", "pi7"], "client", 30, None,
+        None
+    )
+    cert_path, key_path = certs._save_pair(tmp_path, "pi7", leaf, key)
+    server = certs.server_context(pki.chief, pki.chief_key, client_ca=pki.ca)
+    with tls_server(server) as served:
+        assert dial(served.port, certs.client_context(pki.ca, cert_path, key_path)) == GREETING
+    assert certs.cert_names(served.peer_certs[0]) == ["pi7", "pi7.lab.example"]
+    assert certs.client_cert_name(cert_path) == "pi7"
+    assert certs.cert_names({}) == []
 
 
 # ---------------------------------------------------------------------------------------------

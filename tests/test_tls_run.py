@@ -8,6 +8,8 @@
   dials a name the chief's certificate lacks, presents no client certificate or one from another
   CA, or meets an expired chief certificate.
 * Plain TCP is served only on loopback unless --insecure, which is said loudly.
+* Under mutual TLS a worker's id is its certificate's name: another id is refused, saying which
+  names the certificate has, and a worker given no id takes the name by itself.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from robustness_harness import TOKEN, Cluster, Proxy
 
 from fedberry import Worker, certs
 from fedberry import checkpoint as ckpt_io
+from fedberry.errors import AuthenticationError
 from fedberry.protocol import MAGIC, MsgType, encode
 from fedberry.serve import serve
 
@@ -34,6 +37,7 @@ class Pki:
     chief: Path
     chief_key: Path
     clients: dict[str, tuple[Path, Path]]
+    san_client: tuple[Path, Path]  # commonName "pi7", DNS name "pi7.lab.example"
     other_ca: Path
     foreign_client: tuple[Path, Path]
     expired_chief: tuple[Path, Path]
@@ -46,13 +50,16 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     ca, ca_key = certs.create_ca(ours)
     chief, chief_key = certs.create_chief_cert(ours, ca, ca_key, ["127.0.0.1"])
     clients = {n: certs.create_client_cert(ours, ca, ca_key, n) for n in ("w1", "w2", "w3")}
+    # fedberry certs writes no SAN in client certificates; other tools may, and it counts.
+    san_client = certs._save_pair(ours, "pi7", *certs._issue_leaf(
+        ca, ca_key, "pi7", ["pi7.lab.example"], "client", 30, None, None))
     other_ca, other_key = certs.create_ca(theirs, "someone else's CA")
     foreign = certs.create_client_cert(theirs, other_ca, other_key, "w1")
     now = dt.datetime.now(dt.timezone.utc)
     expired = certs.create_chief_cert(old, ca, ca_key, ["127.0.0.1"],
                                       not_before=now - dt.timedelta(days=30),
                                       not_after=now - dt.timedelta(days=1))
-    return Pki(ca, chief, chief_key, clients, other_ca, foreign, expired)
+    return Pki(ca, chief, chief_key, clients, san_client, other_ca, foreign, expired)
 
 
 def tls_chief_args(pki: Pki, cert: Path | None = None, key: Path | None = None) -> list[str]:
@@ -127,6 +134,11 @@ REFUSALS = {
                    str(p.foreign_client[1])],
         "it did not accept yours: it must be signed by the chief's --client-ca",
         "a worker's client certificate is not signed by the CA you gave (--client-ca)"),
+    # the harness runs worker 1 with --worker-id w1
+    "worker id not its certificate's name": (
+        lambda p: client_args(p, "w2"),
+        "worker id 'w1' is not the name in your client certificate ('w2')",
+        "worker id 'w1' is not the name in your client certificate ('w2')"),
 }
 
 
@@ -179,6 +191,70 @@ def test_client_certificates_alone_authenticate_workers(pki: Pki,
     try:
         cert, key = pki.clients["w1"]
         with Worker(handle.url, ca=str(pki.ca), cert=str(cert), key=str(key)) as w:
+            got = w.sync([m * 3 for m in w.join(model)], 1)
+            assert w.done and np.array_equal(got[0], model[0] * 3)
+        assert handle.wait(10)
+    finally:
+        handle.stop()
+
+
+def mtls_chief(pki: Pki, model: list[np.ndarray], workers: int = 1) -> object:
+    return serve("127.0.0.1:0", workers=workers, rounds=1, initial=model, handshake_timeout=10,
+                 tls_cert=str(pki.chief), tls_key=str(pki.chief_key), client_ca=str(pki.ca))
+
+
+def mtls_worker(pki: Pki, handle: object, cert_key: tuple[Path, Path], **kw: object) -> Worker:
+    # connect_timeout bounds the retries; the chief's handshake_timeout bounds each attempt.
+    return Worker(handle.url, ca=str(pki.ca), cert=str(cert_key[0]), key=str(cert_key[1]),
+                  connect_timeout=20, **kw)
+
+
+def test_a_worker_id_that_is_not_its_certificates_name_is_refused(
+        pki: Pki, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("FEDBERRY_TOKEN", raising=False)
+    model = [np.ones((8, 4), np.float32)]
+    handle = mtls_chief(pki, model)
+    try:
+        # w1's certificate claiming to be w2: without the binding it would take w2's place
+        with mtls_worker(pki, handle, pki.clients["w1"], worker_id="w2") as w:
+            with pytest.raises(AuthenticationError) as refused:
+                w.join(model)
+        text = str(refused.value)
+        assert "worker id 'w2' is not the name in your client certificate ('w1')" in text
+        assert "--worker-id w1" in text and "'fedberry certs --client w2'" in text
+        assert w.session.reconnects == 0  # refused for good, not retried
+        with mtls_worker(pki, handle, pki.san_client, worker_id="pi7.example") as w:
+            with pytest.raises(AuthenticationError, match=r"\('pi7' or 'pi7.lab.example'\)"):
+                w.join(model)
+        assert not handle.server.peers
+    finally:
+        handle.stop()
+
+
+def test_a_worker_without_an_id_takes_its_certificates_name(
+        pki: Pki, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("FEDBERRY_TOKEN", raising=False)
+    model = [np.ones((8, 4), np.float32)]
+    handle = mtls_chief(pki, model, workers=2)
+    try:
+        with mtls_worker(pki, handle, pki.clients["w3"]) as w3, \
+                mtls_worker(pki, handle, pki.san_client, worker_id="pi7.lab.example") as w7:
+            assert w3.worker_id == "w3"
+            for w in (w3, w7):
+                assert np.array_equal(w.join(model)[0], model[0])
+            assert sorted(handle.server.peers) == ["pi7.lab.example", "w3"]
+    finally:
+        handle.stop()
+
+
+def test_the_binding_can_be_turned_off(pki: Pki, monkeypatch: pytest.MonkeyPatch) -> None:
+    """ListenOptions.bind_worker_id=False: for certificates shared between workers."""
+    monkeypatch.delenv("FEDBERRY_TOKEN", raising=False)
+    model = [np.ones((8, 4), np.float32)]
+    handle = mtls_chief(pki, model)
+    handle.tcp.options.bind_worker_id = False  # read per connection, at its TLS handshake
+    try:
+        with mtls_worker(pki, handle, pki.clients["w1"], worker_id="anyone") as w:
             got = w.sync([m * 3 for m in w.join(model)], 1)
             assert w.done and np.array_equal(got[0], model[0] * 3)
         assert handle.wait(10)

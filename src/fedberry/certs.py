@@ -329,10 +329,14 @@ def create_client_cert(
     not_before: dt.datetime | None = None,
     not_after: dt.datetime | None = None,
 ) -> tuple[Path, Path]:
-    """Make ``<name>.pem``/``<name>.key`` in ``out_dir``: a worker's certificate for mutual TLS."""
+    """Make ``<name>.pem``/``<name>.key`` in ``out_dir``: a worker's certificate for mutual TLS.
+
+    ``name`` (the commonName) is the worker's id: a chief that requires client certificates admits
+    the holder under that id only.
+    """
     _require_cryptography()
     _check_client_name(name)
-    # No SAN: nobody matches a client's name, the chief only checks who signed the certificate.
+    # No SAN: TLS never matches a client's name; the chief reads the commonName itself.
     cert, key = _issue_leaf(ca_cert, ca_key, name, [], "client", days, not_before, not_after)
     return _save_pair(_out_dir(out_dir), name, cert, key)
 
@@ -344,6 +348,46 @@ def _check_client_name(name: str) -> None:
         )
     if name in (Path(CA_CERT).stem, Path(CHIEF_CERT).stem):
         raise ValueError(f"client name {name!r} would overwrite the {name} certificate")
+
+
+# ---------------------------------------------------------------------------------------------
+# Whose certificate: a worker's id is bound to its certificate's name under mutual TLS
+
+
+def cert_names(decoded: dict) -> list[str]:
+    """The names a certificate is for, as ``getpeercert()`` decodes it: the commonName, then
+    the subjectAltName DNS entries. A worker's id must be one of them under mutual TLS."""
+    cns = [v for rdn in decoded.get("subject", ()) for k, v in rdn if k == "commonName"]
+    dns = [v for kind, v in decoded.get("subjectAltName", ()) if kind == "DNS"]
+    return list(dict.fromkeys(cns + dns))
+
+
+def client_cert_name(cert: PathLike) -> str | None:
+    """The name in a worker's certificate file (what the chief will take as its id), or None
+    when it cannot be read. Works without the ``cryptography`` extra, through CPython's own
+    decoder, which is private: a missing one only costs the default id."""
+    try:
+        from cryptography import x509
+        from cryptography.x509.oid import NameOID
+    except ImportError:
+        try:
+            decode = ssl._ssl._test_decode_cert  # type: ignore[attr-defined]
+            names = cert_names(decode(os.fspath(cert)))
+        except (AttributeError, OSError, ssl.SSLError, ValueError):
+            return None
+        return names[0] if names else None
+    try:
+        parsed = x509.load_pem_x509_certificate(Path(cert).read_bytes())
+    except (OSError, ValueError):
+        return None
+    cns = [a.value for a in parsed.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
+    try:
+        san = parsed.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        dns = san.get_values_for_type(x509.DNSName)
+    except x509.ExtensionNotFound:
+        dns = []
+    names = [n for n in cns + dns if isinstance(n, str)]
+    return names[0] if names else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -609,8 +653,8 @@ def add_certs_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
         default=[],
         dest="clients",
         metavar="NAME",
-        help="also make NAME.pem/NAME.key for a worker; the chief then requires "
-        "client certificates (repeat for each worker)",
+        help="also make NAME.pem/NAME.key for the worker NAME (its id); the chief then "
+        "requires client certificates (repeat for each worker)",
     )
     parser.add_argument(
         "--days",

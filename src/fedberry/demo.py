@@ -76,7 +76,8 @@ def run_torch_worker(chief: Any, index: int, count: int, cfg: TrainConfig,
     x, y = model_input(cfg.model, x_np), torch.from_numpy(y_np)
     model = build_model(cfg.model, seed=cfg.seed)
     sync_every = cfg.sync_every or math.ceil(len(x) / cfg.batch_size)
-    worker_options.setdefault("worker_id", f"worker-{index}of{count}-{os.getpid()}")
+    if not worker_options.get("cert"):  # with one, the id is the certificate's name
+        worker_options.setdefault("worker_id", f"worker-{index}of{count}-{os.getpid()}")
     worker_options.setdefault("codec", cfg.codec)
     opt = FederatedOptimizer(torch.optim.SGD(model.parameters(), lr=cfg.lr), model, chief=chief,
                              sync_every=sync_every, num_samples=len(x), **worker_options)

@@ -46,7 +46,17 @@ class LoopThread:
             self.loop.close()
 
 
-def default_worker_id() -> str:
+def default_worker_id(cert: str | None = None) -> str:
+    """The name in ``cert`` when there is one (a chief that requires client certificates admits
+    no other id), else a fresh host-pid-random name."""
+    if cert:
+        from .certs import client_cert_name
+
+        name = client_cert_name(cert)
+        if name:
+            return name
+        log.warning("cannot read a name from %s; the chief will refuse a random worker id if it "
+                    "requires client certificates: pass worker_id (--worker-id)", cert)
     return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
 
 
@@ -61,6 +71,9 @@ class Worker:
     ``codec`` is how updates travel over TCP (``codecs.py``): ``none``, ``fp16`` (half the bytes)
     or ``q8`` (the change since the global model in 8 bits, a quarter, with error feedback).
     In-process workers send no bytes and MPI sums float32 in place: there it changes nothing.
+
+    ``worker_id`` names this worker to the chief. By default it is the name in ``cert`` (a chief
+    that requires client certificates admits no other), else a fresh host-pid-random name.
     """
 
     def __init__(self, chief: Any = "tcp://127.0.0.1:7777", *, token: str | None = None,
@@ -69,7 +82,7 @@ class Worker:
                  server_hostname: str | None = None, connect_timeout: float = 60.0,
                  reconnect_timeout: float = 300.0, heartbeat: float = 5.0,
                  idle_timeout: float = 60.0, codec: str = "none") -> None:
-        self.worker_id = worker_id or default_worker_id()
+        self.worker_id = worker_id or default_worker_id(cert)
         self.round = 0
         self.done = False
         self.joined = False

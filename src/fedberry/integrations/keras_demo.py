@@ -158,7 +158,8 @@ def run_keras_worker(chief: Any, index: int, count: int, cfg: Any,
     model.compile(optimizer=keras.optimizers.SGD(learning_rate=cfg.lr),
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     steps_per_epoch = math.ceil(len(x) / cfg.batch_size)
-    worker_options.setdefault("worker_id", f"keras-worker-{index}of{count}-{os.getpid()}")
+    if not worker_options.get("cert"):  # with one, the id is the certificate's name
+        worker_options.setdefault("worker_id", f"keras-worker-{index}of{count}-{os.getpid()}")
     worker_options.setdefault("codec", cfg.codec)
     callback = FederatedCallback(chief, sync_every=cfg.sync_every or steps_per_epoch,
                                  num_samples=len(x), **worker_options)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .. import auth
+from ..certs import cert_names
 from ..protocol import (
     EncodedFrame,
     ErrorCode,
@@ -51,6 +52,10 @@ class ListenOptions:
     # is none (CERT_OPTIONAL), so that it can say in an ERROR frame that one is required: a TLS
     # handshake refused by an asyncio server reaches the worker as a bare close (gh-98078).
     require_client_cert: bool = False
+    # With require_client_cert, a worker's id must be a name in its certificate, so that a
+    # certificate holder cannot take another worker's place (ids key updates and reconnects).
+    # False: any id, as with a token, for certificates shared between workers.
+    bind_worker_id: bool = True
     insecure: bool = False  # allow plain TCP / no token beyond loopback
     max_connections: int = 256
     # Handshakes in flight from one address. Workers behind one home router share an address,
@@ -95,6 +100,7 @@ class _ChiefConnection(_FrameWriter, asyncio.BufferedProtocol):
         self.opened = self.last_seen = self.last_ping = time.monotonic()
         self.closing_since: float | None = None
         self._worker_nonce = ""
+        self._cert_names: list[str] | None = None  # the names a worker id must be one of
         self._chief_nonce = ""
         self._announced: Spec = ()
         self._have: str | None = None
@@ -144,11 +150,14 @@ class _ChiefConnection(_FrameWriter, asyncio.BufferedProtocol):
         self._init_writer()
         self.state = "hello"
         self.last_seen = time.monotonic()
-        if o.require_client_cert and not tls.get_extra_info("peercert"):
+        peercert = tls.get_extra_info("peercert")
+        if o.require_client_cert and not peercert:
             self.fail(ErrorCode.AUTH_FAILED,
                       "this chief requires a client certificate (mutual TLS) and you presented "
                       "none: give the worker --cert and --key, made with 'fedberry certs "
                       "--client NAME' from the chief's CA")
+        elif o.require_client_cert and o.bind_worker_id:
+            self._cert_names = cert_names(peercert)
 
     def get_buffer(self, sizehint: int) -> memoryview:
         if self.closing_since is None:
@@ -247,6 +256,8 @@ class _ChiefConnection(_FrameWriter, asyncio.BufferedProtocol):
             raise ProtocolError(ErrorCode.BAD_FRAME, "worker_id must be 1-128 printable characters")
         if not isinstance(nonce, str) or len(nonce) != 2 * auth.NONCE_BYTES:
             raise ProtocolError(ErrorCode.BAD_FRAME, "HELLO needs a nonce")
+        if self._cert_names is not None and wid not in self._cert_names:
+            raise ProtocolError(ErrorCode.AUTH_FAILED, _id_not_in_cert(wid, self._cert_names))
         self.worker_id, self._worker_nonce = wid, nonce
         self._chief_nonce = auth.new_nonce()
         self.state = "auth"
@@ -411,6 +422,19 @@ def _update_fields(m: dict[str, Any]) -> tuple[int, float, dict[str, float]]:
                 if math.isfinite(f):
                     metrics[k[:64]] = f
     return round_, num_samples, metrics
+
+
+def _id_not_in_cert(wid: str, names: list[str]) -> str:
+    if not names:
+        return (f"worker id {wid!r} refused: your client certificate has no common name or DNS "
+                "name, and this chief requires the worker id to be one; make the certificate "
+                "with 'fedberry certs --client NAME'")
+    listed = " or ".join(repr(n) for n in names)
+    return (f"worker id {wid!r} is not the name in your client certificate ({listed}): this "
+            "chief requires a worker's id to be its certificate's name, so that no worker can "
+            f"take another's place. Leave out --worker-id (the worker then uses its "
+            f"certificate's name), pass --worker-id {names[0]}, or give this worker a "
+            f"certificate made with 'fedberry certs --client {wid}'")
 
 
 def _chief_tls_message(exc: BaseException) -> str:
