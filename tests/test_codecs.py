@@ -2,6 +2,7 @@
 sockets that sends q8 updates, an fp16 global model and skips the model a worker already holds."""
 
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -103,10 +104,9 @@ def test_decoder_refuses_unknown_misplaced_and_mismatched_codecs():
     wire = codecs.CODECS["q8"].encode(moved(MODEL), MODEL)
     assert decode_error({**meta, "codec": "zstd"}, wire).code == ErrorCode.BAD_FRAME
     assert decode_error({**meta, "codec": ["q8"]}, wire).code == ErrorCode.BAD_FRAME
-    # q8 only for updates: a chief's model or a worker's initial weights have no reference.
-    assert decode_error({"round": 0, "codec": "q8"}, wire, MsgType.GLOBAL).code == \
-        ErrorCode.BAD_FRAME
+    # A worker's initial weights go as they are; 'unchanged' is the chief's word only.
     assert decode_error({"codec": "fp16"}, MODEL, MsgType.INIT).code == ErrorCode.BAD_FRAME
+    assert decode_error({**meta, "codec": "unchanged"}, []).code == ErrorCode.BAD_FRAME
     # The model's own bytes labelled q8, and q8 of another model, are refused before allocating.
     err = decode_error({**meta, "codec": "q8"}, MODEL)
     assert err.code == ErrorCode.SPEC_MISMATCH and "q8" in err.message
@@ -140,7 +140,7 @@ def test_unknown_codec_names_are_refused_at_the_api():
     with pytest.raises(ValueError, match="q8"):
         Worker("tcp://127.0.0.1:1", codec="q4")
     with pytest.raises(ValueError, match="downlink"):
-        serve(None, downlink="q8")
+        serve(None, downlink="unchanged")
 
 
 # -- over real sockets -----------------------------------------------------------------------
@@ -201,3 +201,64 @@ def test_q8_updates_fp16_model_and_no_download_of_a_model_the_worker_holds():
                    for n, d in zip(samples, deltas)) / sum(samples)
         np.testing.assert_allclose(chief_model[t], want, atol=0.002 + 1e-3 * np.abs(want).max())
     assert chief_model[2] == 3
+
+
+def test_q8_model_downlink_keeps_every_worker_on_the_chiefs_model_round_after_round():
+    """Three rounds with the model sent as q8 changes: every worker decodes exactly the chief's
+    model; a worker that joins late is sent the whole model, then changes; the model moves by
+    the mean of the updates within the quantization steps of both directions."""
+    initial = [RNG.normal(size=(64, 50)).astype(np.float32), np.array(3, np.int64)]
+    raw = sum(a.nbytes for a in initial)
+    rounds = 4
+    handle = serve("127.0.0.1:0", workers=2, rounds=rounds, initial=initial,
+                   token="codec-token", downlink="q8")
+    seen: dict[str, list] = {}
+    errors: list[Exception] = []
+    late_joined = threading.Event()
+
+    def work(name, shift, late):
+        try:
+            with Worker(handle.url, worker_id=name, token="codec-token", codec="q8") as w:
+                if late:  # joins after round 1: not the chief's model any more
+                    deadline = time.monotonic() + 30
+                    while handle.chief.round < 1 and time.monotonic() < deadline:
+                        time.sleep(0.01)
+                g = w.join(initial)
+                if late:
+                    late_joined.set()
+                log = seen.setdefault(name, [])
+                while not w.done:
+                    if w.round == 1 and not late:
+                        late_joined.wait(30)  # round 2 waits for the late worker's update
+                    before = w.bytes_received
+                    sent = [g[0] + np.float32(shift), g[1]]
+                    new = w.sync(sent, 1.0)
+                    log.append((w.round, g, new, w.bytes_received - before))
+                    g = new
+        except Exception as exc:  # reported in the test's thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=a) for a in
+               [("a", 0.01, False), ("b", 0.03, False), ("c", -0.02, True)]]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    try:
+        assert handle.wait(10)
+        chief_model = handle.chief.global_arrays
+    finally:
+        handle.stop()
+    assert not errors, errors
+    finals = [log[-1][2] for log in seen.values()]
+    for f in finals:
+        for a, c in zip(f, chief_model):
+            np.testing.assert_array_equal(a, c)  # bit for bit
+    assert chief_model[1] == 3
+    # Round after round the model moved by the mean shift of the workers that took part.
+    for name, log in seen.items():
+        for _round, before, after, received in log[1:]:
+            step = float(np.mean(after[0] - before[0]))
+            assert -0.021 < step < 0.031, (name, step)
+            assert received < 0.35 * raw  # a q8 change, not the model
+    assert len(seen["c"]) >= 1 and handle.chief.round == rounds

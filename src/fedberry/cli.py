@@ -36,8 +36,9 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
 
 def _add_downlink_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--downlink", default="none", choices=list(DOWNLINK_CODECS),
-                   help="how the global model travels to the workers: none or fp16 (half the "
-                        "bytes; the chief keeps the model as the workers get it)")
+                   help="how the global model travels to the workers: none, fp16 (half the "
+                        "bytes) or q8 (the change since the last round in 8 bits: a quarter); "
+                        "the chief keeps the model exactly as the workers decode it")
 
 
 def _train_config(args: argparse.Namespace) -> TrainConfig:
@@ -137,7 +138,9 @@ def _add_worker_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--key", help="this worker's private key, for mTLS")
     p.add_argument("--server-hostname", help="name to check the chief's certificate against "
                                              "(default: the host in --chief)")
-    p.add_argument("--worker-id", help="stable name (default: host-pid-random)")
+    p.add_argument("--worker-id", help="stable name (default: host-pid-random; with --cert, the "
+                                        "certificate's name, which a chief with --client-ca "
+                                        "requires)")
     p.set_defaults(func=_run_worker)
 
 

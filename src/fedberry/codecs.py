@@ -9,11 +9,12 @@ error-feedback residual is an argument), so they are tested and fuzzed like the 
 * ``none``: the model's own bytes.
 * ``fp16``: float tensors as IEEE half floats, half the bytes of float32, about 3 significant
   digits. A frame falls back to ``none`` when a value does not fit (|x| > 65504).
-* ``q8``: the *change* since the global model both sides hold, in blocks of ``Q8_BLOCK`` values
+* ``q8``: the *change* since a model both sides hold, in blocks of ``Q8_BLOCK`` values
   quantized linearly to int8 with one float32 scale per block: 1.016 bytes per value instead of 4.
   The sender keeps what rounding lost (error feedback, Seide et al. 2014; Karimireddy et al.,
-  "Error Feedback Fixes SignSGD", ICML 2019) and adds it to its next update, so the error does not
-  build up over rounds. Only for updates: the chief holds the global model the worker trained from.
+  "Error Feedback Fixes SignSGD", ICML 2019) and adds it to what it sends next, so the error does
+  not build up over rounds. An update is the change since the global model it was trained from;
+  a global model, the change since the previous round's (broadcast.py).
 * ``unchanged``: no tensors at all. The chief sends it to a worker that proved (by a SHA-256 of its
   weights) that it already holds the global model: workers that build their model from the same
   seed do not download it again.
@@ -35,7 +36,8 @@ Q8_BLOCK = 256  # values per scale: 1.6 % overhead; smaller blocks follow outlie
 FP16_MAX = 65504.0
 
 UPLINK_CODECS = ("none", "fp16", "q8")  # what a worker may send an update as
-DOWNLINK_CODECS = ("none", "fp16")  # what a chief may broadcast the global model as
+DOWNLINK_CODECS = ("none", "fp16", "q8")  # how a chief may broadcast the global model
+# (a q8 model is the change since the previous round's: see broadcast.py)
 # What each tensor frame may carry; anything else is refused before allocating.
 FRAME_CODECS = {"INIT": ("none",), "UPDATE": UPLINK_CODECS,
                 "GLOBAL": (*DOWNLINK_CODECS, "unchanged")}
@@ -82,7 +84,8 @@ class Fp16(Codec):
         out = []
         for a in arrays:
             if a.dtype.kind == "f" and a.dtype != np.float16:
-                h = a.astype(np.float16)
+                with np.errstate(over="ignore"):  # found and reported just below
+                    h = a.astype(np.float16)
                 if h.size and not np.isfinite(h.sum(dtype=np.float32)):
                     raise OverflowError("a value does not fit in float16 (|x| > 65504)")
                 out.append(h)

@@ -86,8 +86,10 @@ def serve(listen: str | None = "127.0.0.1:0", *, workers: int = 1, rounds: int |
           downlink: str = "none") -> ChiefHandle:
     """Start a chief in the background and return once it accepts connections.
 
-    ``downlink``: how the global model travels to TCP workers, ``none`` or ``fp16`` (half the
-    bytes; the chief then keeps the model rounded to half precision, as the workers get it)."""
+    ``downlink``: how the global model travels to TCP workers: ``none``, ``fp16`` (half the
+    bytes) or ``q8`` (the change since the previous round in 8 bits, a quarter; a worker that
+    missed a round gets the whole model). The chief keeps the model exactly as the workers decode
+    it (broadcast.py)."""
     strat = make_strategy(strategy)
     start_round = 0
     append = False

@@ -18,9 +18,10 @@ import numpy as np
 
 from . import checkpoint as ckpt_io
 from . import codecs
+from .broadcast import Broadcast
 from .chief import Chief, Finished, RequestInit, RoundClosed, SendError, SendGlobal
 from .metrics import MetricsLog
-from .protocol import EncodedFrame, ErrorCode, MsgType, Spec, encode
+from .protocol import ErrorCode, Spec
 
 log = logging.getLogger("fedberry.chief")
 
@@ -46,8 +47,7 @@ class ChiefServer:
                  on_round: Callable[[dict[str, Any]], None] | None = None,
                  downlink: str = "none") -> None:
         self.chief = chief
-        self.downlink = codecs.get(codecs.check_name(downlink, codecs.DOWNLINK_CODECS,
-                                                     "downlink"))
+        self.broadcast = Broadcast(downlink)  # the global model, encoded once per round
         self.evaluate = evaluate
         self.metrics = MetricsLog(out_dir, append=append_metrics)
         self.checkpoint_path = checkpoint_path
@@ -58,9 +58,6 @@ class ChiefServer:
         self.bytes_up = 0
         self.bytes_down = 0
         self._bytes_mark = (0, 0)
-        self._frame_cache: tuple[tuple[int, bool], EncodedFrame] | None = None
-        self._digest: tuple[int, str] | None = None
-        self._projected: tuple[int, bool] | None = None  # (round, fits the downlink codec)
         self._deadline_handle: asyncio.TimerHandle | None = None
         self._grace_handle: asyncio.TimerHandle | None = None
         self._finishing = False
@@ -115,50 +112,6 @@ class ChiefServer:
             self._lost[peer.worker_id] = time.monotonic()
         self._run(self.chief.leave(peer.worker_id, time.monotonic()))
 
-    # -- the global model, encoded once per round -------------------------------------------
-    def global_frame(self) -> EncodedFrame:
-        key = (self.chief.round, self.chief.done)
-        if self._frame_cache is None or self._frame_cache[0] != key:
-            meta: dict[str, Any] = {"round": self.chief.round, "done": self.chief.done}
-            arrays = self.chief.global_arrays or []
-            if self._project():
-                meta["codec"] = self.downlink.name
-                arrays = self.downlink.encode(arrays)
-            frame = encode(MsgType.GLOBAL, meta, arrays)
-            self._frame_cache = (key, frame)
-        return self._frame_cache[1]
-
-    def _project(self) -> bool:
-        """Round the global model to what the downlink codec delivers, once per round, so that
-        the chief keeps (checkpoints, evaluates, decodes q8 updates against) exactly the model
-        the workers hold. False: send this round's model as it is.
-
-        The first model (round 0) always goes as it is: workers built from the same seed hold it
-        already (and are sent 'unchanged'), and every worker's first reference must be exact."""
-        if self.downlink.name == "none" or self.chief.round == 0 or not self.chief.global_arrays:
-            return False
-        if self._projected is None or self._projected[0] != self.chief.round:
-            assert isinstance(self.downlink, codecs.Fp16)
-            self._projected = (self.chief.round, self.downlink.project(self.chief.global_arrays))
-            if not self._projected[1]:
-                log.warning("round %d: the model does not fit the %s downlink; sent as it is",
-                            self.chief.round, self.downlink.name)
-        return self._projected[1]
-
-    def global_digest(self) -> str | None:
-        """SHA-256 of the current global model (codecs.digest), computed once per round."""
-        if self.chief.global_arrays is None:
-            return None
-        self._project()
-        if self._digest is None or self._digest[0] != self.chief.round:
-            self._digest = (self.chief.round, codecs.digest(self.chief.global_arrays))
-        return self._digest[1]
-
-    def unchanged_frame(self) -> EncodedFrame:
-        """GLOBAL for a worker that already holds the global model (its digest matched)."""
-        return encode(MsgType.GLOBAL, {"round": self.chief.round, "done": self.chief.done,
-                                       "codec": "unchanged"})
-
     # -- actions -----------------------------------------------------------------------------
     def _run(self, actions: list[Any]) -> None:
         for action in actions:
@@ -200,7 +153,7 @@ class ChiefServer:
     def _round_closed(self, rc: RoundClosed) -> None:
         # Checkpoint before anyone sees the new model: a chief killed after this round resumes
         # with exactly the model the workers were sent.
-        self._project()
+        self.broadcast.prepare(self.chief)
         if self.checkpoint_path:
             ckpt_io.save(self.checkpoint_path, ckpt_io.Checkpoint(
                 self.chief.round, self.chief.global_arrays or [],

@@ -13,9 +13,9 @@ flattering ratio (the sweeps behind these numbers are in docs/benchmarks.md):
 * ``fedavg``: local SGD with momentum, batch 64, 10 local epochs per round: on this link a round
   costs seconds of transfer, so the fewest rounds win as long as the average still generalises;
   with 10 epochs the first round is already past 0.85 (8 epochs: 0.850, a coin toss).
-  It runs as fedberry is meant to be run on a slow link: updates as q8 deltas, the global model
-  as fp16. dsgd sends float32 both ways, as DDP does; ``--set dsgd.codec=q8`` and
-  ``--set dsgd.downlink=fp16`` give it the same codecs (docs/benchmarks.md has both runs).
+  It runs as fedberry is meant to be run on a slow link: updates and the global model as q8
+  changes. dsgd sends float32 both ways, as DDP does; ``--set dsgd.codec=q8`` and
+  ``--set dsgd.downlink=q8`` give it the same codecs (docs/benchmarks.md has both runs).
 
 Every mode through our chief skips the download of the initial model: workers build it from the
 same seed and prove it by its digest (codecs.py, "unchanged").
@@ -66,7 +66,7 @@ def default_modes() -> dict[str, ModeConfig]:
         "dsgd": ModeConfig(1024, OptimConfig("adam", 0.008, 0.9), time_cap_s=420.0, max_steps=2000),
         "ddp": ModeConfig(1024, OptimConfig("adam", 0.008, 0.9), time_cap_s=420.0, max_steps=2000),
         "fedavg": ModeConfig(64, OptimConfig("sgd", 0.04, 0.9), time_cap_s=180.0,
-                             local_epochs=10, max_steps=100, codec="q8", downlink="fp16"),
+                             local_epochs=10, max_steps=100, codec="q8", downlink="q8"),
     }
 
 

@@ -27,6 +27,7 @@ class _LocalPeer:
 
     def send_global(self, server: Any) -> None:
         chief = server.chief
+        server.broadcast.prepare(chief)  # the model as the TCP workers get it, bit for bit
         if not self.future.done():
             self.future.set_result((chief.round, [a.copy() for a in chief.global_arrays],
                                     chief.done))

@@ -104,6 +104,7 @@ class _ChiefConnection(_FrameWriter, asyncio.BufferedProtocol):
         self._chief_nonce = ""
         self._announced: Spec = ()
         self._have: str | None = None
+        self._holds: int | None = None  # the round of the last model sent on this connection
         self._bye = False  # the worker left on purpose (else it may come back)
         self._may_init = False
         self._drain: memoryview | None = None
@@ -311,7 +312,8 @@ class _ChiefConnection(_FrameWriter, asyncio.BufferedProtocol):
         self._may_init = chief.global_arrays is None
         self.send(encode(MsgType.WELCOME, {
             "proof": auth.chief_proof(token, self._chief_nonce, self._worker_nonce),
-            "round": chief.round, "need_init": self._may_init}))
+            "round": chief.round, "need_init": self._may_init,
+            "downlink": self.server.broadcast.codec.name}))
         self._expect_model()
         self.server.attach(self, spec, meta.get("want_model", True) is not False)
 
@@ -331,16 +333,18 @@ class _ChiefConnection(_FrameWriter, asyncio.BufferedProtocol):
         self._queue(frame)
 
     def send_global(self, server: ChiefServer) -> None:
+        chief, holds = server.chief, self._holds
+        self._holds = chief.round  # TCP keeps order: the worker decodes this one before the next
         have, self._have = self._have, None  # it describes the model the worker joined with
-        if have is not None and have == server.global_digest():
-            self.send(server.unchanged_frame())
+        if have is not None and have == server.broadcast.digest(chief):
+            self.send(server.broadcast.unchanged(chief))
             return
-        frame = server.global_frame()
+        frame = server.broadcast.frame(chief, holds)
         # The global model goes out only in answer to a join or an update, so more than two
         # models still queued means the worker sends but does not read: it would make us hold
         # a model per round for it.
         pending = sum(len(p) for p in getattr(self, "_out", ()))
-        if pending > 2 * frame.nbytes:
+        if pending > 2 * sum(a.nbytes for a in chief.global_arrays or ()):
             self.fail(ErrorCode.TIMEOUT, "you are not reading what the chief sends")
             self.abort()  # it would not read the error either: no lingering close
             return

@@ -124,8 +124,10 @@ class TcpSession:
         self._tls_closes = 0  # consecutive TLS connections closed before CHALLENGE
         self._spec: Spec = ()
         self._init_arrays: Sequence[np.ndarray] = ()
-        # The global model as the chief holds it, kept for delta codecs (q8) and 'unchanged'.
+        # The global model as the chief holds it, kept for delta codecs (q8) both ways.
         self._reference: list[np.ndarray] | None = None
+        self._reference_round: int | None = None
+        self._downlink = "none"  # how the chief sends the model (its WELCOME says)
         self._residual: list[np.ndarray] | None = None  # error feedback of a lossy codec
         self._hb_task: asyncio.Task[None] | None = None
         self._have: str | None = None
@@ -188,8 +190,9 @@ class TcpSession:
 
     def model_limits(self) -> Limits:
         """What the chief may send once it has welcomed us: frames of our model, no larger."""
-        return Limits(max(self.limits.max_meta_bytes, 64 * len(self._spec)),
-                      max(len(self._spec), 1),
+        # A q8 model carries two tensors (values, scales) per float tensor, in fewer bytes.
+        return Limits(max(self.limits.max_meta_bytes, 128 * len(self._spec)),
+                      max(2 * len(self._spec), 1),
                       min(self.limits.max_payload, sum(t.nbytes for t in self._spec)))
 
     # -- internals ---------------------------------------------------------------------------
@@ -260,6 +263,7 @@ class TcpSession:
             hello["have"] = self._have  # the chief need not send what we hold already
         proto.send(encode(MsgType.AUTH, hello))
         welcome = await self._expect(MsgType.WELCOME)
+        self._downlink = str(welcome.meta.get("downlink", "none"))
         if not auth.verify(auth.chief_proof(self.token, chief_nonce, nonce),
                            welcome.meta.get("proof")):
             proto.transport.abort()  # type: ignore[union-attr]
@@ -333,17 +337,27 @@ class TcpSession:
         if type(round_) is not int or round_ < 0:
             raise FederationError(f"protocol error: GLOBAL with round {round_!r}", "protocol")
         name = frame.meta.get("codec", "none")
-        reference = self._init_arrays if name == "unchanged" else None
-        if name == "unchanged" and not reference:
-            raise FederationError("protocol error: the chief sent 'unchanged' but this worker "
-                                  "holds no model", "protocol")
+        reference: Sequence[np.ndarray] | None = None
+        if name == "unchanged":
+            reference = self._init_arrays or None
+        elif name == "q8":
+            # The change since the model of round "base", which must be the one we hold.
+            if frame.meta.get("base") != self._reference_round or self._reference is None:
+                raise FederationError(f"protocol error: the chief sent the change since round "
+                                      f"{frame.meta.get('base')!r}, this worker holds round "
+                                      f"{self._reference_round}", "protocol")
+            reference = self._reference
+        if name in ("unchanged", "q8") and not reference:
+            raise FederationError(f"protocol error: the chief sent a model as {name!r} but this "
+                                  "worker holds none", "protocol")
         try:
             arrays = codecs.get(name).decode(frame.tensors, self._spec, reference)
         except ProtocolError as exc:
             raise FederationError(f"the chief sent a bad model: {exc.message}",
                                   "protocol") from None
-        if self.codec.needs_reference:
+        if self.codec.needs_reference or self._downlink == "q8":
             self._reference = [np.array(a) for a in arrays]  # the caller may change its own
+            self._reference_round = round_
         return round_, arrays, frame.meta.get("done") is True
 
     async def _heartbeat(self) -> None:
