@@ -90,9 +90,8 @@ def test_chief_shaper_paces_a_round() -> None:
 
     n, size, rate_mbit = 2, 100_000, 8.0  # 400 kB per model, 1 MB/s
     init = [np.zeros(size, np.float32)]
-    handle = serve("127.0.0.1:0", workers=n, rounds=2, initial=init, token="t" * 32)
     link = SharedLink.from_mbit(rate_mbit)
-    handle.tcp.options.shaper = link
+    handle = serve("127.0.0.1:0", workers=n, rounds=2, initial=init, token="t" * 32, shaper=link)
     out: dict[int, np.ndarray] = {}
 
     def work(i: int) -> None:

@@ -83,13 +83,16 @@ def serve(listen: str | None = "127.0.0.1:0", *, workers: int = 1, rounds: int |
           handshake_timeout: float = 15.0, finish_grace: float = 30.0,
           run_config: dict[str, Any] | None = None,
           on_round: Callable[[dict[str, Any]], None] | None = None,
-          downlink: str = "none") -> ChiefHandle:
+          downlink: str = "none", shaper: Any = None) -> ChiefHandle:
     """Start a chief in the background and return once it accepts connections.
 
     ``downlink``: how the global model travels to TCP workers: ``none``, ``fp16`` (half the
     bytes) or ``q8`` (the change since the previous round in 8 bits, a quarter; a worker that
     missed a round gets the whole model). The chief keeps the model exactly as the workers decode
-    it (broadcast.py)."""
+    it (broadcast.py).
+
+    ``shaper``: a ``bench.shaper.SharedLink`` that every TCP connection's bytes pass through,
+    to emulate a slow shared link without root (docs/slow-link.md); None: full speed."""
     strat = make_strategy(strategy)
     start_round = 0
     append = False
@@ -135,7 +138,7 @@ def serve(listen: str | None = "127.0.0.1:0", *, workers: int = 1, rounds: int |
             token=resolve_token(token, token_file), ssl_context=ctx,
             require_client_cert=bool(tls_cert and client_ca), insecure=insecure,
             max_connections=max_connections, idle_timeout=idle_timeout,
-            handshake_timeout=handshake_timeout))
+            handshake_timeout=handshake_timeout, shaper=shaper))
         handle.tcp = tcp
         handle.address = io.run(tcp.start(), 30)
         handle._task = asyncio.run_coroutine_threadsafe(tcp.serve(), io.loop)

@@ -71,6 +71,11 @@ class ChiefServer:
         self.loop: asyncio.AbstractEventLoop | None = None
         self.finished: asyncio.Event | None = None
 
+    @property
+    def started_at(self) -> float | None:
+        """time.monotonic() when the first worker joined: metrics' wall_s counts from here."""
+        return self._t0
+
     def bind_loop(self) -> None:
         self.loop = asyncio.get_running_loop()
         self.finished = asyncio.Event()

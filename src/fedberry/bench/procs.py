@@ -134,7 +134,7 @@ def run_chief(spec: dict[str, Any]) -> None:
     handle: Any = None
 
     def on_round(rec: dict[str, Any]) -> None:
-        t0 = getattr(handle.server, "_t0", None)  # when the first worker arrived
+        t0 = handle.server.started_at  # when the first worker arrived
         emit(ev="round", round=rec["round"], workers=rec["workers"],
              acc=rec.get("test_accuracy"), loss=rec.get("test_loss"),
              t=(t0 + rec["wall_s"]) if t0 is not None else time.monotonic(),
@@ -145,10 +145,9 @@ def run_chief(spec: dict[str, Any]) -> None:
     handle = serve(f"{spec['host']}:{spec['port']}", workers=spec["count"],
                    rounds=spec["max_rounds"], initial=initial, evaluate=eval_keep_crc,
                    insecure=not loopback, idle_timeout=120.0, finish_grace=5.0,
-                   on_round=on_round, downlink=spec.get("downlink", "none"))
-    if spec.get("shaper_mbit"):
-        # Set before any worker connects (they wait for "go"): every connection is shaped.
-        handle.tcp.options.shaper = SharedLink.from_mbit(spec["shaper_mbit"])
+                   on_round=on_round, downlink=spec.get("downlink", "none"),
+                   shaper=SharedLink.from_mbit(spec["shaper_mbit"]) if spec.get("shaper_mbit")
+                   else None)
     emit(ev="listening", port=handle.address[1])
     wait_go()
     try:
