@@ -262,3 +262,46 @@ def test_q8_model_downlink_keeps_every_worker_on_the_chiefs_model_round_after_ro
             assert -0.021 < step < 0.031, (name, step)
             assert received < 0.35 * raw  # a q8 change, not the model
     assert len(seen["c"]) >= 1 and handle.chief.round == rounds
+
+
+def test_broadcast_forms_decode_to_the_chiefs_model_and_fall_back_when_they_must():
+    """broadcast.Broadcast without sockets: the delta form only for a holder of the last round's
+    model, the whole model otherwise, fp16 refused for values it cannot hold; the chief's model
+    equals what a receiver decodes in every form."""
+    from fedberry.broadcast import Broadcast
+    from fedberry.chief import Chief, ChiefConfig
+
+    def decode(frame_bytes, reference):
+        dec = FrameDecoder()
+        dec.expected = spec_of(MODEL[:3])
+        (f,) = dec.receive_data(frame_bytes)
+        return f.meta, codecs.get(f.meta.get("codec", "none")).decode(
+            f.tensors, spec_of(MODEL[:3]), reference)
+
+    for downlink in ("q8", "fp16"):
+        chief = Chief(ChiefConfig(workers=1, rounds=5), initial=[a.copy() for a in MODEL[:3]])
+        cast = Broadcast(downlink)
+        held = [a.copy() for a in MODEL[:3]]  # a worker built from the same seed
+        assert cast.digest(chief) == codecs.digest(held)
+        meta, _ = decode(cast.frame(chief, None).tobytes(), None)
+        assert "codec" not in meta  # round 0 goes whole
+        chief.join("w", spec_of(held), 0.0)
+        for r in range(1, 4):
+            chief.update("w", r - 1, 1.0, moved(held, 0.1, seed=r), {}, 0.0)
+            cast.prepare(chief)
+            meta, got = decode(cast.frame(chief, r - 1).tobytes(), held)
+            assert meta.get("codec") == downlink and meta["round"] == r
+            for g, c in zip(got, chief.global_arrays):
+                np.testing.assert_array_equal(g, c)
+            meta, whole = decode(cast.frame(chief, None).tobytes(), None)  # a newcomer
+            assert meta.get("codec") == ("fp16" if downlink == "fp16" else None)
+            for g, c in zip(whole, chief.global_arrays):
+                np.testing.assert_array_equal(g, c)
+            held = got
+    chief = Chief(ChiefConfig(workers=1, rounds=2), initial=[np.zeros(3, np.float32)])
+    cast = Broadcast("fp16")
+    chief.join("w", spec_of([np.zeros(3, np.float32)]), 0.0)
+    chief.update("w", 0, 1.0, [np.array([1e6, 1.0, 2.0], np.float32)], {}, 0.0)
+    dec = FrameDecoder()
+    (f,) = dec.receive_data(cast.frame(chief, 0).tobytes())
+    assert "codec" not in f.meta and f.tensors[0][0] == 1e6  # too big for fp16: sent whole
