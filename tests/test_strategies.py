@@ -147,3 +147,31 @@ def test_zero_dim_tensors_average_over_every_update(name):
         assert counter == 22  # (10 + 20 + 2 * 30) / 4 = 22.5, rounded half to even
     else:
         assert 10 <= counter <= 30
+
+
+def test_fedavg_gives_back_the_buffers_it_does_not_keep():
+    s = FedAvg()
+    s.begin([np.zeros(3, np.float32), np.zeros(1, np.int64)])
+    first = [np.ones(3, np.float32), np.array([2], np.int64)]
+    assert [x is first[1] for x in s.add(first, 2)] == [True]  # the float32 one is the sum
+    second = [np.full(3, 4, np.float32), np.array([5], np.int64)]
+    spare = s.add(second, 2)
+    assert len(spare) == 1 and spare[0] is second[0]
+    out = s.finish()
+    assert out[0] is first[0]
+    np.testing.assert_allclose(out[0], 2.5)
+    assert out[1][0] == 4  # 3.5 rounded half to even
+
+
+@pytest.mark.parametrize("ns", [[1, 1, 1], [3, 3], [1e-6, 5, 2], [2e30, 1e-30], [0.25, 0.25]])
+def test_fedavg_equal_and_unequal_weights_and_extreme_ones(ns):
+    rng = np.random.default_rng(3)
+    ups = [[rng.standard_normal(50).astype(np.float32)] for _ in ns]
+    s = FedAvg()
+    s.begin([np.zeros(50, np.float32)])
+    for u, n in zip(ups, ns):
+        s.add([u[0].copy()], n)
+    out = s.finish()[0]
+    ref = sum(n * u[0].astype(np.float64) for u, n in zip(ups, ns)) / sum(ns)
+    assert np.isfinite(out).all()
+    np.testing.assert_allclose(out, ref, rtol=1e-6, atol=1e-6)
