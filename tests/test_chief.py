@@ -9,6 +9,7 @@ from fedberry.chief import (
     Chief,
     ChiefConfig,
     Finished,
+    Recycle,
     RequestInit,
     RoundClosed,
     SendError,
@@ -345,3 +346,24 @@ def test_resumed_chief_continues_at_its_round() -> None:
     assert error(stale).code == ErrorCode.STALE
     done = Chief(ChiefConfig(1, 3), FedAvg(), initial=arrays(4), start_round=3)
     assert done.done
+
+
+def test_a_transport_that_checked_for_nan_is_trusted_both_ways() -> None:
+    chief = make(workers=2)
+    join_all(chief, "a", "b")
+    err = error(chief.update("a", 0, 1, arrays(1), {}, 1, checked=True,
+                             bad="tensor 1 contains NaN or Inf"))
+    assert err.code == ErrorCode.NON_FINITE and "tensor 1" in err.message
+    assert chief.strategy.updates == 0
+    unchecked = arrays(1)
+    unchecked[0][0, 0] = np.nan
+    assert error(chief.update("b", 0, 1, unchecked, {}, 1)).code == ErrorCode.NON_FINITE
+
+
+def test_the_buffers_of_an_update_the_strategy_is_done_with_are_recycled() -> None:
+    chief = make(workers=3)
+    join_all(chief, "a", "b", "c")
+    assert of(chief.update("a", 0, 1, arrays(1), {}, 1), Recycle) == []  # kept as the sum
+    second = arrays(2)
+    (rec,) = of(chief.update("b", 0, 1, second, {}, 1), Recycle)
+    assert all(x is y for x, y in zip(rec.arrays, second))

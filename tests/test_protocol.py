@@ -380,3 +380,50 @@ def test_auth_verify_refuses_what_a_peer_may_put_in_a_proof():
     assert auth.verify(good, good)
     for bad in [None, 1, [good], good[:-1], good[:-1] + "\u00e9", "\u0000" * len(good)]:
         assert not auth.verify(good, bad)  # refused, never raised (hmac raises on non-ASCII)
+
+
+# -- receive buffers and the NaN check on arrival ----------------------------------------------
+def test_allocate_is_asked_only_once_the_frame_has_passed_every_check() -> None:
+    asked: list[protocol.Spec] = []
+    mine = [np.full((2, 3), 7, np.float32), np.full(3, 7, np.float32)]
+
+    def allocate(specs: protocol.Spec) -> list[np.ndarray]:
+        asked.append(specs)
+        return mine
+
+    expected = spec_of(mine)
+    decoder = FrameDecoder()
+    decoder.expected, decoder.allocate = expected, allocate
+    with pytest.raises(ProtocolError):
+        decoder.receive_data(encode(MsgType.UPDATE, {}, [np.zeros((3, 2), np.float32),
+                                                         np.zeros(3, np.float32)]).tobytes())
+    assert asked == []
+    decoder = FrameDecoder()
+    decoder.expected, decoder.allocate = expected, allocate
+    sent = [np.ones((2, 3), np.float32), np.arange(3, dtype=np.float32)]
+    (f,) = decoder.receive_data(encode(MsgType.UPDATE, {}, sent).tobytes())
+    assert asked == [expected] and f.tensors[0] is mine[0] and f.tensors[1] is mine[1]
+    assert_same(f.tensors, sent)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_check_finite_names_the_first_tensor_with_nan_or_inf(bad: float) -> None:
+    sent = [np.zeros(4, np.float16), np.arange(5, dtype=np.int64), np.zeros(3, np.float32),
+            np.zeros(0, np.float32), np.zeros(2, np.float64)]
+    sent[2][1] = sent[4][0] = bad
+    decoder = FrameDecoder()
+    decoder.check_finite = True
+    (f,) = decoder.receive_data(encode(MsgType.UPDATE, {}, sent).tobytes())
+    assert f.checked and f.non_finite == "tensor 2 contains NaN or Inf"
+    (f,) = decoder.receive_data(encode(MsgType.UPDATE, {}, model()).tobytes())
+    assert f.checked and f.non_finite is None  # the next frame starts clean
+    plain = FrameDecoder()
+    (f,) = plain.receive_data(encode(MsgType.UPDATE, {}, sent).tobytes())
+    assert not f.checked and f.non_finite is None
+
+
+def test_finite_on_float16_does_not_overflow_and_on_integers_is_true() -> None:
+    assert protocol.finite(np.full(1000, 60000, np.float16))
+    assert protocol.finite(np.arange(5)) and protocol.finite(np.zeros(0, np.float32))
+    assert not protocol.finite(np.array(np.nan, np.float32))
+    assert not protocol.finite(np.array([1, complex(0, np.inf)]))

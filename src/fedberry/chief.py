@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from .protocol import ErrorCode, Spec, spec_mismatch, spec_of
+from .protocol import ErrorCode, Spec, finite, spec_mismatch, spec_of
 from .strategies import FedAvg
 
 
@@ -84,18 +84,20 @@ class Finished:
     reason: str
 
 
-Action = SendGlobal | SendError | RequestInit | RoundClosed | Finished
+@dataclass
+class Recycle:
+    """The strategy is done with these arrays of an update: their memory may take the next one."""
+
+    arrays: list[np.ndarray]
+
+
+Action = SendGlobal | SendError | RequestInit | RoundClosed | Finished | Recycle
 
 
 def non_finite(arrays: Sequence[np.ndarray]) -> str | None:
     for i, a in enumerate(arrays):
-        if not np.issubdtype(a.dtype, np.inexact) or not a.size:
-            continue
-        # A sum propagates NaN and Inf and costs a third of isfinite().all(); only when it is
-        # not finite (NaN/Inf, or a float16 sum that overflowed) look element by element.
-        if not np.isfinite(a.sum(dtype=np.float64 if a.itemsize < 4 else None)):
-            if not np.isfinite(a).all():
-                return f"tensor {i} contains NaN or Inf"
+        if not finite(a):
+            return f"tensor {i} contains NaN or Inf"
     return None
 
 
@@ -168,7 +170,10 @@ class Chief:
         return []  # another worker's weights won; this one was already sent the global model
 
     def update(self, worker_id: str, round_: int, num_samples: float, arrays: list[np.ndarray],
-               metrics: dict[str, Any], now: float) -> list[Action]:
+               metrics: dict[str, Any], now: float, *, checked: bool = False,
+               bad: str | None = None) -> list[Action]:
+        """``checked``: the transport has already looked for NaN/Inf in these very arrays
+        (``FrameDecoder.check_finite``), and ``bad`` is what it found."""
         if worker_id not in self.members or self.global_arrays is None:
             return [SendError(worker_id, ErrorCode.PROTOCOL, "update before joining", True)]
         if self.done:
@@ -179,7 +184,8 @@ class Chief:
                 and num_samples > 0):
             return [SendError(worker_id, ErrorCode.BAD_FRAME,
                               "num_samples must be a positive number", True)]
-        bad = non_finite(arrays)
+        if not checked:
+            bad = non_finite(arrays)
         if bad:
             return [SendError(worker_id, ErrorCode.NON_FINITE, f"update refused: {bad}", True)]
         if self._last_round_of.get(worker_id) == round_:
@@ -195,7 +201,7 @@ class Chief:
                               f"update for round {round_} {when} (now round {self.round}); it "
                               "was dropped, the newest model follows", False),
                     SendGlobal([worker_id])]
-        self.strategy.add(arrays, num_samples)
+        spare = self.strategy.add(arrays, num_samples)
         self._in_round.add(worker_id)
         self._waiting.add(worker_id)
         self._last_round_of[worker_id] = round_
@@ -204,7 +210,10 @@ class Chief:
         if isinstance(loss, (int, float)) and math.isfinite(loss):
             self._loss_sum += num_samples * loss
             self._loss_weight += num_samples
-        return self._maybe_close(now)
+        actions = self._maybe_close(now)
+        if spare:  # a strategy of before returned None
+            actions.append(Recycle(list(spare)))
+        return actions
 
     def leave(self, worker_id: str, now: float) -> list[Action]:
         self.members.discard(worker_id)

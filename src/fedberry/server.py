@@ -19,7 +19,8 @@ import numpy as np
 from . import checkpoint as ckpt_io
 from . import codecs
 from .broadcast import Broadcast
-from .chief import Chief, Finished, RequestInit, RoundClosed, SendError, SendGlobal
+from .buffers import BufferPool
+from .chief import Chief, Finished, Recycle, RequestInit, RoundClosed, SendError, SendGlobal
 from .metrics import MetricsLog
 from .protocol import ErrorCode, Spec
 
@@ -55,6 +56,8 @@ class ChiefServer:
         self.finish_grace = finish_grace
         self.on_round = on_round
         self.peers: dict[str, Peer] = {}
+        # Updates are read into buffers of updates before (transports' FrameDecoder.allocate).
+        self.buffers = BufferPool()
         self.bytes_up = 0
         self.bytes_down = 0
         self._bytes_mark = (0, 0)
@@ -94,8 +97,12 @@ class ChiefServer:
         self._run(self.chief.init(peer.worker_id, arrays, time.monotonic()))
 
     def on_update(self, peer: Peer, round_: int, num_samples: float, arrays: list[np.ndarray],
-                  metrics: dict[str, Any], codec: str = "none") -> None:
+                  metrics: dict[str, Any], codec: str = "none", checked: bool = False,
+                  bad: str | None = None) -> None:
+        """``checked``/``bad``: the transport's own NaN/Inf check of ``arrays`` (Chief.update);
+        it counts only for updates sent as they are, not for what a codec decodes."""
         if codec != "none":
+            checked, bad = False, None
             chief = self.chief
             if round_ == chief.round and chief.spec is not None:
                 arrays = codecs.get(codec).decode(arrays, chief.spec, chief.global_arrays)
@@ -107,7 +114,7 @@ class ChiefServer:
             else:
                 arrays = codecs.get(codec).decode(arrays, chief.spec or (), None)
         self._run(self.chief.update(peer.worker_id, round_, num_samples, arrays, metrics,
-                                    time.monotonic()))
+                                    time.monotonic(), checked=checked, bad=bad))
 
     def detach(self, peer: Peer, lost: bool = False) -> None:
         if self.peers.get(peer.worker_id) is not peer:
@@ -140,6 +147,11 @@ class ChiefServer:
                     self.peers[action.worker_id].request_init()
             elif isinstance(action, RoundClosed):
                 self._round_closed(action)
+            elif isinstance(action, Recycle):
+                spec = self.chief.spec or ()
+                # Two models' worth at most: O(model) memory whatever the number of workers.
+                self.buffers.max_bytes = 2 * sum(t.nbytes for t in spec)
+                self.buffers.give(action.arrays)
             elif isinstance(action, Finished):
                 log.info("finishing: %s", action.reason)
                 self._finishing = True

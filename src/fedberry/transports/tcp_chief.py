@@ -240,7 +240,8 @@ class _ChiefConnection(_FrameWriter, asyncio.BufferedProtocol):
         elif self.state == "joined" and t == MsgType.UPDATE:
             round_, n, metrics = _update_fields(frame.meta)
             self.server.on_update(self, round_, n, frame.tensors, metrics,
-                                  frame.meta.get("codec", "none"))
+                                  frame.meta.get("codec", "none"), frame.checked,
+                                  frame.non_finite)
         elif self.state == "joined" and t == MsgType.INIT and self._may_init:
             self._may_init = False  # once, and only when WELCOME asked for it
             self.server.on_init(self, frame.tensors)
@@ -320,6 +321,8 @@ class _ChiefConnection(_FrameWriter, asyncio.BufferedProtocol):
     def _expect_model(self) -> None:
         spec = self.server.chief.spec or self._announced
         self.decoder.expected = spec
+        self.decoder.allocate = self.server.buffers.take
+        self.decoder.check_finite = True
         # Metadata: ~40 bytes per tensor description plus a few metrics. A q8 update carries
         # two tensors (values, scales) per float tensor, in fewer bytes than the model.
         self.decoder.limits = Limits(max(PREAUTH_LIMITS.max_meta_bytes, 128 * len(spec)),
