@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -98,11 +97,12 @@ def floor_rank(params: int, rounds: int, warmup: int, out: str) -> None:
 # -- the launcher ------------------------------------------------------------------------------
 def launch(kind: str, params: int, workers: int, rounds: int, warmup: int,
            timeout: float = 900.0) -> dict[str, float]:
-    from fedberry.transports.mpi import find_mpiexec
+    from fedberry.transports.mpi import mpiexec_argv, stop_launch
 
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "result.json"
-        cmd = [find_mpiexec(), "-n", str(workers + 1), sys.executable, "-m",
+        # mpiexec_argv: the flags MPICH's or Open MPI's mpiexec needs (root, oversubscribing).
+        cmd = [*mpiexec_argv(workers + 1), sys.executable, "-m",
                "fedberry.bench.mpi_round_time", kind, str(params), str(rounds), str(warmup),
                str(out)]
         env = dict(os.environ, OMP_NUM_THREADS="1")
@@ -110,9 +110,7 @@ def launch(kind: str, params: int, workers: int, rounds: int, warmup: int,
         try:
             code = proc.wait(timeout)
         finally:
-            if proc.poll() is None:  # mpiexec and every rank: its own process group
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+            stop_launch(proc)  # on a timeout: mpiexec and every rank, whatever the MPI
         if code != 0:
             raise RuntimeError(f"{' '.join(cmd)} exited with {code}")
         return json.loads(out.read_text())
