@@ -1,0 +1,127 @@
+"""dsgd and fedavg: workers through our chief, which evaluates every round's model."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from typing import TYPE_CHECKING
+
+from .config import ModeConfig
+from .link import CHIEF_PORT
+from .process_group import Event, ProcessGroup
+from .progress import Progress
+from .results import ModeResult, Point, finish
+from .tracking import IFACE_SOURCE, Baseline, Reports, Tracker, qdisc_delta
+
+if TYPE_CHECKING:
+    from .harness import Bench
+
+
+def run_fed(bench: Bench, mode: str, mc: ModeConfig, stop: bool, tag: str,
+            max_k: int | None) -> ModeResult:
+    return _FedRun(bench, mode, mc, stop, tag, max_k).run()
+
+
+class _FedRun:
+    def __init__(self, bench: Bench, mode: str, mc: ModeConfig, stop: bool, tag: str,
+                 max_k: int | None) -> None:
+        self.bench, self.mode, self.mc = bench, mode, mc
+        n = bench.cfg.workers
+        unit = "step" if mode == "dsgd" else "round"
+        self.netns = bench.link.iface is not None
+        self.res = ModeResult(mode, n, unit, asdict(mc), bytes_source=(
+            IFACE_SOURCE if self.netns else "chief's sockets (payload)"))
+        self.procs = ProcessGroup(bench.link, bench.logdir(tag))
+        self.names = [f"worker{i}" for i in range(1, n + 1)]
+        self.track = Tracker(self.res, Progress(tag, unit, bench.quiet), target=bench.cfg.target,
+                             stop=stop, max_k=max_k or mc.max_steps, time_cap_s=mc.time_cap_s,
+                             bytes_of=self._bytes)
+        self.rounds: dict[int, Event] = {}  # the chief's record of each round
+        self.last_sync: dict[str, Event] = {}
+        self.socket_cum = 0
+        self.emitted = 0  # rounds turned into points
+        self.t_go = 0.0
+        self.base: Baseline  # once the workers are ready
+
+    def run(self) -> ModeResult:
+        bench, mc, procs, res, link = self.bench, self.mc, self.procs, self.res, self.bench.link
+        try:
+            procs.start("chief", "chief", "chief", bench.spec(
+                self.mode, mc, host=link.chief_host, port=CHIEF_PORT if self.netns else 0,
+                max_rounds=self.track.max_k, shaper_mbit=link.shaper_mbit,
+                downlink=mc.downlink))
+            port = procs.wait_for(["chief"], "listening")["chief"]["port"]
+            url = f"tcp://{link.chief_host}:{port}"
+            for i, name in enumerate(self.names):
+                procs.start(name, i, "fed", bench.spec(
+                    self.mode, mc, chief=url, index=i + 1, iface=link.iface,
+                    local_epochs=mc.local_epochs, codec=mc.codec))
+            ready = procs.wait_for(["chief", *self.names], "ready")
+            self.base = Baseline(ready, self.names)
+            q0 = link.qdisc_bytes()
+            self.t_go = procs.go()
+            self.track.follow(procs, self.t_go, self._on_event)
+        finally:
+            procs.stop()
+        self.track.fill_bytes()
+        res.qdisc_bytes = qdisc_delta(q0, link.qdisc_bytes())
+        res.socket_bytes_run = self.socket_cum
+        if self.netns and len(self.last_sync) == res.workers:
+            res.iface_bytes_run = sum(self.base.crossed(w, self.last_sync[w])
+                                      for w in self.names)
+        finish(res, mc, bench.cfg.target)
+        self._compute_and_crc()
+        return res
+
+    def _on_event(self, name: str, e: Event) -> bool:
+        res = self.res
+        if e["ev"] == "exit":
+            if name == "chief" or e["code"] != 0:
+                if self.track.done_k is None:
+                    res.stop_reason = res.stop_reason or f"{name} exited ({e['code']})"
+                    if e["code"] not in (0, None):
+                        res.notes.append(f"{name} exited with code {e['code']}")
+                return name == "chief"
+            return False
+        if e["ev"] == "round":
+            self.rounds[e["round"]] = e
+        elif e["ev"] == "sync":
+            self.track.report(e["round"], name, e)
+            self.last_sync[name] = e
+        # Points are made in round order, once the chief has evaluated a round.
+        while self.emitted + 1 in self.rounds:
+            r = self.rounds[self.emitted + 1]
+            self.emitted += 1
+            self.socket_cum += r["up"] + r["down"]
+            if r["acc"] is not None:
+                self.track.add(Point(r["t"] - self.t_go, r["round"], r["acc"], r["loss"], None,
+                                     None, self.socket_cum))
+        return False
+
+    def _bytes(self, p: Point, at: Reports) -> None:
+        n = self.res.workers
+        if len(at) < n:
+            if not self.netns:  # the chief's count stands for the total either way
+                p.bytes, p.per_worker = p.socket_bytes, (p.socket_bytes or 0) / n
+            return
+        if self.netns:
+            per = [self.base.crossed(w, e) for w, e in at.items()]
+            p.bytes = sum(per)
+        else:
+            per = [e["sent"] + e["received"] for e in at.values()]
+            p.bytes = p.socket_bytes
+        p.per_worker = sum(per) / n
+
+    def _compute_and_crc(self) -> None:
+        res, at_result = self.res, self.track.result_reports()
+        if at_result is None:
+            return
+        k, at = at_result
+        n = res.workers
+        res.compute_cpu_s = sum(e["cpu"] for e in at.values()) / n
+        res.compute_wall_s = sum(e["compute"] for e in at.values()) / n
+        w1 = at.get("worker1", {}).get("crc")
+        chief_crc = self.rounds.get(k, {}).get("crc")
+        if w1 is not None and chief_crc is not None:
+            res.crc_match = w1 == chief_crc
+            if not res.crc_match:
+                res.notes.append("worker 1's model differs from the evaluated one")

@@ -1,0 +1,56 @@
+"""single: one process with all the data; it evaluates itself and stops at the target."""
+
+from __future__ import annotations
+
+import queue
+import time
+from dataclasses import asdict
+from typing import TYPE_CHECKING
+
+from .config import ModeConfig
+from .process_group import ProcessGroup
+from .progress import Progress
+from .results import ModeResult, Point, finish
+
+if TYPE_CHECKING:
+    from .harness import Bench
+
+
+def run_single(bench: Bench, mc: ModeConfig, stop: bool) -> ModeResult:
+    target = bench.cfg.target
+    res = ModeResult("single", 1, "step", asdict(mc), bytes_source="none (one process)",
+                     link_shaped=False)
+    prog = Progress("single", "step", bench.quiet, every=2.0)
+    procs = ProcessGroup(bench.link, bench.logdir("single"))
+    spec = bench.spec("single", mc, count=1, index=1, target=target, stop_at_target=stop,
+                      time_cap_s=mc.time_cap_s, eval_every=mc.eval_every)
+    try:
+        procs.start("single", None, "single", spec)
+        procs.wait_for(["single"], "ready")
+        t_go = procs.go()
+        cpu = None
+        # The process keeps its own time cap; this one is only for a process that hangs.
+        while True:
+            try:
+                _, e = procs.events.get(timeout=1.0)
+            except queue.Empty:
+                if time.monotonic() - t_go > mc.time_cap_s * 3 + 60:
+                    res.stop_reason = "harness timeout"
+                    break
+                continue
+            if e["ev"] == "exit":
+                if e["code"] != 0:
+                    res.notes.append(f"exited with code {e['code']}")
+                break
+            if e["ev"] == "eval":
+                p = Point(e["elapsed"], e["steps"], e["acc"], e["loss"], 0, 0.0)
+                res.points.append(p)
+                prog.point(p, target)
+                if p.acc >= target and res.time_to_target_s is None:
+                    cpu = e["cpu"]
+        res.run_s = time.monotonic() - t_go
+    finally:
+        procs.stop()
+    res.compute_cpu_s = cpu
+    finish(res, mc, target, "training time (evaluation excluded)")
+    return res
