@@ -31,14 +31,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_until(cond: Callable[[], Any], timeout: float, what: str, every: float = 0.05) -> Any:
+def wait_until(cond: Callable[[], Any], timeout: float, what: str, every: float = 0.05,
+               logs: Callable[[], str] | None = None) -> Any:
+    """Poll ``cond`` until true; past ``timeout``, fail saying what, with ``logs()`` if given."""
     deadline = time.monotonic() + timeout
     while True:
         value = cond()
         if value:
             return value
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+            tail = f"\n{logs()}" if logs is not None else ""
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}{tail}")
         time.sleep(every)
 
 

@@ -30,16 +30,31 @@ WIRES = {"f32": ((), ()), "q8": (("--downlink", "q8"), ("--codec", "q8"))}
 
 @pytest.mark.parametrize("wire", list(WIRES))
 def test_dropped_connection_reconnects_by_itself_and_finishes(tmp_path: Path, wire: str) -> None:
-    rounds = 8
+    # A round takes a tenth of a second here, and the chief goes on without a worker whose
+    # connection broke: enough rounds that the relayed worker is back, and counted, before each
+    # next cut, however long its backoff; the test waits for that instead of guessing a round.
+    rounds = 40
     chief_args, worker_args = WIRES[wire]
     with Cluster(tmp_path) as c, Proxy(c.port) as relay:
         chief = c.chief("--workers", "2", "--rounds", str(rounds), *chief_args)
         direct = c.worker(1, 2, *worker_args)
         relayed = c.worker(2, 2, *worker_args, url=relay.url)
-        for r in (2, 4):
-            c.wait_round(r)
-            wait_until(lambda: relay.connections() == 1, 60, "the relayed worker's connection")
+
+        def both_back_after(round_: int) -> None:
+            """Both workers in a round after ``round_``: the relayed one came back by itself."""
+            wait_until(lambda: any(m["round"] > round_ and m["workers"] == 2
+                                   for m in c.metrics()), 60,
+                       f"both workers in a round after round {round_}", logs=c.logs)
+
+        cut_after = 0
+        for _ in range(2):
+            both_back_after(cut_after)
+            wait_until(lambda: relay.connections() == 1, 60, "the relayed worker's connection",
+                       logs=c.logs)
+            cut_after = c.metrics()[-1]["round"]
+            assert cut_after < rounds - 5, f"the run ended before the cut\n{c.logs()}"
             assert relay.drop_all() == 1  # cut, as a flaky Wi-Fi would
+        both_back_after(cut_after)
         assert chief.wait(90) == 0, c.logs()
         assert direct.wait(30) == 0 and relayed.wait(30) == 0, c.logs()
         assert relay.accepted >= 3  # connected once, came back after each cut
