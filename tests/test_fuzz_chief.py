@@ -70,6 +70,10 @@ HONEST = textwrap.dedent("""
             time.sleep(0.02)  # "training"
             sent = [a + np.float32(index * 1e-3) for a in g]
             new = w.sync(sent, index)
+            if os.path.exists(stop):
+                # The other may have left before this round closed, which then holds this
+                # update alone: the test is over, and that is the one round not checked.
+                break
             # The chief's mean of honest-1's and honest-2's updates, and nothing else:
             # g + (1 * 1e-3 * 1 + 2 * 2e-3) / 3 (each weighted by its sample count).
             want = [a.astype(np.float64) + 5e-3 / 3 for a in g]
@@ -364,6 +368,7 @@ def test_ten_thousand_bad_frames_at_a_live_chief(tmp_path: Path) -> None:
             assert "rounds" in h.log()
         assert chief.wait(60) == 0, c.logs()
         metrics = c.metrics()
-        assert all(m["workers"] == 2 for m in metrics)
+        # Each honest worker stops on its own: the last round may have closed with one.
+        assert all(m["workers"] == 2 for m in metrics[:-1]) and metrics[-1]["workers"] >= 1
         log = chief.log()
         assert "Traceback" not in log and "error handling a frame" not in log

@@ -27,6 +27,7 @@ from fedberry.transports.mpi import (
     HEADER_BYTES,
     MPI_MISMATCH,
     TRAILER,
+    DeathWatch,
     _Layout,
     explain_failure,
     find_mpiexec,
@@ -409,6 +410,52 @@ def test_explain_failure_reads_open_mpi_reports():
             "aborting the MPI job so that the other ranks do not wait for it forever\n")
     assert explain_failure(ours + OMPI_ABORT, ranks) == \
         "rank 1 (a worker, pid 5 on h) failed: ValueError: x"
+
+
+def _sleepers(n: int) -> list[subprocess.Popen]:
+    return [subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+            for _ in range(n)]
+
+
+def _watch_sees(ranks: list[dict], procs: list[subprocess.Popen], die_before: int | None,
+                *die_after: int) -> dict | None:
+    watch = DeathWatch()
+    try:
+        if die_before is not None:
+            procs[die_before].kill()
+            procs[die_before].wait(10)
+        watch.start(ranks)
+        for i in die_after:
+            procs[i].kill()
+            procs[i].wait(10)
+        if watch._thread is not None:
+            watch._thread.join(10)
+        return watch.first
+    finally:
+        watch.stop()
+        for p in procs:
+            p.kill()
+            p.wait(10)
+
+
+@pytest.mark.skipif(not hasattr(os, "pidfd_open"), reason="pidfds are Linux's")
+def test_death_watch_names_the_first_rank_to_exit_and_never_a_later_one():
+    import socket
+
+    host = socket.gethostname()
+    procs = _sleepers(3)
+    ranks = [{"rank": i, "pid": p.pid, "host": host} for i, p in enumerate(procs)]
+    assert _watch_sees(ranks, procs, None, 2) == ranks[2]
+    # A rank already dead when the watch began: the next to exit is not the first, and the
+    # watch says nothing rather than blame it.
+    procs = _sleepers(3)
+    ranks = [{"rank": i, "pid": p.pid, "host": host} for i, p in enumerate(procs)]
+    assert _watch_sees(ranks, procs, 1, 2) is None
+    # A rank on another host: its pid is some other process here, never watched.
+    procs = _sleepers(2)
+    ranks = [{"rank": 0, "pid": procs[0].pid, "host": "elsewhere"},
+             {"rank": 1, "pid": procs[1].pid, "host": host}]
+    assert _watch_sees(ranks, procs, None, 0, 1) == ranks[1]
 
 
 def test_launcher_flags_and_the_demo_command_fit_the_mpi():

@@ -100,6 +100,17 @@ def test_mpi_demo_matches_the_tcp_demo(tmp_path, monkeypatch):
     assert "round workers test_acc" in out and f"done: round {ROUNDS}" in out, out
 
 
+def pidfds(pid: int) -> int:
+    """How many pidfds process ``pid`` holds open."""
+    n = 0
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            n += os.readlink(f"/proc/{pid}/fd/{fd}") == "anon_inode:[pidfd]"
+        except OSError:  # closed meanwhile
+            continue
+    return n
+
+
 def test_mpi_demo_names_a_killed_rank(tmp_path):
     out_dir = tmp_path / "killed"
     proc = start_demo(out_dir, "--rounds", "1000")
@@ -112,6 +123,12 @@ def test_mpi_demo_names_a_killed_rank(tmp_path):
             assert time.monotonic() < deadline, "no round closed in 90 s"
             time.sleep(0.2)
         ranks = json.loads((out_dir / RANKS_FILE).read_text())
+        # The demo sees which rank dies first through a pidfd per rank: kill only once it
+        # holds them all, or it would start late and rightly say nothing.
+        while pidfds(proc.pid) < len(ranks):
+            assert proc.poll() is None, proc.communicate()[0]
+            assert time.monotonic() < deadline, "the demo never watched the ranks"
+            time.sleep(0.05)
         victim = next(r for r in ranks if r["rank"] == 2)
         os.kill(victim["pid"], signal.SIGKILL)
         out = finish(proc, 60)

@@ -111,7 +111,7 @@ TRAILER = 6
 HEADER_BYTES = 64
 ALIGN = 64
 RANKS_FILE = "mpi_ranks.json"
-ABORT_PAUSE = 0.3  # seconds between the abort message and MPI_Abort (see _Guard.abort)
+ABORT_PAUSE = 1.0  # seconds between the abort message and MPI_Abort (see _Guard.abort)
 
 
 def _mpi() -> Any:
@@ -970,10 +970,19 @@ class DeathWatch:
         if not hasattr(os, "pidfd_open"):
             return
         fds: dict[int, dict[str, Any]] = {}
+        here = socket.gethostname()
         for r in ranks:
+            if r.get("host", here) != here:
+                continue  # its pid means nothing here
             try:
                 fds[os.pidfd_open(int(r["pid"]))] = r
-            except OSError:  # already gone (or another host): nothing to watch
+            except ProcessLookupError:
+                # A rank died before the watch began: whichever exits next is not the first,
+                # so say nothing rather than name the wrong one (the launcher's report stands).
+                for fd in fds:
+                    os.close(fd)
+                return
+            except OSError:
                 continue
 
         def watch() -> None:
