@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from fedberry.buffers import BufferPool
+from fedberry.buffers import BufferPool, ReceiveBudget
 from fedberry.protocol import spec_of
 
 
@@ -35,3 +35,39 @@ def test_views_read_only_and_strided_arrays_are_not_kept() -> None:
     frozen.flags.writeable = False
     pool.give([base[:10], frozen, np.zeros((4, 4), np.float32).T, np.zeros(0, np.float32)])
     assert pool.nbytes == 0
+
+
+def test_receive_budget_lets_frames_in_while_they_fit_and_queues_the_rest_in_order() -> None:
+    budget = ReceiveBudget(max_bytes=100)
+    resumed: list[str] = []
+    assert budget.acquire(60, lambda: resumed.append("a"))
+    assert budget.acquire(40, lambda: resumed.append("b"))
+    assert not budget.acquire(10, lambda: resumed.append("c"))  # full
+    assert not budget.acquire(1, lambda: resumed.append("d"))  # behind c, though it would fit
+    assert (budget.in_flight, budget.queued, resumed) == (100, 2, [])
+    budget.release(40)
+    assert resumed == ["c", "d"] and budget.in_flight == 71 and budget.peak == 100
+    budget.release(60)
+    budget.release(10)
+    budget.release(1)
+    assert budget.in_flight == 0 and budget.waited == 2
+
+
+def test_receive_budget_always_lets_one_frame_in_and_forgets_cancelled_waits() -> None:
+    budget = ReceiveBudget(max_bytes=10)
+    resumed: list[str] = []
+    assert budget.acquire(1000, lambda: resumed.append("big"))  # alone: never blocked
+    waiter = Waiter(resumed)
+    assert not budget.acquire(5, waiter.resume)
+    assert not budget.acquire(1000, lambda: resumed.append("big2"))
+    budget.cancel(waiter.resume)  # its connection went away (a new bound method, equal)
+    budget.release(1000)
+    assert resumed == ["big2"] and budget.in_flight == 1000 and budget.queued == 0
+
+
+class Waiter:
+    def __init__(self, log: list[str]) -> None:
+        self.log = log
+
+    def resume(self) -> None:
+        self.log.append("waiter")

@@ -207,6 +207,41 @@ def test_tensor_bytes_land_in_the_returned_arrays_without_a_copy() -> None:
     assert np.shares_memory(np.frombuffer(target, np.float32), frame.tensors[0])
 
 
+def test_a_frame_waits_for_memory_reading_nothing_then_arrives_whole() -> None:
+    """``allocate`` may say "not now": the decoder stops before the tensor bytes, offers no
+    buffer, and goes on where it was once ``retry()`` gets the arrays."""
+    data, models = stream()
+    asked: list[protocol.Spec] = []
+    given: list[np.ndarray] = []
+
+    def allocate(specs: protocol.Spec) -> list[np.ndarray] | None:
+        asked.append(specs)
+        if len(asked) % 2:  # the first time for each frame: not now; when retried: yes
+            return None
+        arrays = [np.empty(s.shape, np.dtype(s.dtype)) for s in specs]
+        given.extend(arrays)
+        return arrays
+
+    decoder = FrameDecoder()
+    decoder.allocate = allocate
+    frames, pos, waits = [], 0, 0
+    while pos < len(data):
+        if decoder.waiting:
+            with pytest.raises(RuntimeError, match="pause reading"):
+                decoder.get_buffer()
+            waits += 1
+            assert decoder.retry() and not decoder.waiting
+            continue
+        buf = decoder.get_buffer()
+        n = min(len(buf), 3000, len(data) - pos)
+        buf[:n] = data[pos:pos + n]
+        pos += n
+        frames += decoder.buffer_updated(n)
+    check_stream(frames, models)
+    assert waits == 3 and len(asked) == 6
+    assert all(any(t is g for g in given) for f in frames for t in f.tensors if t.size)
+
+
 # -- limits and malformed frames -------------------------------------------------------------
 def test_bad_magic() -> None:
     refuse(raw_frame(MsgType.PING, {}, magic=b"HTTP"), ErrorCode.BAD_FRAME)

@@ -7,11 +7,15 @@ round. The strategy hands back the buffers of an update once it has folded them 
 
 The pool is bounded in bytes (``max_bytes``, two models by default): the chief's memory stays
 O(model) however many workers there are. What does not fit is left to the garbage collector.
+
+``ReceiveBudget`` bounds the other half: how many bytes of updates are being received at once.
+Without it, N workers sending together make the chief hold N updates in flight.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections import deque
+from collections.abc import Callable, Iterable
 
 import numpy as np
 
@@ -52,3 +56,60 @@ class BufferPool:
     def clear(self) -> None:
         self._free.clear()
         self.nbytes = 0
+
+
+class ReceiveBudget:
+    """Bytes of tensor frames being received at once, across every connection.
+
+    A connection asks before a frame's tensors are allocated (``acquire``). Past ``max_bytes``
+    it is queued, first come first served, and its transport stops reading: TCP's receive
+    window then holds the worker back, and the bytes wait in its socket, not in the chief.
+    ``release`` when the frame is in (or abandoned) lets the next ones in, calling their
+    ``resume``. One frame is always let in when nothing else is in flight, so a budget smaller
+    than one update never blocks it. Only frames in flight count: a strategy that keeps
+    updates (``Median``) holds its own memory, and waiting on it could deadlock a round.
+    """
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.in_flight = 0
+        self.peak = 0  # the most bytes in flight at once, for tests and stats
+        self.waited = 0  # frames that had to wait their turn
+        self._queue: deque[tuple[int, Callable[[], None]]] = deque()
+
+    def acquire(self, nbytes: int, resume: Callable[[], None]) -> bool:
+        """True: go ahead, ``nbytes`` are counted. False: queued; ``resume()`` is called once
+        they have been counted for you (or never, after ``cancel(resume)``)."""
+        if not self._queue and self._fits(nbytes):
+            self._count(nbytes)
+            return True
+        self._queue.append((nbytes, resume))
+        self.waited += 1
+        return False
+
+    def release(self, nbytes: int) -> None:
+        self.in_flight -= nbytes
+        self._admit()
+
+    def cancel(self, resume: Callable[[], None]) -> None:
+        """Forget a queued request (its connection went away)."""
+        # == and not `is`: a bound method is a new object at each attribute access.
+        self._queue = deque(q for q in self._queue if q[1] != resume)
+        self._admit()
+
+    @property
+    def queued(self) -> int:
+        return len(self._queue)
+
+    def _fits(self, nbytes: int) -> bool:
+        return self.in_flight == 0 or self.in_flight + nbytes <= self.max_bytes
+
+    def _count(self, nbytes: int) -> None:
+        self.in_flight += nbytes
+        self.peak = max(self.peak, self.in_flight)
+
+    def _admit(self) -> None:
+        while self._queue and self._fits(self._queue[0][0]):
+            nbytes, resume = self._queue.popleft()
+            self._count(nbytes)
+            resume()

@@ -85,6 +85,9 @@ def _add_chief_parser(sub: argparse._SubParsersAction) -> None:
                    help="allow plain TCP or no token on a non-loopback address")
     p.add_argument("--max-connections", type=int, default=256)
     p.add_argument("--idle-timeout", type=float, default=60.0)
+    p.add_argument("--receive-memory", type=float, default=64.0, metavar="MIB",
+                   help="MiB of updates read at once, all workers together (at least one "
+                        "update); others wait their turn in their sockets (default 64)")
     _add_downlink_option(p)
     p.set_defaults(func=_run_chief)
 
@@ -122,7 +125,8 @@ def _run_chief(args: argparse.Namespace) -> int:
               token_file=args.token_file, tls_cert=args.tls_cert, tls_key=args.tls_key,
               client_ca=args.client_ca, insecure=args.insecure,
               max_connections=args.max_connections, idle_timeout=args.idle_timeout,
-              run_config=run_config, on_round=show, downlink=args.downlink)
+              run_config=run_config, on_round=show, downlink=args.downlink,
+              receive_memory=int(args.receive_memory * 2**20))
     return 0
 
 

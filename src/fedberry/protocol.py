@@ -234,13 +234,15 @@ class FrameDecoder:
     frame must match; ``limits`` may be replaced at any time (it takes effect at the next header).
     ``allocate`` (None: ``np.empty``) gives the arrays a frame's tensors are read into, e.g. from
     a pool of buffers used before (``buffers.BufferPool``); it is called only once the frame's
-    description has passed every check, with the specs it must match exactly.
+    description has passed every check, with the specs it must match exactly. It may answer
+    None, "not now" (``buffers.ReceiveBudget``): the decoder is then ``waiting``, its owner
+    stops reading until memory is granted and calls ``retry()``, which asks again.
     """
 
     def __init__(self, limits: Limits | None = None) -> None:
         self.limits = limits or Limits()
         self.expected: Spec | None = None
-        self.allocate: Callable[[Spec], list[np.ndarray]] | None = None
+        self.allocate: Callable[[Spec], list[np.ndarray] | None] | None = None
         # Look for NaN/Inf in each tensor the moment its last byte is in: it is still in the
         # CPU cache then (4x cheaper than a pass once the whole frame is in, on the bench VM).
         self.check_finite = False
@@ -256,15 +258,31 @@ class FrameDecoder:
         self._type: MsgType | None = None
         self._meta: dict[str, Any] = {}
         self._tensors: list[np.ndarray] = []
+        self._specs: Spec = ()
         self._views: list[memoryview] = []
         self._tensor_index = 0
         self._frame_bytes = 0
         self._non_finite: str | None = None
 
+    @property
+    def waiting(self) -> bool:
+        """A frame's tensors wait for memory (``allocate`` said not now): read nothing."""
+        return self._stage == "wait"
+
+    def retry(self) -> bool:
+        """Ask ``allocate`` again for the waiting frame; True once its arrays are there."""
+        if self._stage != "wait":
+            return True
+        self._allocate(self._specs)
+        return self._stage != "wait"
+
     def get_buffer(self) -> memoryview:
         """Where the next received bytes go. Never empty while the decoder is usable."""
         if self.broken:
             raise ProtocolError(ErrorCode.BAD_FRAME, "the stream is broken")
+        if self._stage == "wait":
+            # The owner's bug: these bytes would have nowhere to go.
+            raise RuntimeError("reading while a frame waits for memory: pause reading first")
         return self._buf[self._pos:]
 
     def buffer_updated(self, n: int) -> list[Frame]:
@@ -274,7 +292,7 @@ class FrameDecoder:
         self._pos += n
         frames: list[Frame] = []
         try:
-            while self._pos == len(self._buf):
+            while self._pos == len(self._buf) and self._stage != "wait":
                 frame = self._advance()
                 if frame is not None:
                     frames.append(frame)
@@ -380,13 +398,20 @@ class FrameDecoder:
         elif "tensors" in meta:
             raise ProtocolError(ErrorCode.BAD_FRAME, f"{self._type.name} frames carry no tensors")
         # Only now, with everything checked, allocate the tensors the payload is read into.
+        self._allocate(specs)
+
+    def _allocate(self, specs: Spec) -> None:
         try:
             if self.allocate is not None and specs:
-                self._tensors = self.allocate(specs)
+                tensors = self.allocate(specs)
             else:
-                self._tensors = [np.empty(s.shape, dtype=np.dtype(s.dtype)) for s in specs]
+                tensors = [np.empty(s.shape, dtype=np.dtype(s.dtype)) for s in specs]
         except (ValueError, MemoryError) as exc:
             raise ProtocolError(ErrorCode.LIMIT, f"cannot allocate the tensors: {exc}") from None
+        if tensors is None:
+            self._stage, self._specs = "wait", specs
+            return
+        self._tensors = tensors
         self._views = [memoryview(t).cast("B") if t.nbytes else memoryview(b"")
                        for t in self._tensors]
         self._tensor_index = 0

@@ -83,7 +83,8 @@ def serve(listen: str | None = "127.0.0.1:0", *, workers: int = 1, rounds: int |
           handshake_timeout: float = 15.0, finish_grace: float = 30.0,
           run_config: dict[str, Any] | None = None,
           on_round: Callable[[dict[str, Any]], None] | None = None,
-          downlink: str = "none", shaper: Any = None) -> ChiefHandle:
+          downlink: str = "none", shaper: Any = None,
+          receive_memory: int = 64 << 20) -> ChiefHandle:
     """Start a chief in the background and return once it accepts connections.
 
     ``downlink``: how the global model travels to TCP workers: ``none``, ``fp16`` (half the
@@ -92,7 +93,11 @@ def serve(listen: str | None = "127.0.0.1:0", *, workers: int = 1, rounds: int |
     it (broadcast.py).
 
     ``shaper``: a ``bench.shaper.SharedLink`` that every TCP connection's bytes pass through,
-    to emulate a slow shared link without root (docs/slow-link.md); None: full speed."""
+    to emulate a slow shared link without root (docs/slow-link.md); None: full speed.
+
+    ``receive_memory``: bytes of TCP updates read at once, all workers together (at least one
+    update); the others wait their turn in their sockets, so that the chief's memory does not
+    grow with the number of workers sending at the same moment."""
     strat = make_strategy(strategy)
     start_round = 0
     append = False
@@ -138,7 +143,8 @@ def serve(listen: str | None = "127.0.0.1:0", *, workers: int = 1, rounds: int |
             token=resolve_token(token, token_file), ssl_context=ctx,
             require_client_cert=bool(tls_cert and client_ca), insecure=insecure,
             max_connections=max_connections, idle_timeout=idle_timeout,
-            handshake_timeout=handshake_timeout, shaper=shaper))
+            handshake_timeout=handshake_timeout, shaper=shaper,
+            receive_memory=receive_memory))
         handle.tcp = tcp
         handle.address = io.run(tcp.start(), 30)
         handle._task = asyncio.run_coroutine_threadsafe(tcp.serve(), io.loop)

@@ -149,8 +149,10 @@ class ChiefServer:
                 self._round_closed(action)
             elif isinstance(action, Recycle):
                 spec = self.chief.spec or ()
-                # Two models' worth at most: O(model) memory whatever the number of workers.
-                self.buffers.max_bytes = 2 * sum(t.nbytes for t in spec)
+                # Two models' worth at least (the transport may keep more: what it lets in at
+                # once), O(model) memory whatever the number of workers.
+                self.buffers.max_bytes = max(self.buffers.max_bytes,
+                                             2 * sum(t.nbytes for t in spec))
                 self.buffers.give(action.arrays)
             elif isinstance(action, Finished):
                 log.info("finishing: %s", action.reason)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .. import auth
+from ..buffers import ReceiveBudget
 from ..certs import cert_names
 from ..protocol import (
     EncodedFrame,
@@ -74,6 +75,11 @@ class ListenOptions:
     auth_delay_base: float = 0.25
     auth_delay_max: float = 8.0
     auth_memory: float = 600.0
+    # Bytes of updates being received at once, all connections together; past it, workers wait
+    # their turn with reading paused (TCP holds them back) and the chief's memory stays
+    # O(model) whatever the number of workers. One update is always let in. The default lets
+    # dozens of small-model workers upload in parallel, which a slow per-worker link needs.
+    receive_memory: int = 64 << 20
     # bench.shaper.SharedLink, for benchmarks without root: one token bucket per direction shared
     # by every connection emulates a slow shared link (see docs/slow-link.md). None: full speed.
     shaper: Any = None
@@ -108,6 +114,10 @@ class _ChiefConnection(_FrameWriter, asyncio.BufferedProtocol):
         self._bye = False  # the worker left on purpose (else it may come back)
         self._may_init = False
         self._drain: memoryview | None = None
+        self._pauses: set[str] = set()  # why reading is paused: "shaper", "auth", "memory"
+        self._reserved = 0  # bytes of the frame being received, counted in the budget
+        self._waiting_for = 0  # bytes queued for in the budget (0: not queued)
+        self._granted = False
         self._left = False  # detached from the server (it no longer counts as a member)
         self.closed = False
         shaper = listener.options.shaper
@@ -178,14 +188,26 @@ class _ChiefConnection(_FrameWriter, asyncio.BufferedProtocol):
             # for them. Reading pauses meanwhile, so the receive window slows the sender too.
             wait = self._uplink.reserve(nbytes)
             if wait > 0 and self.transport is not None:
-                self.transport.pause_reading()
+                self._pause("shaper")
                 asyncio.get_running_loop().call_later(wait, self._arrived, nbytes)
                 return
         self._received(nbytes)
 
     def _arrived(self, nbytes: int) -> None:
         self._received(nbytes)
-        if self.transport is not None and not self.transport.is_closing():
+        self._unpause("shaper")
+
+    def _pause(self, why: str) -> None:
+        if not self._pauses and self.transport is not None:
+            self.transport.pause_reading()
+        self._pauses.add(why)
+
+    def _unpause(self, why: str) -> None:
+        if why not in self._pauses:
+            return
+        self._pauses.discard(why)
+        if (not self._pauses and self.transport is not None
+                and not self.transport.is_closing()):
             self.transport.resume_reading()
 
     def _received(self, nbytes: int) -> None:
@@ -208,6 +230,48 @@ class _ChiefConnection(_FrameWriter, asyncio.BufferedProtocol):
             except Exception as exc:  # a bug here must cost one connection, not the chief
                 log.exception("error handling a frame from %s", self.describe())
                 self.fail(ErrorCode.INTERNAL, f"internal error: {exc}")
+        if frames:
+            # The frame is in and handled (an update is folded into the sum and its buffers
+            # are back in the pool): the next connection in line may have its memory.
+            self._free_memory()
+        if self.decoder.waiting:
+            self._pause("memory")
+
+    # -- receive memory (buffers.ReceiveBudget) ----------------------------------------------
+    def _allocate(self, specs: Spec) -> list[Any] | None:
+        """The decoder's ``allocate``: a frame's arrays once the budget lets it in, else None
+        (the decoder waits, reading pauses, ``_memory_granted`` carries on)."""
+        nbytes = sum(t.nbytes for t in specs)
+        if not self._granted and nbytes:
+            if not self.listener.budget.acquire(nbytes, self._memory_granted):
+                self._waiting_for = nbytes
+                return None
+        self._granted = False
+        self._reserved = nbytes
+        return self.server.buffers.take(specs)
+
+    def _memory_granted(self) -> None:
+        nbytes, self._waiting_for = self._waiting_for, 0
+        if self.closed or self.closing_since is not None:
+            self.listener.budget.release(nbytes)  # granted to a connection that is gone
+            return
+        self._granted = True
+        try:
+            self.decoder.retry()
+        except ProtocolError as exc:
+            self.listener.budget.release(nbytes)
+            self.fail(exc.code, exc.message)
+            return
+        self._unpause("memory")
+
+    def _free_memory(self) -> None:
+        budget = self.listener.budget
+        if self._reserved:
+            nbytes, self._reserved = self._reserved, 0
+            budget.release(nbytes)
+        if self._waiting_for:
+            self._waiting_for = 0
+            budget.cancel(self._memory_granted)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._gone()
@@ -216,6 +280,7 @@ class _ChiefConnection(_FrameWriter, asyncio.BufferedProtocol):
         if self.closed:
             return
         self.closed = True
+        self._free_memory()
         self.listener.connections.discard(self)
         self._leave()
 
@@ -273,7 +338,7 @@ class _ChiefConnection(_FrameWriter, asyncio.BufferedProtocol):
         # This address has failed too often lately: answer later, reading nothing meanwhile.
         assert self.transport is not None
         self.state = "auth-wait"
-        self.transport.pause_reading()
+        self._pause("auth")
         asyncio.get_running_loop().call_later(delay, self._auth_now, meta)
 
     def _auth_now(self, meta: dict[str, Any]) -> None:
@@ -281,8 +346,7 @@ class _ChiefConnection(_FrameWriter, asyncio.BufferedProtocol):
             return
         if self.state == "auth-wait":
             self.state = "auth"
-            assert self.transport is not None
-            self.transport.resume_reading()
+            self._unpause("auth")
         try:
             self._verify_and_join(meta)
         except ProtocolError as exc:
@@ -321,7 +385,7 @@ class _ChiefConnection(_FrameWriter, asyncio.BufferedProtocol):
     def _expect_model(self) -> None:
         spec = self.server.chief.spec or self._announced
         self.decoder.expected = spec
-        self.decoder.allocate = self.server.buffers.take
+        self.decoder.allocate = self._allocate
         self.decoder.check_finite = True
         # Metadata: ~40 bytes per tensor description plus a few metrics. A q8 update carries
         # two tensors (values, scales) per float tensor, in fewer bytes than the model.
@@ -377,6 +441,7 @@ class _ChiefConnection(_FrameWriter, asyncio.BufferedProtocol):
     def close(self) -> None:
         if self.closing_since is None:
             self.closing_since = time.monotonic()
+            self._free_memory()  # what it was receiving will not be used
             self._leave()
         if self.transport is None:
             self.abort()
@@ -463,6 +528,9 @@ class TcpChief:
         self.host, self.port = host, port
         self.options = options or ListenOptions()
         self.connections: set[_ChiefConnection] = set()
+        self.budget = ReceiveBudget(self.options.receive_memory)
+        # What the budget lets in at once is what the chief reads into: keep that much.
+        server.buffers.max_bytes = max(server.buffers.max_bytes, self.options.receive_memory)
         # address -> (failed authentications, monotonic time of the last), oldest first
         self._failures: dict[str, tuple[int, float]] = {}
         self._aserver: asyncio.base_events.Server | None = None
@@ -582,6 +650,12 @@ class TcpChief:
                 elif conn.state != "joined":
                     if now - conn.opened > o.handshake_timeout:
                         conn.fail(ErrorCode.TIMEOUT, "handshake not completed in time")
+                elif conn._waiting_for:
+                    # Waiting its turn to be read: its silence is ours. The pings below keep
+                    # the worker from thinking us dead meanwhile.
+                    conn.last_seen = now
+                    if now - conn.last_ping > ping_every:
+                        conn.ping()
                 elif now - conn.last_seen > o.idle_timeout:
                     conn.fail(ErrorCode.TIMEOUT, f"silent for {o.idle_timeout:.0f} s")
                 elif now - max(conn.last_seen, conn.last_ping) > ping_every:
