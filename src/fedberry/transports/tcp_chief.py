@@ -259,8 +259,7 @@ class _ChiefConnection(_FrameWriter, asyncio.BufferedProtocol):
         try:
             self.decoder.retry()
         except ProtocolError as exc:
-            self.listener.budget.release(nbytes)
-            self.fail(exc.code, exc.message)
+            self.fail(exc.code, exc.message)  # which frees the bytes, reserved by _allocate
             return
         self._unpause("memory")
 
