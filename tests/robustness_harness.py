@@ -19,8 +19,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from fedberry import auth
-from fedberry.protocol import Frame, FrameDecoder, MsgType, encode
+from fedberry.protocol import auth
+from fedberry.protocol.frames import Frame, FrameDecoder, MsgType, encode
 
 TOKEN = "robustness-test-token-0123456789"
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from fedberry.buffers import BufferPool, ReceiveBudget
-from fedberry.protocol import spec_of
+from fedberry.chief.buffers import BufferPool, ReceiveBudget
+from fedberry.protocol.frames import spec_of
 
 
 def test_take_reuses_given_arrays_of_the_same_dtype_and_shape() -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fedberry.chief import (
+from fedberry.chief.state import (
     Chief,
     ChiefConfig,
     Finished,
@@ -15,7 +15,7 @@ from fedberry.chief import (
     SendError,
     SendGlobal,
 )
-from fedberry.protocol import ErrorCode, spec_of
+from fedberry.protocol.frames import ErrorCode, spec_of
 from fedberry.strategies import FedAvg
 
 SHAPES = [(3, 2), (2,)]

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from fedberry import Worker, codecs
-from fedberry.protocol import (
+from fedberry.protocol.frames import (
     ErrorCode,
     FrameDecoder,
     MsgType,
@@ -268,8 +268,8 @@ def test_broadcast_forms_decode_to_the_chiefs_model_and_fall_back_when_they_must
     """broadcast.Broadcast without sockets: the delta form only for a holder of the last round's
     model, the whole model otherwise, fp16 refused for values it cannot hold; the chief's model
     equals what a receiver decodes in every form."""
-    from fedberry.broadcast import Broadcast
-    from fedberry.chief import Chief, ChiefConfig
+    from fedberry.chief.broadcast import Broadcast
+    from fedberry.chief.state import Chief, ChiefConfig
 
     def decode(frame_bytes, reference):
         dec = FrameDecoder()

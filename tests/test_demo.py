@@ -4,7 +4,7 @@ import subprocess
 
 from helpers import fedberry_env, python
 
-from fedberry.metrics import read
+from fedberry.chief.metrics import read
 
 MLP_PARAMS = 199_210
 

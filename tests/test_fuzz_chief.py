@@ -29,8 +29,9 @@ from pathlib import Path
 import numpy as np
 from robustness_harness import TOKEN, Cluster
 
-from fedberry import auth, codecs
-from fedberry.protocol import (
+from fedberry import codecs
+from fedberry.protocol import auth
+from fedberry.protocol.frames import (
     HEADER,
     HEADER_SIZE,
     Frame,

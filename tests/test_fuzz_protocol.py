@@ -12,8 +12,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from fedberry import protocol
-from fedberry.protocol import (
+from fedberry.protocol import frames as protocol
+from fedberry.protocol.frames import (
     ALLOWED_DTYPES,
     HEADER,
     MAGIC,

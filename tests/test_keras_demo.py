@@ -13,7 +13,7 @@ import subprocess
 import pytest
 from helpers import fedberry_env, python
 
-from fedberry.metrics import read
+from fedberry.chief.metrics import read
 
 MLP_PARAMS = 199_210
 

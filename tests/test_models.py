@@ -10,7 +10,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from fedberry.data.fashion_mnist import DEFAULT_DATA_DIR, load_fashion_mnist  # noqa: E402
-from fedberry.models import (  # noqa: E402
+from fedberry.demo.models import (  # noqa: E402
     array_names,
     build_model,
     evaluate,

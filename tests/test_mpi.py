@@ -20,8 +20,8 @@ import numpy as np
 import pytest
 from helpers import fedberry_env
 
-from fedberry.metrics import read
-from fedberry.protocol import spec_of
+from fedberry.chief.metrics import read
+from fedberry.protocol.frames import spec_of
 from fedberry.strategies import FedAvgM
 from fedberry.transports.mpi import (
     HEADER_BYTES,
@@ -459,7 +459,7 @@ def test_death_watch_names_the_first_rank_to_exit_and_never_a_later_one():
 
 
 def test_launcher_flags_and_the_demo_command_fit_the_mpi():
-    from fedberry.demo import TrainConfig
+    from fedberry.demo.torch_demo import TrainConfig
 
     assert launcher_flags("hydra") == [] and launcher_flags("other") == []
     ompi = launcher_flags("openmpi")

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from helpers import fedberry_env, python
 
-from fedberry import checkpoint
-from fedberry.metrics import read
+from fedberry.chief import checkpoint
+from fedberry.chief.metrics import read
 
 pytest.importorskip("mpi4py")
 pytest.importorskip("torch")
@@ -55,7 +55,7 @@ def finish(proc: subprocess.Popen, timeout: float) -> str:
 def test_mpi_demo_matches_the_tcp_demo(tmp_path, monkeypatch):
     import importlib
 
-    from fedberry.demo import TrainConfig, run_demo
+    from fedberry.demo.torch_demo import TrainConfig, run_demo
 
     # The MPI demo in the background while the TCP demo runs here: same seed, partition,
     # batches and sync schedule (the demo worker trains on one torch thread, seeded batches).

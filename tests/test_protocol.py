@@ -12,8 +12,8 @@ import struct
 import numpy as np
 import pytest
 
-from fedberry import protocol
-from fedberry.protocol import (
+from fedberry.protocol import frames as protocol
+from fedberry.protocol.frames import (
     ALLOWED_DTYPES,
     HEADER,
     HEADER_SIZE,
@@ -409,7 +409,7 @@ def test_spec_from_json_limits_the_tensor_count() -> None:
 
 
 def test_auth_verify_refuses_what_a_peer_may_put_in_a_proof():
-    from fedberry import auth
+    from fedberry.protocol import auth
 
     good = auth.worker_proof("t" * 32, "a" * 64, "b" * 64)
     assert auth.verify(good, good)

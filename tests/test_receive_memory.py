@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 from robustness_harness import TOKEN, RawClient, wait_until
 
-from fedberry.protocol import MsgType, encode
+from fedberry.protocol.frames import MsgType, encode
 from fedberry.serve import ChiefHandle, serve
 
 SHAPES = [(256, 128), (128,), (64, 64)]

@@ -15,7 +15,7 @@ import pytest
 from robustness_harness import TOKEN, RawClient, wait_until
 
 from fedberry import Worker
-from fedberry.protocol import MsgType, encode, spec_of, spec_to_json
+from fedberry.protocol.frames import MsgType, encode, spec_of, spec_to_json
 from fedberry.serve import ChiefHandle, serve
 from fedberry.transports.tcp import ListenOptions, TcpChief
 

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from robustness_harness import TOKEN, Cluster, Proxy, RawClient, mlp_spec, wait_until
 
-from fedberry.protocol import HEADER, HEADER_SIZE, MsgType, encode
+from fedberry.protocol.frames import HEADER, HEADER_SIZE, MsgType, encode
 
 # Float32 both ways, and fedberry's lean wire: a resent q8 update after a reconnect, and a late
 # one encoded against a model the chief has moved past, must work out the same.

@@ -18,7 +18,7 @@ import pytest
 from robustness_harness import TOKEN, Cluster
 
 from fedberry import Worker
-from fedberry import checkpoint as ckpt_io
+from fedberry.chief import checkpoint as ckpt_io
 from fedberry.serve import serve
 
 ROUNDS = 10

@@ -23,9 +23,9 @@ import pytest
 from robustness_harness import TOKEN, Cluster, Proxy
 
 from fedberry import Worker, certs
-from fedberry import checkpoint as ckpt_io
+from fedberry.chief import checkpoint as ckpt_io
 from fedberry.errors import AuthenticationError
-from fedberry.protocol import MAGIC, MsgType, encode
+from fedberry.protocol.frames import MAGIC, MsgType, encode
 from fedberry.serve import serve
 
 pytest.importorskip("cryptography", reason="making certificates needs fedberry[tls]")

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from fedberry import Worker, serve
-from fedberry.models import get_arrays
+from fedberry.demo.models import get_arrays
 from fedberry.torch import FederatedOptimizer
 
 

@@ -2,9 +2,14 @@
 
 __version__ = "0.1.0"
 
-from .errors import AuthenticationError, ChiefUnreachable, FederationError, ModelMismatchError
-from .serve import ChiefHandle, run_chief, serve
-from .worker import Worker
+from fedberry.errors import (  # noqa: E402  (after __version__, which cli reads)
+    AuthenticationError,
+    ChiefUnreachable,
+    FederationError,
+    ModelMismatchError,
+)
+from fedberry.serve import ChiefHandle, run_chief, serve
+from fedberry.worker import Worker
 
 __all__ = ["AuthenticationError", "ChiefHandle", "ChiefUnreachable", "FederationError",
            "ModelMismatchError", "Worker", "run_chief", "serve"]

@@ -8,11 +8,11 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
-from . import __version__
-from .codecs import DOWNLINK_CODECS, UPLINK_CODECS
-from .demo import TrainConfig
-from .errors import FederationError
-from .strategies import STRATEGIES
+from fedberry import __version__
+from fedberry.codecs import DOWNLINK_CODECS, UPLINK_CODECS
+from fedberry.demo.torch_demo import TrainConfig
+from fedberry.errors import FederationError
+from fedberry.strategies import STRATEGIES
 
 
 def _add_train_options(p: argparse.ArgumentParser) -> None:
@@ -93,8 +93,8 @@ def _add_chief_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_chief(args: argparse.Namespace) -> int:
-    from .demo import TABLE_HEADER, format_row, initial_model, make_evaluator
-    from .serve import run_chief
+    from fedberry.demo.torch_demo import TABLE_HEADER, format_row, initial_model, make_evaluator
+    from fedberry.serve import run_chief
 
     initial = evaluate = None
     if args.model != "none":
@@ -111,7 +111,7 @@ def _run_chief(args: argparse.Namespace) -> int:
         print(format_row(record), flush=True)
 
     if args.listen.startswith("mpi://"):  # rank 0 of an mpiexec launch (see transports/mpi.py)
-        from .transports.mpi import run_mpi_chief
+        from fedberry.transports.mpi import run_mpi_chief
 
         run_mpi_chief(rounds=args.rounds, strategy=args.strategy, initial=initial,
                       evaluate=evaluate, out_dir=args.out, checkpoint=checkpoint,
@@ -149,8 +149,8 @@ def _add_worker_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_worker(args: argparse.Namespace) -> int:
-    from .data.partition import parse_partition_spec
-    from .demo import run_worker
+    from fedberry.data.partition import parse_partition_spec
+    from fedberry.demo.torch_demo import run_worker
 
     part = parse_partition_spec(args.partition)
     options = {k: getattr(args, k) for k in ("token", "token_file", "ca", "cert", "key",
@@ -175,11 +175,11 @@ def _add_demo_parser(sub: argparse._SubParsersAction) -> None:
 
 def _run_demo(args: argparse.Namespace) -> int:
     if args.transport == "mpi":
-        from .transports.mpi import run_mpi_demo
+        from fedberry.transports.mpi import run_mpi_demo
 
         return run_mpi_demo(args.workers, args.rounds, args.out, _train_config(args),
                             timeout=args.timeout)
-    from .demo import run_demo
+    from fedberry.demo.torch_demo import run_demo
 
     return run_demo(args.workers, args.rounds, args.out, _train_config(args), args.timeout,
                     downlink=args.downlink)
@@ -195,13 +195,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_worker_parser(sub)
     _add_demo_parser(sub)
     try:
-        from .certs import add_certs_parser
+        from fedberry.certs import add_certs_parser
 
         add_certs_parser(sub)
     except ImportError:
         pass
     try:
-        from .bench.cli import add_bench_parser
+        from fedberry.bench.cli import add_bench_parser
 
         add_bench_parser(sub)
     except ImportError:

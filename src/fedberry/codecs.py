@@ -30,7 +30,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .protocol import ErrorCode, ProtocolError, Spec, TensorSpec
+from fedberry.protocol.frames import ErrorCode, ProtocolError, Spec, TensorSpec
 
 Q8_BLOCK = 256  # values per scale: 1.6 % overhead; smaller blocks follow outliers more closely
 FP16_MAX = 65504.0

@@ -1,5 +1,5 @@
 """``fedberry.keras.FederatedCallback``: see ``fedberry.integrations.keras``."""
 
-from .integrations.keras import FederatedCallback
+from fedberry.integrations.keras import FederatedCallback
 
 __all__ = ["FederatedCallback"]

@@ -15,13 +15,13 @@ from typing import Any
 
 import numpy as np
 
-from . import checkpoint as ckpt_io
-from .auth import resolve_token
-from .chief import Chief, ChiefConfig
-from .protocol import spec_mismatch, spec_of
-from .server import ChiefServer, Evaluate
-from .strategies import make_strategy
-from .worker import LoopThread
+from fedberry.chief import checkpoint as ckpt_io
+from fedberry.chief.runtime import ChiefServer, Evaluate
+from fedberry.chief.state import Chief, ChiefConfig
+from fedberry.protocol.auth import resolve_token
+from fedberry.protocol.frames import spec_mismatch, spec_of
+from fedberry.strategies import make_strategy
+from fedberry.worker import LoopThread
 
 log = logging.getLogger("fedberry.chief")
 
@@ -123,13 +123,13 @@ def serve(listen: str | None = "127.0.0.1:0", *, workers: int = 1, rounds: int |
     handle = ChiefHandle(server, io)
     tcp = None
     if listen:
-        from .transports.tcp import ListenOptions, TcpChief, parse_address
+        from fedberry.transports.tcp import ListenOptions, TcpChief, parse_address
 
         ctx = None
         if tls_cert:
             import ssl
 
-            from .certs import server_context
+            from fedberry.certs import server_context
 
             ctx = server_context(tls_cert, tls_key, client_ca)
             if client_ca:

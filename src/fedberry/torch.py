@@ -1,5 +1,5 @@
 """``fedberry.torch.FederatedOptimizer``: see ``fedberry.integrations.torch``."""
 
-from .integrations.torch import FederatedOptimizer
+from fedberry.integrations.torch import FederatedOptimizer
 
 __all__ = ["FederatedOptimizer"]

@@ -20,9 +20,9 @@ from typing import Any
 
 import numpy as np
 
-from .auth import resolve_token
-from .chief import non_finite
-from .errors import FederationError
+from fedberry.chief.state import non_finite
+from fedberry.errors import FederationError
+from fedberry.protocol.auth import resolve_token
 
 log = logging.getLogger("fedberry.worker")
 
@@ -50,7 +50,7 @@ def default_worker_id(cert: str | None = None) -> str:
     """The name in ``cert`` when there is one (a chief that requires client certificates admits
     no other id), else a fresh host-pid-random name."""
     if cert:
-        from .certs import client_cert_name
+        from fedberry.certs import client_cert_name
 
         name = client_cert_name(cert)
         if name:
@@ -163,28 +163,28 @@ def _check_arrays(arrays: Sequence[np.ndarray]) -> list[np.ndarray]:
 
 
 def _make_session(chief: Any, worker: Worker, **kw: Any) -> Any:
-    from .codecs import UPLINK_CODECS, check_name
-    from .serve import ChiefHandle
+    from fedberry.codecs import UPLINK_CODECS, check_name
+    from fedberry.serve import ChiefHandle
 
     check_name(kw["codec"], UPLINK_CODECS, "update")
     if isinstance(chief, ChiefHandle):
-        from .transports.local import LocalSession
+        from fedberry.transports.local import LocalSession
 
         return LocalSession(chief, worker.worker_id)
     if not isinstance(chief, str):
         raise TypeError("chief must be an address like 'tcp://host:port' or 'mpi://', "
                         "or a ChiefHandle from fedberry.serve()")
     if chief.startswith("mpi://"):
-        from .transports.mpi import MpiSession
+        from fedberry.transports.mpi import MpiSession
 
         return MpiSession(chief)  # the query string may carry options
     if chief.startswith("tcp://") or "://" not in chief:
-        from .transports.tcp import TcpSession, is_loopback, parse_address
+        from fedberry.transports.tcp import TcpSession, is_loopback, parse_address
 
         host, port = parse_address(chief)
         ctx = None
         if kw["ca"]:
-            from .certs import client_context
+            from fedberry.certs import client_context
 
             ctx = client_context(kw["ca"], kw["cert"], kw["key"])
         elif not is_loopback(host):

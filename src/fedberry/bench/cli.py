@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .config import MODES, BenchConfig, OptimConfig, quick
+from fedberry.bench.config import MODES, BenchConfig, OptimConfig, quick
 
 
 def add_bench_parser(sub: argparse._SubParsersAction) -> None:
@@ -96,6 +96,6 @@ def run_bench(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     command = "fedberry " + " ".join(shlex.quote(a) for a in sys.argv[1:]) \
         if Path(sys.argv[0]).name in ("fedberry", "__main__.py") else None
-    from .run import run
+    from fedberry.bench.run import run
 
     return run(cfg, quiet=args.quiet, command=command, started=time.time())

@@ -30,8 +30,8 @@ class SnapshotEvaluator:
         import numpy as np
         import torch
 
-        from ..data.fashion_mnist import load_fashion_mnist
-        from ..models import build_model, evaluate, model_input
+        from fedberry.data.fashion_mnist import load_fashion_mnist
+        from fedberry.demo.models import build_model, evaluate, model_input
 
         torch.set_num_threads(1)
         data = load_fashion_mnist(self.data_dir)

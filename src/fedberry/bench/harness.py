@@ -11,12 +11,12 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from .config import BenchConfig, ModeConfig
-from .link import BenchLink
-from .mode_ddp import run_ddp
-from .mode_fed import run_fed
-from .mode_single import run_single
-from .results import ModeResult, Point
+from fedberry.bench.config import BenchConfig, ModeConfig
+from fedberry.bench.link import BenchLink
+from fedberry.bench.mode_ddp import run_ddp
+from fedberry.bench.mode_fed import run_fed
+from fedberry.bench.mode_single import run_single
+from fedberry.bench.results import ModeResult, Point
 
 # report.py, run.py and the tests take the results' types from here, beside Bench.
 __all__ = ["Bench", "ModeResult", "Point"]

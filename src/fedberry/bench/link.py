@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from . import netns
+from fedberry.bench import netns
 
 CHIEF_PORT = 7777  # inside the chief's namespace only: a fixed port cannot collide there
 DDP_PORT = 29500

@@ -11,16 +11,16 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .config import ModeConfig
-from .ddp_eval import SnapshotEvaluator
-from .link import DDP_PORT
-from .process_group import Event, ProcessGroup
-from .progress import Progress
-from .results import ModeResult, Point, finish
-from .tracking import IFACE_SOURCE, Baseline, Reports, Tracker, qdisc_delta
+from fedberry.bench.config import ModeConfig
+from fedberry.bench.ddp_eval import SnapshotEvaluator
+from fedberry.bench.link import DDP_PORT
+from fedberry.bench.process_group import Event, ProcessGroup
+from fedberry.bench.progress import Progress
+from fedberry.bench.results import ModeResult, Point, finish
+from fedberry.bench.tracking import IFACE_SOURCE, Baseline, Reports, Tracker, qdisc_delta
 
 if TYPE_CHECKING:
-    from .harness import Bench
+    from fedberry.bench.harness import Bench
 
 
 def run_ddp(bench: Bench, mc: ModeConfig, stop: bool, tag: str,

@@ -5,15 +5,15 @@ from __future__ import annotations
 from dataclasses import asdict
 from typing import TYPE_CHECKING
 
-from .config import ModeConfig
-from .link import CHIEF_PORT
-from .process_group import Event, ProcessGroup
-from .progress import Progress
-from .results import ModeResult, Point, finish
-from .tracking import IFACE_SOURCE, Baseline, Reports, Tracker, qdisc_delta
+from fedberry.bench.config import ModeConfig
+from fedberry.bench.link import CHIEF_PORT
+from fedberry.bench.process_group import Event, ProcessGroup
+from fedberry.bench.progress import Progress
+from fedberry.bench.results import ModeResult, Point, finish
+from fedberry.bench.tracking import IFACE_SOURCE, Baseline, Reports, Tracker, qdisc_delta
 
 if TYPE_CHECKING:
-    from .harness import Bench
+    from fedberry.bench.harness import Bench
 
 
 def run_fed(bench: Bench, mode: str, mc: ModeConfig, stop: bool, tag: str,

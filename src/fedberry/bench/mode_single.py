@@ -7,13 +7,13 @@ import time
 from dataclasses import asdict
 from typing import TYPE_CHECKING
 
-from .config import ModeConfig
-from .process_group import ProcessGroup
-from .progress import Progress
-from .results import ModeResult, Point, finish
+from fedberry.bench.config import ModeConfig
+from fedberry.bench.process_group import ProcessGroup
+from fedberry.bench.progress import Progress
+from fedberry.bench.results import ModeResult, Point, finish
 
 if TYPE_CHECKING:
-    from .harness import Bench
+    from fedberry.bench.harness import Bench
 
 
 def run_single(bench: Bench, mc: ModeConfig, stop: bool) -> ModeResult:

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .round_time import add_grid_options
+from fedberry.bench.round_time import add_grid_options
 
 TENSORS = 8  # as in the TCP benchmark: a model is a handful of tensors, not one blob
 

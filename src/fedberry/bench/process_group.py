@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .link import BenchLink
+from fedberry.bench.link import BenchLink
 
 READY_TIMEOUT = 180.0  # seven processes importing torch on two cores take a while
 

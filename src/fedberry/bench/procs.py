@@ -66,9 +66,9 @@ def batches(n: int, batch: int, seed: list[int], drop_last: bool) -> Iterator[np
 def _setup(spec: dict[str, Any], shard: bool = True) -> tuple[Any, Any, Any]:
     import torch
 
-    from ..data.fashion_mnist import load_fashion_mnist
-    from ..data.partition import partition
-    from ..models import build_model, model_input
+    from fedberry.data.fashion_mnist import load_fashion_mnist
+    from fedberry.data.partition import partition
+    from fedberry.demo.models import build_model, model_input
 
     torch.set_num_threads(1)  # one thread per process: more collapses on shared cores
     data = load_fashion_mnist(spec.get("data_dir"))
@@ -81,7 +81,7 @@ def _setup(spec: dict[str, Any], shard: bool = True) -> tuple[Any, Any, Any]:
 
 
 def _optim(spec: dict[str, Any], params: Any) -> Any:
-    from .config import OptimConfig
+    from fedberry.bench.config import OptimConfig
 
     return OptimConfig(**spec["optim"]).build(params)
 
@@ -93,10 +93,10 @@ def run_chief(spec: dict[str, Any]) -> None:
     optimizer, which keeps it bit-identical to every worker's (the crc in each round says so)."""
     import torch
 
-    from ..demo import initial_model, make_evaluator
-    from ..models import build_model, get_arrays, set_arrays
-    from ..serve import serve
-    from .shaper import SharedLink
+    from fedberry.bench.shaper import SharedLink
+    from fedberry.demo.models import build_model, get_arrays, set_arrays
+    from fedberry.demo.torch_demo import initial_model, make_evaluator
+    from fedberry.serve import serve
 
     torch.set_num_threads(1)
     base = make_evaluator(spec["model"], spec.get("data_dir"))
@@ -164,9 +164,9 @@ def run_fed(spec: dict[str, Any]) -> None:
     import torch
     import torch.nn.functional as F
 
-    from ..integrations.torch import FederatedOptimizer
-    from ..models import get_arrays, set_arrays
-    from ..worker import Worker
+    from fedberry.demo.models import get_arrays, set_arrays
+    from fedberry.integrations.torch import FederatedOptimizer
+    from fedberry.worker import Worker
 
     model, x, y = _setup(spec)
     opt = _optim(spec, model.parameters())
@@ -285,8 +285,8 @@ def run_single(spec: dict[str, Any]) -> None:
     beside training (on the chief or in the harness), not in its way."""
     import torch.nn.functional as F
 
-    from ..data.fashion_mnist import load_fashion_mnist
-    from ..models import evaluate, model_input
+    from fedberry.data.fashion_mnist import load_fashion_mnist
+    from fedberry.demo.models import evaluate, model_input
 
     model, x, y = _setup(spec, shard=False)
     test = load_fashion_mnist(spec.get("data_dir"))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from .results import Point
+from fedberry.bench.results import Point
 
 
 class Progress:

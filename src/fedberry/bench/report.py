@@ -8,7 +8,7 @@ import platform
 from pathlib import Path
 from typing import Any
 
-from .harness import ModeResult
+from fedberry.bench.harness import ModeResult
 
 
 def machine() -> dict[str, Any]:
@@ -212,7 +212,7 @@ def plots(results: dict[str, ModeResult], target: float, out: Path,
 
 def load(path: str | Path) -> tuple[dict[str, ModeResult], dict[str, Any]]:
     """The modes of a results.json as ModeResults, and the whole payload."""
-    from .harness import Point
+    from fedberry.bench.harness import Point
 
     payload = json.loads(Path(path).read_text())
     results = {}

@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .config import ModeConfig
+from fedberry.bench.config import ModeConfig
 
 
 @dataclass

@@ -6,10 +6,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import link as link_mod
-from . import report
-from .config import BenchConfig
-from .harness import Bench, ModeResult
+from fedberry.bench import link as link_mod
+from fedberry.bench import report
+from fedberry.bench.config import BenchConfig
+from fedberry.bench.harness import Bench, ModeResult
 
 
 def run(cfg: BenchConfig, *, quiet: bool = False, command: str | None = None,
@@ -126,7 +126,7 @@ def check_shaper(cfg: BenchConfig, bench: Bench, out: Path, say: Any) -> dict[st
 
 def _expected_step(cfg: BenchConfig, r: ModeResult) -> float | None:
     """Transfer time alone of one dsgd step on the nominal link: N models up, then N down."""
-    from .shaper import mbit_to_bytes_per_s, tcp_payload_fraction
+    from fedberry.bench.shaper import mbit_to_bytes_per_s, tcp_payload_fraction
 
     pts = r.points
     if len(pts) < 2 or r.socket_bytes_run is None:

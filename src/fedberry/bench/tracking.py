@@ -11,9 +11,9 @@ import queue
 import time
 from collections.abc import Callable
 
-from .process_group import Event, ProcessGroup
-from .progress import Progress
-from .results import ModeResult, Point
+from fedberry.bench.process_group import Event, ProcessGroup
+from fedberry.bench.progress import Progress
+from fedberry.bench.results import ModeResult, Point
 
 REPORT_GRACE = 15.0  # after the target round closed, wait this long for every worker's report
 IFACE_SOURCE = "worker interfaces (eth0, headers included)"

@@ -36,8 +36,8 @@ from typing import Any
 import keras
 import numpy as np
 
-from ..errors import ModelMismatchError
-from ..worker import Worker
+from fedberry.errors import ModelMismatchError
+from fedberry.worker import Worker
 
 log = logging.getLogger("fedberry.keras")
 

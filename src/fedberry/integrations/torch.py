@@ -12,15 +12,54 @@ everything else to the wrapped optimizer, so schedulers and ``zero_grad`` work a
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 
-from ..models import get_arrays, set_arrays
-from ..worker import Worker
+from fedberry.worker import Worker
 
 log = logging.getLogger("fedberry.torch")
+
+
+def array_names(model: torch.nn.Module) -> list[str]:
+    """The ``state_dict`` keys, in the order ``get_arrays`` returns and ``set_arrays`` expects."""
+    return list(model.state_dict().keys())
+
+
+def get_arrays(model: torch.nn.Module) -> list[np.ndarray]:
+    """Copies of every ``state_dict`` entry as C-contiguous float32 numpy arrays.
+
+    Copies, so that later training steps do not change arrays already handed to the transport.
+    """
+    return [
+        t.detach().to(device="cpu", dtype=torch.float32, copy=True).contiguous().numpy()
+        for t in model.state_dict().values()
+    ]
+
+
+def set_arrays(model: torch.nn.Module, arrays: Sequence[np.ndarray]) -> None:
+    """Load arrays produced by ``get_arrays`` (or received from the chief) into ``model``.
+
+    Everything is checked before anything is written, so a bad update leaves the model intact.
+    Raises ValueError on a count, shape or dtype (must be float32) mismatch, naming the tensor.
+    Read-only arrays, such as views on a received frame, are fine.
+    """
+    state = model.state_dict()
+    if len(arrays) != len(state):
+        raise ValueError(f"expected {len(state)} arrays for this model, got {len(arrays)}")
+    for (name, tensor), a in zip(state.items(), arrays, strict=True):
+        if not isinstance(a, np.ndarray) or a.dtype != np.float32:
+            got = a.dtype if isinstance(a, np.ndarray) else type(a).__name__
+            raise ValueError(f"{name}: expected a float32 numpy array, got {got}")
+        if a.shape != tuple(tensor.shape):
+            raise ValueError(f"{name}: expected shape {tuple(tensor.shape)}, got {a.shape}")
+    with torch.no_grad():
+        for tensor, a in zip(state.values(), arrays, strict=True):
+            # torch.tensor copies, so a read-only source is fine (from_numpy would warn).
+            tensor.copy_(torch.tensor(a))
+
 
 
 class FederatedOptimizer:

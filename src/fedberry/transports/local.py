@@ -12,8 +12,8 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import from_code
-from ..protocol import ErrorCode, spec_of
+from fedberry.errors import from_code
+from fedberry.protocol.frames import ErrorCode, spec_of
 
 Result = tuple[int, list[np.ndarray], bool]
 

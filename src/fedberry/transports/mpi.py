@@ -90,12 +90,19 @@ from urllib.parse import parse_qs, urlsplit
 
 import numpy as np
 
-from .. import checkpoint as ckpt_io
-from ..chief import non_finite
-from ..errors import FederationError, ModelMismatchError
-from ..metrics import MetricsLog
-from ..protocol import Spec, TensorSpec, spec_mismatch, spec_of, spec_to_json, wire_dtype
-from ..strategies import FedAvg, make_strategy
+from fedberry.chief import checkpoint as ckpt_io
+from fedberry.chief.metrics import MetricsLog
+from fedberry.chief.state import non_finite
+from fedberry.errors import FederationError, ModelMismatchError
+from fedberry.protocol.frames import (
+    Spec,
+    TensorSpec,
+    spec_mismatch,
+    spec_of,
+    spec_to_json,
+    wire_dtype,
+)
+from fedberry.strategies import FedAvg, make_strategy
 
 log = logging.getLogger("fedberry.mpi")
 
@@ -1035,7 +1042,7 @@ def run_mpi_demo(workers: int = 4, rounds: int = 10, out: str = "runs/demo-mpi",
                  cfg: Any = None, timeout: float = 1800.0, quiet: bool = False) -> int:
     """``fedberry demo --transport mpi``: launch ``mpiexec -n N+1``, print the same table as the
     TCP demo from the metrics file as rounds close. Returns an exit code."""
-    from ..demo import TABLE_HEADER, TrainConfig, format_row
+    from fedberry.demo.torch_demo import TABLE_HEADER, TrainConfig, format_row
 
     cfg = cfg or TrainConfig()
     out_dir = Path(out)

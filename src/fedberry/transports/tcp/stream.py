@@ -13,7 +13,7 @@ import ipaddress
 import logging
 from typing import Any
 
-from ..protocol import (
+from fedberry.protocol.frames import (
     EncodedFrame,
     Limits,
 )

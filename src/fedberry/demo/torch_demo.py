@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from .auth import TOKEN_ENV, new_token
+from fedberry.protocol.auth import TOKEN_ENV, new_token
 
 TABLE_HEADER = (f"{'round':>5} {'workers':>7} {'test_acc':>8} {'test_loss':>9} {'train_loss':>10} "
                 f"{'up_KiB':>9} {'down_KiB':>9} {'wall_s':>7}")
@@ -54,8 +54,8 @@ class TrainConfig:
 
 def local_data(cfg: TrainConfig, index: int, count: int) -> tuple[np.ndarray, np.ndarray]:
     """This worker's shard of the training set (``index`` is 1-based), the same on every run."""
-    from .data.fashion_mnist import load_fashion_mnist
-    from .data.partition import partition
+    from fedberry.data.fashion_mnist import load_fashion_mnist
+    from fedberry.data.partition import partition
 
     data = load_fashion_mnist(cfg.data_dir)
     idx = partition(data.y_train, count, cfg.partition_scheme, seed=cfg.seed)[index - 1]
@@ -68,8 +68,8 @@ def run_torch_worker(chief: Any, index: int, count: int, cfg: TrainConfig,
     import torch
     import torch.nn.functional as F
 
-    from .models import build_model, model_input
-    from .torch import FederatedOptimizer
+    from fedberry.demo.models import build_model, model_input
+    from fedberry.torch import FederatedOptimizer
 
     torch.set_num_threads(1)  # one thread per worker process: more collapses on shared cores
     x_np, y_np = local_data(cfg, index, count)
@@ -104,7 +104,7 @@ def run_worker(chief: Any, index: int, count: int, cfg: TrainConfig,
     if cfg.framework == "torch":
         return run_torch_worker(chief, index, count, cfg, **worker_options)
     if cfg.framework == "keras":
-        from .integrations.keras_demo import run_keras_worker
+        from fedberry.demo.keras_demo import run_keras_worker
 
         return run_keras_worker(chief, index, count, cfg, **worker_options)
     raise ValueError(f"unknown framework {cfg.framework!r}: torch or keras")
@@ -112,10 +112,10 @@ def run_worker(chief: Any, index: int, count: int, cfg: TrainConfig,
 
 def initial_model(model: str, seed: int, framework: str = "torch") -> list[np.ndarray]:
     if framework == "keras":  # Keras layout (Dense kernels are (in, out)): a Keras federation
-        from .integrations.keras_demo import initial_arrays
+        from fedberry.demo.keras_demo import initial_arrays
 
         return initial_arrays(model, seed)
-    from .models import build_model, get_arrays
+    from fedberry.demo.models import build_model, get_arrays
 
     return get_arrays(build_model(model, seed=seed))
 
@@ -124,13 +124,13 @@ def make_evaluator(model_name: str, data_dir: str | None = None,
                    framework: str = "torch") -> Any:
     """``evaluate(arrays) -> {"accuracy", "loss"}`` of a global model on the 10k test set."""
     if framework == "keras":
-        from .integrations.keras_demo import make_keras_evaluator
+        from fedberry.demo.keras_demo import make_keras_evaluator
 
         return make_keras_evaluator(model_name, data_dir)
     import torch
 
-    from .data.fashion_mnist import load_fashion_mnist
-    from .models import build_model, evaluate, model_input, set_arrays
+    from fedberry.data.fashion_mnist import load_fashion_mnist
+    from fedberry.demo.models import build_model, evaluate, model_input, set_arrays
 
     torch.set_num_threads(1)
     data = load_fashion_mnist(data_dir)
@@ -149,7 +149,7 @@ def run_demo(workers: int = 4, rounds: int = 10, out: str = "runs/demo",
              cfg: TrainConfig | None = None, timeout: float = 1800.0,
              quiet: bool = False, downlink: str = "none") -> int:
     """Chief in this process, ``workers`` worker processes on loopback. Returns an exit code."""
-    from .serve import serve
+    from fedberry.serve import serve
 
     cfg = cfg or TrainConfig()
     out_dir = Path(out)

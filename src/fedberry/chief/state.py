@@ -27,8 +27,8 @@ from typing import Any
 
 import numpy as np
 
-from .protocol import ErrorCode, Spec, finite, spec_mismatch, spec_of
-from .strategies import FedAvg
+from fedberry.protocol.frames import ErrorCode, Spec, finite, spec_mismatch, spec_of
+from fedberry.strategies import FedAvg
 
 
 @dataclass

@@ -15,10 +15,11 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from .. import auth
-from ..buffers import ReceiveBudget
-from ..certs import cert_names
-from ..protocol import (
+from fedberry.certs import cert_names
+from fedberry.chief.buffers import ReceiveBudget
+from fedberry.chief.runtime import ChiefServer
+from fedberry.protocol import auth
+from fedberry.protocol.frames import (
     EncodedFrame,
     ErrorCode,
     Frame,
@@ -31,8 +32,7 @@ from ..protocol import (
     error_frame,
     spec_from_json,
 )
-from ..server import ChiefServer
-from .stream import (
+from fedberry.transports.tcp.stream import (
     MAX_WORKER_ID,
     PREAUTH_LIMITS,
     _FrameWriter,
@@ -512,7 +512,7 @@ def _chief_tls_message(exc: BaseException) -> str:
     if isinstance(exc, (asyncio.TimeoutError, ConnectionAbortedError)) and "longer" in str(exc):
         return "the handshake did not complete in time"
     try:
-        from ..certs import describe_tls_error
+        from fedberry.certs import describe_tls_error
     except ImportError:
         return str(exc)
     return describe_tls_error(exc, role="chief")

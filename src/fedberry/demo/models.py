@@ -1,22 +1,24 @@
-"""Reference models of the FedAvg paper (McMahan et al. 2017) and weights <-> numpy arrays.
+"""Reference models of the FedAvg paper (McMahan et al. 2017): the MLP and the CNN.
 
 This module imports torch at the top: import it only where torch is installed (the ``torch``
 extra). The rest of fedberry does not import it, so the chief and the plain-numpy worker run
 without torch.
 
-``get_arrays``/``set_arrays`` are the bridge between a torch model and the wire: a fixed-order
-list of float32 numpy arrays, one per ``state_dict()`` entry (parameters and buffers).
+``get_arrays``/``set_arrays`` (the bridge between a torch model and the wire) live in
+``fedberry.integrations.torch`` and are re-exported here for the demos.
 """
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from fedberry.integrations.torch import array_names, get_arrays, set_arrays
 
 __all__ = [
     "MODELS",
@@ -118,44 +120,6 @@ def evaluate(
     finally:
         model.train(was_training)
     return correct / len(x), loss / len(x)
-
-
-def array_names(model: nn.Module) -> list[str]:
-    """The ``state_dict`` keys, in the order ``get_arrays`` returns and ``set_arrays`` expects."""
-    return list(model.state_dict().keys())
-
-
-def get_arrays(model: nn.Module) -> list[np.ndarray]:
-    """Copies of every ``state_dict`` entry as C-contiguous float32 numpy arrays.
-
-    Copies, so that later training steps do not change arrays already handed to the transport.
-    """
-    return [
-        t.detach().to(device="cpu", dtype=torch.float32, copy=True).contiguous().numpy()
-        for t in model.state_dict().values()
-    ]
-
-
-def set_arrays(model: nn.Module, arrays: Sequence[np.ndarray]) -> None:
-    """Load arrays produced by ``get_arrays`` (or received from the chief) into ``model``.
-
-    Everything is checked before anything is written, so a bad update leaves the model intact.
-    Raises ValueError on a count, shape or dtype (must be float32) mismatch, naming the tensor.
-    Read-only arrays, such as views on a received frame, are fine.
-    """
-    state = model.state_dict()
-    if len(arrays) != len(state):
-        raise ValueError(f"expected {len(state)} arrays for this model, got {len(arrays)}")
-    for (name, tensor), a in zip(state.items(), arrays, strict=True):
-        if not isinstance(a, np.ndarray) or a.dtype != np.float32:
-            got = a.dtype if isinstance(a, np.ndarray) else type(a).__name__
-            raise ValueError(f"{name}: expected a float32 numpy array, got {got}")
-        if a.shape != tuple(tensor.shape):
-            raise ValueError(f"{name}: expected shape {tuple(tensor.shape)}, got {a.shape}")
-    with torch.no_grad():
-        for tensor, a in zip(state.values(), arrays, strict=True):
-            # torch.tensor copies, so a read-only source is fine (from_numpy would warn).
-            tensor.copy_(torch.tensor(a))
 
 
 def _as_tensor(a: np.ndarray | torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -22,9 +22,9 @@ from typing import Any
 
 import numpy as np
 
-from . import codecs
-from .chief import Chief
-from .protocol import EncodedFrame, MsgType, encode, spec_of
+from fedberry import codecs
+from fedberry.chief.state import Chief
+from fedberry.protocol.frames import EncodedFrame, MsgType, encode, spec_of
 
 log = logging.getLogger("fedberry.chief")
 

@@ -16,13 +16,21 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from . import checkpoint as ckpt_io
-from . import codecs
-from .broadcast import Broadcast
-from .buffers import BufferPool
-from .chief import Chief, Finished, Recycle, RequestInit, RoundClosed, SendError, SendGlobal
-from .metrics import MetricsLog
-from .protocol import ErrorCode, Spec
+from fedberry import codecs
+from fedberry.chief import checkpoint as ckpt_io
+from fedberry.chief.broadcast import Broadcast
+from fedberry.chief.buffers import BufferPool
+from fedberry.chief.metrics import MetricsLog
+from fedberry.chief.state import (
+    Chief,
+    Finished,
+    Recycle,
+    RequestInit,
+    RoundClosed,
+    SendError,
+    SendGlobal,
+)
+from fedberry.protocol.frames import ErrorCode, Spec
 
 log = logging.getLogger("fedberry.chief")
 

@@ -383,7 +383,7 @@ class FrameDecoder:
                 raise ProtocolError(ErrorCode.BAD_FRAME, f"tensors need {total} bytes, the header "
                                                          f"says {self._payload_len}")
             # Imported here: codecs builds on this module's types.
-            from . import codecs
+            from fedberry import codecs
 
             name = meta.get("codec", "none")
             codec = codecs.get(name)

@@ -5,9 +5,9 @@ without copies (``stream._FrameWriter``); TLS wraps the same protocols. They mov
 the handshake; what a frame means for the round is ``server.ChiefServer``'s business.
 """
 
-from .stream import PREAUTH_LIMITS, is_loopback, parse_address
-from .tcp_chief import ListenOptions, TcpChief
-from .tcp_worker import TcpSession
+from fedberry.transports.tcp.chief import ListenOptions, TcpChief
+from fedberry.transports.tcp.stream import PREAUTH_LIMITS, is_loopback, parse_address
+from fedberry.transports.tcp.worker import TcpSession
 
 __all__ = ["PREAUTH_LIMITS", "ListenOptions", "TcpChief", "TcpSession", "is_loopback",
            "parse_address"]

@@ -103,7 +103,7 @@ def keras_model_input(name: str, x_flat: np.ndarray) -> np.ndarray:
 def initial_arrays(name: str, seed: int = 0) -> list[np.ndarray]:
     """The chief's initial model for a Keras federation."""
     ensure_backend()
-    from .keras import get_arrays
+    from fedberry.integrations.keras import get_arrays
 
     return get_arrays(build_keras_model(name, seed))
 
@@ -111,8 +111,8 @@ def initial_arrays(name: str, seed: int = 0) -> list[np.ndarray]:
 def make_keras_evaluator(name: str, data_dir: str | None = None) -> Any:
     """``evaluate(arrays) -> {"accuracy", "loss"}`` of a Keras global model on the test set."""
     ensure_backend()
-    from ..data.fashion_mnist import load_fashion_mnist
-    from .keras import set_arrays
+    from fedberry.data.fashion_mnist import load_fashion_mnist
+    from fedberry.integrations.keras import set_arrays
 
     data = load_fashion_mnist(data_dir)
     x, y = keras_model_input(name, data.x_test), np.asarray(data.y_test, dtype=np.int64)
@@ -149,8 +149,8 @@ def run_keras_worker(chief: Any, index: int, count: int, cfg: Any,
     ensure_backend()
     import keras
 
-    from ..demo import local_data
-    from .keras import FederatedCallback
+    from fedberry.demo.torch_demo import local_data
+    from fedberry.integrations.keras import FederatedCallback
 
     x_np, y_np = local_data(cfg, index, count)
     x, y = keras_model_input(cfg.model, x_np), np.asarray(y_np, dtype=np.int64)

@@ -14,9 +14,10 @@ from typing import Any
 
 import numpy as np
 
-from .. import auth, codecs
-from ..errors import AuthenticationError, ChiefUnreachable, FederationError, from_code
-from ..protocol import (
+from fedberry import codecs
+from fedberry.errors import AuthenticationError, ChiefUnreachable, FederationError, from_code
+from fedberry.protocol import auth
+from fedberry.protocol.frames import (
     EncodedFrame,
     Frame,
     FrameDecoder,
@@ -28,7 +29,7 @@ from ..protocol import (
     spec_of,
     spec_to_json,
 )
-from .stream import _FrameWriter
+from fedberry.transports.tcp.stream import _FrameWriter
 
 log = logging.getLogger("fedberry.tcp")
 
@@ -299,7 +300,7 @@ class TcpSession:
             finally:
                 ctx.check_hostname = True
         try:
-            from ..certs import describe_tls_error
+            from fedberry.certs import describe_tls_error
         except ImportError:
             return f"the chief's certificate was refused: {exc.verify_message}"
         return describe_tls_error(exc, cert_names=names)
@@ -381,7 +382,7 @@ _TLS_CLOSED_HINT = ("if the chief requires client certificates, it did not accep
 
 def _tls_message(exc: ssl.SSLError) -> str:
     try:
-        from ..certs import describe_tls_error
+        from fedberry.certs import describe_tls_error
     except ImportError:
         return f"TLS handshake failed: {exc}"
     return describe_tls_error(exc)

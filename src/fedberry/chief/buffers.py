@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable
 
 import numpy as np
 
-from .protocol import Spec
+from fedberry.protocol.frames import Spec
 
 
 class BufferPool:
