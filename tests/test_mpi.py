@@ -176,10 +176,10 @@ def test_mpi_fedavgm_gives_the_strategy_objects_numbers(tmp_path):
     ref = FedAvgM()
     global_ = [init[f"arr_{i}"] for i in range(k)]
     for rnd in range(rounds):
-        ref.begin(global_)
+        ref.begin_round(global_)
         for r in (1, 2):
             ref.add([ranks[r][f"sent{rnd}_{i}"].copy() for i in range(k)], SAMPLES[r])
-        global_ = ref.finish()
+        global_ = ref.result()
         for i, (_, dtype) in enumerate(SHAPES):
             tol = 2e-3 if dtype == "float16" else 1e-5
             np.testing.assert_allclose(ranks[1][f"got{rnd}_{i}"].astype(np.float64),

@@ -12,7 +12,7 @@ from fedberry import __version__
 from fedberry.codecs import DOWNLINK_CODECS, UPLINK_CODECS
 from fedberry.demo.torch_demo import TrainConfig
 from fedberry.errors import FederationError
-from fedberry.strategies import STRATEGIES
+from fedberry.strategies import STRATEGIES, parse
 
 
 def _add_train_options(p: argparse.ArgumentParser) -> None:
@@ -63,10 +63,12 @@ def _add_chief_parser(sub: argparse._SubParsersAction) -> None:
                    help="quorum: a round may close at its deadline with this many updates")
     p.add_argument("--round-timeout", type=float, default=None,
                    help="seconds after which a round closes with the quorum")
-    p.add_argument("--strategy", default="fedavg", choices=sorted(STRATEGIES),
-                   help="aggregation rule: fedavg (sample-weighted mean), fedavgm/fedadam "
-                        "(server momentum/Adam), median/trimmed_mean (robust to poisoned "
-                        "updates, memory O(model x workers))")
+    p.add_argument("--strategy", default="fedavg", type=_strategy_text, metavar="NAME[:K=V,...]",
+                   help=f"aggregation rule ({', '.join(sorted(STRATEGIES))}) with its "
+                        "hyperparameters, e.g. fedadam:lr=0.05,tau=1e-4 or trimmed_mean:trim=1: "
+                        "fedavg (sample-weighted mean), fedavgm/fedadam (server momentum/Adam), "
+                        "median/trimmed_mean (robust to poisoned updates, memory O(model x "
+                        "workers)); see docs/strategies.md")
     p.add_argument("--model", default="mlp", choices=["mlp", "cnn", "none"],
                    help="the chief's initial model and test-set evaluation ('none': a pure "
                         "aggregator that adopts the first worker's model and evaluates nothing)")
@@ -90,6 +92,16 @@ def _add_chief_parser(sub: argparse._SubParsersAction) -> None:
                         "update); others wait their turn in their sockets (default 64)")
     _add_downlink_option(p)
     p.set_defaults(func=_run_chief)
+
+
+def _strategy_text(text: str) -> str:
+    """``--strategy`` checked when the command line is read; the text itself goes on (into
+    run_config and serve(), which parses it again), so that it is recorded as typed."""
+    try:
+        parse(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
 
 
 def _run_chief(args: argparse.Namespace) -> int:

@@ -16,11 +16,12 @@ from typing import Any
 import numpy as np
 
 from fedberry.chief import checkpoint as ckpt_io
+from fedberry.chief.resume import check_resumable
 from fedberry.chief.runtime import ChiefServer, Evaluate
 from fedberry.chief.state import Chief, ChiefConfig
 from fedberry.protocol.auth import resolve_token
-from fedberry.protocol.frames import spec_mismatch, spec_of
-from fedberry.strategies import make_strategy
+from fedberry.protocol.frames import spec_of
+from fedberry.strategies import Strategy, make_strategy
 from fedberry.worker import LoopThread
 
 log = logging.getLogger("fedberry.chief")
@@ -74,7 +75,8 @@ class ChiefHandle:
 
 
 def serve(listen: str | None = "127.0.0.1:0", *, workers: int = 1, rounds: int | None = None,
-          min_workers: int = 1, round_timeout: float | None = None, strategy: str = "fedavg",
+          min_workers: int = 1, round_timeout: float | None = None,
+          strategy: str | Strategy = "fedavg",
           initial: Sequence[np.ndarray] | None = None, evaluate: Evaluate | None = None,
           out_dir: str | os.PathLike | None = None, checkpoint: str | os.PathLike | None = None,
           resume: bool = False, token: str | None = None, token_file: str | None = None,
@@ -86,6 +88,11 @@ def serve(listen: str | None = "127.0.0.1:0", *, workers: int = 1, rounds: int |
           downlink: str = "none", shaper: Any = None,
           receive_memory: int = 64 << 20) -> ChiefHandle:
     """Start a chief in the background and return once it accepts connections.
+
+    ``strategy``: the aggregation rule, an object (``FedAdam(lr=0.05, tau=1e-4)``, or your own
+    implementing ``fedberry.strategies.Strategy``) or ``--strategy`` text
+    (``"fedadam:lr=0.05,tau=1e-4"``); see docs/strategies.md. Its name and hyperparameters go
+    into every checkpoint and OUT/run.json, and ``resume`` refuses a checkpoint of another.
 
     ``downlink``: how the global model travels to TCP workers: ``none``, ``fp16`` (half the
     bytes) or ``q8`` (the change since the previous round in 8 bits, a quarter; a worker that
@@ -105,13 +112,13 @@ def serve(listen: str | None = "127.0.0.1:0", *, workers: int = 1, rounds: int |
         if not checkpoint or not Path(checkpoint).exists():
             raise FileNotFoundError(f"--resume: no checkpoint at {checkpoint}")
         ck = ckpt_io.load(checkpoint)
-        _check_resumable(ck, checkpoint, strategy, initial)
+        spec = spec_of(list(initial)) if initial is not None else None
+        check_resumable(ck, checkpoint, strat, spec)
         initial, start_round = ck.arrays, ck.round
         strat.load_state_dict(ck.strategy_state)
         append = True
         log.info("resuming from %s at round %d", checkpoint, start_round)
-    # The strategy goes into every checkpoint, so that --resume can refuse a different one.
-    run_config = {**(run_config or {}), "strategy": strategy}
+    run_config = {**(run_config or {}), "strategy": strat.name}
     chief = Chief(ChiefConfig(workers=workers, rounds=rounds, min_workers=min_workers,
                               round_timeout=round_timeout),
                   strat, initial=initial, start_round=start_round)
@@ -156,19 +163,6 @@ def serve(listen: str | None = "127.0.0.1:0", *, workers: int = 1, rounds: int |
         handle._task = asyncio.run_coroutine_threadsafe(bind_and_wait(), io.loop)
         io.run(asyncio.sleep(0.01))
     return handle
-
-
-def _check_resumable(ck: ckpt_io.Checkpoint, path: str | os.PathLike, strategy: str,
-                     initial: Sequence[np.ndarray] | None) -> None:
-    """Refuse to resume a run with a different strategy or model: the state would not fit."""
-    saved = ck.config.get("strategy")
-    if saved is not None and saved != strategy:
-        raise ValueError(f"--resume: {path} was written by a run with --strategy {saved}, not "
-                         f"{strategy}")
-    if initial is not None:
-        why = spec_mismatch(spec_of(list(initial)), spec_of(ck.arrays))
-        if why:
-            raise ValueError(f"--resume: the model in {path} is not this run's model: {why}")
 
 
 def run_chief(**kwargs: Any) -> ChiefHandle:

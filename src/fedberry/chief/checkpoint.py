@@ -3,33 +3,58 @@
 A ``.npz`` written to a temporary file, fsynced, renamed over the old one, and the directory
 fsynced, so a chief killed at any instant leaves either the previous checkpoint or the new one.
 Loading uses ``allow_pickle=False``: a checkpoint is data, never code.
+
+Layout: ``global.<i>`` (the model's tensors), ``strategy.<key>`` (the strategy's arrays) and
+``header``, UTF-8 JSON: ``{"round", "tensors", "config", "strategy": {"name", "params"}}``.
+Checkpoints written before the strategy's name and hyperparameters were recorded in ``header``
+(they had only ``config["strategy"]``, a name) still load: their ``StrategyState`` has that
+name and ``params=None``, "not recorded".
 """
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from fedberry.strategies import StrategyState
+
 
 @dataclass
 class Checkpoint:
     round: int
     arrays: list[np.ndarray]
-    strategy_state: dict[str, np.ndarray]
+    # A plain mapping of arrays is taken as the state of an unnamed strategy (the form of
+    # before), named from ``config["strategy"]`` if that is there.
+    strategy_state: StrategyState | Mapping[str, np.ndarray]
     config: dict[str, Any]
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.strategy_state, StrategyState):
+            name = self.config.get("strategy")
+            self.strategy_state = StrategyState(name if isinstance(name, str) else None, None,
+                                                dict(self.strategy_state))
+
+    @property
+    def strategy(self) -> StrategyState:
+        """``strategy_state``, typed (``__post_init__`` made it a ``StrategyState``)."""
+        assert isinstance(self.strategy_state, StrategyState)
+        return self.strategy_state
 
 
 def save(path: str | os.PathLike, ckpt: Checkpoint) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    state = ckpt.strategy
     entries: dict[str, np.ndarray] = {f"global.{i}": a for i, a in enumerate(ckpt.arrays)}
-    entries.update({f"strategy.{k}": v for k, v in ckpt.strategy_state.items()})
-    header = {"round": ckpt.round, "tensors": len(ckpt.arrays), "config": ckpt.config}
+    entries.update({f"strategy.{k}": v for k, v in state.arrays.items()})
+    header = {"round": ckpt.round, "tensors": len(ckpt.arrays), "config": ckpt.config,
+              "strategy": {"name": state.name, "params": state.params}}
     entries["header"] = np.frombuffer(json.dumps(header).encode(), dtype=np.uint8)
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     try:
@@ -53,4 +78,9 @@ def load(path: str | os.PathLike) -> Checkpoint:
         header = json.loads(z["header"].tobytes().decode())
         arrays = [z[f"global.{i}"] for i in range(header["tensors"])]
         state = {k[len("strategy."):]: z[k] for k in z.files if k.startswith("strategy.")}
-    return Checkpoint(int(header["round"]), arrays, state, header.get("config", {}))
+    config = header.get("config", {})
+    recorded = header.get("strategy")
+    if isinstance(recorded, dict):
+        strategy = StrategyState(recorded.get("name"), recorded.get("params"), state)
+        return Checkpoint(int(header["round"]), arrays, strategy, config)
+    return Checkpoint(int(header["round"]), arrays, state, config)  # named from config

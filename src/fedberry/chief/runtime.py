@@ -21,6 +21,7 @@ from fedberry.chief import checkpoint as ckpt_io
 from fedberry.chief.broadcast import Broadcast
 from fedberry.chief.buffers import BufferPool
 from fedberry.chief.metrics import MetricsLog
+from fedberry.chief.run_info import write_run_info
 from fedberry.chief.state import (
     Chief,
     Finished,
@@ -61,6 +62,8 @@ class ChiefServer:
         self.metrics = MetricsLog(out_dir, append=append_metrics)
         self.checkpoint_path = checkpoint_path
         self.run_config = run_config or {}
+        if out_dir:  # the strategy and its hyperparameters, beside metrics.jsonl
+            write_run_info(out_dir, chief.strategy, self.run_config, chief.round)
         self.finish_grace = finish_grace
         self.on_round = on_round
         self.peers: dict[str, Peer] = {}

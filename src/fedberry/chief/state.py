@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from fedberry.protocol.frames import ErrorCode, Spec, finite, spec_mismatch, spec_of
-from fedberry.strategies import FedAvg
+from fedberry.strategies import FedAvg, Strategy
 
 
 @dataclass
@@ -102,10 +102,10 @@ def non_finite(arrays: Sequence[np.ndarray]) -> str | None:
 
 
 class Chief:
-    def __init__(self, config: ChiefConfig, strategy: FedAvg | None = None,
+    def __init__(self, config: ChiefConfig, strategy: Strategy | None = None,
                  initial: Sequence[np.ndarray] | None = None, start_round: int = 0) -> None:
         self.config = config
-        self.strategy = strategy or FedAvg()
+        self.strategy: Strategy = strategy if strategy is not None else FedAvg()
         self.round = start_round
         self.global_arrays: list[np.ndarray] | None = None
         self.spec: Spec | None = None
@@ -232,7 +232,7 @@ class Chief:
     def _adopt(self, arrays: list[np.ndarray]) -> None:
         self.global_arrays = arrays
         self.spec = spec_of(arrays)
-        self.strategy.begin(arrays)
+        self.strategy.begin_round(arrays)
 
     def _maybe_close(self, now: float) -> list[Action]:
         n = len(self._in_round)
@@ -245,14 +245,14 @@ class Chief:
         return self._close(now)
 
     def _close(self, now: float) -> list[Action]:
-        self.global_arrays = self.strategy.finish()
+        self.global_arrays = self.strategy.result()
         self.round += 1
         record = RoundClosed(self.round, len(self._in_round), self._samples,
                              self._loss_sum / self._loss_weight if self._loss_weight else None,
                              sorted(self._in_round))
         waiting = sorted(self._waiting & self.members)
         self.done = self.config.rounds is not None and self.round >= self.config.rounds
-        self.strategy.begin(self.global_arrays)
+        self.strategy.begin_round(self.global_arrays)
         self._in_round, self._waiting = set(), set()
         self._loss_sum = self._loss_weight = self._samples = 0.0
         self._opened_at = now

@@ -102,7 +102,7 @@ from fedberry.protocol.frames import (
     spec_to_json,
     wire_dtype,
 )
-from fedberry.strategies import FedAvg, make_strategy
+from fedberry.strategies import FedAvg, Strategy, make_strategy
 
 log = logging.getLogger("fedberry.mpi")
 
@@ -168,7 +168,7 @@ class MpiChiefOptions:
     """What rank 0 needs to act as the chief. Other ranks ignore it."""
 
     rounds: int | None = None  # None: until every training rank has called close()
-    strategy: str | FedAvg = "fedavg"
+    strategy: str | Strategy = "fedavg"
     evaluate: Evaluate | None = None  # run on a thread after each round, like the TCP chief's
     out_dir: str | None = None  # metrics.jsonl and mpi_ranks.json go here
     checkpoint: str | None = None
@@ -604,8 +604,7 @@ class _ChiefState:
     def __init__(self, opts: MpiChiefOptions, session: MpiSession) -> None:
         self.opts = opts
         self.session = session
-        self.strategy = (make_strategy(opts.strategy) if isinstance(opts.strategy, str)
-                         else opts.strategy)
+        self.strategy = make_strategy(opts.strategy)
         if getattr(self.strategy, "needs_all_updates", False):
             # The Allreduce leaves only the weighted sum: a median cannot be computed from it.
             raise ValueError(f"the {self.strategy.name} strategy needs every update, but MPI "
@@ -634,7 +633,7 @@ class _ChiefState:
               model: list[np.ndarray]) -> None:
         self._t0 = time.monotonic()
         self.global_arrays = [a.copy() for a in model]
-        self.strategy.begin(self.global_arrays)
+        self.strategy.begin_round(self.global_arrays)
         self.done = self.opts.rounds is not None and self.round >= self.opts.rounds
         if self.opts.workers is not None and self.opts.workers != trainers:
             log.warning("expected %d workers, but mpiexec started %d training ranks: the run "
@@ -677,8 +676,8 @@ class _ChiefState:
                 for m in sums:
                     m /= weight
                 self.strategy.add(sums, weight)
-                self.global_arrays = self.strategy.finish()
-                self.strategy.begin(self.global_arrays)
+                self.global_arrays = self.strategy.result()
+                self.strategy.begin_round(self.global_arrays)
             self.round += 1
             loss_w = float(trailer[T_LOSS_WEIGHT])
             record: dict[str, Any] = {
@@ -736,7 +735,7 @@ class _ChiefState:
 # ============================================================================================
 # Entry points
 # ============================================================================================
-def run_mpi_chief(*, rounds: int | None = None, strategy: str | FedAvg = "fedavg",
+def run_mpi_chief(*, rounds: int | None = None, strategy: str | Strategy = "fedavg",
                   evaluate: Evaluate | None = None, out_dir: str | os.PathLike | None = None,
                   initial: Sequence[np.ndarray] | None = None,
                   checkpoint: str | os.PathLike | None = None, resume: bool = False,
