@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from robustness_harness import Cluster
+from test_mpi import AVERAGE, SAMPLES, _load, mpi_python, needs_mpiexec, run_mpi
+from test_mpi import SHAPES as MPI_SHAPES
 
 from fedberry import Worker
 from fedberry.chief import checkpoint as ckpt_io
@@ -235,3 +237,27 @@ def test_a_rule_of_ones_own_plugs_into_serve(tmp_path: Path) -> None:
         h.stop()
     np.testing.assert_allclose(got[0], [0.5, -0.5, 0.25, 0.0])
     assert json.loads((tmp_path / "run.json").read_text())["strategy"] == "clipped_mean:bound=0.5"
+
+
+@needs_mpiexec
+def test_mpi_chief_takes_fedadam_hyperparameters_as_text(tmp_path: Path) -> None:
+    """Under mpiexec, rank 0 parses the same text and runs the same rule (checked against the
+    numpy reference above, in test_strategies) on the Allreduce's weighted mean."""
+    rounds = 2
+    text = "fedadam:lr=0.05,tau=1e-4,bias_correction=true"
+    proc = run_mpi(mpi_python(3, AVERAGE, str(tmp_path), text, str(rounds)))
+    assert proc.returncode == 0, proc.stdout
+    init = _load(tmp_path / "initial.npz")
+    ranks = {r: _load(tmp_path / f"rank{r}.npz") for r in (1, 2)}
+    k = len(MPI_SHAPES)
+    ref = FedAdam(lr=0.05, tau=1e-4, bias_correction=True)
+    global_ = [init[f"arr_{i}"] for i in range(k)]
+    for rnd in range(rounds):
+        ref.begin_round(global_)
+        for r in (1, 2):
+            ref.add([ranks[r][f"sent{rnd}_{i}"].copy() for i in range(k)], SAMPLES[r])
+        global_ = ref.result()
+        for i, (_, dtype) in enumerate(MPI_SHAPES):
+            tol = 2e-3 if dtype == "float16" else 1e-5
+            np.testing.assert_allclose(ranks[1][f"got{rnd}_{i}"].astype(np.float64),
+                                       global_[i].astype(np.float64), rtol=tol, atol=tol)

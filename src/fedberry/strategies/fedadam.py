@@ -35,15 +35,15 @@ class FedAdam:
     Parameters
     ----------
     lr : float
-        The server learning rate (eta); positive. Reddi et al. tune it per task over
-        10**-3 ... 10**1 (their Table 9); the default 0.01 suits models near convergence.
+        The server learning rate (eta); positive. Reddi et al. tune it per task, over
+        several orders of magnitude; the default is 0.01.
     beta1 : float
         The first moment's decay, in [0, 1); the paper uses 0.9.
     beta2 : float
         The second moment's decay, in [0, 1); the paper uses 0.99.
     tau : float
         The adaptivity (Adam's epsilon), positive: smaller is more adaptive. The paper tunes
-        it over 10**-7 ... 10**-1; the default is 10**-3.
+        it per task too; the default is 10**-3.
     bias_correction : bool
         Divide the moments by ``1 - beta**t`` (t = server steps so far, 1 for the first) as
         Adam does (Kingma & Ba 2015, in the form of their section 2: the step is scaled by

@@ -32,8 +32,8 @@ class FedAvgM:
     lr : float
         The server learning rate (eta); positive. ``lr=1, momentum=0`` is plain FedAvg.
     momentum : float
-        The server momentum (beta), in [0, 1). Hsu et al. find 0.9 to 0.99 best with a
-        correspondingly smaller effective step ``lr / (1 - momentum)``; 0.9 is the default.
+        The server momentum (beta), in [0, 1); 0.9 by default. The effective step is about
+        ``lr / (1 - momentum)``: tune the two together.
 
     The velocity (one float64 array per tensor) is the state saved in checkpoints. Integer
     tensors (step counters) take the plain mean, rounded.
