@@ -9,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from fedberry.chief import checkpoint as ckpt_io
 from fedberry.chief.resume import check_resumable
@@ -355,6 +357,20 @@ def test_parse_types_values_from_the_constructor():
     assert describe(parse("fedavg")) == "fedavg"
     odd = FedAdam(lr=0.123456789, beta1=0.0, tau=3e-7, bias_correction=True)
     assert parse(describe(odd)).params() == odd.params()  # floats print back exactly
+
+
+unit = st.floats(0, 1, exclude_max=True)
+positive = st.floats(1e-12, 1e6)
+
+
+@given(st.one_of(
+    st.builds(FedAvgM, lr=positive, momentum=unit),
+    st.builds(FedAdam, lr=positive, beta1=unit, beta2=unit, tau=positive,
+              bias_correction=st.booleans()),
+    st.builds(TrimmedMean, trim=st.integers(0, 10**6))))
+def test_describe_prints_back_what_parse_reads(strategy):
+    again = parse(describe(strategy))
+    assert type(again) is type(strategy) and again.params() == strategy.params()
 
 
 @pytest.mark.parametrize("text,match", [
