@@ -16,10 +16,11 @@ from typing import Any
 import numpy as np
 
 from fedberry.chief import checkpoint as ckpt_io
+from fedberry.chief.resume import check_resumable
 from fedberry.chief.runtime import ChiefServer, Evaluate
 from fedberry.chief.state import Chief, ChiefConfig
 from fedberry.protocol.auth import resolve_token
-from fedberry.protocol.frames import spec_mismatch, spec_of
+from fedberry.protocol.frames import spec_of
 from fedberry.strategies import make_strategy
 from fedberry.worker import LoopThread
 
@@ -105,7 +106,8 @@ def serve(listen: str | None = "127.0.0.1:0", *, workers: int = 1, rounds: int |
         if not checkpoint or not Path(checkpoint).exists():
             raise FileNotFoundError(f"--resume: no checkpoint at {checkpoint}")
         ck = ckpt_io.load(checkpoint)
-        _check_resumable(ck, checkpoint, strategy, initial)
+        check_resumable(ck, checkpoint, strategy,
+                        spec_of(list(initial)) if initial is not None else None)
         initial, start_round = ck.arrays, ck.round
         strat.load_state_dict(ck.strategy_state)
         append = True
@@ -156,19 +158,6 @@ def serve(listen: str | None = "127.0.0.1:0", *, workers: int = 1, rounds: int |
         handle._task = asyncio.run_coroutine_threadsafe(bind_and_wait(), io.loop)
         io.run(asyncio.sleep(0.01))
     return handle
-
-
-def _check_resumable(ck: ckpt_io.Checkpoint, path: str | os.PathLike, strategy: str,
-                     initial: Sequence[np.ndarray] | None) -> None:
-    """Refuse to resume a run with a different strategy or model: the state would not fit."""
-    saved = ck.config.get("strategy")
-    if saved is not None and saved != strategy:
-        raise ValueError(f"--resume: {path} was written by a run with --strategy {saved}, not "
-                         f"{strategy}")
-    if initial is not None:
-        why = spec_mismatch(spec_of(list(initial)), spec_of(ck.arrays))
-        if why:
-            raise ValueError(f"--resume: the model in {path} is not this run's model: {why}")
 
 
 def run_chief(**kwargs: Any) -> ChiefHandle:
