@@ -21,22 +21,19 @@ import pytest
 from helpers import fedberry_env
 
 from fedberry.chief.metrics import read
-from fedberry.protocol.frames import spec_of
-from fedberry.strategies import FedAvgM
-from fedberry.transports.mpi import (
-    HEADER_BYTES,
-    MPI_MISMATCH,
-    TRAILER,
+from fedberry.demo.mpi_demo import mpi_demo_command
+from fedberry.launch import (
     DeathWatch,
-    _Layout,
     explain_failure,
     find_mpiexec,
     launcher_flags,
     launcher_kind,
-    mpi_demo_command,
     mpiexec_argv,
     stop_launch,
 )
+from fedberry.protocol.frames import spec_of
+from fedberry.strategies import FedAvgM
+from fedberry.transports.mpi import HEADER_BYTES, MPI_MISMATCH, TRAILER, _Layout
 
 pytest.importorskip("mpi4py")
 try:
