@@ -33,7 +33,8 @@ from fedberry.launch import (
 )
 from fedberry.protocol.frames import spec_of
 from fedberry.strategies import FedAvgM
-from fedberry.transports.mpi import HEADER_BYTES, MPI_MISMATCH, TRAILER, _Layout
+from fedberry.transports.mpi import MPI_MISMATCH
+from fedberry.transports.mpi_buffers import HEADER_BYTES, TRAILER, Layout
 
 pytest.importorskip("mpi4py")
 try:
@@ -138,7 +139,7 @@ def test_mpiexec_n3_average_matches_numpy_weighted_mean(tmp_path):
 
     records = read(tmp_path / "metrics.jsonl")
     assert [r["round"] for r in records] == [1, 2]
-    layout = _Layout(spec_of([np.zeros(s, d) for s, d in SHAPES]))
+    layout = Layout(spec_of([np.zeros(s, d) for s, d in SHAPES]))
     assert layout.sum_dtype == np.float64  # integer and float64 tensors: summed in float64
     reduce_bytes = 8 * (layout.elements + TRAILER)
     for rec in records:
@@ -297,16 +298,16 @@ def test_a_failing_rank_stops_the_job_with_its_name(how, why):
 # ---------------------------------------------------------------------------------------------
 def test_sum_dtype_is_float32_only_for_small_float_models():
     f32, f16 = np.zeros(3, np.float32), np.zeros(2, np.float16)
-    assert _Layout(spec_of([f32, f16])).sum_dtype == np.float32
-    assert _Layout(spec_of([f32, np.zeros(1, np.int64)])).sum_dtype == np.float64
-    assert _Layout(spec_of([f32, np.zeros(1, np.float64)])).sum_dtype == np.float64
+    assert Layout(spec_of([f32, f16])).sum_dtype == np.float32
+    assert Layout(spec_of([f32, np.zeros(1, np.int64)])).sum_dtype == np.float64
+    assert Layout(spec_of([f32, np.zeros(1, np.float64)])).sum_dtype == np.float64
 
 
 def test_layout_packs_and_unpacks_aligned_views():
     rng = np.random.default_rng(0)
     arrays = [rng.standard_normal((5, 3)).astype(np.float32), np.arange(3, dtype=np.int64),
               rng.standard_normal(1).astype(np.float16), np.array([True, False])]
-    layout = _Layout(spec_of(arrays))
+    layout = Layout(spec_of(arrays))
     buf = layout.pack_model(arrays, 7, True)
     assert buf.size == layout.bcast_bytes and layout.byte_offsets[0] == HEADER_BYTES
     round_, done, out = layout.unpack_model(buf)

