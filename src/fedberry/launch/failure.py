@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from fedberry.transports.mpi import MPI_MISMATCH
+from fedberry.transports.mpi_guard import MPI_MISMATCH
 
 
 def _words(pattern: str) -> str:

