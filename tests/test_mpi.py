@@ -621,18 +621,20 @@ def _checkpoint(path: Path):  # type: ignore[no-untyped-def]
 
 
 @needs_mpiexec
-def test_mpi_chief_killed_and_resumed_continues_bit_exact(tmp_path):
+@pytest.mark.parametrize("strategy, other", [("fedavgm", "fedadam"), ("fedavg", "fedavgm")])
+def test_mpi_chief_killed_and_resumed_continues_bit_exact(tmp_path, strategy, other):
     """As tests/test_robustness_resume.py does for TCP: the chief (rank 0) is SIGKILLed midway,
     mpiexec stops the job, and `--resume` continues to the same final model, bit for bit, as an
-    uninterrupted run; FedAvgM's velocity comes back from the checkpoint. Another strategy's
+    uninterrupted run (FedAvg: every rank's own mean; FedAvgM: rank 0's Bcast, and its velocity
+    comes back from the checkpoint). Another strategy's
     resume is refused with the sentence TCP gives (the same chief.resume check)."""
     whole, cut = tmp_path / "whole", tmp_path / "cut"
-    proc = run_mpi(chief_and_workers(whole, 0.0, "--strategy", "fedavgm"))
+    proc = run_mpi(chief_and_workers(whole, 0.0, "--strategy", strategy))
     assert proc.returncode == 0, proc.stdout
     reference = _checkpoint(whole / "checkpoint.npz")
     assert reference.round == RESUME_ROUNDS
 
-    launch = subprocess.Popen(chief_and_workers(cut, 0.6, "--strategy", "fedavgm"),
+    launch = subprocess.Popen(chief_and_workers(cut, 0.6, "--strategy", strategy),
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                               env=fedberry_env(), start_new_session=True)
     try:
@@ -652,13 +654,13 @@ def test_mpi_chief_killed_and_resumed_continues_bit_exact(tmp_path):
     assert 2 <= at_kill < RESUME_ROUNDS, "the run was not cut midway"
     before = read(cut / "metrics.jsonl")
 
-    refused = run_mpi(chief_and_workers(cut, 0.0, "--strategy", "fedadam", "--resume"))
+    refused = run_mpi(chief_and_workers(cut, 0.0, "--strategy", other, "--resume"))
     assert refused.returncode != 0
-    assert (f"--resume: {cut / 'checkpoint.npz'} was written by a run with --strategy fedavgm, "
-            "not fedadam" in refused.stdout), refused.stdout
+    assert (f"--resume: {cut / 'checkpoint.npz'} was written by a run with --strategy "
+            f"{strategy}, not {other}" in refused.stdout), refused.stdout
     assert _checkpoint(cut / "checkpoint.npz").round == at_kill  # untouched
 
-    proc = run_mpi(chief_and_workers(cut, 0.0, "--strategy", "fedavgm", "--resume"))
+    proc = run_mpi(chief_and_workers(cut, 0.0, "--strategy", strategy, "--resume"))
     assert proc.returncode == 0, proc.stdout
     final = _checkpoint(cut / "checkpoint.npz")
     assert final.round == RESUME_ROUNDS and final.config["resume"] is True

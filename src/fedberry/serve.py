@@ -131,7 +131,7 @@ class ChiefHandle:
     def stop(self) -> None:
         """Finish the chief (if it has not) and stop its thread."""
         if self.server.finished is not None:
-            self.io.loop.call_soon_threadsafe(self.server.finished.set)
+            self.io.loop.call_soon_threadsafe(self.server.finish)
         try:
             self._task.result(15)
         except Exception as exc:

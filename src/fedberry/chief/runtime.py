@@ -291,6 +291,10 @@ class ChiefServer:
             self._deadline_handle = self.scheduler.call_later(
                 deadline - now + 0.01, lambda: self._run(self.chief.tick(time.monotonic())))
 
+    def finish(self) -> None:
+        """End the run now (on the chief's thread): ``wait_finished`` returns."""
+        self._finish()
+
     def _finish(self) -> None:
         self.is_finished = True
         if self.finished is not None and not self.finished.is_set():

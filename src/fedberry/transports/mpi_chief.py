@@ -23,7 +23,7 @@ from urllib.parse import parse_qs, urlsplit
 import numpy as np
 
 from fedberry.chief.build import OutputOptions, RoundPolicy, build_chief_server
-from fedberry.chief.runtime import ChiefServer
+from fedberry.chief.runtime import ChiefServer, Evaluate
 from fedberry.chief.scheduler import BlockingScheduler
 from fedberry.protocol.frames import ErrorCode, spec_of
 from fedberry.strategies import FedAvg, make_strategy
@@ -32,7 +32,6 @@ from fedberry.transports.mpi_guard import guard
 
 log = logging.getLogger("fedberry.mpi")
 
-Evaluate = Callable[[list[np.ndarray]], dict[str, float]]
 RANKS_FILE = "mpi_ranks.json"
 
 
