@@ -190,7 +190,7 @@ def test_keras_workers_over_mpi_average_like_numpy(tmp_path):
     pytest.importorskip("mpi4py", reason="the 'mpi' extra")
     pytest.importorskip("torch", reason="the torch Keras backend")
     needs_keras()
-    from fedberry.transports.mpi import find_mpiexec
+    from fedberry.launch import find_mpiexec
 
     try:
         mpiexec = find_mpiexec()

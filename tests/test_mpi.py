@@ -21,22 +21,20 @@ import pytest
 from helpers import fedberry_env
 
 from fedberry.chief.metrics import read
-from fedberry.protocol.frames import spec_of
-from fedberry.strategies import FedAvgM
-from fedberry.transports.mpi import (
-    HEADER_BYTES,
-    MPI_MISMATCH,
-    TRAILER,
+from fedberry.demo.mpi_demo import mpi_demo_command
+from fedberry.launch import (
     DeathWatch,
-    _Layout,
     explain_failure,
     find_mpiexec,
     launcher_flags,
     launcher_kind,
-    mpi_demo_command,
     mpiexec_argv,
     stop_launch,
 )
+from fedberry.protocol.frames import spec_of
+from fedberry.strategies import FedAvgM
+from fedberry.transports.mpi import MPI_MISMATCH
+from fedberry.transports.mpi_buffers import HEADER_BYTES, TRAILER, Layout
 
 pytest.importorskip("mpi4py")
 try:
@@ -141,7 +139,7 @@ def test_mpiexec_n3_average_matches_numpy_weighted_mean(tmp_path):
 
     records = read(tmp_path / "metrics.jsonl")
     assert [r["round"] for r in records] == [1, 2]
-    layout = _Layout(spec_of([np.zeros(s, d) for s, d in SHAPES]))
+    layout = Layout(spec_of([np.zeros(s, d) for s, d in SHAPES]))
     assert layout.sum_dtype == np.float64  # integer and float64 tensors: summed in float64
     reduce_bytes = 8 * (layout.elements + TRAILER)
     for rec in records:
@@ -300,16 +298,16 @@ def test_a_failing_rank_stops_the_job_with_its_name(how, why):
 # ---------------------------------------------------------------------------------------------
 def test_sum_dtype_is_float32_only_for_small_float_models():
     f32, f16 = np.zeros(3, np.float32), np.zeros(2, np.float16)
-    assert _Layout(spec_of([f32, f16])).sum_dtype == np.float32
-    assert _Layout(spec_of([f32, np.zeros(1, np.int64)])).sum_dtype == np.float64
-    assert _Layout(spec_of([f32, np.zeros(1, np.float64)])).sum_dtype == np.float64
+    assert Layout(spec_of([f32, f16])).sum_dtype == np.float32
+    assert Layout(spec_of([f32, np.zeros(1, np.int64)])).sum_dtype == np.float64
+    assert Layout(spec_of([f32, np.zeros(1, np.float64)])).sum_dtype == np.float64
 
 
 def test_layout_packs_and_unpacks_aligned_views():
     rng = np.random.default_rng(0)
     arrays = [rng.standard_normal((5, 3)).astype(np.float32), np.arange(3, dtype=np.int64),
               rng.standard_normal(1).astype(np.float16), np.array([True, False])]
-    layout = _Layout(spec_of(arrays))
+    layout = Layout(spec_of(arrays))
     buf = layout.pack_model(arrays, 7, True)
     assert buf.size == layout.bcast_bytes and layout.byte_offsets[0] == HEADER_BYTES
     round_, done, out = layout.unpack_model(buf)
@@ -582,3 +580,145 @@ def test_mpiexec_is_found():
     if not MPIEXEC:
         pytest.skip("no mpiexec")
     assert Path(MPIEXEC).name == "mpiexec" and shutil.which(MPIEXEC)
+
+
+# ---------------------------------------------------------------------------------------------
+# The chief runtime under MPI: resume (bit-exact, refused for another strategy), on_round policy
+# ---------------------------------------------------------------------------------------------
+RESUME_WORKER = textwrap.dedent("""
+    import sys, time
+    import numpy as np
+    from mpi4py import MPI
+    from fedberry import Worker
+
+    pause = float(sys.argv[1])
+    rank = MPI.COMM_WORLD.rank
+    with Worker("mpi://") as w:
+        model = w.join([np.zeros((16, 8), np.float32), np.zeros(8, np.float32),
+                        np.zeros(2, np.int64)])
+        while not w.done:
+            # The update depends on (rank, round, model) only: a resumed run replays it exactly.
+            rng = np.random.default_rng([rank, w.round])
+            mine = [(m + 3 * rng.standard_normal(m.shape)).astype(m.dtype) for m in model]
+            model = w.sync(mine, 3 + rank, {"loss": float(w.round + rank)})
+            time.sleep(pause)
+""")
+RESUME_ROUNDS = 6
+
+
+def chief_and_workers(out: Path, pause: float, *chief_args: str) -> list[str]:
+    """An MPMD launch like the demo's: rank 0 `fedberry chief --listen mpi://`, 2 workers."""
+    chief = [sys.executable, "-m", "fedberry", "chief", "--listen", "mpi://", "--workers", "2",
+             "--rounds", str(RESUME_ROUNDS), "--model", "none", "--out", str(out), *chief_args]
+    worker = [sys.executable, "-c", RESUME_WORKER, str(pause)]
+    return [*mpiexec_argv(1, MPIEXEC), *chief, ":", "-n", "2", *worker]
+
+
+def _checkpoint(path: Path):  # type: ignore[no-untyped-def]
+    from fedberry.chief import checkpoint
+
+    return checkpoint.load(path)
+
+
+@needs_mpiexec
+@pytest.mark.parametrize("strategy, other", [("fedavgm", "fedadam"), ("fedavg", "fedavgm")])
+def test_mpi_chief_killed_and_resumed_continues_bit_exact(tmp_path, strategy, other):
+    """As tests/test_robustness_resume.py does for TCP: the chief (rank 0) is SIGKILLed midway,
+    mpiexec stops the job, and `--resume` continues to the same final model, bit for bit, as an
+    uninterrupted run (FedAvg: every rank's own mean; FedAvgM: rank 0's Bcast, and its velocity
+    comes back from the checkpoint). Another strategy's
+    resume is refused with the sentence TCP gives (the same chief.resume check)."""
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    proc = run_mpi(chief_and_workers(whole, 0.0, "--strategy", strategy))
+    assert proc.returncode == 0, proc.stdout
+    reference = _checkpoint(whole / "checkpoint.npz")
+    assert reference.round == RESUME_ROUNDS
+
+    launch = subprocess.Popen(chief_and_workers(cut, 0.6, "--strategy", strategy),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              env=fedberry_env(), start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        ck = cut / "checkpoint.npz"
+        while not (ck.exists() and _checkpoint(ck).round >= 2):
+            assert launch.poll() is None, launch.communicate()[0]
+            assert time.monotonic() < deadline, "no checkpoint of round 2 in 60 s"
+            time.sleep(0.05)
+        chief_pid = json.loads((cut / "mpi_ranks.json").read_text())[0]["pid"]
+        os.kill(chief_pid, signal.SIGKILL)
+        out, _ = launch.communicate(timeout=30)
+    finally:
+        stop_launch(launch, grace=5)
+    assert launch.returncode != 0, out
+    at_kill = _checkpoint(cut / "checkpoint.npz").round
+    assert 2 <= at_kill < RESUME_ROUNDS, "the run was not cut midway"
+    before = read(cut / "metrics.jsonl")
+
+    refused = run_mpi(chief_and_workers(cut, 0.0, "--strategy", other, "--resume"))
+    assert refused.returncode != 0
+    # TCP's sentence, naming both rules with their hyperparameters
+    # ("... --strategy fedavgm:lr=1.0,momentum=0.9, not fedadam:lr=0.01,...").
+    assert (f"--resume: {cut / 'checkpoint.npz'} was written by a run with --strategy "
+            f"{strategy}" in refused.stdout), refused.stdout
+    assert f", not {other}:" in refused.stdout, refused.stdout
+    assert _checkpoint(cut / "checkpoint.npz").round == at_kill  # untouched
+
+    proc = run_mpi(chief_and_workers(cut, 0.0, "--strategy", strategy, "--resume"))
+    assert proc.returncode == 0, proc.stdout
+    final = _checkpoint(cut / "checkpoint.npz")
+    assert final.round == RESUME_ROUNDS and final.config["resume"] is True
+    for a, b in zip(final.arrays, reference.arrays, strict=True):
+        assert a.dtype == b.dtype and a.tobytes() == b.tobytes()
+    got, want = final.strategy.arrays, reference.strategy.arrays
+    assert final.strategy.params == reference.strategy.params
+    assert got.keys() == want.keys()
+    for k, v in want.items():
+        assert got[k].tobytes() == v.tobytes(), k
+    after = read(cut / "metrics.jsonl")[len(before):]
+    assert [r["round"] for r in after] == list(range(at_kill + 1, RESUME_ROUNDS + 1))
+    assert [r["workers"] for r in after] == [2] * len(after)
+
+
+ON_ROUND = textwrap.dedent("""
+    import sys
+    import numpy as np
+    from mpi4py import MPI
+    from fedberry import Worker
+    from fedberry.transports.mpi import run_mpi_chief
+
+    seen = []
+
+    def on_round(record):
+        seen.append(record["round"])
+        raise RuntimeError(f"display broke at round {record['round']}")
+
+    if MPI.COMM_WORLD.rank == 0:
+        records = run_mpi_chief(rounds=3, out_dir=sys.argv[1], on_round=on_round)
+        print("rounds", [r["round"] for r in records], "seen", seen, flush=True)
+    else:
+        with Worker("mpi://") as w:
+            model = w.join([np.zeros(3, np.float32)])
+            while not w.done:
+                model = w.sync([model[0] + 1], 1)
+""")
+
+
+@needs_mpiexec
+def test_a_raising_on_round_is_logged_and_the_run_goes_on_as_over_tcp(tmp_path):
+    """The runtime's policy (tests/test_serve.py checks the same over TCP): every round is
+    still written and called back, the error is logged, the run finishes."""
+    proc = run_mpi(mpi_python(3, ON_ROUND, str(tmp_path)))
+    assert proc.returncode == 0, proc.stdout
+    assert "rounds [1, 2, 3] seen [1, 2, 3]" in proc.stdout, proc.stdout
+    assert "round 1: the on_round callback failed; the run goes on" in proc.stdout
+    assert "RuntimeError: display broke at round 3" in proc.stdout
+    assert [r["round"] for r in read(tmp_path / "metrics.jsonl")] == [1, 2, 3]
+
+
+def test_strategies_that_need_every_update_are_refused_with_a_sentence():
+    from fedberry.transports.mpi import MpiChiefOptions
+    from fedberry.transports.mpi_chief import RankZeroChief
+
+    with pytest.raises(ValueError, match="the median strategy needs every update, but MPI "
+                                         "rounds sum them in one collective; use it over TCP"):
+        RankZeroChief(MpiChiefOptions(strategy="median"), session=None)

@@ -19,7 +19,8 @@ from fedberry.chief.metrics import read
 pytest.importorskip("mpi4py")
 pytest.importorskip("torch")
 
-from fedberry.transports.mpi import RANKS_FILE, find_mpiexec, stop_launch  # noqa: E402
+from fedberry.launch import find_mpiexec, stop_launch  # noqa: E402
+from fedberry.transports.mpi import RANKS_FILE  # noqa: E402
 
 try:
     find_mpiexec()

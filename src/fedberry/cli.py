@@ -187,7 +187,7 @@ def _add_demo_parser(sub: argparse._SubParsersAction) -> None:
 
 def _run_demo(args: argparse.Namespace) -> int:
     if args.transport == "mpi":
-        from fedberry.transports.mpi import run_mpi_demo
+        from fedberry.demo.mpi_demo import run_mpi_demo
 
         return run_mpi_demo(args.workers, args.rounds, args.out, _train_config(args),
                             timeout=args.timeout)

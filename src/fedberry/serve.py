@@ -2,33 +2,90 @@
 
 The chief runs its event loop on its own thread, so the same process can also train as a worker
 (``Worker(chief=handle)``, the original design's worker 0) while TCP workers connect.
+
+The common case is one line, ``serve("0.0.0.0:3389", workers=6, rounds=50)``; the rest is in
+three option objects: ``Listening`` (TCP, TLS and the connection limits), ``RoundPolicy`` (when
+rounds close) and ``OutputOptions`` (metrics, checkpoint, resume). Each of their fields may also be
+given to ``serve()`` as a keyword of the same name, as in earlier versions.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import dataclasses
 import logging
-import os
 from collections.abc import Callable, Sequence
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from fedberry.chief import checkpoint as ckpt_io
-from fedberry.chief.resume import check_resumable
+from fedberry.chief.build import OutputOptions, RoundPolicy, build_chief_server
 from fedberry.chief.runtime import ChiefServer, Evaluate
-from fedberry.chief.state import Chief, ChiefConfig
+from fedberry.chief.state import Chief
 from fedberry.protocol.auth import resolve_token
-from fedberry.protocol.frames import spec_of
-from fedberry.strategies import Strategy, make_strategy
+from fedberry.strategies import Strategy
 from fedberry.worker import LoopThread
 
 log = logging.getLogger("fedberry.chief")
 
 
+@dataclass
+class Listening:
+    """How the chief listens on TCP: authentication, TLS and the connection limits.
+
+    Parameters
+    ----------
+    token : str or None
+        Shared secret workers prove they hold (HMAC challenge; it never crosses the wire).
+    token_file : str or None
+        File holding the token (else ``FEDBERRY_TOKEN``, else ``token``).
+    tls_cert, tls_key : str or None
+        The chief's certificate and key (PEM); both or neither.
+    client_ca : str or None
+        Require worker certificates signed by this CA (mutual TLS); needs ``tls_cert``.
+    insecure : bool
+        Allow plain TCP or no token on a non-loopback address.
+    max_connections : int
+        Connections at once; more are refused.
+    idle_timeout : float
+        Seconds of silence after which a connection is taken for dead (workers ping every few
+        seconds).
+    handshake_timeout : float
+        Seconds from accept to the end of the handshake, TLS included.
+    receive_memory : int
+        Bytes of updates read at once, all workers together (at least one update); the others
+        wait their turn in their sockets, so that the chief's memory does not grow with the
+        number of workers sending at the same moment.
+    """
+
+    token: str | None = None
+    token_file: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    client_ca: str | None = None
+    insecure: bool = False
+    max_connections: int = 256
+    idle_timeout: float = 60.0
+    handshake_timeout: float = 15.0
+    receive_memory: int = 64 << 20
+
+
+_GROUPS: dict[str, type] = {f.name: cls for cls in (Listening, RoundPolicy, OutputOptions)
+                            for f in dataclasses.fields(cls)}
+
+
 class ChiefHandle:
-    """A running chief. ``address`` is where it listens (None without TCP)."""
+    """A running chief, as ``serve()`` returns it.
+
+    Attributes
+    ----------
+    server : ChiefServer
+        The chief runtime.
+    address : tuple of (str, int) or None
+        Where it listens (None without TCP).
+    """
 
     def __init__(self, server: ChiefServer, io: LoopThread, tcp: Any = None) -> None:
         self.server = server
@@ -51,16 +108,30 @@ class ChiefHandle:
         return self.server.chief
 
     def wait(self, timeout: float | None = None) -> bool:
-        """Block until the chief has finished (True) or ``timeout`` passed (False)."""
+        """Block until the chief has finished.
+
+        Parameters
+        ----------
+        timeout : float or None
+            Seconds to wait at most; None: as long as it takes.
+
+        Returns
+        -------
+        bool
+            True if the chief has finished, False if ``timeout`` passed first.
+        """
         try:
             self._task.result(timeout)
             return True
-        except TimeoutError:
+        # Not the builtin TimeoutError: before Python 3.11 it is another class, and catching it
+        # let the first timeout crash ``fedberry chief`` after one second.
+        except concurrent.futures.TimeoutError:
             return False
 
     def stop(self) -> None:
+        """Finish the chief (if it has not) and stop its thread."""
         if self.server.finished is not None:
-            self.io.loop.call_soon_threadsafe(self.server.finished.set)
+            self.io.loop.call_soon_threadsafe(self.server.finish)
         try:
             self._task.result(15)
         except Exception as exc:
@@ -74,58 +145,81 @@ class ChiefHandle:
         self.stop()
 
 
-def serve(listen: str | None = "127.0.0.1:0", *, workers: int = 1, rounds: int | None = None,
-          min_workers: int = 1, round_timeout: float | None = None,
-          strategy: str | Strategy = "fedavg",
+def serve(listen: str | None = "127.0.0.1:0", *, workers: int | None = None,
+          rounds: int | None = None, strategy: str | Strategy = "fedavg",
           initial: Sequence[np.ndarray] | None = None, evaluate: Evaluate | None = None,
-          out_dir: str | os.PathLike | None = None, checkpoint: str | os.PathLike | None = None,
-          resume: bool = False, token: str | None = None, token_file: str | None = None,
-          tls_cert: str | None = None, tls_key: str | None = None, client_ca: str | None = None,
-          insecure: bool = False, max_connections: int = 256, idle_timeout: float = 60.0,
-          handshake_timeout: float = 15.0, finish_grace: float = 30.0,
-          run_config: dict[str, Any] | None = None,
-          on_round: Callable[[dict[str, Any]], None] | None = None,
-          downlink: str = "none", shaper: Any = None,
-          receive_memory: int = 64 << 20) -> ChiefHandle:
+          on_round: Callable[[dict[str, Any]], None] | None = None, downlink: str = "none",
+          listening: Listening | None = None, policy: RoundPolicy | None = None,
+          output: OutputOptions | None = None, shaper: Any = None,
+          **options: Any) -> ChiefHandle:
     """Start a chief in the background and return once it accepts connections.
 
-    ``strategy``: the aggregation rule, an object (``FedAdam(lr=0.05, tau=1e-4)``, or your own
-    implementing ``fedberry.strategies.Strategy``) or ``--strategy`` text
-    (``"fedadam:lr=0.05,tau=1e-4"``); see docs/strategies.md. Its name and hyperparameters go
-    into every checkpoint and OUT/run.json, and ``resume`` refuses a checkpoint of another.
+    Parameters
+    ----------
+    listen : str or None
+        ``HOST:PORT`` to bind (port 0: any free one, see ``ChiefHandle.address``); None: no TCP,
+        in-process workers only (``Worker(chief=handle)``).
+    workers, rounds : int or None
+        Shortcuts for ``RoundPolicy.workers`` (default 1) and ``RoundPolicy.rounds``.
+    strategy : str or Strategy
+        The aggregation rule: an object (``FedAdam(lr=0.05, tau=1e-4)``, or your own
+        implementing ``fedberry.strategies.Strategy``) or ``--strategy`` text
+        (``"fedadam:lr=0.05,tau=1e-4"``); see docs/strategies.md.
+    initial : sequence of numpy arrays, optional
+        The model to start from; None: the first worker's.
+    evaluate : callable, optional
+        ``evaluate(global_arrays) -> {"accuracy": .., "loss": ..}``, run after every round off
+        the chief's loop; its numbers go into the metrics.
+    on_round : callable, optional
+        Called with each round's metrics line, in round order, on the chief's loop. What it
+        raises is logged and the run goes on (``chief.runtime``'s policy, for every transport).
+    downlink : str
+        How the global model travels to TCP workers: ``none``, ``fp16`` (half the bytes) or
+        ``q8`` (the change since the previous round in 8 bits, a quarter; a worker that missed a
+        round gets the whole model). The chief keeps the model exactly as the workers decode it
+        (``chief.broadcast``).
+    listening : Listening, optional
+        Authentication, TLS and connection limits.
+    policy : RoundPolicy, optional
+        When rounds close and the run ends.
+    output : OutputOptions, optional
+        Metrics directory, checkpoint, resume.
+    shaper : bench.shaper.SharedLink, optional
+        Every TCP connection's bytes pass through it, to emulate a slow shared link without root
+        (docs/slow-link.md); None: full speed.
+    **options
+        Any field of ``Listening``, ``RoundPolicy`` or ``OutputOptions`` by name (``token=``,
+        ``min_workers=``, ``checkpoint=``, ``resume=``...): it replaces that field of the object
+        given (or of the defaults).
 
-    ``downlink``: how the global model travels to TCP workers: ``none``, ``fp16`` (half the
-    bytes) or ``q8`` (the change since the previous round in 8 bits, a quarter; a worker that
-    missed a round gets the whole model). The chief keeps the model exactly as the workers decode
-    it (broadcast.py).
+    Returns
+    -------
+    ChiefHandle
+        The running chief: ``wait()``, ``stop()``, ``metrics``, ``url``.
 
-    ``shaper``: a ``bench.shaper.SharedLink`` that every TCP connection's bytes pass through,
-    to emulate a slow shared link without root (docs/slow-link.md); None: full speed.
-
-    ``receive_memory``: bytes of TCP updates read at once, all workers together (at least one
-    update); the others wait their turn in their sockets, so that the chief's memory does not
-    grow with the number of workers sending at the same moment."""
-    strat = make_strategy(strategy)
-    start_round = 0
-    append = False
-    if resume:
-        if not checkpoint or not Path(checkpoint).exists():
-            raise FileNotFoundError(f"--resume: no checkpoint at {checkpoint}")
-        ck = ckpt_io.load(checkpoint)
-        spec = spec_of(list(initial)) if initial is not None else None
-        check_resumable(ck, checkpoint, strat, spec)
-        initial, start_round = ck.arrays, ck.round
-        strat.load_state_dict(ck.strategy_state)
-        append = True
-        log.info("resuming from %s at round %d", checkpoint, start_round)
-    run_config = {**(run_config or {}), "strategy": strat.name}
-    chief = Chief(ChiefConfig(workers=workers, rounds=rounds, min_workers=min_workers,
-                              round_timeout=round_timeout),
-                  strat, initial=initial, start_round=start_round)
-    server = ChiefServer(chief, evaluate=evaluate, out_dir=str(out_dir) if out_dir else None,
-                         checkpoint_path=str(checkpoint) if checkpoint else None,
-                         run_config=run_config, finish_grace=finish_grace,
-                         append_metrics=append, on_round=on_round, downlink=downlink)
+    Raises
+    ------
+    TypeError
+        An option that is no field of the option objects.
+    FileNotFoundError, ValueError
+        ``resume`` without a checkpoint, a checkpoint of another strategy or model, TLS options
+        that do not go together.
+    """
+    groups: dict[type, dict[str, Any]] = {Listening: {}, RoundPolicy: {}, OutputOptions: {}}
+    for key, value in options.items():
+        if key not in _GROUPS:
+            raise TypeError(f"serve() got an unknown option {key!r}; the options are "
+                            f"{', '.join(sorted(_GROUPS))}")
+        groups[_GROUPS[key]][key] = value
+    if workers is not None:
+        groups[RoundPolicy]["workers"] = workers
+    if rounds is not None:
+        groups[RoundPolicy]["rounds"] = rounds
+    lis = dataclasses.replace(listening or Listening(), **groups[Listening])
+    pol = dataclasses.replace(policy or RoundPolicy(), **groups[RoundPolicy])
+    out = dataclasses.replace(output or OutputOptions(), **groups[OutputOptions])
+    server = build_chief_server(pol, out, strategy=strategy, initial=initial,
+                                evaluate=evaluate, on_round=on_round, downlink=downlink)
     io = LoopThread("fedberry-chief")
     handle = ChiefHandle(server, io)
     tcp = None
@@ -133,25 +227,25 @@ def serve(listen: str | None = "127.0.0.1:0", *, workers: int = 1, rounds: int |
         from fedberry.transports.tcp import ListenOptions, TcpChief, parse_address
 
         ctx = None
-        if tls_cert:
+        if lis.tls_cert:
             import ssl
 
             from fedberry.certs import server_context
 
-            ctx = server_context(tls_cert, tls_key, client_ca)
-            if client_ca:
+            ctx = server_context(lis.tls_cert, lis.tls_key, lis.client_ca)
+            if lis.client_ca:
                 # The handshake may finish without a client certificate; the transport then
                 # refuses the worker with an ERROR frame that says so (see ListenOptions).
                 ctx.verify_mode = ssl.CERT_OPTIONAL
-        elif client_ca:
+        elif lis.client_ca:
             raise ValueError("--client-ca needs TLS: give --tls-cert and --tls-key too")
         host, port = parse_address(listen)
         tcp = TcpChief(server, host, port, ListenOptions(
-            token=resolve_token(token, token_file), ssl_context=ctx,
-            require_client_cert=bool(tls_cert and client_ca), insecure=insecure,
-            max_connections=max_connections, idle_timeout=idle_timeout,
-            handshake_timeout=handshake_timeout, shaper=shaper,
-            receive_memory=receive_memory))
+            token=resolve_token(lis.token, lis.token_file), ssl_context=ctx,
+            require_client_cert=bool(lis.tls_cert and lis.client_ca), insecure=lis.insecure,
+            max_connections=lis.max_connections, idle_timeout=lis.idle_timeout,
+            handshake_timeout=lis.handshake_timeout, shaper=shaper,
+            receive_memory=lis.receive_memory))
         handle.tcp = tcp
         handle.address = io.run(tcp.start(), 30)
         handle._task = asyncio.run_coroutine_threadsafe(tcp.serve(), io.loop)
@@ -166,7 +260,7 @@ def serve(listen: str | None = "127.0.0.1:0", *, workers: int = 1, rounds: int |
 
 
 def run_chief(**kwargs: Any) -> ChiefHandle:
-    """``serve(...)`` and block until the chief has finished."""
+    """``serve(**kwargs)`` and block until the chief has finished; returns its handle."""
     handle = serve(**kwargs)
     try:
         while not handle.wait(1.0):

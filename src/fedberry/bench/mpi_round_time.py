@@ -97,7 +97,7 @@ def floor_rank(params: int, rounds: int, warmup: int, out: str) -> None:
 # -- the launcher ------------------------------------------------------------------------------
 def launch(kind: str, params: int, workers: int, rounds: int, warmup: int,
            timeout: float = 900.0) -> dict[str, float]:
-    from fedberry.transports.mpi import mpiexec_argv, stop_launch
+    from fedberry.launch import mpiexec_argv, stop_launch
 
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "result.json"

@@ -1,14 +1,22 @@
-"""Runs the chief's state machine on an asyncio loop, for any transport.
+"""Runs the chief's state machine for any transport: TCP connections, in-process workers, MPI.
 
 Transports authenticate connections and attach them here as peers; this module turns the chief's
 actions into sends, keeps the round deadline timer, counts bytes, writes metrics and checkpoints,
-and evaluates the global model off the loop so that heartbeats keep flowing meanwhile.
+and evaluates the global model off the chief's thread so that heartbeats keep flowing meanwhile.
+How it waits (timers, deferred calls, work on another thread) is the transport's scheduler
+(``chief.scheduler``): an asyncio loop for TCP and in-process workers, the rank's own thread
+between collectives for MPI.
+
+Side effects follow one policy whatever the transport: a failing evaluation, metrics write or
+``on_round`` callback is logged with its reason and the run goes on (the round's model has
+already gone out, and later rounds' lines are written as usual). A failing checkpoint write
+raises: a chief that cannot checkpoint is not resumable, and must not pretend to be.
 """
 
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -22,6 +30,7 @@ from fedberry.chief.broadcast import Broadcast
 from fedberry.chief.buffers import BufferPool
 from fedberry.chief.metrics import MetricsLog
 from fedberry.chief.run_info import write_run_info
+from fedberry.chief.scheduler import AsyncioScheduler, BlockingScheduler, Scheduler, Timer
 from fedberry.chief.state import (
     Chief,
     Finished,
@@ -50,13 +59,41 @@ class Peer(Protocol):
 
 
 class ChiefServer:
+    """The chief runtime: carries out the state machine's actions for the transport's peers.
+
+    Parameters
+    ----------
+    chief : Chief
+        The round state machine.
+    evaluate : callable, optional
+        ``evaluate(global_arrays) -> {"accuracy": .., "loss": ..}`` after every round, off the
+        chief's thread.
+    out_dir : str, optional
+        ``metrics.jsonl`` goes here (and what else a transport writes about the run).
+    checkpoint_path : str, optional
+        Written atomically after every round, before the new model goes out.
+    run_config : dict, optional
+        Saved in every checkpoint (``--resume`` compares its strategy).
+    finish_grace : float
+        Seconds a finished chief waits for workers cut off lately to take the final model.
+    append_metrics : bool
+        Append to ``metrics.jsonl`` (a resumed run) instead of starting it afresh.
+    on_round : callable, optional
+        Called with each round's metrics line, in round order; what it raises is logged.
+    downlink : str
+        How the global model travels: ``none``, ``fp16`` or ``q8`` (``chief.broadcast``).
+    scheduler : Scheduler, optional
+        How the runtime waits; None: an ``AsyncioScheduler`` on the loop of ``bind_loop()``.
+    """
+
     def __init__(self, chief: Chief, *, evaluate: Evaluate | None = None,
                  out_dir: str | None = None, checkpoint_path: str | None = None,
                  run_config: dict[str, Any] | None = None, finish_grace: float = 30.0,
                  append_metrics: bool = False,
                  on_round: Callable[[dict[str, Any]], None] | None = None,
-                 downlink: str = "none") -> None:
+                 downlink: str = "none", scheduler: Scheduler | None = None) -> None:
         self.chief = chief
+        self.out_dir = out_dir
         self.broadcast = Broadcast(downlink)  # the global model, encoded once per round
         self.evaluate = evaluate
         self.metrics = MetricsLog(out_dir, append=append_metrics)
@@ -72,18 +109,18 @@ class ChiefServer:
         self.bytes_up = 0
         self.bytes_down = 0
         self._bytes_mark = (0, 0)
-        self._deadline_handle: asyncio.TimerHandle | None = None
-        self._grace_handle: asyncio.TimerHandle | None = None
+        self._deadline_handle: Timer | None = None
+        self._grace_handle: Timer | None = None
         self._finishing = False
         # Workers whose connection broke before the last round (worker id -> when): for
         # finish_grace after that, a finished chief waits for them to reconnect and take the
         # final model, instead of leaving them to retry against a closed port.
         self._lost: dict[str, float] = {}
         self._t0: float | None = None
-        self._evals: list[asyncio.Future[Any]] = []
-        self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="fb-eval")
+        self.scheduler = scheduler
         self.loop: asyncio.AbstractEventLoop | None = None
         self.finished: asyncio.Event | None = None
+        self.is_finished = False  # the run is over (set with ``finished``, for any scheduler)
 
     @property
     def started_at(self) -> float | None:
@@ -91,8 +128,11 @@ class ChiefServer:
         return self._t0
 
     def bind_loop(self) -> None:
+        """Run on the calling coroutine's asyncio loop (TCP, in-process workers)."""
         self.loop = asyncio.get_running_loop()
         self.finished = asyncio.Event()
+        if self.scheduler is None:
+            self.scheduler = AsyncioScheduler(self.loop)
 
     # -- events from transports --------------------------------------------------------------
     def attach(self, peer: Peer, spec: Spec, want_model: bool) -> None:
@@ -126,6 +166,20 @@ class ChiefServer:
                 arrays = codecs.get(codec).decode(arrays, chief.spec or (), None)
         self._run(self.chief.update(peer.worker_id, round_, num_samples, arrays, metrics,
                                     time.monotonic(), checked=checked, bad=bad))
+
+    def on_collective_update(self, peer: Peer, round_: int, weight: float,
+                             mean: list[np.ndarray], metrics: dict[str, Any],
+                             updates: int) -> None:
+        """An update that stands for ``updates`` workers' together: their sample-weighted
+        ``mean`` and total ``weight`` (MPI's Allreduce). It goes to the strategy as one update of
+        the total weight, which is exact for rules that act on the mean (FedAvg, FedAvgM,
+        FedAdam); the round's metrics count ``updates`` workers."""
+        actions = self.chief.update(peer.worker_id, round_, weight, mean, metrics,
+                                    time.monotonic())
+        for action in actions:
+            if isinstance(action, RoundClosed):
+                action.workers = updates
+        self._run(actions)
 
     def detach(self, peer: Peer, lost: bool = False) -> None:
         if self.peers.get(peer.worker_id) is not peer:
@@ -168,8 +222,9 @@ class ChiefServer:
             elif isinstance(action, Finished):
                 log.info("finishing: %s", action.reason)
                 self._finishing = True
-                if (self.peers or self._awaited()) and self.loop is not None:
-                    self._grace_handle = self.loop.call_later(self.finish_grace, self._finish)
+                if (self.peers or self._awaited()) and self.scheduler is not None:
+                    self._grace_handle = self.scheduler.call_later(self.finish_grace,
+                                                                   self._finish)
         self._arm_deadline()
         if self._finishing and not self.chief.members and not self._awaited():
             self._finish()
@@ -193,38 +248,39 @@ class ChiefServer:
                                   "num_samples": rc.num_samples, "train_loss": rc.train_loss}
         # The bytes of this round's broadcast are counted when the sends are issued, which
         # happens right after this (SendGlobal follows RoundClosed): finish the record then.
-        assert self.loop is not None
-        self.loop.call_soon(self._finish_record, record, wall, self.chief.global_arrays or [])
+        assert self.scheduler is not None
+        self.scheduler.call_soon(functools.partial(self._finish_record, record, wall,
+                                                   self.chief.global_arrays or []))
 
     def _finish_record(self, record: dict[str, Any], wall: float,
                        arrays: list[np.ndarray]) -> None:
         up, down = self.bytes_up - self._bytes_mark[0], self.bytes_down - self._bytes_mark[1]
         self._bytes_mark = (self.bytes_up, self.bytes_down)
         record.update(bytes_up=up, bytes_down=down, wall_s=round(wall, 3))
-        assert self.loop is not None
-        if self.evaluate is None:
-            fut: asyncio.Future[Any] = self.loop.create_future()
-            fut.set_result({})
-        else:
-            fut = self.loop.run_in_executor(self._executor, self.evaluate, arrays)
-        prev = self._evals[-1] if self._evals else None
-        self._evals.append(asyncio.ensure_future(self._write_after(prev, fut, record)))
+        assert self.scheduler is not None
+        work = None if self.evaluate is None else functools.partial(self.evaluate, arrays)
+        self.scheduler.in_order(work, functools.partial(self._write_record, record))
 
-    async def _write_after(self, prev: asyncio.Future[Any] | None, fut: asyncio.Future[Any],
-                           record: dict[str, Any]) -> None:
-        if prev is not None:
-            await asyncio.shield(prev)
-        try:
-            scores = await fut
-        except Exception as exc:  # an evaluation bug must not kill the federation
-            log.error("evaluation failed: %s", exc)
+    def _write_record(self, record: dict[str, Any], scores: Any) -> None:
+        """The round's metrics line and the user's callback, in round order (the policy in the
+        module docstring: what fails here is logged, the run goes on)."""
+        if isinstance(scores, Exception):
+            log.error("evaluation failed: %s", scores)
+        if not isinstance(scores, dict):
             scores = {}
         out = {"round": record["round"], "workers": record["workers"],
                "test_accuracy": scores.get("accuracy"), "test_loss": scores.get("loss"),
                **{k: v for k, v in record.items() if k not in ("round", "workers")}}
-        self.metrics.write(out)
+        try:
+            self.metrics.write(out)
+        except OSError as exc:
+            log.error("round %d: cannot write the metrics line: %s", out["round"], exc)
         if self.on_round:
-            self.on_round(out)
+            try:
+                self.on_round(out)
+            except Exception:
+                log.exception("round %d: the on_round callback failed; the run goes on",
+                              out["round"])
 
     def _arm_deadline(self) -> None:
         if self._deadline_handle is not None:
@@ -234,20 +290,35 @@ class ChiefServer:
         now = time.monotonic()
         # Once the deadline has passed without a quorum, no timer: the update that completes
         # the quorum closes the round itself (re-arming at a past deadline would spin).
-        if deadline is not None and deadline > now and self.loop is not None:
-            self._deadline_handle = self.loop.call_later(
+        if deadline is not None and deadline > now and self.scheduler is not None:
+            self._deadline_handle = self.scheduler.call_later(
                 deadline - now + 0.01, lambda: self._run(self.chief.tick(time.monotonic())))
 
+    def finish(self) -> None:
+        """End the run now (on the chief's thread): ``wait_finished`` returns."""
+        self._finish()
+
     def _finish(self) -> None:
+        self.is_finished = True
         if self.finished is not None and not self.finished.is_set():
             self.finished.set()
 
     async def wait_finished(self) -> None:
-        assert self.finished is not None
+        """On the asyncio loop: wait until the run is over, let the last rounds' lines be
+        written, and tell the workers still connected that the chief has finished."""
+        assert self.finished is not None and isinstance(self.scheduler, AsyncioScheduler)
         await self.finished.wait()
-        if self._evals:
-            await asyncio.gather(*self._evals, return_exceptions=True)
+        await self.scheduler.drain()
+        self._close_peers()
+
+    def shutdown(self) -> None:
+        """With a ``BlockingScheduler``, once the run is over: write the last rounds' lines
+        (waiting for their evaluation) and close the peers left."""
+        assert isinstance(self.scheduler, BlockingScheduler)
+        self.scheduler.drain()
+        self._close_peers()
+
+    def _close_peers(self) -> None:
         for peer in list(self.peers.values()):
             peer.send_error(ErrorCode.SHUTDOWN, "the chief has finished", True)
             peer.close()
-        self._executor.shutdown(wait=False)

