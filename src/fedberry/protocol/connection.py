@@ -256,12 +256,13 @@ class ChiefConnection(_Connection):
         codecs = (*encodings.FRAME_CODECS["UPDATE"], *encodings.FRAME_CODECS["INIT"])
         self.decoder.limits = model_limits(spec, codecs, self.cap)
 
-    def holds(self, digest: str | None) -> bool:
-        """Whether the worker proved (in AUTH) that it holds the model of ``digest``: then the
-        answer to its join is ``Global(codec="unchanged")``. Asked once: the digest describes
-        the model the worker joined with, not the ones after."""
+    def holds(self, digest: Callable[[], str | None]) -> bool:
+        """Whether the worker proved (in AUTH) that it holds the model whose digest ``digest()``
+        gives (called only if the worker offered one: hashing a model costs): then the answer
+        to its join is ``Global(codec="unchanged")``. Asked once: the digest describes the model
+        the worker joined with, not the ones after."""
         have, self._have = self._have, None
-        return have is not None and have == digest
+        return have is not None and have == digest()
 
     # -- sending -----------------------------------------------------------------------------
     def _filled(self, msg: Message) -> Message:
