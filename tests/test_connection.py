@@ -452,6 +452,11 @@ def test_our_own_side_cannot_send_out_of_turn() -> None:
                       (w, Auth(SPEC)), (w, Update(0, 1, MODEL)), (w, Init(MODEL))]:
         with pytest.raises(LocalProtocolError):
             conn.send(msg)  # type: ignore[arg-type]
+    w = WorkerConnection(TOKEN, SPEC)
+    w.send(Hello("pi-1"))
+    w.receive_data(to_frame(Challenge()).tobytes())
+    with pytest.raises(LocalProtocolError, match="announce the model"):
+        w.send(Auth(SPEC[:1]))  # the chief's frames would be checked against another model
     c, w = joined(need_init=True)
     w.send(Init(MODEL))
     with pytest.raises(LocalProtocolError):

@@ -372,6 +372,8 @@ class WorkerConnection(_Connection):
 
     def _filled(self, msg: Message) -> Message:
         if isinstance(msg, Auth) and self.state is WorkerState.AUTH:
+            if msg.spec != self.spec:  # the chief's frames are checked against self.spec
+                raise LocalProtocolError("AUTH must announce the model this connection expects")
             return Auth(msg.spec, msg.want_model, msg.have,
                         auth.worker_proof(self.token, self._chief_nonce, self._worker_nonce))
         return msg

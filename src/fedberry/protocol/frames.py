@@ -7,7 +7,7 @@ A frame is::
 
     header  20 bytes   magic b"FDBR", version u8, type u8, flags u16, meta_len u32, payload_len u64
     meta    meta_len   UTF-8 JSON object; "tensors": [{"dtype": "<f4", "shape": [200, 784]}, ...]
-                       and, for a compressed model, "codec": "fp16" | "q8" | ... (codecs.py)
+                       and, for a compressed model, "codec": "fp16" | "q8" | ... (encodings.py)
     payload            the tensors' raw little-endian bytes, back to back, in the order of "tensors"
 
 All integers are little-endian. Message boundaries come from the header, never from timeouts.
@@ -17,7 +17,9 @@ allocated, so a hostile header can make us allocate at most ``Limits.max_meta_by
 metadata and, after the metadata has been validated (dtypes, shapes, counts, sizes adding up to
 payload_len, and shapes matching the model when one is expected), exactly the tensors it describes.
 Any violation raises :class:`ProtocolError`; the caller answers with an ERROR frame and closes.
-Nothing received is ever unpickled or evaluated: metadata is JSON, tensors are raw numbers.
+What the metadata's fields mean, and their checks, are ``messages``'; which frame may come when
+is ``connection``'s. Nothing received is ever unpickled or evaluated: metadata is JSON, tensors
+are raw numbers.
 """
 
 from __future__ import annotations
