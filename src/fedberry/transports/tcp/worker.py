@@ -151,7 +151,10 @@ class TcpSession:
         # Encoded once: a resend after a reconnect sends the same bytes, and the chief counts
         # a repeated update for a round once.
         codec, wire = self._encode_update(arrays)
-        frame = to_frame(Update(round_, num_samples, wire, metrics, codec))
+        try:
+            frame = to_frame(Update(round_, num_samples, wire, metrics, codec))
+        except ProtocolError as exc:  # what the chief would refuse: the caller's mistake
+            raise ValueError(exc.message) from None
         self._init_arrays = ()
         self._have = None
 
