@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from fedberry.certs import cert_names
+from fedberry.certs import cert_names, describe_tls_error
 from fedberry.chief.buffers import ReceiveBudget
 from fedberry.chief.runtime import ChiefServer
 from fedberry.protocol.connection import ChiefConnection
@@ -439,10 +439,6 @@ class _ChiefConnection(_FrameWriter, asyncio.BufferedProtocol):
 def _chief_tls_message(exc: BaseException) -> str:
     if isinstance(exc, (asyncio.TimeoutError, ConnectionAbortedError)) and "longer" in str(exc):
         return "the handshake did not complete in time"
-    try:
-        from fedberry.certs import describe_tls_error
-    except ImportError:
-        return str(exc)
     return describe_tls_error(exc, role="chief")
 
 

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from fedberry import codecs
+from fedberry.certs import describe_tls_error
 from fedberry.errors import AuthenticationError, ChiefUnreachable, FederationError, from_code
 from fedberry.protocol.connection import WorkerConnection, WorkerState
 from fedberry.protocol.frames import EncodedFrame, ErrorCode, Limits, ProtocolError, Spec, spec_of
@@ -297,10 +298,6 @@ class TcpSession:
                 names = None  # the plain message will do
             finally:
                 ctx.check_hostname = True
-        try:
-            from fedberry.certs import describe_tls_error
-        except ImportError:
-            return f"the chief's certificate was refused: {exc.verify_message}"
         return describe_tls_error(exc, cert_names=names)
 
     async def _expect(self, kind: type[Any]) -> Any:
@@ -377,8 +374,4 @@ _TLS_CLOSED_HINT = ("if the chief requires client certificates, it did not accep
 
 
 def _tls_message(exc: ssl.SSLError) -> str:
-    try:
-        from fedberry.certs import describe_tls_error
-    except ImportError:
-        return f"TLS handshake failed: {exc}"
     return describe_tls_error(exc)
