@@ -18,7 +18,7 @@ from typing import Any
 from fedberry.certs import cert_names, describe_tls_error
 from fedberry.chief.buffers import ReceiveBudget
 from fedberry.chief.runtime import ChiefServer
-from fedberry.protocol.connection import ChiefConnection
+from fedberry.protocol.connection import ChiefConnection, ChiefState
 from fedberry.protocol.frames import EncodedFrame, ErrorCode, ProtocolError, Spec
 from fedberry.protocol.messages import (
     Auth,
@@ -338,6 +338,8 @@ class _ChiefConnection(_FrameWriter, asyncio.BufferedProtocol):
             else:
                 self.fail(exc.code, exc.message)
             return
+        if self.conn.state is not ChiefState.JOINED:
+            return  # nothing was sent (the transport is gone): no proof checked, no join
         self._joined = True
         self._expect_model()
         self.server.attach(self, self.conn.announced, self.conn.want_model)
