@@ -1,13 +1,16 @@
 """Codecs: what they lose and keep, how the decoder checks them, and a federation over real
 sockets that sends q8 updates, an fp16 global model and skips the model a worker already holds."""
 
+import ast
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from fedberry import Worker, codecs
+from fedberry.protocol import encodings
 from fedberry.protocol.frames import (
     ErrorCode,
     FrameDecoder,
@@ -305,3 +308,34 @@ def test_broadcast_forms_decode_to_the_chiefs_model_and_fall_back_when_they_must
     dec = FrameDecoder()
     (f,) = dec.receive_data(cast.frame(chief, 0).tobytes())
     assert "codec" not in f.meta and f.tensors[0][0] == 1e6  # too big for fp16: sent whole
+
+
+def test_the_protocol_does_not_import_the_codecs() -> None:
+    """codecs builds on the protocol's wire rules; the protocol needs none of its numerics (the
+    circle codecs <-> protocol was kept open by a function-local import). Read from the source:
+    importing any fedberry module runs fedberry/__init__, which imports everything."""
+    package = Path(encodings.__file__).parent
+    for path in sorted(package.glob("*.py")):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom):
+                names = [f"{node.module}.{a.name}" for a in node.names]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            else:
+                continue
+            fedberry = [n for n in names if n.startswith("fedberry.")]
+            assert not any(n.startswith("fedberry.codecs") or n == "fedberry.codecs"
+                           for n in fedberry), f"{path.name} imports the codecs"
+            assert all(n.startswith("fedberry.protocol.") for n in fedberry), (
+                f"{path.name} imports {fedberry}: the protocol is the bottom layer")
+            assert node.col_offset == 0, f"{path.name}:{node.lineno}: a function-local import"
+
+
+@pytest.mark.parametrize("name", ["none", "fp16", "q8", "unchanged"])
+def test_each_codec_sends_the_wire_spec_the_protocol_expects(name: str) -> None:
+    spec = spec_of(MODEL)
+    ref = [np.zeros_like(a) for a in MODEL]
+    wire = [] if name == "unchanged" else codecs.get(name).encode(MODEL, ref)
+    assert spec_of(wire) == encodings.wire_spec(name, spec) == codecs.get(name).wire_spec(spec)
+    assert name in encodings.KNOWN_CODECS

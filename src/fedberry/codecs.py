@@ -2,9 +2,11 @@
 
 A frame that carries a model names its codec in the metadata (``"codec": "q8"``; absent means
 ``none``). The receiver checks the tensors against the codec's *wire spec* of the model it expects
-before allocating anything (``protocol.FrameDecoder``), then decodes them into the model's own
-dtypes. Codecs are pure functions of numpy arrays: no I/O, no state of their own (the sender's
-error-feedback residual is an argument), so they are tested and fuzzed like the protocol.
+before allocating anything (``protocol.FrameDecoder``; the wire rules, which codec may appear on
+which frame and the tensors it implies, are ``protocol.encodings``'), then decodes them into the
+model's own dtypes. This module holds the numerics only. Codecs are pure functions of numpy
+arrays: no I/O, no state of their own (the sender's error-feedback residual is an argument), so
+they are tested and fuzzed like the protocol.
 
 * ``none``: the model's own bytes.
 * ``fp16``: float tensors as IEEE half floats, half the bytes of float32, about 3 significant
@@ -30,25 +32,20 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from fedberry.protocol.frames import ErrorCode, ProtocolError, Spec, TensorSpec
+from fedberry.protocol.encodings import (
+    DOWNLINK_CODECS,
+    FRAME_CODECS,
+    Q8_BLOCK,
+    UPLINK_CODECS,
+    wire_spec,
+)
+from fedberry.protocol.encodings import is_float as _is_float
+from fedberry.protocol.spec import ErrorCode, ProtocolError, Spec
 
-Q8_BLOCK = 256  # values per scale: 1.6 % overhead; smaller blocks follow outliers more closely
+__all__ = ["CODECS", "DOWNLINK_CODECS", "FP16_MAX", "FRAME_CODECS", "Q8_BLOCK", "UPLINK_CODECS",
+           "Codec", "Fp16", "Q8", "Unchanged", "check_name", "digest", "get"]
+
 FP16_MAX = 65504.0
-
-UPLINK_CODECS = ("none", "fp16", "q8")  # what a worker may send an update as
-DOWNLINK_CODECS = ("none", "fp16", "q8")  # how a chief may broadcast the global model
-# (a q8 model is the change since the previous round's: see broadcast.py)
-# What each tensor frame may carry; anything else is refused before allocating.
-FRAME_CODECS = {"INIT": ("none",), "UPDATE": UPLINK_CODECS,
-                "GLOBAL": (*DOWNLINK_CODECS, "unchanged")}
-
-
-def _is_float(t: TensorSpec) -> bool:
-    return np.dtype(t.dtype).kind == "f"
-
-
-def _blocks(t: TensorSpec) -> int:
-    return math.ceil(math.prod(t.shape) / Q8_BLOCK)
 
 
 class Codec:
@@ -58,7 +55,8 @@ class Codec:
     needs_reference = False  # decoding needs the global model the sender started from
 
     def wire_spec(self, spec: Spec) -> Spec:
-        return spec
+        """The tensors this codec sends a model of ``spec`` as (a wire rule: encodings)."""
+        return wire_spec(self.name, spec)
 
     def encode(self, arrays: Sequence[np.ndarray], reference: Sequence[np.ndarray] | None = None,
                residual: list[np.ndarray] | None = None) -> list[np.ndarray]:
@@ -75,9 +73,6 @@ class Codec:
 
 class Fp16(Codec):
     name = "fp16"
-
-    def wire_spec(self, spec: Spec) -> Spec:
-        return tuple(TensorSpec("<f2", t.shape) if _is_float(t) else t for t in spec)
 
     def encode(self, arrays: Sequence[np.ndarray], reference: Sequence[np.ndarray] | None = None,
                residual: list[np.ndarray] | None = None) -> list[np.ndarray]:
@@ -114,15 +109,6 @@ class Fp16(Codec):
 class Q8(Codec):
     name = "q8"
     needs_reference = True
-
-    def wire_spec(self, spec: Spec) -> Spec:
-        out: list[TensorSpec] = []
-        for t in spec:
-            if _is_float(t):
-                out += [TensorSpec("|i1", t.shape), TensorSpec("<f4", (_blocks(t),))]
-            else:
-                out.append(t)
-        return tuple(out)
 
     def encode(self, arrays: Sequence[np.ndarray], reference: Sequence[np.ndarray] | None = None,
                residual: list[np.ndarray] | None = None) -> list[np.ndarray]:
@@ -180,9 +166,6 @@ class Q8(Codec):
 class Unchanged(Codec):
     name = "unchanged"
     needs_reference = True
-
-    def wire_spec(self, spec: Spec) -> Spec:
-        return ()
 
     def decode(self, wire: list[np.ndarray], spec: Spec,
                reference: Sequence[np.ndarray] | None = None) -> list[np.ndarray]:

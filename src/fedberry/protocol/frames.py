@@ -7,7 +7,7 @@ A frame is::
 
     header  20 bytes   magic b"FDBR", version u8, type u8, flags u16, meta_len u32, payload_len u64
     meta    meta_len   UTF-8 JSON object; "tensors": [{"dtype": "<f4", "shape": [200, 784]}, ...]
-                       and, for a compressed model, "codec": "fp16" | "q8" | ... (codecs.py)
+                       and, for a compressed model, "codec": "fp16" | "q8" | ... (encodings.py)
     payload            the tensors' raw little-endian bytes, back to back, in the order of "tensors"
 
 All integers are little-endian. Message boundaries come from the header, never from timeouts.
@@ -17,12 +17,13 @@ allocated, so a hostile header can make us allocate at most ``Limits.max_meta_by
 metadata and, after the metadata has been validated (dtypes, shapes, counts, sizes adding up to
 payload_len, and shapes matching the model when one is expected), exactly the tensors it describes.
 Any violation raises :class:`ProtocolError`; the caller answers with an ERROR frame and closes.
-Nothing received is ever unpickled or evaluated: metadata is JSON, tensors are raw numbers.
+What the metadata's fields mean, and their checks, are ``messages``'; which frame may come when
+is ``connection``'s. Nothing received is ever unpickled or evaluated: metadata is JSON, tensors
+are raw numbers.
 """
 
 from __future__ import annotations
 
-import enum
 import json
 import math
 import struct
@@ -32,130 +33,36 @@ from typing import Any
 
 import numpy as np
 
-MAGIC = b"FDBR"
-VERSION = 1
+from fedberry.protocol import encodings
+from fedberry.protocol.limits import ALLOWED_DTYPES, MAX_DIMS, MAX_ELEMENTS, Limits
+from fedberry.protocol.spec import (
+    MAGIC,
+    TENSOR_TYPES,
+    VERSION,
+    ErrorCode,
+    MsgType,
+    ProtocolError,
+    Spec,
+    TensorSpec,
+    spec_from_json,
+    spec_mismatch,
+    spec_of,
+    spec_to_json,
+    tensor_spec,
+    wire_dtype,
+)
+
+# The vocabulary is defined in spec.py and limits.py; it is named here too because frames are
+# what most callers deal with.
+__all__ = [
+    "ALLOWED_DTYPES", "HEADER", "HEADER_SIZE", "MAGIC", "MAX_DIMS", "MAX_ELEMENTS",
+    "TENSOR_TYPES", "VERSION", "EncodedFrame", "ErrorCode", "Frame", "FrameDecoder", "Limits",
+    "MsgType", "ProtocolError", "Spec", "TensorSpec", "encode", "error_frame", "finite",
+    "spec_from_json", "spec_mismatch", "spec_of", "spec_to_json", "wire_dtype",
+]
+
 HEADER = struct.Struct("<4sBBHIQ")
 HEADER_SIZE = HEADER.size  # 20
-
-# dtypes a model may carry. Object, string, void and structured dtypes are excluded on purpose:
-# they are the ones numpy can only build from Python objects. Big-endian is refused rather than
-# swapped so that every receiver can read straight into a native (little-endian) buffer.
-ALLOWED_DTYPES = frozenset(
-    {"<f2", "<f4", "<f8", "|i1", "<i2", "<i4", "<i8", "|u1", "<u2", "<u4", "<u8", "|b1"}
-)
-MAX_DIMS = 8  # torch and numpy models stay far below this; numpy's own limit is 64.
-MAX_ELEMENTS = 1 << 40  # per tensor: 4 TiB of float32, far past any payload limit
-
-
-class MsgType(enum.IntEnum):
-    HELLO = 1  # worker -> chief: protocol version, worker id, client nonce
-    CHALLENGE = 2  # chief -> worker: server nonce
-    AUTH = 3  # worker -> chief: HMAC proof, model spec, sample count
-    WELCOME = 4  # chief -> worker: chief's HMAC proof, round, whether the chief needs a model
-    INIT = 5  # worker -> chief: initial weights, when the chief has none yet
-    UPDATE = 6  # worker -> chief: round, num_samples, metrics, weights
-    GLOBAL = 7  # chief -> worker: round, done, the global weights
-    ERROR = 8  # either way: code, message, fatal
-    BYE = 9  # worker -> chief: leaving on purpose
-    PING = 10  # either way: heartbeat
-    PONG = 11
-
-
-# Frames that carry tensors. Any other frame type with a non-empty payload is malformed.
-TENSOR_TYPES = frozenset({MsgType.INIT, MsgType.UPDATE, MsgType.GLOBAL})
-
-
-class ErrorCode(str, enum.Enum):
-    BAD_FRAME = "bad_frame"  # malformed header, metadata or tensor description
-    VERSION = "version"  # protocol versions differ
-    LIMIT = "limit"  # a frame exceeds a limit (size, tensor count)
-    AUTH_FAILED = "auth_failed"  # wrong token
-    SPEC_MISMATCH = "spec_mismatch"  # tensors differ from the federation's model in shape/dtype
-    NON_FINITE = "non_finite"  # NaN or Inf in an update
-    STALE = "stale_update"  # update for a round that has closed; newest model follows
-    PROTOCOL = "protocol"  # a frame that is not allowed in this state
-    BUSY = "busy"  # connection cap reached
-    TIMEOUT = "timeout"  # peer silent too long
-    SHUTDOWN = "shutdown"  # chief is stopping
-    INTERNAL = "internal"
-
-
-class ProtocolError(Exception):
-    """A peer sent something we refuse. ``code`` goes back to it in an ERROR frame."""
-
-    def __init__(self, code: ErrorCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    dtype: str  # numpy dtype.str, e.g. "<f4"
-    shape: tuple[int, ...]
-
-    @property
-    def nbytes(self) -> int:
-        return np.dtype(self.dtype).itemsize * math.prod(self.shape)
-
-    def describe(self) -> str:
-        return f"{np.dtype(self.dtype).name}{list(self.shape)}"
-
-
-Spec = tuple[TensorSpec, ...]
-
-
-def spec_of(arrays: Sequence[np.ndarray]) -> Spec:
-    return tuple(TensorSpec(wire_dtype(a.dtype).str, tuple(a.shape)) for a in arrays)
-
-
-def spec_to_json(spec: Spec) -> list[list[Any]]:
-    return [[t.dtype, list(t.shape)] for t in spec]
-
-
-def spec_from_json(obj: Any, limits: Limits) -> Spec:
-    if not isinstance(obj, list) or len(obj) > limits.max_tensors:
-        raise ProtocolError(ErrorCode.BAD_FRAME, "model spec must be a list of [dtype, shape]")
-    out = []
-    for item in obj:
-        if not isinstance(item, list) or len(item) != 2:
-            raise ProtocolError(ErrorCode.BAD_FRAME, "model spec entries must be [dtype, shape]")
-        out.append(_tensor_spec(item[0], item[1]))
-    return tuple(out)
-
-
-def spec_mismatch(expected: Spec, got: Spec) -> str | None:
-    """A sentence saying how ``got`` differs from ``expected``, or None when they match."""
-    if len(expected) != len(got):
-        return f"the model has {len(got)} tensors, the federation's has {len(expected)}"
-    for i, (e, g) in enumerate(zip(expected, got)):
-        if e != g:
-            return f"tensor {i} is {g.describe()}, the federation's is {e.describe()}"
-    return None
-
-
-def wire_dtype(dtype: np.dtype) -> np.dtype:
-    """The little-endian dtype an array travels as."""
-    dt = np.dtype(dtype).newbyteorder("<") if np.dtype(dtype).byteorder == ">" else np.dtype(dtype)
-    if dt.str not in ALLOWED_DTYPES:
-        raise ValueError(f"dtype {np.dtype(dtype)} cannot be sent; "
-                         f"allowed: {sorted(ALLOWED_DTYPES)}")
-    return dt
-
-
-@dataclass(frozen=True)
-class Limits:
-    """What a receiver accepts. Checked before allocating.
-
-    max_meta_bytes: metadata is JSON of a few hundred bytes plus ~30 bytes per tensor; 1 MiB
-    covers 10k tensors with room to spare. max_tensors: large vision models have ~1k state
-    tensors. max_payload: the chief lowers this to the model's size once it knows the model;
-    before authentication it is 0, so an unauthenticated peer cannot make us allocate tensors.
-    """
-
-    max_meta_bytes: int = 1 << 20
-    max_tensors: int = 10_000
-    max_payload: int = 4 << 30
 
 
 @dataclass
@@ -176,6 +83,10 @@ class EncodedFrame:
 
     parts: list[bytes | memoryview]
     nbytes: int
+    # What was encoded, for a connection object to check against its state (and to remember
+    # which round's model a GLOBAL carried) without parsing its own bytes back.
+    type: MsgType | None = None
+    meta: dict[str, Any] | None = None
 
     def tobytes(self) -> bytes:
         return b"".join(bytes(p) for p in self.parts)
@@ -201,20 +112,7 @@ def encode(msg_type: MsgType, meta: dict[str, Any] | None = None,
     header = HEADER.pack(MAGIC, VERSION, int(msg_type), 0, len(meta_bytes), payload_len)
     parts: list[bytes | memoryview] = [header + meta_bytes]
     parts.extend(memoryview(a).cast("B") for a in arrays if a.nbytes)
-    return EncodedFrame(parts, HEADER_SIZE + len(meta_bytes) + payload_len)
-
-
-def _tensor_spec(dtype: Any, shape: Any) -> TensorSpec:
-    if not isinstance(dtype, str) or dtype not in ALLOWED_DTYPES:
-        raise ProtocolError(ErrorCode.BAD_FRAME, f"dtype {dtype!r} is not allowed")
-    if (not isinstance(shape, list) or len(shape) > MAX_DIMS
-            or not all(type(d) is int and 0 <= d < (1 << 40) for d in shape)):
-        raise ProtocolError(ErrorCode.BAD_FRAME, f"shape {shape!r} is not a list of sizes")
-    # numpy refuses to build an array whose dimensions multiply past its index range even when
-    # another dimension is 0 (so it holds no bytes): bound the product of the non-zero ones.
-    if math.prod(d for d in shape if d) > MAX_ELEMENTS:
-        raise ProtocolError(ErrorCode.LIMIT, f"shape {shape!r} has too many elements")
-    return TensorSpec(dtype, tuple(shape))
+    return EncodedFrame(parts, HEADER_SIZE + len(meta_bytes) + payload_len, msg_type, meta)
 
 
 class FrameDecoder:
@@ -376,25 +274,24 @@ class FrameDecoder:
             if len(descr) > self.limits.max_tensors:
                 raise ProtocolError(ErrorCode.LIMIT, f"{len(descr)} tensors exceed the limit of "
                                                      f"{self.limits.max_tensors}")
-            specs = tuple(_tensor_spec(d.get("dtype"), d.get("shape")) if isinstance(d, dict)
-                          else _tensor_spec(None, None) for d in descr)
+            specs = tuple(tensor_spec(d.get("dtype"), d.get("shape")) if isinstance(d, dict)
+                          else tensor_spec(None, None) for d in descr)
             total = sum(s.nbytes for s in specs)
             if total != self._payload_len:
                 raise ProtocolError(ErrorCode.BAD_FRAME, f"tensors need {total} bytes, the header "
                                                          f"says {self._payload_len}")
-            # Imported here: codecs builds on this module's types.
-            from fedberry import codecs
-
             name = meta.get("codec", "none")
-            codec = codecs.get(name)
-            if name not in codecs.FRAME_CODECS[self._type.name]:
+            if not isinstance(name, str) or name not in encodings.KNOWN_CODECS:
+                raise ProtocolError(ErrorCode.BAD_FRAME, f"unknown codec {name!r}; this side "
+                                                         f"knows {sorted(encodings.KNOWN_CODECS)}")
+            if name not in encodings.FRAME_CODECS[self._type.name]:
                 raise ProtocolError(ErrorCode.BAD_FRAME, f"{self._type.name} frames cannot use "
                                                          f"codec {name!r}")
             if self.expected is not None:
-                why = spec_mismatch(codec.wire_spec(self.expected), specs)
+                why = spec_mismatch(encodings.wire_spec(name, self.expected), specs)
                 if why:
                     raise ProtocolError(ErrorCode.SPEC_MISMATCH,
-                                        why if codec.name == "none" else f"{name}-encoded: {why}")
+                                        why if name == "none" else f"{name}-encoded: {why}")
         elif "tensors" in meta:
             raise ProtocolError(ErrorCode.BAD_FRAME, f"{self._type.name} frames carry no tensors")
         # Only now, with everything checked, allocate the tensors the payload is read into.

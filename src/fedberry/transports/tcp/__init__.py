@@ -1,8 +1,9 @@
-"""TCP transport on asyncio: ``tcp_chief.TcpChief`` listens, ``tcp_worker.TcpSession`` dials.
+"""TCP transport on asyncio: ``chief.TcpChief`` listens, ``worker.TcpSession`` dials.
 
 Both read tensor bytes straight into numpy buffers (``asyncio.BufferedProtocol``) and send them
-without copies (``stream._FrameWriter``); TLS wraps the same protocols. They move frames and run
-the handshake; what a frame means for the round is ``server.ChiefServer``'s business.
+without copies (``stream._FrameWriter``); TLS wraps the same protocols. They move bytes and run
+timers around the protocol's connection objects (``protocol.connection``), which hold the
+handshake and every check; what a message means for the round is ``chief.runtime``'s business.
 """
 
 from fedberry.transports.tcp.chief import ListenOptions, TcpChief

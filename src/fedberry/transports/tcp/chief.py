@@ -1,43 +1,39 @@
-"""The chief's TCP listener: admission, TLS, the handshake (challenge + HMAC), timeouts and
-heartbeats, then frames handed to ``server.ChiefServer``. Both sides use
-``asyncio.BufferedProtocol`` so that the event loop reads tensor bytes straight into the numpy
-arrays the decoder allocated.
+"""The chief's TCP listener: admission, TLS, timeouts, heartbeats, the auth delay and receive
+memory, around one ``protocol.ChiefConnection`` per worker, whose events go to
+``chief.runtime.ChiefServer``. The conversation itself (handshake, field checks, limits) is the
+connection object's: this module moves bytes and runs timers. ``asyncio.BufferedProtocol`` lets
+the event loop read tensor bytes straight into the numpy arrays the connection allocated.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import ssl
 import sys
 import time
 from dataclasses import dataclass
 from typing import Any
 
-from fedberry.certs import cert_names
+from fedberry.certs import cert_names, describe_tls_error
 from fedberry.chief.buffers import ReceiveBudget
 from fedberry.chief.runtime import ChiefServer
-from fedberry.protocol import auth
-from fedberry.protocol.frames import (
-    EncodedFrame,
-    ErrorCode,
-    Frame,
-    FrameDecoder,
-    Limits,
-    MsgType,
-    ProtocolError,
-    Spec,
-    encode,
-    error_frame,
-    spec_from_json,
+from fedberry.protocol.connection import ChiefConnection, ChiefState
+from fedberry.protocol.frames import EncodedFrame, ErrorCode, ProtocolError, Spec
+from fedberry.protocol.messages import (
+    Auth,
+    Bye,
+    Challenge,
+    Error,
+    Hello,
+    Init,
+    Message,
+    Ping,
+    Pong,
+    Update,
+    Welcome,
 )
-from fedberry.transports.tcp.stream import (
-    MAX_WORKER_ID,
-    PREAUTH_LIMITS,
-    _FrameWriter,
-    is_loopback,
-)
+from fedberry.transports.tcp.stream import _FrameWriter, is_loopback
 
 log = logging.getLogger("fedberry.tcp")
 
@@ -87,32 +83,26 @@ class ListenOptions:
 
 # A connection we decided to close gets this long to take its last frame before it is aborted.
 CLOSE_GRACE = 5.0
-# Metrics an UPDATE may carry: a few numbers (loss, accuracy); the rest are dropped.
-MAX_METRICS = 32
 
 
 class _ChiefConnection(_FrameWriter, asyncio.BufferedProtocol):
-    """One worker's connection. States: tls -> hello -> auth (-> auth-wait) -> joined."""
+    """One worker's connection. States (``state``): tls -> the connection object's (hello,
+    challenge, auth, welcome; auth-wait while the answer to AUTH is held back) -> joined."""
 
     def __init__(self, listener: TcpChief) -> None:
         self.listener = listener
         self.server = listener.server
-        self.decoder = FrameDecoder(PREAUTH_LIMITS)
+        self.conn = ChiefConnection(listener.options.token, allocate=self._allocate)
         self.transport: asyncio.Transport | None = None  # the TLS transport once TLS is up
         self._raw: asyncio.BaseTransport | None = None
-        self.state = "hello"
+        self._tls = False  # the TLS handshake is in progress
+        self._auth_wait = False  # the answer to AUTH is held back (auth_delay)
+        self._joined = False
         self.worker_id = ""
         self.peer_ip = "?"
         self.opened = self.last_seen = self.last_ping = time.monotonic()
         self.closing_since: float | None = None
-        self._worker_nonce = ""
-        self._cert_names: list[str] | None = None  # the names a worker id must be one of
-        self._chief_nonce = ""
-        self._announced: Spec = ()
-        self._have: str | None = None
-        self._holds: int | None = None  # the round of the last model sent on this connection
         self._bye = False  # the worker left on purpose (else it may come back)
-        self._may_init = False
         self._drain: memoryview | None = None
         self._pauses: set[str] = set()  # why reading is paused: "shaper", "auth", "memory"
         self._reserved = 0  # bytes of the frame being received, counted in the budget
@@ -123,6 +113,16 @@ class _ChiefConnection(_FrameWriter, asyncio.BufferedProtocol):
         shaper = listener.options.shaper
         self._uplink = shaper.uplink if shaper is not None else None
         self._bucket = shaper.downlink if shaper is not None else None
+
+    @property
+    def state(self) -> str:
+        if self._tls:
+            return "tls"
+        if self._auth_wait:
+            return "auth-wait"
+        if self._joined:
+            return "joined"
+        return self.conn.state.value
 
     # -- asyncio protocol --------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -140,7 +140,7 @@ class _ChiefConnection(_FrameWriter, asyncio.BufferedProtocol):
         if not self.listener.admit(self):
             return
         if tls:
-            self.state = "tls"
+            self._tls = True
             asyncio.ensure_future(self._start_tls(transport))
 
     async def _start_tls(self, raw: asyncio.BaseTransport) -> None:
@@ -159,7 +159,7 @@ class _ChiefConnection(_FrameWriter, asyncio.BufferedProtocol):
             return
         self.transport = tls  # type: ignore[assignment]
         self._init_writer()
-        self.state = "hello"
+        self._tls = False
         self.last_seen = time.monotonic()
         peercert = tls.get_extra_info("peercert")
         if o.require_client_cert and not peercert:
@@ -168,12 +168,12 @@ class _ChiefConnection(_FrameWriter, asyncio.BufferedProtocol):
                       "none: give the worker --cert and --key, made with 'fedberry certs "
                       "--client NAME' from the chief's CA")
         elif o.require_client_cert and o.bind_worker_id:
-            self._cert_names = cert_names(peercert)
+            self.conn.cert_names = cert_names(peercert)
 
     def get_buffer(self, sizehint: int) -> memoryview:
         if self.closing_since is None:
             try:
-                buf = self.decoder.get_buffer()
+                buf = self.conn.get_buffer()
                 return buf if self._uplink is None else buf[:self.SHAPED_CHUNK]
             except ProtocolError:
                 pass
@@ -216,30 +216,30 @@ class _ChiefConnection(_FrameWriter, asyncio.BufferedProtocol):
         self.last_seen = time.monotonic()
         self.server.bytes_up += nbytes
         try:
-            frames = self.decoder.buffer_updated(nbytes)
+            events = self.conn.buffer_updated(nbytes)
         except ProtocolError as exc:
             self.fail(exc.code, exc.message)
             return
-        for frame in frames:
+        for event in events:
             if self.closed or self.closing_since is not None:
                 return
             try:
-                self.handle(frame)
+                self.handle(event)
             except ProtocolError as exc:
                 self.fail(exc.code, exc.message)
             except Exception as exc:  # a bug here must cost one connection, not the chief
                 log.exception("error handling a frame from %s", self.describe())
                 self.fail(ErrorCode.INTERNAL, f"internal error: {exc}")
-        if frames:
+        if events:
             # The frame is in and handled (an update is folded into the sum and its buffers
             # are back in the pool): the next connection in line may have its memory.
             self._free_memory()
-        if self.decoder.waiting:
+        if self.conn.waiting:
             self._pause("memory")
 
     # -- receive memory (buffers.ReceiveBudget) ----------------------------------------------
     def _allocate(self, specs: Spec) -> list[Any] | None:
-        """The decoder's ``allocate``: a frame's arrays once the budget lets it in, else None
+        """The connection's ``allocate``: a frame's arrays once the budget lets it in, else None
         (the decoder waits, reading pauses, ``_memory_granted`` carries on)."""
         nbytes = sum(t.nbytes for t in specs)
         if not self._granted and nbytes:
@@ -257,7 +257,7 @@ class _ChiefConnection(_FrameWriter, asyncio.BufferedProtocol):
             return
         self._granted = True
         try:
-            self.decoder.retry()
+            self.conn.retry()
         except ProtocolError as exc:
             self.fail(exc.code, exc.message)  # which frees the bytes, reserved by _allocate
             return
@@ -286,126 +286,93 @@ class _ChiefConnection(_FrameWriter, asyncio.BufferedProtocol):
     def _leave(self) -> None:
         # As soon as we decide to close, not when the socket is gone: a lingering close can
         # take CLOSE_GRACE, and a round must not wait for a worker that is already out.
-        if self.state == "joined" and not self._left:
+        if self._joined and not self._left:
             self._left = True
             self.server.detach(self, lost=not self._bye)
 
-    # -- frames ------------------------------------------------------------------------------
-    def handle(self, frame: Frame) -> None:
-        t = frame.type
-        if t == MsgType.PING:
-            self.send(encode(MsgType.PONG, {}))
-        elif t == MsgType.PONG:
-            pass
-        elif self.state == "hello" and t == MsgType.HELLO:
-            self._hello(frame.meta)
-        elif self.state == "auth" and t == MsgType.AUTH:
-            self._auth(frame.meta)
-        elif self.state == "joined" and t == MsgType.UPDATE:
-            round_, n, metrics = _update_fields(frame.meta)
-            self.server.on_update(self, round_, n, frame.tensors, metrics,
-                                  frame.meta.get("codec", "none"), frame.checked,
-                                  frame.non_finite)
-        elif self.state == "joined" and t == MsgType.INIT and self._may_init:
-            self._may_init = False  # once, and only when WELCOME asked for it
-            self.server.on_init(self, frame.tensors)
+    # -- events ------------------------------------------------------------------------------
+    def handle(self, event: Message) -> None:
+        if isinstance(event, Ping):
+            self.send(Pong())
+        elif isinstance(event, Hello):
+            self.worker_id = event.worker_id
+            self.send(Challenge())
+        elif isinstance(event, Auth):
+            self._auth()
+        elif isinstance(event, Update):
+            self.server.on_update(self, event.round, event.num_samples, list(event.tensors),
+                                  event.metrics, event.codec, event.checked, event.non_finite)
+        elif isinstance(event, Init):
+            self.server.on_init(self, list(event.tensors))
             self._expect_model()
-        elif self.state == "joined" and t == MsgType.BYE:
+        elif isinstance(event, Bye):
             self._bye = True
             self.close()
-        else:
-            raise ProtocolError(ErrorCode.PROTOCOL, f"{t.name} is not allowed now ({self.state})")
+        # Pong: last_seen is all it is for.
 
-    def _hello(self, meta: dict[str, Any]) -> None:
-        wid, nonce = meta.get("worker_id"), meta.get("nonce")
-        if not isinstance(wid, str) or not 0 < len(wid) <= MAX_WORKER_ID or not wid.isprintable():
-            raise ProtocolError(ErrorCode.BAD_FRAME, "worker_id must be 1-128 printable characters")
-        if not isinstance(nonce, str) or len(nonce) != 2 * auth.NONCE_BYTES:
-            raise ProtocolError(ErrorCode.BAD_FRAME, "HELLO needs a nonce")
-        if self._cert_names is not None and wid not in self._cert_names:
-            raise ProtocolError(ErrorCode.AUTH_FAILED, _id_not_in_cert(wid, self._cert_names))
-        self.worker_id, self._worker_nonce = wid, nonce
-        self._chief_nonce = auth.new_nonce()
-        self.state = "auth"
-        self.send(encode(MsgType.CHALLENGE, {"nonce": self._chief_nonce}))
-
-    def _auth(self, meta: dict[str, Any]) -> None:
+    def _auth(self) -> None:
         delay = self.listener.auth_delay(self.peer_ip)
         if delay <= 0:
-            self._auth_now(meta)
+            self._auth_now()
             return
         # This address has failed too often lately: answer later, reading nothing meanwhile.
         assert self.transport is not None
-        self.state = "auth-wait"
+        self._auth_wait = True
         self._pause("auth")
-        asyncio.get_running_loop().call_later(delay, self._auth_now, meta)
+        asyncio.get_running_loop().call_later(delay, self._auth_now)
 
-    def _auth_now(self, meta: dict[str, Any]) -> None:
+    def _auth_now(self) -> None:
         if self.closed or self.closing_since is not None:
             return
-        if self.state == "auth-wait":
-            self.state = "auth"
+        if self._auth_wait:
+            self._auth_wait = False
             self._unpause("auth")
-        try:
-            self._verify_and_join(meta)
-        except ProtocolError as exc:
-            self.fail(exc.code, exc.message)
-
-    def _verify_and_join(self, meta: dict[str, Any]) -> None:
-        token = self.listener.options.token
-        if not auth.verify(auth.worker_proof(token, self._chief_nonce, self._worker_nonce),
-                           meta.get("proof")):
-            failures = self.listener.auth_failed(self.peer_ip)
-            log.warning("authentication failed for worker %r from %s (%d lately)",
-                        self.worker_id, self.peer_ip, failures)
-            slowed = ""
-            if failures >= self.listener.options.auth_failures_free:
-                slowed = (f" ({failures} failed attempts from {self.peer_ip} lately: the chief "
-                          f"now waits {self.listener.auth_delay(self.peer_ip):.2f} s before "
-                          "answering each attempt from this address)")
-            self.fail(ErrorCode.AUTH_FAILED, "authentication failed: your token does not match "
-                                             "the chief's (check --token, --token-file or "
-                                             f"FEDBERRY_TOKEN){slowed}")
-            return
-        spec = spec_from_json(meta.get("spec"), PREAUTH_LIMITS)
-        self._announced = spec
-        have = meta.get("have")  # the digest of the model the worker holds, if it offers one
-        self._have = have if isinstance(have, str) and len(have) == 64 else None
         chief = self.server.chief
-        self.state = "joined"
-        self._may_init = chief.global_arrays is None
-        self.send(encode(MsgType.WELCOME, {
-            "proof": auth.chief_proof(token, self._chief_nonce, self._worker_nonce),
-            "round": chief.round, "need_init": self._may_init,
-            "downlink": self.server.broadcast.codec.name}))
+        try:
+            # The connection checks the worker's proof as it answers.
+            self.send(Welcome(chief.round, chief.global_arrays is None,
+                              self.server.broadcast.codec.name))
+        except ProtocolError as exc:
+            if exc.code == ErrorCode.AUTH_FAILED:
+                self._auth_failed(exc.message)
+            else:
+                self.fail(exc.code, exc.message)
+            return
+        if self.conn.state is not ChiefState.JOINED:
+            return  # nothing was sent (the transport is gone): no proof checked, no join
+        self._joined = True
         self._expect_model()
-        self.server.attach(self, spec, meta.get("want_model", True) is not False)
+        self.server.attach(self, self.conn.announced, self.conn.want_model)
+
+    def _auth_failed(self, sentence: str) -> None:
+        failures = self.listener.auth_failed(self.peer_ip)
+        log.warning("authentication failed for worker %r from %s (%d lately)",
+                    self.worker_id, self.peer_ip, failures)
+        slowed = ""
+        if failures >= self.listener.options.auth_failures_free:
+            slowed = (f" ({failures} failed attempts from {self.peer_ip} lately: the chief "
+                      f"now waits {self.listener.auth_delay(self.peer_ip):.2f} s before "
+                      "answering each attempt from this address)")
+        self.fail(ErrorCode.AUTH_FAILED, sentence + slowed)
 
     def _expect_model(self) -> None:
-        spec = self.server.chief.spec or self._announced
-        self.decoder.expected = spec
-        self.decoder.allocate = self._allocate
-        self.decoder.check_finite = True
-        # Metadata: ~40 bytes per tensor description plus a few metrics. A q8 update carries
-        # two tensors (values, scales) per float tensor, in fewer bytes than the model.
-        self.decoder.limits = Limits(max(PREAUTH_LIMITS.max_meta_bytes, 128 * len(spec)),
-                                     max(2 * len(spec), 1), sum(t.nbytes for t in spec))
+        self.conn.expect_model(self.server.chief.spec or self.conn.announced)
 
     # -- Peer interface ----------------------------------------------------------------------
-    def send(self, frame: EncodedFrame) -> None:
+    def send(self, msg: Message | EncodedFrame) -> None:
         if self.transport is None or self.closed or self.closing_since is not None:
             return
+        frame = self.conn.send(msg)
         self.server.bytes_down += frame.nbytes
         self._queue(frame)
 
     def send_global(self, server: ChiefServer) -> None:
-        chief, holds = server.chief, self._holds
-        self._holds = chief.round  # TCP keeps order: the worker decodes this one before the next
-        have, self._have = self._have, None  # it describes the model the worker joined with
-        if have is not None and have == server.broadcast.digest(chief):
+        chief = server.chief
+        if self.conn.holds(lambda: server.broadcast.digest(chief)):
             self.send(server.broadcast.unchanged(chief))
             return
-        frame = server.broadcast.frame(chief, holds)
+        # TCP keeps order: the worker decodes the model sent last before this one.
+        frame = server.broadcast.frame(chief, self.conn.sent_round)
         # The global model goes out only in answer to a join or an update, so more than two
         # models still queued means the worker sends but does not read: it would make us hold
         # a model per round for it.
@@ -417,14 +384,14 @@ class _ChiefConnection(_FrameWriter, asyncio.BufferedProtocol):
         self.send(frame)
 
     def send_error(self, code: ErrorCode, message: str, fatal: bool) -> None:
-        self.send(error_frame(code, message, fatal))
+        self.send(Error(code, message, fatal))
 
     def request_init(self) -> None:
         pass  # WELCOME already said need_init
 
     def ping(self) -> None:
         self.last_ping = time.monotonic()
-        self.send(encode(MsgType.PING, {}))
+        self.send(Ping())
 
     def fail(self, code: ErrorCode, message: str) -> None:
         """Tell the peer why (when it can still be told) and close."""
@@ -434,7 +401,7 @@ class _ChiefConnection(_FrameWriter, asyncio.BufferedProtocol):
         if self.transport is None:  # still in the TLS handshake: nothing can be said
             self.abort()
             return
-        self.send(error_frame(code, message, True))
+        self.send(Error(code, message, True))
         self.close()
 
     def close(self) -> None:
@@ -471,50 +438,9 @@ class _ChiefConnection(_FrameWriter, asyncio.BufferedProtocol):
         return f"{self.worker_id or 'connection'} from {self.peer_ip}"
 
 
-def _update_fields(m: dict[str, Any]) -> tuple[int, float, dict[str, float]]:
-    """round, num_samples and metrics of an UPDATE, checked: JSON can say anything."""
-    round_, n = m.get("round"), m.get("num_samples")
-    if type(round_) is not int or type(n) not in (int, float):
-        raise ProtocolError(ErrorCode.BAD_FRAME, "UPDATE needs an integer round and a number "
-                                                 "num_samples")
-    try:
-        num_samples = float(n)
-    except OverflowError:  # a 400-digit integer is valid JSON
-        raise ProtocolError(ErrorCode.BAD_FRAME, "num_samples is out of range") from None
-    metrics: dict[str, float] = {}
-    raw = m.get("metrics")
-    if isinstance(raw, dict):
-        for k, v in list(raw.items())[:MAX_METRICS]:
-            if type(v) in (int, float):
-                try:
-                    f = float(v)
-                except OverflowError:
-                    continue
-                if math.isfinite(f):
-                    metrics[k[:64]] = f
-    return round_, num_samples, metrics
-
-
-def _id_not_in_cert(wid: str, names: list[str]) -> str:
-    if not names:
-        return (f"worker id {wid!r} refused: your client certificate has no common name or DNS "
-                "name, and this chief requires the worker id to be one; make the certificate "
-                "with 'fedberry certs --client NAME'")
-    listed = " or ".join(repr(n) for n in names)
-    return (f"worker id {wid!r} is not the name in your client certificate ({listed}): this "
-            "chief requires a worker's id to be its certificate's name, so that no worker can "
-            f"take another's place. Leave out --worker-id (the worker then uses its "
-            f"certificate's name), pass --worker-id {names[0]}, or give this worker a "
-            f"certificate made with 'fedberry certs --client {wid}'")
-
-
 def _chief_tls_message(exc: BaseException) -> str:
     if isinstance(exc, (asyncio.TimeoutError, ConnectionAbortedError)) and "longer" in str(exc):
         return "the handshake did not complete in time"
-    try:
-        from fedberry.certs import describe_tls_error
-    except ImportError:
-        return str(exc)
     return describe_tls_error(exc, role="chief")
 
 

@@ -1,8 +1,8 @@
-"""Frames over asyncio streams, shared by the chief's and the worker's TCP side: addresses,
-the pre-authentication limits, and the chunked writer that sends tensors without copying them.
+"""Frames over asyncio streams, shared by the chief's and the worker's TCP side: addresses and
+the chunked writer that sends tensors without copying them.
 
-The TCP transport is ``tcp_chief.py`` (the listener) and ``tcp_worker.py`` (the worker's one
-connection); ``tcp.py`` gathers their public names.
+The TCP transport is ``chief.py`` (the listener) and ``worker.py`` (the worker's one
+connection); ``__init__.py`` gathers their public names. The limits are ``protocol.limits``'.
 """
 
 from __future__ import annotations
@@ -13,18 +13,12 @@ import ipaddress
 import logging
 from typing import Any
 
-from fedberry.protocol.frames import (
-    EncodedFrame,
-    Limits,
-)
+from fedberry.protocol.frames import EncodedFrame
+from fedberry.protocol.limits import MAX_WORKER_ID, PREAUTH_LIMITS
+
+__all__ = ["MAX_WORKER_ID", "PREAUTH_LIMITS", "is_loopback", "parse_address"]
 
 log = logging.getLogger("fedberry.tcp")
-
-# Before authentication a peer may send only small frames with no tensors: an anonymous
-# connection cannot make the chief allocate more than the metadata limit.
-# 256 KiB of metadata holds a model spec of ~8k tensors (about 30 bytes each).
-PREAUTH_LIMITS = Limits(max_meta_bytes=256 << 10, max_tensors=10_000, max_payload=0)
-MAX_WORKER_ID = 128
 
 
 def parse_address(addr: str, default_port: int = 7777) -> tuple[str, int]:

@@ -1,5 +1,7 @@
-"""A worker's TCP connection: one connection for the whole run, the handshake, heartbeats, and
-reconnects with exponential backoff and jitter, on the worker's own event-loop thread.
+"""A worker's TCP connection: one connection for the whole run, heartbeats, and reconnects with
+exponential backoff and jitter, on the worker's own event-loop thread. The conversation (the
+handshake, the chief's proof, field checks, limits) is ``protocol.WorkerConnection``'s: this
+module moves its bytes, runs the timers and turns its events into the session's answers.
 """
 
 from __future__ import annotations
@@ -15,19 +17,24 @@ from typing import Any
 import numpy as np
 
 from fedberry import codecs
+from fedberry.certs import describe_tls_error
 from fedberry.errors import AuthenticationError, ChiefUnreachable, FederationError, from_code
-from fedberry.protocol import auth
-from fedberry.protocol.frames import (
-    EncodedFrame,
-    Frame,
-    FrameDecoder,
-    Limits,
-    MsgType,
-    ProtocolError,
-    Spec,
-    encode,
-    spec_of,
-    spec_to_json,
+from fedberry.protocol.connection import WorkerConnection, WorkerState
+from fedberry.protocol.frames import EncodedFrame, ErrorCode, Limits, ProtocolError, Spec, spec_of
+from fedberry.protocol.messages import (
+    Auth,
+    Bye,
+    Challenge,
+    Error,
+    Global,
+    Hello,
+    Init,
+    Message,
+    Ping,
+    Pong,
+    Update,
+    Welcome,
+    to_frame,
 )
 from fedberry.transports.tcp.stream import _FrameWriter
 
@@ -42,13 +49,18 @@ class _Lost:
         self.reason = reason
 
 
+class _Broken:
+    """The chief broke the protocol (``framing``: the byte stream itself is lost)."""
+
+    def __init__(self, exc: ProtocolError, framing: bool) -> None:
+        self.exc, self.framing = exc, framing
+
+
 class _WorkerProtocol(_FrameWriter, asyncio.BufferedProtocol):
     def __init__(self, session: TcpSession) -> None:
         self.session = session
-        # Until the chief has said WELCOME, only small frames: a wrong address must not make us
-        # allocate a model's worth of memory.
-        self.decoder = FrameDecoder(Limits(max_meta_bytes=1 << 20, max_tensors=0, max_payload=0))
-        self.queue: asyncio.Queue[Frame | _Lost] = asyncio.Queue()
+        self.conn = WorkerConnection(session.token, session._spec, cap=session.limits)
+        self.queue: asyncio.Queue[Message | _Lost | _Broken] = asyncio.Queue()
         self.transport: asyncio.Transport | None = None
         self.last_seen = time.monotonic()
 
@@ -58,7 +70,7 @@ class _WorkerProtocol(_FrameWriter, asyncio.BufferedProtocol):
 
     def get_buffer(self, sizehint: int) -> memoryview:
         try:
-            return self.decoder.get_buffer()
+            return self.conn.get_buffer()
         except ProtocolError:
             return memoryview(bytearray(1 << 16))
 
@@ -66,29 +78,25 @@ class _WorkerProtocol(_FrameWriter, asyncio.BufferedProtocol):
         self.last_seen = time.monotonic()
         self.session.bytes_received += nbytes
         try:
-            frames = self.decoder.buffer_updated(nbytes)
+            events = self.conn.buffer_updated(nbytes)
         except ProtocolError as exc:
-            self.queue.put_nowait(_Lost(f"the chief sent a bad frame: {exc.message}"))
+            self.queue.put_nowait(_Broken(exc, self.conn.decoder.broken))
             if self.transport:
                 self.transport.abort()
             return
-        for f in frames:
-            if f.type == MsgType.WELCOME:
-                # The model may follow WELCOME in the same read, before the session has looked
-                # at it: allow it now (the session still checks the chief's proof and aborts on
-                # a bad one; a forged WELCOME gains exactly one buffer of our own model's size).
-                self.decoder.expected = self.session._spec
-                self.decoder.limits = self.session.model_limits()
-            if f.type == MsgType.PING:
-                self.send(encode(MsgType.PONG, {}))
-            elif f.type != MsgType.PONG:
-                self.queue.put_nowait(f)
+        for event in events:
+            if isinstance(event, Ping):
+                self.send(Pong())
+            elif not isinstance(event, Pong):
+                self.queue.put_nowait(event)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.queue.put_nowait(_Lost(f"connection lost ({exc or 'closed by the chief'})"))
 
-    def send(self, frame: EncodedFrame) -> None:
-        if self.transport is not None and not self.transport.is_closing():
+    def send(self, msg: Message | EncodedFrame) -> None:
+        if (self.transport is not None and not self.transport.is_closing()
+                and self.conn.state is not WorkerState.CLOSED):
+            frame = self.conn.send(msg)
             self.session.bytes_sent += frame.nbytes
             self._queue(frame)
 
@@ -127,7 +135,6 @@ class TcpSession:
         self._init_arrays: Sequence[np.ndarray] = ()
         # The global model as the chief holds it, kept for delta codecs (q8) both ways.
         self._reference: list[np.ndarray] | None = None
-        self._reference_round: int | None = None
         self._downlink = "none"  # how the chief sends the model (its WELCOME says)
         self._residual: list[np.ndarray] | None = None  # error feedback of a lossy codec
         self._hb_task: asyncio.Task[None] | None = None
@@ -144,8 +151,11 @@ class TcpSession:
                    metrics: dict[str, Any]) -> tuple[int, list[np.ndarray], bool]:
         # Encoded once: a resend after a reconnect sends the same bytes, and the chief counts
         # a repeated update for a round once.
-        meta: dict[str, Any] = {"round": round_, "num_samples": num_samples, "metrics": metrics}
-        frame = encode(MsgType.UPDATE, *self._encode_update(meta, arrays))
+        codec, wire = self._encode_update(arrays)
+        try:
+            frame = to_frame(Update(round_, num_samples, wire, metrics, codec))
+        except ProtocolError as exc:  # what the chief would refuse: the caller's mistake
+            raise ValueError(exc.message) from None
         self._init_arrays = ()
         self._have = None
 
@@ -162,7 +172,7 @@ class TcpSession:
         if self._hb_task:
             self._hb_task.cancel()
         if self._proto is not None and self._proto.transport is not None:
-            self._proto.send(encode(MsgType.BYE, {}))
+            self._proto.send(Bye())
             self._proto._close_after_flush()
             await asyncio.sleep(0)
         self._proto = None
@@ -172,13 +182,14 @@ class TcpSession:
         if self._proto is not None and self._proto.transport is not None:
             self._proto.transport.abort()
 
-    def _encode_update(self, meta: dict[str, Any], arrays: Sequence[np.ndarray]
-                       ) -> tuple[dict[str, Any], Sequence[np.ndarray]]:
+    def _encode_update(self, arrays: Sequence[np.ndarray]
+                       ) -> tuple[str, Sequence[np.ndarray]]:
+        """The codec an update goes as, and its tensors on the wire."""
         codec = self.codec
         if codec.needs_reference and self._reference is None:
             codec = codecs.CODECS["none"]  # nothing to take a difference from (yet)
         if codec.name == "none":
-            return meta, arrays
+            return "none", arrays
         if codec.needs_reference and self._residual is None:
             self._residual = [np.zeros(a.shape, np.result_type(a.dtype, np.float32))
                               if a.dtype.kind == "f" else np.zeros(0) for a in arrays]
@@ -186,15 +197,8 @@ class TcpSession:
             wire = codec.encode(arrays, self._reference, self._residual)
         except OverflowError as exc:
             log.info("worker %s: update sent uncompressed: %s", self.worker_id, exc)
-            return meta, arrays
-        return {**meta, "codec": codec.name}, wire
-
-    def model_limits(self) -> Limits:
-        """What the chief may send once it has welcomed us: frames of our model, no larger."""
-        # A q8 model carries two tensors (values, scales) per float tensor, in fewer bytes.
-        return Limits(max(self.limits.max_meta_bytes, 128 * len(self._spec)),
-                      max(2 * len(self._spec), 1),
-                      min(self.limits.max_payload, sum(t.nbytes for t in self._spec)))
+            return "none", arrays
+        return codec.name, wire
 
     # -- internals ---------------------------------------------------------------------------
     async def _with_retries(self, fn: Any, budget: float) -> Any:
@@ -241,10 +245,15 @@ class TcpSession:
         except (OSError, asyncio.TimeoutError) as exc:
             raise _Retryable(f"connect failed ({exc or 'timeout'})") from None
         self._proto = proto
-        nonce = auth.new_nonce()
-        proto.send(encode(MsgType.HELLO, {"worker_id": self.worker_id, "nonce": nonce}))
         try:
-            challenge = await self._expect(MsgType.CHALLENGE)
+            hello = Hello(self.worker_id)
+        except ProtocolError as exc:
+            proto.transport.abort()  # type: ignore[union-attr]
+            raise FederationError(f"this worker cannot join: {exc.message}",
+                                  exc.code.value) from None
+        proto.send(hello)
+        try:
+            await self._expect(Challenge)
         except _Retryable:
             if tls:
                 # TLS 1.3: the handshake completed on our side, then the chief closed without
@@ -257,26 +266,16 @@ class TcpSession:
                                           f"{_TLS_CLOSED_HINT}", "tls") from None
             raise
         self._tls_closes = 0
-        chief_nonce = str(challenge.meta.get("nonce", ""))
-        hello: dict[str, Any] = {"proof": auth.worker_proof(self.token, chief_nonce, nonce),
-                                 "spec": spec_to_json(self._spec), "want_model": want_model}
-        if want_model and self._have:
-            hello["have"] = self._have  # the chief need not send what we hold already
-        proto.send(encode(MsgType.AUTH, hello))
-        welcome = await self._expect(MsgType.WELCOME)
-        self._downlink = str(welcome.meta.get("downlink", "none"))
-        if not auth.verify(auth.chief_proof(self.token, chief_nonce, nonce),
-                           welcome.meta.get("proof")):
-            proto.transport.abort()  # type: ignore[union-attr]
-            raise AuthenticationError("the chief could not prove it knows the token: wrong "
-                                      "token on one side, or not the chief you meant",
-                                      "auth_failed")
-        if welcome.meta.get("need_init"):
+        # With the digest of the model we hold, the chief need not send it (codec "unchanged").
+        proto.send(Auth(self._spec, want_model, self._have if want_model else None))
+        welcome = await self._expect(Welcome)  # its proof checked by the connection
+        self._downlink = welcome.downlink
+        if welcome.need_init:
             if not self._init_arrays:  # we are past join(): the chief lost its model
                 proto.transport.abort()  # type: ignore[union-attr]
                 raise FederationError("the chief has no model any more: it restarted without "
                                       "its checkpoint (restart it with --resume)", "protocol")
-            proto.send(encode(MsgType.INIT, {}, self._init_arrays))
+            proto.send(Init(self._init_arrays))
         if self._hb_task is None or self._hb_task.done():
             self._hb_task = asyncio.ensure_future(self._heartbeat())
 
@@ -299,20 +298,16 @@ class TcpSession:
                 names = None  # the plain message will do
             finally:
                 ctx.check_hostname = True
-        try:
-            from fedberry.certs import describe_tls_error
-        except ImportError:
-            return f"the chief's certificate was refused: {exc.verify_message}"
         return describe_tls_error(exc, cert_names=names)
 
-    async def _expect(self, msg_type: MsgType) -> Frame:
-        frame = await self._next_frame()
-        if frame.type != msg_type:
-            raise FederationError(f"protocol error: expected {msg_type.name}, got "
-                                  f"{frame.type.name}", "protocol")
-        return frame
+    async def _expect(self, kind: type[Any]) -> Any:
+        event = await self._next_event()
+        if not isinstance(event, kind):  # the connection lets nothing else through: a bug
+            raise FederationError(f"protocol error: expected {kind.TYPE.name}, got "
+                                  f"{event.TYPE.name}", "protocol")
+        return event
 
-    async def _next_frame(self) -> Frame:
+    async def _next_event(self) -> Message:
         proto = self._proto
         if proto is None:
             raise _Retryable("not connected")
@@ -320,46 +315,44 @@ class TcpSession:
         if isinstance(item, _Lost):
             self._proto = None
             raise _Retryable(item.reason)
-        if item.type == MsgType.ERROR:
-            code = str(item.meta.get("code", "error"))
-            message = str(item.meta.get("message", ""))
-            if item.meta.get("fatal", True):
-                if code in ("timeout", "busy"):
-                    raise _Retryable(f"chief said: {message}")
-                raise from_code(code, f"the chief refused: {message}")
-            self.warnings.append(message)
-            log.warning("worker %s: chief says: %s", self.worker_id, message)
-            return await self._next_frame()
+        if isinstance(item, _Broken):
+            self._proto = None
+            exc = item.exc
+            if item.framing:  # garbled bytes: a broken link as much as a broken chief
+                raise _Retryable(f"the chief sent a bad frame: {exc.message}")
+            if exc.code == ErrorCode.AUTH_FAILED:
+                raise AuthenticationError(exc.message, exc.code.value)
+            raise from_code(exc.code.value, f"protocol error: {exc.message}")
+        if isinstance(item, Error):
+            if item.fatal:
+                if item.code in ("timeout", "busy"):
+                    raise _Retryable(f"chief said: {item.message}")
+                raise from_code(item.code, f"the chief refused: {item.message}")
+            self.warnings.append(item.message)
+            log.warning("worker %s: chief says: %s", self.worker_id, item.message)
+            return await self._next_event()
         return item
 
     async def _await_global(self) -> tuple[int, list[np.ndarray], bool]:
-        frame = await self._expect(MsgType.GLOBAL)
-        round_ = frame.meta.get("round")
-        if type(round_) is not int or round_ < 0:
-            raise FederationError(f"protocol error: GLOBAL with round {round_!r}", "protocol")
-        name = frame.meta.get("codec", "none")
+        g: Global = await self._expect(Global)
         reference: Sequence[np.ndarray] | None = None
-        if name == "unchanged":
+        if g.codec == "unchanged":
             reference = self._init_arrays or None
-        elif name == "q8":
-            # The change since the model of round "base", which must be the one we hold.
-            if frame.meta.get("base") != self._reference_round or self._reference is None:
-                raise FederationError(f"protocol error: the chief sent the change since round "
-                                      f"{frame.meta.get('base')!r}, this worker holds round "
-                                      f"{self._reference_round}", "protocol")
+        elif g.codec == "q8":
+            # The change since the model of round g.base, which the connection checked is the
+            # one it received last.
             reference = self._reference
-        if name in ("unchanged", "q8") and not reference:
-            raise FederationError(f"protocol error: the chief sent a model as {name!r} but this "
-                                  "worker holds none", "protocol")
+        if g.codec in ("unchanged", "q8") and not reference:
+            raise FederationError(f"protocol error: the chief sent a model as {g.codec!r} but "
+                                  "this worker holds none", "protocol")
         try:
-            arrays = codecs.get(name).decode(frame.tensors, self._spec, reference)
+            arrays = codecs.get(g.codec).decode(list(g.tensors), self._spec, reference)
         except ProtocolError as exc:
             raise FederationError(f"the chief sent a bad model: {exc.message}",
                                   "protocol") from None
         if self.codec.needs_reference or self._downlink == "q8":
             self._reference = [np.array(a) for a in arrays]  # the caller may change its own
-            self._reference_round = round_
-        return round_, arrays, frame.meta.get("done") is True
+        return g.round, arrays, g.done
 
     async def _heartbeat(self) -> None:
         while True:
@@ -372,7 +365,7 @@ class TcpSession:
                             self.worker_id, self.idle_timeout)
                 proto.transport.abort()
                 continue
-            proto.send(encode(MsgType.PING, {}))
+            proto.send(Ping())
 
 
 _TLS_CLOSED_HINT = ("if the chief requires client certificates, it did not accept yours: it must "
@@ -381,8 +374,4 @@ _TLS_CLOSED_HINT = ("if the chief requires client certificates, it did not accep
 
 
 def _tls_message(exc: ssl.SSLError) -> str:
-    try:
-        from fedberry.certs import describe_tls_error
-    except ImportError:
-        return f"TLS handshake failed: {exc}"
     return describe_tls_error(exc)

@@ -1,0 +1,425 @@
+"""The conversation, sans-IO: one connection object per side, in the manner of h11.
+
+``ChiefConnection`` is the chief's end of one worker's connection, ``WorkerConnection`` the
+worker's. Each takes the bytes that arrived and returns typed events (``messages``), and takes
+messages to send and returns the frame to write. Neither touches a socket, a clock or a thread:
+the transport moves the bytes, runs the timers and tells the chief runtime what happened.
+
+The handshake (the protocol version is in every frame's header)::
+
+    worker                                   chief
+    HELLO(worker_id, worker nonce)  ->
+                                    <-  CHALLENGE(chief nonce)
+    AUTH(proof, spec, want_model, have) ->
+                                    <-  WELCOME(proof, round, need_init, downlink)
+    INIT(model), if need_init       ->
+    ... UPDATE ->  <- GLOBAL ...  (PING/PONG either way, at any time; BYE; ERROR)
+
+Both proofs are HMACs of both nonces under the shared token (``auth``); the chief checks the
+worker's when it answers AUTH (``send(Welcome(...))`` raises AUTH_FAILED on a wrong one), the
+worker checks the chief's as WELCOME arrives. A GLOBAL of codec "unchanged" (no tensors) is the
+chief's answer to a worker whose AUTH offered the digest of the model it holds, when it matches.
+
+What a misbehaving peer causes: a frame that is malformed, over a limit, of the wrong model, or
+not allowed in the connection's state raises :class:`ProtocolError` from ``receive_data`` /
+``buffer_updated``; the connection is then CLOSED and every later call raises too. The transport
+sends ``error_for(exc)`` (if it still can) and closes. Until WELCOME, frames carry no tensors and
+little metadata (``limits.PREAUTH_LIMITS``); after it, exactly the model's frames
+(``limits.model_limits``).
+
+Misuse by our own side (sending a message the state does not allow) raises
+:class:`LocalProtocolError`, a bug rather than a peer's fault.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from fedberry.protocol import auth, encodings
+from fedberry.protocol.frames import EncodedFrame, Frame, FrameDecoder
+from fedberry.protocol.limits import PREAUTH_LIMITS, Limits, model_limits
+from fedberry.protocol.messages import (
+    Auth,
+    Bye,
+    Challenge,
+    Error,
+    Global,
+    Hello,
+    Init,
+    Message,
+    Ping,
+    Pong,
+    Update,
+    Welcome,
+    from_frame,
+    to_frame,
+)
+from fedberry.protocol.spec import ErrorCode, MsgType, ProtocolError, Spec
+
+Allocate = Callable[[Spec], "list[np.ndarray] | None"]
+
+
+class LocalProtocolError(RuntimeError):
+    """Our own side tried to send something the connection's state does not allow."""
+
+
+class ChiefState(enum.Enum):
+    HELLO = "hello"  # waiting for HELLO
+    CHALLENGE = "challenge"  # HELLO is in: ours to send CHALLENGE
+    AUTH = "auth"  # waiting for AUTH
+    WELCOME = "welcome"  # AUTH is in: ours to answer (WELCOME, or an ERROR)
+    JOINED = "joined"
+    CLOSED = "closed"  # BYE received, a fatal ERROR sent, or the peer broke the protocol
+
+
+class WorkerState(enum.Enum):
+    START = "start"  # ours to send HELLO
+    CHALLENGE = "challenge"  # waiting for CHALLENGE
+    AUTH = "auth"  # CHALLENGE is in: ours to send AUTH
+    WELCOME = "welcome"  # waiting for WELCOME
+    JOINED = "joined"
+    CLOSED = "closed"  # BYE sent, a fatal ERROR either way, or the peer broke the protocol
+
+
+def error_for(exc: ProtocolError) -> Error:
+    """The ERROR that tells the peer why we refuse what it sent."""
+    return Error(exc.code.value, exc.message, True)
+
+
+class _Connection:
+    """What both sides share: the decoder, the receive loop, the sending of encoded frames."""
+
+    state: enum.Enum
+    _closed: enum.Enum
+
+    def __init__(self) -> None:
+        self.decoder = FrameDecoder(PREAUTH_LIMITS)
+
+    # -- receiving ---------------------------------------------------------------------------
+    @property
+    def waiting(self) -> bool:
+        """A frame's tensors wait for memory (``allocate`` said not now): read nothing, call
+        ``retry()`` once memory is granted."""
+        return self.decoder.waiting
+
+    def retry(self) -> bool:
+        """Ask ``allocate`` again for the waiting frame; True once its arrays are there."""
+        self._check_open()
+        try:
+            return self.decoder.retry()
+        except ProtocolError:
+            self.state = self._closed
+            raise
+
+    def get_buffer(self) -> memoryview:
+        """Where the next received bytes go (``asyncio.BufferedProtocol.get_buffer``): the
+        header, the metadata, or the very numpy array a tensor is read into."""
+        self._check_open()
+        return self.decoder.get_buffer()
+
+    def buffer_updated(self, nbytes: int) -> list[Message]:
+        """``nbytes`` were written to the start of the last ``get_buffer()``: the events they
+        complete (at most one: the next frame starts with a fresh buffer)."""
+        self._check_open()
+        try:
+            return [self._receive(f) for f in self.decoder.buffer_updated(nbytes)]
+        except ProtocolError:
+            self.state = self._closed
+            raise
+
+    def receive_data(self, data: bytes | bytearray | memoryview) -> list[Message]:
+        """Bytes in, events out (copies ``data`` through the zero-copy path). Returns early,
+        with the rest of ``data`` not consumed, only when a frame waits for memory: that is a
+        misuse here (``receive_data`` is for callers without backpressure)."""
+        src = memoryview(data).cast("B")
+        events: list[Message] = []
+        while len(src):
+            if self.waiting:
+                raise LocalProtocolError("a frame waits for memory: use get_buffer/"
+                                         "buffer_updated and retry() to receive it")
+            buf = self.get_buffer()
+            n = min(len(buf), len(src))
+            buf[:n] = src[:n]
+            src = src[n:]
+            # One frame at a time: its event may change the limits of the next header.
+            events += self.buffer_updated(n)
+        return events
+
+    def _check_open(self) -> None:
+        if self.state is self._closed:
+            raise ProtocolError(ErrorCode.PROTOCOL, "the connection is closed")
+
+    def _refuse(self, frame: Frame) -> ProtocolError:
+        return ProtocolError(ErrorCode.PROTOCOL,
+                             f"{frame.type.name} is not allowed now ({self.state.value})")
+
+    def _receive(self, frame: Frame) -> Message:
+        raise NotImplementedError
+
+    # -- sending -----------------------------------------------------------------------------
+    def send(self, msg: Message | EncodedFrame) -> EncodedFrame:
+        """The frame to write for ``msg``: a message, or a frame encoded once for many
+        connections (the round's GLOBAL). Raises LocalProtocolError if the state forbids it."""
+        if isinstance(msg, EncodedFrame):
+            if msg.type is None:
+                raise LocalProtocolError("send() needs a frame made by encode()")
+            self._sending(msg.type, msg.meta or {})
+            return msg
+        msg = self._filled(msg)
+        self._sending(msg.TYPE, msg.meta())
+        return to_frame(msg)
+
+    def _filled(self, msg: Message) -> Message:
+        return msg
+
+    def _sending(self, t: MsgType, meta: dict) -> None:
+        raise NotImplementedError
+
+    def _not_now(self, t: MsgType) -> LocalProtocolError:
+        return LocalProtocolError(f"cannot send {t.name} now ({self.state.value})")
+
+
+class ChiefConnection(_Connection):
+    """The chief's end of one worker's connection.
+
+    ``token``: the shared token ("" for none). ``cert_names``: with client certificates bound to
+    worker ids, the names the worker's HELLO may claim (None: any id). ``allocate``: where an
+    update's tensors are read into (see ``FrameDecoder.allocate``; it may say "not now").
+    ``cap``: this chief's ceiling on frame sizes.
+
+    Events: Hello, Auth (answer with ``send(Welcome(...))`` or an ERROR), Init (once, only after
+    a WELCOME with need_init), Update, Bye, Ping (answer with Pong), Pong.
+    """
+
+    _closed = ChiefState.CLOSED
+
+    def __init__(self, token: str = "", *, cert_names: Sequence[str] | None = None,
+                 allocate: Allocate | None = None, cap: Limits | None = None) -> None:
+        super().__init__()
+        self.state: ChiefState = ChiefState.HELLO
+        self.token = token
+        self.cert_names = None if cert_names is None else list(cert_names)
+        self.allocate = allocate
+        self.cap = cap or Limits()
+        self.worker_id = ""
+        self.announced: Spec = ()  # the model spec of the worker's AUTH
+        self.want_model = True
+        self.sent_round: int | None = None  # the round of the last GLOBAL sent
+        self._have: str | None = None  # the digest of the model the worker joined with
+        self._may_init = False
+        self._worker_nonce = ""
+        self._chief_nonce = ""
+        self._proof = ""
+
+    def _receive(self, frame: Frame) -> Message:
+        t, s = frame.type, self.state
+        if t in (MsgType.PING, MsgType.PONG):
+            return from_frame(frame)
+        if s is ChiefState.HELLO and t == MsgType.HELLO:
+            msg = from_frame(frame)
+            assert isinstance(msg, Hello)
+            if self.cert_names is not None and msg.worker_id not in self.cert_names:
+                raise ProtocolError(ErrorCode.AUTH_FAILED,
+                                    _id_not_in_cert(msg.worker_id, self.cert_names))
+            self.worker_id, self._worker_nonce = msg.worker_id, msg.nonce
+            self.state = ChiefState.CHALLENGE
+            return msg
+        if s is ChiefState.AUTH and t == MsgType.AUTH:
+            msg = from_frame(frame)
+            assert isinstance(msg, Auth)
+            self._proof, self.announced = msg.proof, msg.spec
+            self.want_model, self._have = msg.want_model, msg.have if msg.want_model else None
+            self.state = ChiefState.WELCOME
+            return msg
+        if s is ChiefState.JOINED:
+            if t == MsgType.UPDATE:
+                return from_frame(frame)
+            if t == MsgType.INIT and self._may_init:
+                self._may_init = False  # once, and only when WELCOME asked for it
+                return from_frame(frame)
+            if t == MsgType.BYE:
+                self.state = ChiefState.CLOSED
+                return from_frame(frame)
+        raise self._refuse(frame)
+
+    # -- what the runtime needs to know ------------------------------------------------------
+    def expect_model(self, spec: Spec) -> None:
+        """From now on, tensor frames must carry ``spec`` (the federation's model, or the one
+        the worker announced while the federation has none)."""
+        self.decoder.expected = spec
+        self.decoder.allocate = self.allocate
+        # Look for NaN/Inf as each tensor arrives (cheap while it is in the cache).
+        self.decoder.check_finite = True
+        codecs = (*encodings.FRAME_CODECS["UPDATE"], *encodings.FRAME_CODECS["INIT"])
+        self.decoder.limits = model_limits(spec, codecs, self.cap)
+
+    def holds(self, digest: Callable[[], str | None]) -> bool:
+        """Whether the worker proved (in AUTH) that it holds the model whose digest ``digest()``
+        gives (called only if the worker offered one: hashing a model costs): then the answer
+        to its join is ``Global(codec="unchanged")``. Asked once: the digest describes the model
+        the worker joined with, not the ones after."""
+        have, self._have = self._have, None
+        return have is not None and have == digest()
+
+    # -- sending -----------------------------------------------------------------------------
+    def _filled(self, msg: Message) -> Message:
+        if isinstance(msg, Challenge):
+            return msg
+        if isinstance(msg, Welcome) and self.state is ChiefState.WELCOME:
+            if not auth.verify(auth.worker_proof(self.token, self._chief_nonce,
+                                                 self._worker_nonce), self._proof):
+                self.state = ChiefState.CLOSED
+                raise ProtocolError(ErrorCode.AUTH_FAILED, AUTH_FAILED_SENTENCE)
+            return Welcome(msg.round, msg.need_init, msg.downlink,
+                           auth.chief_proof(self.token, self._chief_nonce, self._worker_nonce))
+        return msg
+
+    def _sending(self, t: MsgType, meta: dict) -> None:
+        s = self.state
+        if t == MsgType.ERROR:  # in any state: it is how we say why we close
+            if meta.get("fatal", True):
+                self.state = ChiefState.CLOSED
+        elif s is ChiefState.CLOSED:
+            raise self._not_now(t)
+        elif t in (MsgType.PING, MsgType.PONG):
+            pass
+        elif t == MsgType.CHALLENGE and s is ChiefState.CHALLENGE:
+            self._chief_nonce = meta["nonce"]
+            self.state = ChiefState.AUTH
+        elif t == MsgType.WELCOME and s is ChiefState.WELCOME:
+            self._may_init = bool(meta["need_init"])
+            self.state = ChiefState.JOINED
+            self.expect_model(self.announced)
+        elif t == MsgType.GLOBAL and s is ChiefState.JOINED:
+            self.sent_round = meta.get("round")
+        else:
+            raise self._not_now(t)
+
+
+class WorkerConnection(_Connection):
+    """The worker's end of its connection to the chief.
+
+    ``token``: the shared token. ``spec``: the model this worker trains (its AUTH announces it;
+    the chief's frames must carry it). ``cap``: this worker's ceiling on frame sizes.
+
+    Events: Challenge (answer with ``send(Auth(...))``), Welcome (its proof already checked;
+    then send Init if it says need_init), Global, Error, Ping (answer with Pong), Pong.
+    """
+
+    _closed = WorkerState.CLOSED
+
+    def __init__(self, token: str, spec: Spec, *, cap: Limits | None = None) -> None:
+        super().__init__()
+        self.state: WorkerState = WorkerState.START
+        self.token = token
+        self.spec = spec
+        self.cap = cap or Limits()
+        self.need_init = False  # WELCOME asked for our model, and we have not sent it yet
+        self.received_round: int | None = None  # the round of the last GLOBAL received
+        self._offered = False  # our AUTH offered a digest: "unchanged" may come, once
+        self._worker_nonce = ""
+        self._chief_nonce = ""
+
+    def _receive(self, frame: Frame) -> Message:
+        t, s = frame.type, self.state
+        if t in (MsgType.PING, MsgType.PONG):
+            return from_frame(frame)
+        if t == MsgType.ERROR:
+            msg = from_frame(frame)
+            assert isinstance(msg, Error)
+            if msg.fatal:
+                self.state = WorkerState.CLOSED
+            return msg
+        if s is WorkerState.CHALLENGE and t == MsgType.CHALLENGE:
+            msg = from_frame(frame)
+            assert isinstance(msg, Challenge)
+            self._chief_nonce = msg.nonce
+            self.state = WorkerState.AUTH
+            return msg
+        if s is WorkerState.WELCOME and t == MsgType.WELCOME:
+            msg = from_frame(frame)
+            assert isinstance(msg, Welcome)
+            if not auth.verify(auth.chief_proof(self.token, self._chief_nonce,
+                                                self._worker_nonce), msg.proof):
+                raise ProtocolError(ErrorCode.AUTH_FAILED,
+                                    "the chief could not prove it knows the token: wrong "
+                                    "token on one side, or not the chief you meant")
+            self.need_init = msg.need_init
+            self.state = WorkerState.JOINED
+            # The model may follow WELCOME in the same read: from now on, frames of our model.
+            self.decoder.expected = self.spec
+            self.decoder.limits = model_limits(self.spec, encodings.FRAME_CODECS["GLOBAL"],
+                                               self.cap)
+            return msg
+        if s is WorkerState.JOINED and t == MsgType.GLOBAL:
+            msg = from_frame(frame)
+            assert isinstance(msg, Global)
+            if msg.codec == "unchanged" and not self._offered:
+                raise ProtocolError(ErrorCode.PROTOCOL, "the chief sent the model as "
+                                                        "'unchanged', but this worker did not "
+                                                        "offer the model it holds")
+            if msg.codec == "q8" and msg.base != self.received_round:
+                raise ProtocolError(ErrorCode.PROTOCOL,
+                                    f"the chief sent the change since round {msg.base}, this "
+                                    f"connection holds round {self.received_round}")
+            self._offered = False
+            self.received_round = msg.round
+            return msg
+        raise self._refuse(frame)
+
+    def _filled(self, msg: Message) -> Message:
+        if isinstance(msg, Auth) and self.state is WorkerState.AUTH:
+            if msg.spec != self.spec:  # the chief's frames are checked against self.spec
+                raise LocalProtocolError("AUTH must announce the model this connection expects")
+            return Auth(msg.spec, msg.want_model, msg.have,
+                        auth.worker_proof(self.token, self._chief_nonce, self._worker_nonce))
+        return msg
+
+    def _sending(self, t: MsgType, meta: dict) -> None:
+        s = self.state
+        if t == MsgType.ERROR:  # in any state: it is how we say why we close
+            if meta.get("fatal", True):
+                self.state = WorkerState.CLOSED
+        elif s is WorkerState.CLOSED:
+            raise self._not_now(t)
+        elif t in (MsgType.PING, MsgType.PONG):
+            pass
+        elif t == MsgType.HELLO and s is WorkerState.START:
+            self._worker_nonce = meta["nonce"]
+            self.state = WorkerState.CHALLENGE
+        elif t == MsgType.AUTH and s is WorkerState.AUTH:
+            self._offered = "have" in meta
+            self.state = WorkerState.WELCOME
+        elif t == MsgType.INIT and s is WorkerState.JOINED and self.need_init:
+            self.need_init = False
+        elif t == MsgType.UPDATE and s is WorkerState.JOINED:
+            pass
+        elif t == MsgType.BYE:
+            self.state = WorkerState.CLOSED
+        else:
+            raise self._not_now(t)
+
+
+AUTH_FAILED_SENTENCE = ("authentication failed: your token does not match the chief's (check "
+                        "--token, --token-file or FEDBERRY_TOKEN)")
+
+
+def _id_not_in_cert(wid: str, names: list[str]) -> str:
+    if not names:
+        return (f"worker id {wid!r} refused: your client certificate has no common name or DNS "
+                "name, and this chief requires the worker id to be one; make the certificate "
+                "with 'fedberry certs --client NAME'")
+    listed = " or ".join(repr(n) for n in names)
+    return (f"worker id {wid!r} is not the name in your client certificate ({listed}): this "
+            "chief requires a worker's id to be its certificate's name, so that no worker can "
+            f"take another's place. Leave out --worker-id (the worker then uses its "
+            f"certificate's name), pass --worker-id {names[0]}, or give this worker a "
+            f"certificate made with 'fedberry certs --client {wid}'")
+
+
+__all__ = ["AUTH_FAILED_SENTENCE", "Auth", "Bye", "ChiefConnection", "ChiefState", "Challenge",
+           "Error", "Global", "Hello", "Init", "LocalProtocolError", "Ping", "Pong", "Update",
+           "Welcome", "WorkerConnection", "WorkerState", "error_for"]

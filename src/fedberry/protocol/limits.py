@@ -1,0 +1,85 @@
+"""Every limit of the protocol, once, with where its value comes from.
+
+What a misbehaving peer can make us do is bounded by these numbers: every length on the wire is
+checked against them before anything is allocated. ``model_limits`` derives the limits of a
+joined connection from the model both sides announced; chief and worker both use it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from fedberry.protocol import encodings
+
+# -- tensors ---------------------------------------------------------------------------------
+# dtypes a model may carry. Object, string, void and structured dtypes are excluded on purpose:
+# they are the ones numpy can only build from Python objects. Big-endian is refused rather than
+# swapped so that every receiver can read straight into a native (little-endian) buffer.
+ALLOWED_DTYPES = frozenset(
+    {"<f2", "<f4", "<f8", "|i1", "<i2", "<i4", "<i8", "|u1", "<u2", "<u4", "<u8", "|b1"}
+)
+MAX_DIMS = 8  # torch and numpy models stay far below this; numpy's own limit is 64.
+MAX_ELEMENTS = 1 << 40  # per tensor: 4 TiB of float32, far past any payload limit
+
+# -- frames ----------------------------------------------------------------------------------
+# Metadata is JSON of a few hundred bytes plus ~30 bytes per tensor; 1 MiB covers 10k tensors
+# with room to spare.
+MAX_META_BYTES = 1 << 20
+# Large vision models have ~1k state tensors.
+MAX_TENSORS = 10_000
+# One frame's tensor bytes: a 1B-parameter float32 model, far past what a Raspberry Pi trains.
+# Both sides clamp a model's frames to it (``model_limits``).
+MAX_PAYLOAD = 4 << 30
+# Metadata per tensor of a joined connection's frames: a description is ~40 bytes
+# ({"dtype":"<f4","shape":[200,784]}); 128 leaves room for long shapes.
+META_BYTES_PER_TENSOR = 128
+# Before authentication only small tensor-free frames: an anonymous connection (or a wrong
+# address, for a worker) cannot make us allocate more than this for metadata. 256 KiB holds a
+# model spec (in AUTH) of ~8k tensors at about 30 bytes each.
+PREAUTH_META_BYTES = 256 << 10
+
+# -- fields ----------------------------------------------------------------------------------
+MAX_WORKER_ID = 128  # characters; a host name is at most 253, a certificate CN at most 64
+MAX_METRICS = 32  # metrics an UPDATE may carry: a few numbers (loss, accuracy); the rest dropped
+MAX_METRIC_NAME = 64  # characters of a metric's name kept
+# A sample count is a count: at most 2**53, the largest integer a float64 holds exactly. Past
+# that no data set exists, and such a weight would only drown every other worker's update.
+MAX_NUM_SAMPLES = float(2 ** 53)
+MAX_ERROR_CODE = 64  # characters: codes are short words ("auth_failed")
+MAX_ERROR_MESSAGE = 8192  # characters of an ERROR's sentence kept (ours are under 500)
+DIGEST_CHARS = 64  # a SHA-256 in hex (codecs.digest)
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What a receiver accepts in one frame. Checked before allocating.
+
+    max_payload: the receiver lowers this to its model's size once it knows the model
+    (``model_limits``); before authentication it is 0, so an unauthenticated peer cannot make
+    us allocate tensors.
+    """
+
+    max_meta_bytes: int = MAX_META_BYTES
+    max_tensors: int = MAX_TENSORS
+    max_payload: int = MAX_PAYLOAD
+
+
+PREAUTH_LIMITS = Limits(max_meta_bytes=PREAUTH_META_BYTES, max_tensors=MAX_TENSORS,
+                        max_payload=0)
+
+
+def model_limits(spec: Sequence[Any], codecs: Iterable[str], cap: Limits | None = None) -> Limits:
+    """The limits of a joined connection whose frames carry the model ``spec`` in one of
+    ``codecs`` (``encodings.FRAME_CODECS`` of the frames it receives): exactly the largest of
+    those frames, with a payload never past ``cap.max_payload`` (the receiver's own ceiling,
+    ``MAX_PAYLOAD`` when ``cap`` is None). Metadata and tensor counts follow the model alone:
+    a model of many tensors must not be refused for having them."""
+    cap = cap or Limits()
+    wires = [encodings.wire_spec(c, spec) for c in codecs]
+    tensors = max((len(w) for w in wires), default=0)
+    payload = max((sum(t.nbytes for t in w) for w in wires), default=0)
+    return Limits(max_meta_bytes=max(PREAUTH_META_BYTES, META_BYTES_PER_TENSOR * tensors),
+                  max_tensors=max(tensors, 1),
+                  max_payload=min(cap.max_payload, payload))

@@ -1,0 +1,62 @@
+"""The connection objects behind real TCP sockets: what the protocol refuses reaches the sender
+as one sentence, from either side, and the conversation goes on where it may."""
+
+from __future__ import annotations
+
+import socket
+
+import numpy as np
+import pytest
+
+from fedberry import Worker
+from fedberry.protocol.connection import WorkerConnection
+from fedberry.protocol.frames import ErrorCode, spec_of
+from fedberry.protocol.messages import Auth, Challenge, Error, Hello, Update, Welcome
+from fedberry.serve import serve
+
+TOKEN = "connection-tcp-token"
+MODEL = [np.zeros((4, 3), np.float32), np.zeros(3, np.float32)]
+
+
+def test_an_absurd_sample_count_is_the_callers_error_and_the_worker_goes_on() -> None:
+    handle = serve("127.0.0.1:0", workers=1, rounds=1, initial=MODEL, token=TOKEN)
+    try:
+        with Worker(handle.url, token=TOKEN, worker_id="w") as w:
+            g = w.join([m.copy() for m in MODEL])
+            with pytest.raises(ValueError, match="at most 2\\*\\*53"):
+                w.sync([a + 1 for a in g], 1e18)
+            new = w.sync([a + 1 for a in g], 3)
+        assert np.array_equal(new[0], MODEL[0] + 1)
+        assert handle.wait(10)
+    finally:
+        handle.stop()
+
+
+def test_the_chief_refuses_a_bad_update_field_with_a_sentence_over_tcp() -> None:
+    """A worker built from the connection object alone, over a plain socket, that sends an
+    UPDATE whose num_samples is not a number: the chief's ERROR says so."""
+    handle = serve("127.0.0.1:0", workers=2, rounds=1, initial=MODEL, token=TOKEN)
+    try:
+        host, port = handle.url.split("://")[1].rsplit(":", 1)
+        conn = WorkerConnection(TOKEN, spec_of(MODEL))
+        with socket.create_connection((host, int(port)), timeout=10) as s:
+            def exchange(msg: object, want: type) -> object:
+                s.sendall(conn.send(msg).tobytes())  # type: ignore[arg-type]
+                while True:
+                    events = conn.receive_data(s.recv(1 << 16))
+                    if events:
+                        assert isinstance(events[0], want), events
+                        return events[0]
+
+            exchange(Hello("raw"), Challenge)
+            exchange(Auth(spec_of(MODEL), want_model=False), Welcome)
+            frame = conn.send(Update(0, 1, MODEL))
+            data = frame.tobytes().replace(b'"num_samples":1.0', b'"num_samples":"1"')
+            s.sendall(data)
+            err = None
+            while err is None:
+                events = conn.receive_data(s.recv(1 << 16))
+                err = next((e for e in events if isinstance(e, Error)), None)
+            assert err.code == ErrorCode.BAD_FRAME.value and "num_samples" in err.message
+    finally:
+        handle.stop()
