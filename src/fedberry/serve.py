@@ -7,21 +7,27 @@ The chief runs its event loop on its own thread, so the same process can also tr
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import dataclasses
 import logging
 import os
+import ssl
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from fedberry.certs import server_context
 from fedberry.chief import checkpoint as ckpt_io
 from fedberry.chief.runtime import ChiefServer, Evaluate
 from fedberry.chief.state import Chief, ChiefConfig
 from fedberry.protocol.auth import resolve_token
 from fedberry.protocol.frames import spec_mismatch, spec_of
 from fedberry.strategies import make_strategy
-from fedberry.worker import LoopThread
+from fedberry.transports.local import LocalSession
+from fedberry.transports.loop import LoopThread
+from fedberry.transports.tcp import ListenOptions, TcpChief, parse_address
 
 log = logging.getLogger("fedberry.chief")
 
@@ -49,12 +55,16 @@ class ChiefHandle:
     def chief(self) -> Chief:
         return self.server.chief
 
+    def local_session(self, worker_id: str) -> LocalSession:
+        """A worker in this process (``Worker(chief=handle)``): no bytes, the same rounds."""
+        return LocalSession(self.server, self.io.loop, worker_id)
+
     def wait(self, timeout: float | None = None) -> bool:
         """Block until the chief has finished (True) or ``timeout`` passed (False)."""
         try:
             self._task.result(timeout)
             return True
-        except TimeoutError:
+        except concurrent.futures.TimeoutError:  # not the builtin TimeoutError before 3.11
             return False
 
     def stop(self) -> None:
@@ -83,8 +93,8 @@ def serve(listen: str | None = "127.0.0.1:0", *, workers: int = 1, rounds: int |
           handshake_timeout: float = 15.0, finish_grace: float = 30.0,
           run_config: dict[str, Any] | None = None,
           on_round: Callable[[dict[str, Any]], None] | None = None,
-          downlink: str = "none", shaper: Any = None,
-          receive_memory: int = 64 << 20) -> ChiefHandle:
+          downlink: str = "none", receive_memory: int = 64 << 20,
+          listen_options: ListenOptions | None = None) -> ChiefHandle:
     """Start a chief in the background and return once it accepts connections.
 
     ``downlink``: how the global model travels to TCP workers: ``none``, ``fp16`` (half the
@@ -92,12 +102,13 @@ def serve(listen: str | None = "127.0.0.1:0", *, workers: int = 1, rounds: int |
     missed a round gets the whole model). The chief keeps the model exactly as the workers decode
     it (broadcast.py).
 
-    ``shaper``: a ``bench.shaper.SharedLink`` that every TCP connection's bytes pass through,
-    to emulate a slow shared link without root (docs/slow-link.md); None: full speed.
-
     ``receive_memory``: bytes of TCP updates read at once, all workers together (at least one
     update); the others wait their turn in their sockets, so that the chief's memory does not
-    grow with the number of workers sending at the same moment."""
+    grow with the number of workers sending at the same moment.
+
+    ``listen_options``: the TCP listener's other settings (``transports.tcp.ListenOptions``:
+    per-address handshake and authentication-delay limits, ``bind_worker_id``, ``pacing`` for a
+    benchmark's emulated link); the fields set by this function's own arguments come from them."""
     strat = make_strategy(strategy)
     start_round = 0
     append = False
@@ -123,14 +134,8 @@ def serve(listen: str | None = "127.0.0.1:0", *, workers: int = 1, rounds: int |
     handle = ChiefHandle(server, io)
     tcp = None
     if listen:
-        from fedberry.transports.tcp import ListenOptions, TcpChief, parse_address
-
         ctx = None
         if tls_cert:
-            import ssl
-
-            from fedberry.certs import server_context
-
             ctx = server_context(tls_cert, tls_key, client_ca)
             if client_ca:
                 # The handshake may finish without a client certificate; the transport then
@@ -139,12 +144,12 @@ def serve(listen: str | None = "127.0.0.1:0", *, workers: int = 1, rounds: int |
         elif client_ca:
             raise ValueError("--client-ca needs TLS: give --tls-cert and --tls-key too")
         host, port = parse_address(listen)
-        tcp = TcpChief(server, host, port, ListenOptions(
+        tcp = TcpChief(server, host, port, dataclasses.replace(
+            listen_options or ListenOptions(),
             token=resolve_token(token, token_file), ssl_context=ctx,
             require_client_cert=bool(tls_cert and client_ca), insecure=insecure,
             max_connections=max_connections, idle_timeout=idle_timeout,
-            handshake_timeout=handshake_timeout, shaper=shaper,
-            receive_memory=receive_memory))
+            handshake_timeout=handshake_timeout, receive_memory=receive_memory))
         handle.tcp = tcp
         handle.address = io.run(tcp.start(), 30)
         handle._task = asyncio.run_coroutine_threadsafe(tcp.serve(), io.loop)
