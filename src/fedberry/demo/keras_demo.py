@@ -76,7 +76,7 @@ def build_keras_model(name: str, seed: int = 0) -> Any:
     Keras's default initializers (Glorot uniform kernels, zero biases), not torch's.
     """
     ensure_backend()
-    import keras
+    import keras  # after ensure_backend: see the module docstring
     from keras import layers
 
     if name not in _INPUT_SHAPES:
@@ -109,7 +109,7 @@ def keras_model_input(name: str, x_flat: np.ndarray) -> np.ndarray:
 def initial_arrays(name: str, seed: int = 0) -> list[np.ndarray]:
     """The chief's initial model for a Keras federation."""
     ensure_backend()
-    from fedberry.integrations.keras import get_arrays
+    from fedberry.integrations.keras import get_arrays  # imports keras: after ensure_backend
 
     return get_arrays(build_keras_model(name, seed))
 
@@ -117,7 +117,7 @@ def initial_arrays(name: str, seed: int = 0) -> list[np.ndarray]:
 def make_keras_evaluator(name: str, data_dir: str | None = None) -> Any:
     """``evaluate(arrays) -> {"accuracy", "loss"}`` of a Keras global model on the test set."""
     ensure_backend()
-    from fedberry.integrations.keras import set_arrays
+    from fedberry.integrations.keras import set_arrays  # imports keras: after ensure_backend
 
     data = load_fashion_mnist(data_dir)
     x, y = keras_model_input(name, data.x_test), np.asarray(data.y_test, dtype=np.int64)
@@ -152,7 +152,7 @@ def run_keras_worker(chief: Any, index: int, count: int, cfg: TrainConfig,
                      **worker_options: Any) -> dict[str, Any]:
     """Train on partition ``index``/``count`` with ``model.fit`` until the chief says done."""
     ensure_backend()
-    import keras
+    import keras  # after ensure_backend: see the module docstring
 
     from fedberry.integrations.keras import FederatedCallback
 
