@@ -16,8 +16,8 @@
 # tests/test_fuzz_chief.py's 10k bad frames at a live chief and 18 s the kernel-shaping slow-link
 # tests; those are marked `heavy` and left out here (the main run has them: they exercise
 # processes and the kernel, not what differs between Pythons), which brings a version to
-# 50-70 s (all four: under 5 min). Building a venv costs about a minute the first time. FEDBERRY_PYTHONS_ALL=1 runs
-# everything on every version.
+# 50-70 s (all four: under 5 min). Building a venv costs about a minute the first time.
+# FEDBERRY_PYTHONS_ALL=1 runs everything on every version.
 # FEDBERRY_PYTHONS_PYTEST_ARGS: extra pytest arguments (e.g. a -k filter) for every version.
 set -euo pipefail
 cd "$(dirname "$0")/.."
