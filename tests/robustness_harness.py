@@ -19,6 +19,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from fedberry.protocol import auth
 from fedberry.protocol.frames import Frame, FrameDecoder, MsgType, encode
 
@@ -111,6 +113,11 @@ class Cluster:
         return f"tcp://127.0.0.1:{self.port}"
 
     def start(self, name: str, argv: list[str]) -> Proc:
+        model = argv[argv.index("--model") + 1] if "--model" in argv else "mlp"
+        if argv[0] == "worker" or (argv[0] == "chief" and model != "none"):
+            # The demo's worker trains, and a chief with a --model evaluates, a torch model:
+            # the core runs on extra Pythons have no torch (scripts/test-pythons.sh).
+            pytest.importorskip("torch", reason="the demo worker and evaluator need torch")
         proc = Proc(name, [sys.executable, "-m", "fedberry", *argv],
                     self.tmp / f"{name}.log", self.env)
         self.procs.append(proc)

@@ -6,6 +6,7 @@ shape and sanity only, never speed: this machine may be busy with other tests.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -23,9 +24,14 @@ from fedberry.bench.cli import apply_overrides
 from fedberry.bench.config import MODES, BenchConfig, quick
 from fedberry.bench.harness import ModeResult, Point
 from fedberry.bench.report import ratio, ratios, table
+from fedberry.bench.shaper import SharedLink
+from fedberry.serve import serve
+from fedberry.transports.tcp import ListenOptions
+from fedberry.worker import Worker
 
-pytest.importorskip("torch")
-
+# The modes train torch models; the rest (tables, configuration, the pacing hook) is numpy only.
+needs_torch = pytest.mark.skipif(importlib.util.find_spec("torch") is None,
+                                 reason="the benchmark's modes need torch (the torch extra)")
 DATA = Path(os.environ.get("FEDBERRY_DATA_DIR", "/usr/share/datasets/fashion-mnist"))
 needs_data = pytest.mark.skipif(not DATA.is_dir(), reason=f"Fashion-MNIST not in {DATA}")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -82,16 +88,15 @@ def test_overrides_and_quick() -> None:
 
 # ---------------------------------------------------------------------------- the shaper hook
 def test_chief_shaper_paces_a_round() -> None:
-    """With ListenOptions.shaper the chief's traffic goes through the shared buckets: a round
-    cannot finish faster than its bytes allow at the link rate, and the average is unchanged."""
-    from fedberry.bench.shaper import SharedLink
-    from fedberry.serve import serve
-    from fedberry.worker import Worker
+    """With the link's buckets as the listener's pacing, the chief's traffic goes through them:
+    a round cannot finish faster than its bytes allow at the link rate, and the average is
+    unchanged."""
 
     n, size, rate_mbit = 2, 100_000, 8.0  # 400 kB per model, 1 MB/s
     init = [np.zeros(size, np.float32)]
     link = SharedLink.from_mbit(rate_mbit)
-    handle = serve("127.0.0.1:0", workers=n, rounds=2, initial=init, token="t" * 32, shaper=link)
+    handle = serve("127.0.0.1:0", workers=n, rounds=2, initial=init, token="t" * 32,
+                   listen_options=ListenOptions(pacing=link.pacing()))
     out: dict[int, np.ndarray] = {}
 
     def work(i: int) -> None:
@@ -149,6 +154,7 @@ def _check_row(name: str, r: dict[str, Any], cap: float) -> None:
         assert r["workers"] >= 2
 
 
+@needs_torch
 @needs_data
 def test_quick_every_mode(tmp_path: Path) -> None:
     """`fedberry bench --quick`: namespaces when this runs as root, else the in-process shaper."""
@@ -190,6 +196,7 @@ def test_quick_every_mode(tmp_path: Path) -> None:
         assert check is None
 
 
+@needs_torch
 @needs_data
 def test_in_process_shaper_fallback(tmp_path: Path) -> None:
     """The path a machine without root takes: our chief shapes, nothing needs privileges."""

@@ -1,10 +1,15 @@
 """The README's demo, end to end: a chief and 4 worker processes over loopback TCP sockets."""
 
+import importlib.util
 import subprocess
 
+import pytest
 from helpers import fedberry_env, python
 
 from fedberry.chief.metrics import read
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("torch") is None,
+                                reason="the demo trains with torch (the torch extra)")
 
 MLP_PARAMS = 199_210
 

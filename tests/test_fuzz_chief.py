@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pytest
 from robustness_harness import TOKEN, Cluster
 
 from fedberry import codecs
@@ -341,6 +342,7 @@ async def fuzz(port: int, frames: int, seed: int, tally: Tally) -> None:
         await asyncio.gather(*batch)
 
 
+@pytest.mark.heavy  # ~45 s: the extra Pythons' core runs leave it out (scripts/test-pythons.sh)
 def test_ten_thousand_bad_frames_at_a_live_chief(tmp_path: Path) -> None:
     stop = tmp_path / "stop"
     with Cluster(tmp_path) as c:

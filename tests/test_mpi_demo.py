@@ -66,7 +66,7 @@ def test_mpi_demo_matches_the_tcp_demo(tmp_path, monkeypatch):
         handles.append(real_serve(*args, **kwargs))
         return handles[-1]
 
-    serve_mod = importlib.import_module("fedberry.serve")  # the package exports serve()
+    serve_mod = importlib.import_module("fedberry.demo.torch_demo")  # run_demo's serve()
     real_serve = serve_mod.serve
     monkeypatch.setattr(serve_mod, "serve", capture)
     mpi = start_demo(tmp_path / "mpi", "--rounds", str(ROUNDS))

@@ -305,6 +305,7 @@ def downlink(
     return results
 
 
+@pytest.mark.heavy  # kernel shaping, the same on every Python: main run only
 def test_namespaces_agree_with_token_bucket(link: netns.SlowLink, procs: Procs) -> None:
     before = link.qdisc_stats()
     ns_up = _rate_mbit(uplink(procs, link, None))
@@ -339,6 +340,7 @@ def test_namespaces_agree_with_token_bucket(link: netns.SlowLink, procs: Procs) 
     assert after["downlink"]["bytes"] - mid["downlink"]["bytes"] >= TOTAL_BYTES
 
 
+@pytest.mark.heavy  # kernel shaping, the same on every Python: main run only
 def test_half_duplex_shares_one_rate(half_link: netns.SlowLink, procs: Procs) -> None:
     """Upload and download at once: in half duplex they split one rate instead of getting two."""
     results: dict[str, list[dict[str, Any]]] = {}

@@ -4,11 +4,12 @@ import threading
 
 import numpy as np
 import pytest
-import torch
 
-from fedberry import Worker, serve
-from fedberry.demo.models import get_arrays
-from fedberry.torch import FederatedOptimizer
+torch = pytest.importorskip("torch", reason="the torch extra")
+
+from fedberry import Worker, serve  # noqa: E402
+from fedberry.demo.models import get_arrays  # noqa: E402
+from fedberry.torch import FederatedOptimizer  # noqa: E402
 
 
 def _model(seed):

@@ -15,18 +15,22 @@ import asyncio
 import concurrent.futures
 import dataclasses
 import logging
+import ssl
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from fedberry.certs import server_context
 from fedberry.chief.build import OutputOptions, RoundPolicy, build_chief_server
 from fedberry.chief.runtime import ChiefServer, Evaluate
 from fedberry.chief.state import Chief
 from fedberry.protocol.auth import resolve_token
 from fedberry.strategies import Strategy
-from fedberry.worker import LoopThread
+from fedberry.transports.local import LocalSession
+from fedberry.transports.loop import LoopThread
+from fedberry.transports.tcp import ListenOptions, TcpChief, parse_address
 
 log = logging.getLogger("fedberry.chief")
 
@@ -107,6 +111,10 @@ class ChiefHandle:
     def chief(self) -> Chief:
         return self.server.chief
 
+    def local_session(self, worker_id: str) -> LocalSession:
+        """A worker in this process (``Worker(chief=handle)``): no bytes, the same rounds."""
+        return LocalSession(self.server, self.io.loop, worker_id)
+
     def wait(self, timeout: float | None = None) -> bool:
         """Block until the chief has finished.
 
@@ -150,7 +158,8 @@ def serve(listen: str | None = "127.0.0.1:0", *, workers: int | None = None,
           initial: Sequence[np.ndarray] | None = None, evaluate: Evaluate | None = None,
           on_round: Callable[[dict[str, Any]], None] | None = None, downlink: str = "none",
           listening: Listening | None = None, policy: RoundPolicy | None = None,
-          output: OutputOptions | None = None, shaper: Any = None,
+          output: OutputOptions | None = None,
+          listen_options: ListenOptions | None = None,
           **options: Any) -> ChiefHandle:
     """Start a chief in the background and return once it accepts connections.
 
@@ -184,9 +193,10 @@ def serve(listen: str | None = "127.0.0.1:0", *, workers: int | None = None,
         When rounds close and the run ends.
     output : OutputOptions, optional
         Metrics directory, checkpoint, resume.
-    shaper : bench.shaper.SharedLink, optional
-        Every TCP connection's bytes pass through it, to emulate a slow shared link without root
-        (docs/slow-link.md); None: full speed.
+    listen_options : transports.tcp.ListenOptions, optional
+        The TCP listener's other settings (per-address handshake and authentication-delay
+        limits, ``bind_worker_id``, ``pacing``: a benchmark's emulated link, docs/slow-link.md);
+        the fields that ``listening`` sets come from it.
     **options
         Any field of ``Listening``, ``RoundPolicy`` or ``OutputOptions`` by name (``token=``,
         ``min_workers=``, ``checkpoint=``, ``resume=``...): it replaces that field of the object
@@ -224,14 +234,8 @@ def serve(listen: str | None = "127.0.0.1:0", *, workers: int | None = None,
     handle = ChiefHandle(server, io)
     tcp = None
     if listen:
-        from fedberry.transports.tcp import ListenOptions, TcpChief, parse_address
-
         ctx = None
         if lis.tls_cert:
-            import ssl
-
-            from fedberry.certs import server_context
-
             ctx = server_context(lis.tls_cert, lis.tls_key, lis.client_ca)
             if lis.client_ca:
                 # The handshake may finish without a client certificate; the transport then
@@ -240,12 +244,12 @@ def serve(listen: str | None = "127.0.0.1:0", *, workers: int | None = None,
         elif lis.client_ca:
             raise ValueError("--client-ca needs TLS: give --tls-cert and --tls-key too")
         host, port = parse_address(listen)
-        tcp = TcpChief(server, host, port, ListenOptions(
+        tcp = TcpChief(server, host, port, dataclasses.replace(
+            listen_options or ListenOptions(),
             token=resolve_token(lis.token, lis.token_file), ssl_context=ctx,
             require_client_cert=bool(lis.tls_cert and lis.client_ca), insecure=lis.insecure,
             max_connections=lis.max_connections, idle_timeout=lis.idle_timeout,
-            handshake_timeout=lis.handshake_timeout, shaper=shaper,
-            receive_memory=lis.receive_memory))
+            handshake_timeout=lis.handshake_timeout, receive_memory=lis.receive_memory))
         handle.tcp = tcp
         handle.address = io.run(tcp.start(), 30)
         handle._task = asyncio.run_coroutine_threadsafe(tcp.serve(), io.loop)

@@ -1,9 +1,9 @@
 """The worker API: ``Worker(chief=...).sync(arrays, num_samples) -> arrays``.
 
-The chief address picks the transport: ``tcp://host:port`` (asyncio sockets, TLS optional),
-``mpi://`` (under mpiexec), or an in-process ``ChiefHandle`` (the chief trains too). A TCP worker
-keeps one connection for the whole run on a background event-loop thread, so heartbeats and
-reconnects go on while the user's code trains.
+The chief address picks the transport (``transports.connect``): ``tcp://host:port`` (asyncio
+sockets, TLS optional), ``mpi://`` (under mpiexec), or an in-process ``ChiefHandle`` (the chief
+trains too). A TCP worker keeps one connection for the whole run on a background event-loop
+thread, so heartbeats and reconnects go on while the user's code trains.
 """
 
 from __future__ import annotations
@@ -13,45 +13,25 @@ import logging
 import math
 import os
 import socket
-import threading
 import uuid
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
+from fedberry.certs import client_cert_name
 from fedberry.chief.state import non_finite
-from fedberry.errors import FederationError
-from fedberry.protocol.auth import resolve_token
+from fedberry.codecs import UPLINK_CODECS, check_name
+from fedberry.transports.connect import InProcessChief, connect
+from fedberry.transports.loop import LoopThread
 
 log = logging.getLogger("fedberry.worker")
-
-
-class LoopThread:
-    """An asyncio event loop on a daemon thread; ``run(coro)`` blocks the caller until done."""
-
-    def __init__(self, name: str = "fedberry-io") -> None:
-        self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self.loop.run_forever, name=name, daemon=True)
-        self._thread.start()
-
-    def run(self, coro: Any, timeout: float | None = None) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def stop(self) -> None:
-        if self.loop.is_running():
-            self.loop.call_soon_threadsafe(self.loop.stop)
-            self._thread.join(5)
-        if not self.loop.is_running():
-            self.loop.close()
 
 
 def default_worker_id(cert: str | None = None) -> str:
     """The name in ``cert`` when there is one (a chief that requires client certificates admits
     no other id), else a fresh host-pid-random name."""
     if cert:
-        from fedberry.certs import client_cert_name
-
         name = client_cert_name(cert)
         if name:
             return name
@@ -76,8 +56,9 @@ class Worker:
     that requires client certificates admits no other), else a fresh host-pid-random name.
     """
 
-    def __init__(self, chief: Any = "tcp://127.0.0.1:7777", *, token: str | None = None,
-                 token_file: str | None = None, worker_id: str | None = None,
+    def __init__(self, chief: str | InProcessChief = "tcp://127.0.0.1:7777", *,
+                 token: str | None = None, token_file: str | None = None,
+                 worker_id: str | None = None,
                  ca: str | None = None, cert: str | None = None, key: str | None = None,
                  server_hostname: str | None = None, connect_timeout: float = 60.0,
                  reconnect_timeout: float = 300.0, heartbeat: float = 5.0,
@@ -87,11 +68,12 @@ class Worker:
         self.done = False
         self.joined = False
         self._io: LoopThread | None = None
-        self._session = _make_session(chief, self, token=token, token_file=token_file, ca=ca,
-                                      cert=cert, key=key, server_hostname=server_hostname,
-                                      connect_timeout=connect_timeout,
-                                      reconnect_timeout=reconnect_timeout, heartbeat=heartbeat,
-                                      idle_timeout=idle_timeout, codec=codec)
+        check_name(codec, UPLINK_CODECS, "update")
+        self._session = connect(chief, worker_id=self.worker_id, token=token,
+                                token_file=token_file, ca=ca, cert=cert, key=key,
+                                server_hostname=server_hostname, connect_timeout=connect_timeout,
+                                reconnect_timeout=reconnect_timeout, heartbeat=heartbeat,
+                                idle_timeout=idle_timeout, codec=codec)
 
     # -- the API -----------------------------------------------------------------------------
     def join(self, arrays: Sequence[np.ndarray]) -> list[np.ndarray]:
@@ -160,39 +142,3 @@ def _check_arrays(arrays: Sequence[np.ndarray]) -> list[np.ndarray]:
     if not out:
         raise ValueError("a model needs at least one array")
     return out
-
-
-def _make_session(chief: Any, worker: Worker, **kw: Any) -> Any:
-    from fedberry.codecs import UPLINK_CODECS, check_name
-    from fedberry.serve import ChiefHandle
-
-    check_name(kw["codec"], UPLINK_CODECS, "update")
-    if isinstance(chief, ChiefHandle):
-        from fedberry.transports.local import LocalSession
-
-        return LocalSession(chief, worker.worker_id)
-    if not isinstance(chief, str):
-        raise TypeError("chief must be an address like 'tcp://host:port' or 'mpi://', "
-                        "or a ChiefHandle from fedberry.serve()")
-    if chief.startswith("mpi://"):
-        from fedberry.transports.mpi import MpiSession
-
-        return MpiSession(chief)  # the query string may carry options
-    if chief.startswith("tcp://") or "://" not in chief:
-        from fedberry.transports.tcp import TcpSession, is_loopback, parse_address
-
-        host, port = parse_address(chief)
-        ctx = None
-        if kw["ca"]:
-            from fedberry.certs import client_context
-
-            ctx = client_context(kw["ca"], kw["cert"], kw["key"])
-        elif not is_loopback(host):
-            log.warning("connecting to %s without TLS (no --ca): the traffic can be read", host)
-        return TcpSession(host, port, token=resolve_token(kw["token"], kw["token_file"]),
-                          worker_id=worker.worker_id, ssl_context=ctx,
-                          server_hostname=kw["server_hostname"] or host,
-                          connect_timeout=kw["connect_timeout"],
-                          reconnect_timeout=kw["reconnect_timeout"], heartbeat=kw["heartbeat"],
-                          idle_timeout=kw["idle_timeout"], codec=kw["codec"])
-    raise FederationError(f"unknown chief address {chief!r}: use tcp://host:port or mpi://")

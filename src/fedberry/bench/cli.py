@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from fedberry.bench.config import MODES, BenchConfig, OptimConfig, quick
+from fedberry.bench.run import run
 
 
 def add_bench_parser(sub: argparse._SubParsersAction) -> None:
@@ -96,6 +97,4 @@ def run_bench(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     command = "fedberry " + " ".join(shlex.quote(a) for a in sys.argv[1:]) \
         if Path(sys.argv[0]).name in ("fedberry", "__main__.py") else None
-    from fedberry.bench.run import run
-
     return run(cfg, quiet=args.quiet, command=command, started=time.time())

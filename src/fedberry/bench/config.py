@@ -38,7 +38,7 @@ class OptimConfig:
     momentum: float = 0.9  # sgd: momentum; adam: beta1
 
     def build(self, params: Any) -> Any:
-        import torch
+        import torch  # the torch extra: `fedberry bench --help` must not need it
 
         if self.name == "sgd":
             return torch.optim.SGD(params, lr=self.lr, momentum=self.momentum)

@@ -8,6 +8,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from fedberry.data.fashion_mnist import load_fashion_mnist
+
 
 class SnapshotEvaluator:
     """Evaluates ddp rank 0's per-step weights on the test set, in step order, beside training
@@ -27,11 +31,9 @@ class SnapshotEvaluator:
         self._thread.join(10)
 
     def _run(self) -> None:
-        import numpy as np
-        import torch
+        import torch  # the torch extra, on this thread only when ddp runs
 
-        from fedberry.data.fashion_mnist import load_fashion_mnist
-        from fedberry.demo.models import build_model, evaluate, model_input
+        from fedberry.demo.models import build_model, evaluate, model_input  # imports torch
 
         torch.set_num_threads(1)
         data = load_fashion_mnist(self.data_dir)

@@ -7,12 +7,8 @@ mean, and where the bytes are counted, is in results.py.
 from __future__ import annotations
 
 import os
-from dataclasses import asdict
-from pathlib import Path
-from typing import Any
 
-from fedberry.bench.config import BenchConfig, ModeConfig
-from fedberry.bench.link import BenchLink
+from fedberry.bench.context import BenchContext
 from fedberry.bench.mode_ddp import run_ddp
 from fedberry.bench.mode_fed import run_fed
 from fedberry.bench.mode_single import run_single
@@ -22,25 +18,8 @@ from fedberry.bench.results import ModeResult, Point
 __all__ = ["Bench", "ModeResult", "Point"]
 
 
-class Bench:
+class Bench(BenchContext):
     """The modes of one benchmark on one link; ``run`` runs one of them to its result."""
-
-    def __init__(self, cfg: BenchConfig, link: BenchLink, out: Path, quiet: bool = False) -> None:
-        self.cfg = cfg
-        self.link = link
-        self.out = out
-        self.quiet = quiet
-
-    def spec(self, mode: str, mc: ModeConfig, **extra: Any) -> dict[str, Any]:
-        """What a mode's process is told on its command line (procs.py)."""
-        return {"mode": mode, "model": self.cfg.model, "seed": self.cfg.seed,
-                "data_dir": self.cfg.data_dir, "batch_size": mc.batch_size,
-                "optim": asdict(mc.optim), "count": self.cfg.workers, **extra}
-
-    def logdir(self, name: str) -> Path:
-        d = self.out / "logs" / name
-        d.mkdir(parents=True, exist_ok=True)
-        return d
 
     def run(self, mode: str, *, tag: str | None = None, max_k: int | None = None,
             stop_at_target: bool | None = None) -> ModeResult:

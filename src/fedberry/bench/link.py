@@ -8,7 +8,8 @@ through the access point, and without this the gloo ring of the ``ddp`` mode wou
 unshaped bridge and never touch the slow link.
 
 ``shaper`` (no root): everything on loopback; our TCP chief passes every byte through one token
-bucket per direction shared by all its connections (`ListenOptions.shaper`). Only our transport
+bucket per direction shared by all its connections (the listener's pacing,
+`ListenOptions(pacing=SharedLink.pacing())`, see transports/pacing.py). Only our transport
 can be shaped this way: gloo's sockets cannot, so ``ddp`` then runs unshaped and says so.
 """
 

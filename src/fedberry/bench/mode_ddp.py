@@ -9,9 +9,9 @@ import socket
 import tempfile
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from fedberry.bench.config import ModeConfig
+from fedberry.bench.context import BenchContext
 from fedberry.bench.ddp_eval import SnapshotEvaluator
 from fedberry.bench.link import DDP_PORT
 from fedberry.bench.process_group import Event, ProcessGroup
@@ -19,11 +19,8 @@ from fedberry.bench.progress import Progress
 from fedberry.bench.results import ModeResult, Point, finish
 from fedberry.bench.tracking import IFACE_SOURCE, Baseline, Reports, Tracker, qdisc_delta
 
-if TYPE_CHECKING:
-    from fedberry.bench.harness import Bench
 
-
-def run_ddp(bench: Bench, mc: ModeConfig, stop: bool, tag: str,
+def run_ddp(bench: BenchContext, mc: ModeConfig, stop: bool, tag: str,
             max_k: int | None) -> ModeResult:
     return _DdpRun(bench, mc, stop, tag, max_k).run()
 
@@ -43,7 +40,7 @@ def _free_port() -> int:
 
 
 class _DdpRun:
-    def __init__(self, bench: Bench, mc: ModeConfig, stop: bool, tag: str,
+    def __init__(self, bench: BenchContext, mc: ModeConfig, stop: bool, tag: str,
                  max_k: int | None) -> None:
         self.bench, self.mc = bench, mc
         n = bench.cfg.workers

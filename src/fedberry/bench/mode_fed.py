@@ -3,26 +3,23 @@
 from __future__ import annotations
 
 from dataclasses import asdict
-from typing import TYPE_CHECKING
 
 from fedberry.bench.config import ModeConfig
+from fedberry.bench.context import BenchContext
 from fedberry.bench.link import CHIEF_PORT
 from fedberry.bench.process_group import Event, ProcessGroup
 from fedberry.bench.progress import Progress
 from fedberry.bench.results import ModeResult, Point, finish
 from fedberry.bench.tracking import IFACE_SOURCE, Baseline, Reports, Tracker, qdisc_delta
 
-if TYPE_CHECKING:
-    from fedberry.bench.harness import Bench
 
-
-def run_fed(bench: Bench, mode: str, mc: ModeConfig, stop: bool, tag: str,
+def run_fed(bench: BenchContext, mode: str, mc: ModeConfig, stop: bool, tag: str,
             max_k: int | None) -> ModeResult:
     return _FedRun(bench, mode, mc, stop, tag, max_k).run()
 
 
 class _FedRun:
-    def __init__(self, bench: Bench, mode: str, mc: ModeConfig, stop: bool, tag: str,
+    def __init__(self, bench: BenchContext, mode: str, mc: ModeConfig, stop: bool, tag: str,
                  max_k: int | None) -> None:
         self.bench, self.mode, self.mc = bench, mode, mc
         n = bench.cfg.workers

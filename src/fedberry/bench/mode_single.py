@@ -5,18 +5,15 @@ from __future__ import annotations
 import queue
 import time
 from dataclasses import asdict
-from typing import TYPE_CHECKING
 
 from fedberry.bench.config import ModeConfig
+from fedberry.bench.context import BenchContext
 from fedberry.bench.process_group import ProcessGroup
 from fedberry.bench.progress import Progress
 from fedberry.bench.results import ModeResult, Point, finish
 
-if TYPE_CHECKING:
-    from fedberry.bench.harness import Bench
 
-
-def run_single(bench: Bench, mc: ModeConfig, stop: bool) -> ModeResult:
+def run_single(bench: BenchContext, mc: ModeConfig, stop: bool) -> ModeResult:
     target = bench.cfg.target
     res = ModeResult("single", 1, "step", asdict(mc), bytes_source="none (one process)",
                      link_shaped=False)

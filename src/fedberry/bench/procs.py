@@ -6,22 +6,37 @@ Roles: ``chief`` (our chief, for dsgd and fedavg), ``fed`` (a worker of dsgd or 
 seven processes on two cores) are not part of anybody's training time. Then it prints one JSON
 object per line as it goes; logs go to stderr. Timestamps are ``time.monotonic()``, which is
 one clock for every process on the machine, namespaces or not.
+
+Each role imports the torch it uses (the optional ``torch`` extra; ``ddp`` alone needs
+``torch.distributed``) and the fedberry modules that import torch at load (``demo.models``,
+``integrations.torch``) inside its function; the rest is imported here.
 """
 
 from __future__ import annotations
 
 import collections
 import json
+import logging
 import math
 import os
 import sys
 import time
 import zlib
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from fedberry.bench.config import OptimConfig
+from fedberry.bench.shaper import SharedLink
+from fedberry.data.fashion_mnist import load_fashion_mnist
+from fedberry.data.partition import partition
+from fedberry.demo.torch_demo import initial_model, make_evaluator
+from fedberry.serve import serve
+from fedberry.transports.tcp import ListenOptions
+from fedberry.worker import Worker
 
 
 def emit(**event: Any) -> None:
@@ -66,8 +81,6 @@ def batches(n: int, batch: int, seed: list[int], drop_last: bool) -> Iterator[np
 def _setup(spec: dict[str, Any], shard: bool = True) -> tuple[Any, Any, Any]:
     import torch
 
-    from fedberry.data.fashion_mnist import load_fashion_mnist
-    from fedberry.data.partition import partition
     from fedberry.demo.models import build_model, model_input
 
     torch.set_num_threads(1)  # one thread per process: more collapses on shared cores
@@ -81,8 +94,6 @@ def _setup(spec: dict[str, Any], shard: bool = True) -> tuple[Any, Any, Any]:
 
 
 def _optim(spec: dict[str, Any], params: Any) -> Any:
-    from fedberry.bench.config import OptimConfig
-
     return OptimConfig(**spec["optim"]).build(params)
 
 
@@ -93,10 +104,7 @@ def run_chief(spec: dict[str, Any]) -> None:
     optimizer, which keeps it bit-identical to every worker's (the crc in each round says so)."""
     import torch
 
-    from fedberry.bench.shaper import SharedLink
     from fedberry.demo.models import build_model, get_arrays, set_arrays
-    from fedberry.demo.torch_demo import initial_model, make_evaluator
-    from fedberry.serve import serve
 
     torch.set_num_threads(1)
     base = make_evaluator(spec["model"], spec.get("data_dir"))
@@ -146,8 +154,8 @@ def run_chief(spec: dict[str, Any]) -> None:
                    rounds=spec["max_rounds"], initial=initial, evaluate=eval_keep_crc,
                    insecure=not loopback, idle_timeout=120.0, finish_grace=5.0,
                    on_round=on_round, downlink=spec.get("downlink", "none"),
-                   shaper=SharedLink.from_mbit(spec["shaper_mbit"]) if spec.get("shaper_mbit")
-                   else None)
+                   listen_options=ListenOptions(pacing=SharedLink.from_mbit(
+                       spec["shaper_mbit"]).pacing()) if spec.get("shaper_mbit") else None)
     emit(ev="listening", port=handle.address[1])
     wait_go()
     try:
@@ -166,7 +174,6 @@ def run_fed(spec: dict[str, Any]) -> None:
 
     from fedberry.demo.models import get_arrays, set_arrays
     from fedberry.integrations.torch import FederatedOptimizer
-    from fedberry.worker import Worker
 
     model, x, y = _setup(spec)
     opt = _optim(spec, model.parameters())
@@ -238,8 +245,6 @@ def run_fed(spec: dict[str, Any]) -> None:
 # ============================================================================================
 def run_ddp(spec: dict[str, Any]) -> None:
     """One rank of PyTorch DistributedDataParallel (gloo), the same steps as dsgd."""
-    from datetime import timedelta
-
     import torch.distributed as dist
     import torch.nn.functional as F
     from torch.nn.parallel import DistributedDataParallel
@@ -285,7 +290,6 @@ def run_single(spec: dict[str, Any]) -> None:
     beside training (on the chief or in the harness), not in its way."""
     import torch.nn.functional as F
 
-    from fedberry.data.fashion_mnist import load_fashion_mnist
     from fedberry.demo.models import evaluate, model_input
 
     model, x, y = _setup(spec, shard=False)
@@ -325,8 +329,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"usage: python -m fedberry.bench.procs {{{','.join(ROLES)}}} SPEC_JSON",
               file=sys.stderr)
         return 2
-    import logging
-
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     ROLES[argv[0]](json.loads(argv[1]))

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
 from pathlib import Path
 from typing import Any
 
-from fedberry.bench.harness import ModeResult
+from fedberry.bench.harness import ModeResult, Point
 
 
 def machine() -> dict[str, Any]:
@@ -23,7 +24,7 @@ def machine() -> dict[str, Any]:
     info: dict[str, Any] = {"cpu": cpu or platform.processor(), "cores": os.cpu_count(),
                             "kernel": platform.release(), "python": platform.python_version()}
     try:
-        import torch
+        import torch  # the torch extra, only to record its version
 
         info["torch"] = torch.__version__
     except ImportError:
@@ -157,7 +158,7 @@ def plots(results: dict[str, ModeResult], target: float, out: Path,
     """accuracy_vs_time.png and accuracy_vs_bytes.png; [] without matplotlib (the extra
     ``fedberry[bench]``)."""
     try:
-        import matplotlib
+        import matplotlib  # the bench extra (see the docstring)
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
@@ -212,8 +213,6 @@ def plots(results: dict[str, ModeResult], target: float, out: Path,
 
 def load(path: str | Path) -> tuple[dict[str, ModeResult], dict[str, Any]]:
     """The modes of a results.json as ModeResults, and the whole payload."""
-    from fedberry.bench.harness import Point
-
     payload = json.loads(Path(path).read_text())
     results = {}
     for name, d in payload["modes"].items():
@@ -226,8 +225,6 @@ def load(path: str | Path) -> tuple[dict[str, ModeResult], dict[str, Any]]:
 def main(argv: list[str] | None = None) -> int:
     """``python -m fedberry.bench.report RESULTS_JSON [--markdown] [--plots DIR]``: the table
     again (for docs), or the plots redrawn, from a finished run."""
-    import argparse
-
     p = argparse.ArgumentParser(prog="python -m fedberry.bench.report")
     p.add_argument("results")
     p.add_argument("--markdown", action="store_true")

@@ -23,6 +23,9 @@ from pathlib import Path
 
 import numpy as np
 
+from fedberry.serve import serve
+from fedberry.worker import Worker
+
 TENSORS = 8  # a model is a handful of tensors, not one blob
 
 
@@ -35,8 +38,6 @@ def model(params: int, seed: int = 0) -> list[np.ndarray]:
 
 # -- fedberry ------------------------------------------------------------------------------------
 def fedberry_worker(url: str, params: int, index: int) -> None:
-    from fedberry import Worker
-
     with Worker(url, worker_id=f"bench-{index}", token="bench") as w:
         arrays = w.join(model(params, index))
         while not w.done:
@@ -44,8 +45,6 @@ def fedberry_worker(url: str, params: int, index: int) -> None:
 
 
 def run_fedberry(params: int, workers: int, rounds: int, warmup: int) -> float:
-    from fedberry.serve import serve
-
     handle = serve("127.0.0.1:0", workers=workers, rounds=warmup + rounds,
                    initial=model(params), token="bench", finish_grace=5)
     procs = [subprocess.Popen([sys.executable, "-m", "fedberry.bench.round_time", "_fb_worker",

@@ -10,6 +10,7 @@ from fedberry.bench import link as link_mod
 from fedberry.bench import report
 from fedberry.bench.config import BenchConfig
 from fedberry.bench.harness import Bench, ModeResult
+from fedberry.bench.shaper import mbit_to_bytes_per_s, tcp_payload_fraction
 
 
 def run(cfg: BenchConfig, *, quiet: bool = False, command: str | None = None,
@@ -126,8 +127,6 @@ def check_shaper(cfg: BenchConfig, bench: Bench, out: Path, say: Any) -> dict[st
 
 def _expected_step(cfg: BenchConfig, r: ModeResult) -> float | None:
     """Transfer time alone of one dsgd step on the nominal link: N models up, then N down."""
-    from fedberry.bench.shaper import mbit_to_bytes_per_s, tcp_payload_fraction
-
     pts = r.points
     if len(pts) < 2 or r.socket_bytes_run is None:
         return None

@@ -12,7 +12,9 @@ repaid. This is what the kernel's htb does with a 64 KiB GSO super-packet that i
 burst, it makes requests larger than the burst legal, and it serves concurrent callers in the order
 they reserved (FIFO), so no caller starves however the threads are scheduled.
 
-Dependency-free on purpose (no numpy): the transports may import it.
+Dependency-free on purpose (no numpy). The transports never import it: a `SharedLink` hands the
+chief's listener its buckets as `transports.pacing.Pacing` (`pacing()`), and a `TokenBucket` is a
+`transports.pacing.Pacer` (it has `reserve`).
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+
+from fedberry.transports.pacing import Pacing
 
 __all__ = [
     "SharedLink",
@@ -183,6 +187,10 @@ class SharedLink:
         if burst_bytes is None:
             burst_bytes = default_burst(rate)
         return cls(TokenBucket(rate, burst_bytes), TokenBucket(rate, burst_bytes))
+
+    def pacing(self) -> Pacing:
+        """These buckets as the TCP chief's pacing (``ListenOptions(pacing=...)``)."""
+        return Pacing(uplink=self.uplink, downlink=self.downlink)
 
 
 def send_shaped(sock: socket.socket, data: bytes, bucket: TokenBucket, chunk: int = 16384) -> None:

@@ -5,6 +5,9 @@ The federation's model is a Keras model end to end (Dense kernels are (in, out),
 keras`` and ``fedberry chief --framework keras`` build one here. The backend is Keras's choice
 (``KERAS_BACKEND``, then ``~/.keras/keras.json`` when that backend is installed, then the first
 installed of torch, JAX and TensorFlow: see ``ensure_backend``).
+
+keras (the optional ``keras`` extra) and ``integrations.keras``, which imports it at load, are
+imported inside the functions, after ``ensure_backend``: Keras fixes its backend on first import.
 """
 
 from __future__ import annotations
@@ -18,6 +21,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from fedberry.data.fashion_mnist import load_fashion_mnist
+from fedberry.demo.common import TrainConfig, local_data
 
 BACKENDS = ("torch", "jax", "tensorflow")
 _INPUT_SHAPES = {"mlp": (784,), "cnn": (28, 28, 1)}  # channels_last, Keras's default
@@ -48,7 +54,7 @@ def ensure_backend() -> str:
         os.environ.setdefault("TF_NUM_INTEROP_THREADS", "1")
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     if backend == "torch":
-        import torch
+        import torch  # the torch extra, present since it is the backend
 
         torch.set_num_threads(1)
     return backend
@@ -70,7 +76,7 @@ def build_keras_model(name: str, seed: int = 0) -> Any:
     Keras's default initializers (Glorot uniform kernels, zero biases), not torch's.
     """
     ensure_backend()
-    import keras
+    import keras  # after ensure_backend: see the module docstring
     from keras import layers
 
     if name not in _INPUT_SHAPES:
@@ -103,7 +109,7 @@ def keras_model_input(name: str, x_flat: np.ndarray) -> np.ndarray:
 def initial_arrays(name: str, seed: int = 0) -> list[np.ndarray]:
     """The chief's initial model for a Keras federation."""
     ensure_backend()
-    from fedberry.integrations.keras import get_arrays
+    from fedberry.integrations.keras import get_arrays  # imports keras: after ensure_backend
 
     return get_arrays(build_keras_model(name, seed))
 
@@ -111,8 +117,7 @@ def initial_arrays(name: str, seed: int = 0) -> list[np.ndarray]:
 def make_keras_evaluator(name: str, data_dir: str | None = None) -> Any:
     """``evaluate(arrays) -> {"accuracy", "loss"}`` of a Keras global model on the test set."""
     ensure_backend()
-    from fedberry.data.fashion_mnist import load_fashion_mnist
-    from fedberry.integrations.keras import set_arrays
+    from fedberry.integrations.keras import set_arrays  # imports keras: after ensure_backend
 
     data = load_fashion_mnist(data_dir)
     x, y = keras_model_input(name, data.x_test), np.asarray(data.y_test, dtype=np.int64)
@@ -143,13 +148,12 @@ def _batches(x: np.ndarray, y: np.ndarray, batch_size: int,
             yield x[b], y[b]
 
 
-def run_keras_worker(chief: Any, index: int, count: int, cfg: Any,
+def run_keras_worker(chief: Any, index: int, count: int, cfg: TrainConfig,
                      **worker_options: Any) -> dict[str, Any]:
     """Train on partition ``index``/``count`` with ``model.fit`` until the chief says done."""
     ensure_backend()
-    import keras
+    import keras  # after ensure_backend: see the module docstring
 
-    from fedberry.demo.torch_demo import local_data
     from fedberry.integrations.keras import FederatedCallback
 
     x_np, y_np = local_data(cfg, index, count)

@@ -1,5 +1,13 @@
-"""The Fashion-MNIST demo: a training worker, the chief's evaluator, and a launcher that runs a
-chief and N worker processes on loopback and prints a table as rounds close."""
+"""The Fashion-MNIST demo: a torch training worker, the chief's evaluator, and a launcher that
+runs a chief and N worker processes on loopback and prints a table as rounds close.
+
+The worker, initial model and evaluator dispatch on ``TrainConfig.framework``: ``keras`` goes to
+``keras_demo``, which needs nothing from here (shared pieces are in ``common``).
+
+torch is the optional ``torch`` extra: it and the modules that import it at load (``models``,
+``fedberry.torch``) are imported where a torch worker or evaluator starts, so that a Keras
+federation on another backend does not need it.
+"""
 
 from __future__ import annotations
 
@@ -9,63 +17,24 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from fedberry.data.fashion_mnist import load_fashion_mnist
+from fedberry.demo.common import TrainConfig, local_data
+from fedberry.demo.keras_demo import initial_arrays, make_keras_evaluator, run_keras_worker
+from fedberry.demo.table import TABLE_HEADER, format_row
 from fedberry.protocol.auth import TOKEN_ENV, new_token
-
-TABLE_HEADER = (f"{'round':>5} {'workers':>7} {'test_acc':>8} {'test_loss':>9} {'train_loss':>10} "
-                f"{'up_KiB':>9} {'down_KiB':>9} {'wall_s':>7}")
-
-
-def format_row(r: dict[str, Any]) -> str:
-    def num(v: Any, fmt: str) -> str:
-        return format(v, fmt) if isinstance(v, (int, float)) else "-"
-
-    return (f"{r['round']:>5} {r['workers']:>7} {num(r.get('test_accuracy'), '8.4f')} "
-            f"{num(r.get('test_loss'), '9.4f')} {num(r.get('train_loss'), '10.4f')} "
-            f"{r['bytes_up'] / 1024:>9.1f} {r['bytes_down'] / 1024:>9.1f} {r['wall_s']:>7.1f}")
-
-
-@dataclass
-class TrainConfig:
-    """How a demo worker trains. Every field has a command-line flag of the same name."""
-
-    model: str = "mlp"
-    partition_scheme: str = "iid"  # iid | dirichlet:ALPHA | shards[:K]
-    seed: int = 0
-    batch_size: int = 32
-    lr: float = 0.05
-    sync_every: int | None = None  # local steps per round; None: one pass over the local data
-    data_dir: str | None = None
-    framework: str = "torch"
-    codec: str = "none"  # how updates travel: none | fp16 | q8 (codecs.py)
-
-    def argv(self) -> list[str]:
-        out = []
-        for k, v in asdict(self).items():
-            if v is not None:
-                out += [f"--{k.replace('_', '-')}", str(v)]
-        return out
-
-
-def local_data(cfg: TrainConfig, index: int, count: int) -> tuple[np.ndarray, np.ndarray]:
-    """This worker's shard of the training set (``index`` is 1-based), the same on every run."""
-    from fedberry.data.fashion_mnist import load_fashion_mnist
-    from fedberry.data.partition import partition
-
-    data = load_fashion_mnist(cfg.data_dir)
-    idx = partition(data.y_train, count, cfg.partition_scheme, seed=cfg.seed)[index - 1]
-    return data.x_train[idx], data.y_train[idx]
+from fedberry.serve import serve
 
 
 def run_torch_worker(chief: Any, index: int, count: int, cfg: TrainConfig,
                      **worker_options: Any) -> dict[str, Any]:
     """Train on partition ``index``/``count`` until the chief says the run is done."""
-    import torch
+    import torch  # the torch extra: see the module docstring
     import torch.nn.functional as F
 
     from fedberry.demo.models import build_model, model_input
@@ -101,21 +70,19 @@ def run_torch_worker(chief: Any, index: int, count: int, cfg: TrainConfig,
 
 def run_worker(chief: Any, index: int, count: int, cfg: TrainConfig,
                **worker_options: Any) -> dict[str, Any]:
+    """A demo worker of ``cfg.framework`` (torch or keras); returns what it did."""
     if cfg.framework == "torch":
         return run_torch_worker(chief, index, count, cfg, **worker_options)
     if cfg.framework == "keras":
-        from fedberry.demo.keras_demo import run_keras_worker
-
         return run_keras_worker(chief, index, count, cfg, **worker_options)
     raise ValueError(f"unknown framework {cfg.framework!r}: torch or keras")
 
 
 def initial_model(model: str, seed: int, framework: str = "torch") -> list[np.ndarray]:
+    """The chief's initial model: ``framework``'s layout of ``model`` built from ``seed``."""
     if framework == "keras":  # Keras layout (Dense kernels are (in, out)): a Keras federation
-        from fedberry.demo.keras_demo import initial_arrays
-
         return initial_arrays(model, seed)
-    from fedberry.demo.models import build_model, get_arrays
+    from fedberry.demo.models import build_model, get_arrays  # the torch extra
 
     return get_arrays(build_model(model, seed=seed))
 
@@ -124,12 +91,9 @@ def make_evaluator(model_name: str, data_dir: str | None = None,
                    framework: str = "torch") -> Any:
     """``evaluate(arrays) -> {"accuracy", "loss"}`` of a global model on the 10k test set."""
     if framework == "keras":
-        from fedberry.demo.keras_demo import make_keras_evaluator
-
         return make_keras_evaluator(model_name, data_dir)
-    import torch
+    import torch  # the torch extra: see the module docstring
 
-    from fedberry.data.fashion_mnist import load_fashion_mnist
     from fedberry.demo.models import build_model, evaluate, model_input, set_arrays
 
     torch.set_num_threads(1)
@@ -149,8 +113,6 @@ def run_demo(workers: int = 4, rounds: int = 10, out: str = "runs/demo",
              cfg: TrainConfig | None = None, timeout: float = 1800.0,
              quiet: bool = False, downlink: str = "none") -> int:
     """Chief in this process, ``workers`` worker processes on loopback. Returns an exit code."""
-    from fedberry.serve import serve
-
     cfg = cfg or TrainConfig()
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -6,6 +6,7 @@ global model back, through the same ``ChiefServer`` that serves TCP workers.
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 from collections.abc import Sequence
 from typing import Any
@@ -46,12 +47,15 @@ class _LocalPeer:
 
 
 class LocalSession:
+    """A worker in the chief's process: ``server`` is the ``ChiefServer`` running on ``loop``
+    (another thread's); each call hands the work to that loop and blocks until it answers."""
+
     bytes_sent = 0
     bytes_received = 0
 
-    def __init__(self, handle: Any, worker_id: str) -> None:
-        self.server = handle.server
-        self.loop = handle.io.loop
+    def __init__(self, server: Any, loop: asyncio.AbstractEventLoop, worker_id: str) -> None:
+        self.server = server
+        self.loop = loop
         self.peer = _LocalPeer(worker_id)
 
     def _submit(self, fn: Any, *args: Any) -> Result:

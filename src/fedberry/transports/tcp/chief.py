@@ -33,6 +33,7 @@ from fedberry.protocol.messages import (
     Update,
     Welcome,
 )
+from fedberry.transports.pacing import Pacer, Pacing
 from fedberry.transports.tcp.stream import _FrameWriter, is_loopback
 
 log = logging.getLogger("fedberry.tcp")
@@ -76,9 +77,9 @@ class ListenOptions:
     # O(model) whatever the number of workers. One update is always let in. The default lets
     # dozens of small-model workers upload in parallel, which a slow per-worker link needs.
     receive_memory: int = 64 << 20
-    # bench.shaper.SharedLink, for benchmarks without root: one token bucket per direction shared
-    # by every connection emulates a slow shared link (see docs/slow-link.md). None: full speed.
-    shaper: Any = None
+    # Paces every connection's bytes through the caller's pacers (transports/pacing.py): the
+    # benchmark without root emulates a slow shared link so (docs/slow-link.md). None: full speed.
+    pacing: Pacing | None = None
 
 
 # A connection we decided to close gets this long to take its last frame before it is aborted.
@@ -104,15 +105,16 @@ class _ChiefConnection(_FrameWriter, asyncio.BufferedProtocol):
         self.closing_since: float | None = None
         self._bye = False  # the worker left on purpose (else it may come back)
         self._drain: memoryview | None = None
-        self._pauses: set[str] = set()  # why reading is paused: "shaper", "auth", "memory"
+        self._pauses: set[str] = set()  # why reading is paused: "pacer", "auth", "memory"
         self._reserved = 0  # bytes of the frame being received, counted in the budget
         self._waiting_for = 0  # bytes queued for in the budget (0: not queued)
         self._granted = False
         self._left = False  # detached from the server (it no longer counts as a member)
         self.closed = False
-        shaper = listener.options.shaper
-        self._uplink = shaper.uplink if shaper is not None else None
-        self._bucket = shaper.downlink if shaper is not None else None
+        pacing = listener.options.pacing
+        self._uplink: Pacer | None = pacing.uplink if pacing is not None else None
+        if pacing is not None:
+            self._pacer, self._paced_chunk = pacing.downlink, pacing.chunk
 
     @property
     def state(self) -> str:
@@ -174,7 +176,7 @@ class _ChiefConnection(_FrameWriter, asyncio.BufferedProtocol):
         if self.closing_since is None:
             try:
                 buf = self.conn.get_buffer()
-                return buf if self._uplink is None else buf[:self.SHAPED_CHUNK]
+                return buf if self._uplink is None else buf[:self._paced_chunk]
             except ProtocolError:
                 pass
         # Draining what a peer sends after we decided to close (see _flushed).
@@ -184,18 +186,18 @@ class _ChiefConnection(_FrameWriter, asyncio.BufferedProtocol):
 
     def buffer_updated(self, nbytes: int) -> None:
         if self._uplink is not None and not (self.closed or self.closing_since is not None):
-            # Shaped (benchmarks): these bytes "arrive" once the shared uplink bucket has paid
-            # for them. Reading pauses meanwhile, so the receive window slows the sender too.
+            # Paced (benchmarks): these bytes "arrive" once the uplink pacer says so. Reading
+            # pauses meanwhile, so the receive window slows the sender too.
             wait = self._uplink.reserve(nbytes)
             if wait > 0 and self.transport is not None:
-                self._pause("shaper")
+                self._pause("pacer")
                 asyncio.get_running_loop().call_later(wait, self._arrived, nbytes)
                 return
         self._received(nbytes)
 
     def _arrived(self, nbytes: int) -> None:
         self._received(nbytes)
-        self._unpause("shaper")
+        self._unpause("pacer")
 
     def _pause(self, why: str) -> None:
         if not self._pauses and self.transport is not None:

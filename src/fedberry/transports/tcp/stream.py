@@ -11,10 +11,10 @@ import asyncio
 import collections
 import ipaddress
 import logging
-from typing import Any
 
 from fedberry.protocol.frames import EncodedFrame
 from fedberry.protocol.limits import MAX_WORKER_ID, PREAUTH_LIMITS
+from fedberry.transports.pacing import DEFAULT_PACED_CHUNK, Pacer
 
 __all__ = ["MAX_WORKER_ID", "PREAUTH_LIMITS", "is_loopback", "parse_address"]
 
@@ -59,12 +59,12 @@ class _FrameWriter:
 
     CHUNK = 1 << 20
     transport: asyncio.Transport | None
-    # Optional bench.shaper.TokenBucket (ListenOptions.shaper): each chunk waits for its tokens
-    # before it is written, so that a loopback benchmark sees a slow link. Small chunks then,
-    # so that the connections sharing the bucket interleave as flows on one link do.
-    _bucket: Any = None
+    # Optional pacer of what this side sends (ListenOptions.pacing.downlink, supplied by the
+    # benchmark): each chunk waits as long as it says before it is written, so that a loopback
+    # benchmark sees a slow link. Chunks of _paced_chunk bytes then (pacing.py says why).
+    _pacer: Pacer | None = None
     _paid = _shaping = False
-    SHAPED_CHUNK = 16 * 1024
+    _paced_chunk = DEFAULT_PACED_CHUNK
 
     def _init_writer(self) -> None:
         self._out: collections.deque[memoryview] = collections.deque()
@@ -83,7 +83,7 @@ class _FrameWriter:
 
     def _pump(self) -> None:
         t = self.transport
-        chunk = self.CHUNK if self._bucket is None else self.SHAPED_CHUNK
+        chunk = self.CHUNK if self._pacer is None else self._paced_chunk
         while (self._out and not self._paused and not self._shaping and t is not None
                and not t.is_closing()):
             part = self._out[0]
@@ -92,9 +92,9 @@ class _FrameWriter:
                 part = part[:chunk]
             else:
                 self._out.popleft()
-            if self._bucket is not None and not self._paid:
-                wait = self._bucket.reserve(len(part))
-                if wait > 0:  # tokens taken; this chunk goes first once they are paid for
+            if self._pacer is not None and not self._paid:
+                wait = self._pacer.reserve(len(part))
+                if wait > 0:  # reserved; this chunk goes first once its wait is over
                     self._out.appendleft(part)
                     self._paid = self._shaping = True
                     asyncio.get_running_loop().call_later(wait, self._tokens_paid)
