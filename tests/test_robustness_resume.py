@@ -146,3 +146,13 @@ def test_checkpoint_write_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     assert [p.name for p in tmp_path.iterdir()] == ["ck.npz"]  # no temporary left behind
     kept = ckpt_io.load(ck)  # the old checkpoint, whole
     assert kept.round == 1 and kept.arrays[0].tobytes() == first.arrays[0].tobytes()
+
+
+def test_a_corrupt_checkpoint_is_one_sentence(tmp_path: Path) -> None:
+    bad = tmp_path / "checkpoint.npz"
+    bad.write_bytes(b"PK\x03\x04 cut short")
+    with pytest.raises(ValueError, match="is not a readable fedberry checkpoint"):
+        ckpt_io.load(bad)
+    np.savez(bad, other=np.zeros(2))  # a valid .npz, not ours
+    with pytest.raises(ValueError, match="is not a readable fedberry checkpoint"):
+        ckpt_io.load(bad)

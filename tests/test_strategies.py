@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -439,3 +440,17 @@ def test_a_checkpoint_of_before_the_strategy_was_recorded_still_resumes(tmp_path
     np.testing.assert_array_equal(s.state_dict().arrays["velocity.0"], 0.5)
     with pytest.raises(ValueError, match="--strategy fedavgm, not fedadam"):
         check_resumable(old, ck, FedAdam(), None)
+
+
+@pytest.mark.parametrize("make", [lambda: FedAvgM(), lambda: FedAdam()], ids=["fedavgm", "fedadam"])
+def test_state_of_another_model_is_refused_not_truncated(make: Any) -> None:
+    s = make()
+    one = [np.zeros(3, np.float32)]
+    s.begin_round(one)
+    s.add([np.ones(3, np.float32)], 1.0)
+    s.result()  # the state now fits a 1-tensor model
+    two = [np.zeros(3, np.float32), np.zeros((2, 2), np.float32)]
+    s.begin_round(two)
+    s.add([np.ones(3, np.float32), np.ones((2, 2), np.float32)], 1.0)
+    with pytest.raises(ValueError, match="state of another model"):
+        s.result()

@@ -180,8 +180,9 @@ def serve(listen: str | None = "127.0.0.1:0", *, workers: int | None = None,
         ``evaluate(global_arrays) -> {"accuracy": .., "loss": ..}``, run after every round off
         the chief's loop; its numbers go into the metrics.
     on_round : callable, optional
-        Called with each round's metrics line, in round order, on the chief's loop. What it
-        raises is logged and the run goes on (``chief.runtime``'s policy, for every transport).
+        Called with each round's metrics line, in round order (on the chief's loop over TCP; on
+        the chief's work thread under MPI). What it raises is logged and the run goes on
+        (``chief.runtime``'s policy, for every transport).
     downlink : str
         How the global model travels to TCP workers: ``none``, ``fp16`` (half the bytes) or
         ``q8`` (the change since the previous round in 8 bits, a quarter; a worker that missed a

@@ -74,6 +74,22 @@ def save(path: str | os.PathLike, ckpt: Checkpoint) -> None:
 
 
 def load(path: str | os.PathLike) -> Checkpoint:
+    """Read a checkpoint written by ``save``.
+
+    Raises ``FileNotFoundError`` (or another ``OSError``) when it cannot be opened, and
+    ``ValueError`` with a sentence naming the file when it is not a fedberry checkpoint (cut
+    short, corrupt, or another ``.npz``). Nothing in it is unpickled.
+    """
+    try:
+        return _load(path)
+    except OSError:
+        raise
+    except Exception as exc:  # zipfile.BadZipFile, KeyError, EOFError, JSON and int errors...
+        raise ValueError(f"{path} is not a readable fedberry checkpoint "
+                         f"({type(exc).__name__}: {exc})") from exc
+
+
+def _load(path: str | os.PathLike) -> Checkpoint:
     with np.load(path, allow_pickle=False) as z:
         header = json.loads(z["header"].tobytes().decode())
         arrays = [z[f"global.{i}"] for i in range(header["tensors"])]

@@ -8,6 +8,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 
 class MetricsLog:
     def __init__(self, out_dir: str | os.PathLike | None, append: bool = False) -> None:
@@ -19,10 +21,20 @@ class MetricsLog:
                 self.path.write_text("")
 
     def write(self, record: dict[str, Any]) -> None:
+        """Append one round's line. Numpy scalars (an evaluation's ``np.float32`` accuracy) are
+        written as plain numbers; anything else JSON cannot hold raises TypeError before the
+        line is kept anywhere, so memory and file never disagree."""
+        line = json.dumps(record, default=_plain) + "\n"
         self.records.append(record)
         if self.path:
             with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+                f.write(line)
+
+
+def _plain(obj: Any) -> Any:
+    if isinstance(obj, np.generic):
+        return obj.item()
+    raise TypeError(f"a metrics value of type {type(obj).__name__} cannot be written as JSON")
 
 
 def read(path: str | os.PathLike) -> list[dict[str, Any]]:

@@ -120,7 +120,6 @@ class ChiefServer:
         self.scheduler = scheduler
         self.loop: asyncio.AbstractEventLoop | None = None
         self.finished: asyncio.Event | None = None
-        self.is_finished = False  # the run is over (set with ``finished``, for any scheduler)
 
     @property
     def started_at(self) -> float | None:
@@ -273,7 +272,7 @@ class ChiefServer:
                **{k: v for k, v in record.items() if k not in ("round", "workers")}}
         try:
             self.metrics.write(out)
-        except OSError as exc:
+        except (OSError, TypeError, ValueError) as exc:
             log.error("round %d: cannot write the metrics line: %s", out["round"], exc)
         if self.on_round:
             try:
@@ -299,7 +298,6 @@ class ChiefServer:
         self._finish()
 
     def _finish(self) -> None:
-        self.is_finished = True
         if self.finished is not None and not self.finished.is_set():
             self.finished.set()
 

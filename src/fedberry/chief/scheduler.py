@@ -15,6 +15,7 @@ import concurrent.futures
 import contextlib
 import heapq
 import itertools
+import logging
 import time
 from collections import deque
 from collections.abc import Callable
@@ -22,6 +23,8 @@ from typing import Any, Protocol
 
 Work = Callable[[], Any]
 Then = Callable[[Any], None]
+
+log = logging.getLogger("fedberry.chief")
 
 
 class Timer(Protocol):
@@ -86,7 +89,7 @@ class AsyncioScheduler:
             result = await fut
         except Exception as exc:
             result = exc
-        then(result)
+        _then(then, result)
 
     async def drain(self) -> None:
         """Wait for every ``in_order`` so far, then let the work thread go."""
@@ -138,7 +141,7 @@ class BlockingScheduler:
                 result = None if work is None else work()
             except Exception as exc:
                 result = exc
-            then(result)
+            _then(then, result)
 
         self._pending = [f for f in self._pending if not f.done()]
         self._pending.append(self._executor.submit(run))
@@ -162,3 +165,12 @@ class BlockingScheduler:
             fut.result()
         self._pending.clear()
         self._executor.shutdown(wait=True)
+
+
+def _then(then: Then, result: Any) -> None:
+    """``then`` is the runtime's own code, which catches what it expects; anything else is logged
+    here rather than lost in a future nobody reads (or raised at the end of an MPI run)."""
+    try:
+        then(result)
+    except Exception:
+        log.exception("a round's metrics step failed; the run goes on")

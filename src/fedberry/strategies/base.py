@@ -139,6 +139,19 @@ def indexed(arrays: dict[str, np.ndarray], prefix: str) -> list[np.ndarray]:
     return out
 
 
+def check_fits(name: str, what: str, state: Sequence[np.ndarray],
+               model: Sequence[np.ndarray]) -> None:
+    """Raise ``ValueError`` unless the saved per-tensor ``state`` (a velocity, moments) has one
+    array of the model's shape per tensor. Else ``zip`` would silently drop tensors: state from
+    a checkpoint of another model, or a strategy object reused for another model."""
+    if len(state) != len(model) or any(s.shape != g.shape for s, g in zip(state, model)):
+        have = [tuple(s.shape) for s in state]
+        want = [tuple(g.shape) for g in model]
+        raise ValueError(f"{name}: its {what} has shapes {have}, but the model's tensors are "
+                         f"{want}: state of another model (a checkpoint, or this strategy "
+                         f"object used for another run)")
+
+
 def cast_to(x: np.ndarray, dtype: np.dtype) -> np.ndarray:
     """``x`` in the model's dtype; integer and boolean tensors are rounded, not truncated."""
     # np.asarray throughout: numpy computes a 0-d result as a scalar, and a model is arrays.

@@ -21,6 +21,7 @@ from fedberry.strategies.base import (
     Arrays,
     StrategyState,
     cast_to,
+    check_fits,
     check_state,
     indexed,
     is_float,
@@ -97,6 +98,8 @@ class FedAdam:
             v0 = 0.0 if self.bias_correction else self.tau ** 2
             self._m = [np.zeros(g.shape, np.float64) for g in glob]
             self._v = [np.full(g.shape, v0, np.float64) for g in glob]
+        check_fits(self.name, "first moment", self._m, glob)
+        check_fits(self.name, "second moment", self._v, glob)
         self._step += 1
         lr = self.lr
         if self.bias_correction:

@@ -16,6 +16,7 @@ from fedberry.strategies.base import (
     Arrays,
     StrategyState,
     cast_to,
+    check_fits,
     check_state,
     indexed,
     is_float,
@@ -67,6 +68,7 @@ class FedAvgM:
         glob = self._mean.global_arrays
         if not self._velocity:
             self._velocity = [np.zeros(g.shape, np.float64) for g in glob]
+        check_fits(self.name, "velocity", self._velocity, glob)
         out = []
         for g, m, v in zip(glob, mean, self._velocity):
             if not is_float(g):

@@ -8,8 +8,9 @@ parameters on this project's test machine: 6.7 ms against 17.4 ms per update). T
 rounding error of a float32 sum of n terms is at most about n x 2**-24 of the terms' magnitude:
 for the handful to hundreds of workers of a round that is a few float32 ulps of a result that is
 stored in float32 anyway, and it is the only way the order in which updates arrive shows in the
-result. Integer tensors (BatchNorm's step counters) and float64 tensors are summed in float64
-(``np.result_type(dtype, float32)``) and integers rounded back to their dtype at the end.
+result. float16 tensors are summed in float32; integer and boolean tensors (BatchNorm's step
+counters) and float64 tensors in float64 (``_sum_dtype``), and integers rounded back to their
+dtype at the end.
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ class RunningMean:
             self._unit = max(w, 1.0)
             scale = w / self._unit
             for a in update:
-                dtype = np.result_type(a.dtype, np.float32)
+                dtype = _sum_dtype(a.dtype)
                 if a.dtype == dtype and a.flags.writeable:
                     acc = a
                 else:
@@ -96,3 +97,11 @@ class RunningMean:
             out.append(cast_to(acc, g.dtype))
         self._sum = []  # handed out (when dtypes match, without a copy): never touched again
         return out
+
+
+def _sum_dtype(dtype: np.dtype) -> np.dtype:
+    """float32 for float16/float32 tensors, float64 for everything else: an int8 or uint16
+    counter summed in float32 (numpy's ``result_type``) would lose exactness past 2**24."""
+    if dtype in (np.float16, np.float32):
+        return np.dtype(np.float32)
+    return np.dtype(np.float64)

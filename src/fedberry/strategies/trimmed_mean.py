@@ -29,7 +29,8 @@ class TrimmedMean:
         operator knows how many bad workers to guard against, and a fraction of a handful of
         updates rounds to a surprise (0.1 of 5 updates drops none). A round with fewer than
         ``2 * trim + 1`` updates (a quorum closing at its deadline) drops ``(n - 1) // 2`` at
-        each end instead, so that one value per coordinate remains: with ``min_workers`` of
+        each end instead, so that one value per coordinate remains (two, averaged, when n is
+        even): with ``min_workers`` of
         ``2 * trim + 1`` or more that never happens. Default 1; 0 is the plain (unweighted)
         mean.
 

@@ -161,11 +161,15 @@ class MpiSession:
             opts = chief or configured() or MpiChiefOptions.from_address(address)
             try:
                 self._chief = RankZeroChief(opts, self)
-            except (OSError, ValueError) as exc:  # a resume refused, a strategy unknown...
+            # Any failure (a resume refused, a strategy unknown, a corrupt checkpoint file...):
+            # the other ranks are on their way into join(), and would wait for us forever if
+            # the user's script caught the exception. Tell them all, with the reason.
+            except Exception as exc:
                 if self.size == 1:
                     raise
-                # The other ranks are on their way into join(): tell them all, with the reason.
-                guard.abort(f"cannot start the chief: {exc}")
+                guard.abort(f"cannot start the chief: {type(exc).__name__}: {exc}"
+                            if not isinstance(exc, (OSError, ValueError))
+                            else f"cannot start the chief: {exc}")
 
     def describe(self) -> str:
         role = "the chief" if self.rank == 0 else "a worker"
