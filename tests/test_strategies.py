@@ -334,7 +334,8 @@ def test_load_state_dict_refuses_another_rule_or_other_hyperparameters():
     (dict(cls=FedAdam, beta2=-0.1), r"beta2 must be in \[0, 1\)"),
     (dict(cls=FedAdam, lr=float("nan")), "lr must be a positive number"),
     (dict(cls=FedAdam, bias_correction=1), "bias_correction must be true or false"),
-    (dict(cls=TrimmedMean, trim=0.2), "trim must be a whole number of updates"),
+    (dict(cls=TrimmedMean, trim=0.5), r"trim as a fraction must be in \(0, 0.5\)"),
+    (dict(cls=TrimmedMean, trim="1"), "trim must be a whole number of updates"),
     (dict(cls=TrimmedMean, trim=-1), "trim must be a whole number of updates"),
 ])
 def test_constructors_check_their_arguments(kwargs, match):
@@ -382,7 +383,9 @@ def test_describe_prints_back_what_parse_reads(strategy):
     ("fedavg:lr=1", "strategy fedavg takes no hyperparameters, so not 'lr'"),
     ("fedadam:lr=fast", "strategy fedadam: lr must be a finite number, not 'fast'"),
     ("fedadam:lr=inf", "lr must be a finite number"),
-    ("trimmed_mean:trim=0.1", "strategy trimmed_mean: trim must be a whole number, not '0.1'"),
+    ("trimmed_mean:trim=few", "strategy trimmed_mean: trim must be a whole number or a "
+                              "fraction, not 'few'"),
+    ("trimmed_mean:trim=0.6", r"trim as a fraction must be in \(0, 0.5\)"),
     ("fedadam:bias_correction=maybe", "bias_correction must be true or false, not 'maybe'"),
     ("fedadam:lr", "give lr a value, as lr=VALUE"),
     ("fedadam:lr=1,lr=2", "lr is given twice"),

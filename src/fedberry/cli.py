@@ -9,6 +9,7 @@ from dataclasses import fields
 from pathlib import Path
 
 from fedberry import __version__
+from fedberry.chief.admission import DEFAULT_MAX_SAMPLES, NORM_MODES
 from fedberry.codecs import DOWNLINK_CODECS, UPLINK_CODECS
 from fedberry.demo.torch_demo import TrainConfig
 from fedberry.errors import FederationError
@@ -90,6 +91,15 @@ def _add_chief_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--receive-memory", type=float, default=64.0, metavar="MIB",
                    help="MiB of updates read at once, all workers together (at least one "
                         "update); others wait their turn in their sockets (default 64)")
+    p.add_argument("--max-samples", type=float, default=DEFAULT_MAX_SAMPLES, metavar="N",
+                   help="refuse updates claiming more samples than this (default 1e9, which "
+                        "no real shard reaches; docs/security.md)")
+    p.add_argument("--max-update-norm", type=float, default=None, metavar="BOUND",
+                   help="bound on the L2 norm of each update's change from the global model "
+                        "(default: none)")
+    p.add_argument("--update-norm-mode", default="clip", choices=list(NORM_MODES),
+                   help="an update beyond --max-update-norm is scaled down to it (clip) or "
+                        "refused (refuse)")
     _add_downlink_option(p)
     p.set_defaults(func=_run_chief)
 
@@ -138,7 +148,8 @@ def _run_chief(args: argparse.Namespace) -> int:
               client_ca=args.client_ca, insecure=args.insecure,
               max_connections=args.max_connections, idle_timeout=args.idle_timeout,
               run_config=run_config, on_round=show, downlink=args.downlink,
-              receive_memory=int(args.receive_memory * 2**20))
+              receive_memory=int(args.receive_memory * 2**20), max_samples=args.max_samples,
+              max_update_norm=args.max_update_norm, update_norm_mode=args.update_norm_mode)
     return 0
 
 

@@ -4,8 +4,9 @@ The chief runs its event loop on its own thread, so the same process can also tr
 (``Worker(chief=handle)``, the original design's worker 0) while TCP workers connect.
 
 The common case is one line, ``serve("0.0.0.0:3389", workers=6, rounds=50)``; the rest is in
-three option objects: ``Listening`` (TCP, TLS and the connection limits), ``RoundPolicy`` (when
-rounds close) and ``OutputOptions`` (metrics, checkpoint, resume). Each of their fields may also be
+four option objects: ``Listening`` (TCP, TLS and the connection limits), ``RoundPolicy`` (when
+rounds close), ``OutputOptions`` (metrics, checkpoint, resume) and ``AdmissionPolicy`` (which
+updates count, ``chief.admission``). Each of their fields may also be
 given to ``serve()`` as a keyword of the same name, as in earlier versions.
 """
 
@@ -23,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from fedberry.certs import server_context
+from fedberry.chief.admission import AdmissionPolicy
 from fedberry.chief.build import OutputOptions, RoundPolicy, build_chief_server
 from fedberry.chief.runtime import ChiefServer, Evaluate
 from fedberry.chief.state import Chief
@@ -76,7 +78,8 @@ class Listening:
     receive_memory: int = 64 << 20
 
 
-_GROUPS: dict[str, type] = {f.name: cls for cls in (Listening, RoundPolicy, OutputOptions)
+_GROUPS: dict[str, type] = {f.name: cls for cls in (Listening, RoundPolicy, OutputOptions,
+                                                    AdmissionPolicy)
                             for f in dataclasses.fields(cls)}
 
 
@@ -159,6 +162,7 @@ def serve(listen: str | None = "127.0.0.1:0", *, workers: int | None = None,
           on_round: Callable[[dict[str, Any]], None] | None = None, downlink: str = "none",
           listening: Listening | None = None, policy: RoundPolicy | None = None,
           output: OutputOptions | None = None,
+          admission: AdmissionPolicy | None = None,
           listen_options: ListenOptions | None = None,
           **options: Any) -> ChiefHandle:
     """Start a chief in the background and return once it accepts connections.
@@ -194,12 +198,16 @@ def serve(listen: str | None = "127.0.0.1:0", *, workers: int | None = None,
         When rounds close and the run ends.
     output : OutputOptions, optional
         Metrics directory, checkpoint, resume.
+    admission : AdmissionPolicy, optional
+        Which updates the chief admits: ``max_samples``, ``max_update_norm``,
+        ``update_norm_mode`` (``chief.admission``, docs/security.md).
     listen_options : transports.tcp.ListenOptions, optional
         The TCP listener's other settings (per-address handshake and authentication-delay
         limits, ``bind_worker_id``, ``pacing``: a benchmark's emulated link, docs/slow-link.md);
         the fields that ``listening`` sets come from it.
     **options
-        Any field of ``Listening``, ``RoundPolicy`` or ``OutputOptions`` by name (``token=``,
+        Any field of ``Listening``, ``RoundPolicy``, ``OutputOptions`` or ``AdmissionPolicy``
+        by name (``token=``,
         ``min_workers=``, ``checkpoint=``, ``resume=``...): it replaces that field of the object
         given (or of the defaults).
 
@@ -216,7 +224,8 @@ def serve(listen: str | None = "127.0.0.1:0", *, workers: int | None = None,
         ``resume`` without a checkpoint, a checkpoint of another strategy or model, TLS options
         that do not go together.
     """
-    groups: dict[type, dict[str, Any]] = {Listening: {}, RoundPolicy: {}, OutputOptions: {}}
+    groups: dict[type, dict[str, Any]] = {Listening: {}, RoundPolicy: {}, OutputOptions: {},
+                                          AdmissionPolicy: {}}
     for key, value in options.items():
         if key not in _GROUPS:
             raise TypeError(f"serve() got an unknown option {key!r}; the options are "
@@ -229,8 +238,10 @@ def serve(listen: str | None = "127.0.0.1:0", *, workers: int | None = None,
     lis = dataclasses.replace(listening or Listening(), **groups[Listening])
     pol = dataclasses.replace(policy or RoundPolicy(), **groups[RoundPolicy])
     out = dataclasses.replace(output or OutputOptions(), **groups[OutputOptions])
+    adm = dataclasses.replace(admission or AdmissionPolicy(), **groups[AdmissionPolicy])
     server = build_chief_server(pol, out, strategy=strategy, initial=initial,
-                                evaluate=evaluate, on_round=on_round, downlink=downlink)
+                                evaluate=evaluate, on_round=on_round, downlink=downlink,
+                                admission=adm)
     io = LoopThread("fedberry-chief")
     handle = ChiefHandle(server, io)
     tcp = None

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from fedberry.chief import checkpoint as ckpt_io
+from fedberry.chief.admission import AdmissionPolicy
 from fedberry.chief.resume import check_resumable
 from fedberry.chief.runtime import ChiefServer, Evaluate
 from fedberry.chief.scheduler import Scheduler
@@ -91,7 +92,8 @@ def build_chief_server(policy: RoundPolicy, output: OutputOptions, *,
                        evaluate: Evaluate | None = None,
                        on_round: Callable[[dict[str, Any]], None] | None = None,
                        downlink: str = "none",
-                       scheduler: Scheduler | None = None) -> ChiefServer:
+                       scheduler: Scheduler | None = None,
+                       admission: AdmissionPolicy | None = None) -> ChiefServer:
     """The chief runtime for a run, resumed from its checkpoint if asked.
 
     Parameters
@@ -110,6 +112,9 @@ def build_chief_server(policy: RoundPolicy, output: OutputOptions, *,
         replaces it (after checking that their tensors match).
     evaluate, on_round, downlink, scheduler
         As for ``ChiefServer``.
+    admission : AdmissionPolicy, optional
+        Which updates are admitted (``chief.admission``); None: the defaults (sample counts up
+        to 1e9, no norm bound). Recorded in ``run_config`` under ``"admission"``.
 
     Returns
     -------
@@ -138,8 +143,10 @@ def build_chief_server(policy: RoundPolicy, output: OutputOptions, *,
         strat.load_state_dict(ck.strategy_state)
         log.info("resuming from %s at round %d", checkpoint, start_round)
     # The strategy goes into every checkpoint, so that --resume can refuse a different one.
-    run_config = {**output.run_config, "strategy": strat.name}
-    chief = Chief(config, strat, initial=initial, start_round=start_round)
+    admission = admission if admission is not None else AdmissionPolicy()
+    run_config = {**output.run_config, "strategy": strat.name,
+                  "admission": admission.record()}
+    chief = Chief(config, strat, initial=initial, start_round=start_round, admission=admission)
     return ChiefServer(chief, evaluate=evaluate,
                        out_dir=str(output.out_dir) if output.out_dir else None,
                        checkpoint_path=str(checkpoint) if checkpoint else None,

@@ -174,10 +174,12 @@ class ChiefServer:
         the total weight, which is exact for rules that act on the mean (FedAvg, FedAvgM,
         FedAdam); the round's metrics count ``updates`` workers."""
         actions = self.chief.update(peer.worker_id, round_, weight, mean, metrics,
-                                    time.monotonic())
+                                    time.monotonic(), stands_for=updates)
         for action in actions:
             if isinstance(action, RoundClosed):
                 action.workers = updates
+            elif isinstance(action, SendError):
+                action.fatal = True  # no rank can be left out of a collective: the job stops
         self._run(actions)
 
     def detach(self, peer: Peer, lost: bool = False) -> None:

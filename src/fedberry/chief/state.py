@@ -16,10 +16,16 @@ Then the strategy's new global model is sent to the workers waiting for it. A wo
 not waiting (still training, or joined late) gets the newest model when it next syncs: its update
 for a closed round is dropped and it is told so. A worker is identified by its id, not its
 connection, so a repeated update for a round (after a reconnect) counts once.
+
+Every update that would count passes the admission policy (``chief.admission``) first, and the
+round's new model is committed only if it is finite: both live here because every transport's
+updates end in ``Chief.update``. A refused update does not count, but its worker has reported
+for the round (a round does not wait for it) and gets the round's model like the others.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -27,7 +33,9 @@ from typing import Any
 
 import numpy as np
 
-from fedberry.protocol.frames import ErrorCode, Spec, finite, spec_mismatch, spec_of
+from fedberry.chief.admission import Admission, AdmissionPolicy
+from fedberry.chief.admission import non_finite as non_finite  # its home before admission.py
+from fedberry.protocol.frames import ErrorCode, Spec, spec_mismatch, spec_of
 from fedberry.strategies import FedAvg, Strategy
 
 
@@ -93,19 +101,17 @@ class Recycle:
 
 Action = SendGlobal | SendError | RequestInit | RoundClosed | Finished | Recycle
 
-
-def non_finite(arrays: Sequence[np.ndarray]) -> str | None:
-    for i, a in enumerate(arrays):
-        if not finite(a):
-            return f"tensor {i} contains NaN or Inf"
-    return None
+log = logging.getLogger("fedberry.chief")
 
 
 class Chief:
     def __init__(self, config: ChiefConfig, strategy: Strategy | None = None,
-                 initial: Sequence[np.ndarray] | None = None, start_round: int = 0) -> None:
+                 initial: Sequence[np.ndarray] | None = None, start_round: int = 0,
+                 admission: Admission | AdmissionPolicy | None = None) -> None:
         self.config = config
         self.strategy: Strategy = strategy if strategy is not None else FedAvg()
+        self.admission = (admission if isinstance(admission, Admission)
+                          else Admission(admission))
         self.round = start_round
         self.global_arrays: list[np.ndarray] | None = None
         self.spec: Spec | None = None
@@ -116,6 +122,7 @@ class Chief:
         # restart) stand in for a missing one, and the round closed with the first alone.
         self.started = False
         self._in_round: set[str] = set()
+        self._refused: set[str] = set()  # reported this round, but the policy refused it
         self._waiting: set[str] = set()
         self._last_round_of: dict[str, int] = {}  # worker -> last round its update counted in
         self._loss_sum = 0.0
@@ -171,23 +178,19 @@ class Chief:
 
     def update(self, worker_id: str, round_: int, num_samples: float, arrays: list[np.ndarray],
                metrics: dict[str, Any], now: float, *, checked: bool = False,
-               bad: str | None = None) -> list[Action]:
+               bad: str | None = None, stands_for: int = 1) -> list[Action]:
         """``checked``: the transport has already looked for NaN/Inf in these very arrays
-        (``FrameDecoder.check_finite``), and ``bad`` is what it found."""
+        (``FrameDecoder.check_finite``), and ``bad`` is what it found. ``stands_for``: the
+        workers a combined update sums (MPI), for the admission policy's sample bound."""
         if worker_id not in self.members or self.global_arrays is None:
             return [SendError(worker_id, ErrorCode.PROTOCOL, "update before joining", True)]
         if self.done:
             return [SendGlobal([worker_id])]
         # Bad numbers are refused whatever the round, so that the worker hears about them even
         # when its update was late anyway.
-        if not (isinstance(num_samples, (int, float)) and math.isfinite(num_samples)
-                and num_samples > 0):
-            return [SendError(worker_id, ErrorCode.BAD_FRAME,
-                              "num_samples must be a positive number", True)]
-        if not checked:
-            bad = non_finite(arrays)
-        if bad:
-            return [SendError(worker_id, ErrorCode.NON_FINITE, f"update refused: {bad}", True)]
+        refusal = self.admission.check_numbers(num_samples, arrays, checked=checked, bad=bad)
+        if refusal:
+            return [SendError(worker_id, refusal.code, refusal.message, refusal.fatal)]
         if self._last_round_of.get(worker_id) == round_:
             # A repeat after a reconnect: it counted once already.
             if round_ == self.round:
@@ -201,6 +204,13 @@ class Chief:
                               f"update for round {round_} {when} (now round {self.round}); it "
                               "was dropped, the newest model follows", False),
                     SendGlobal([worker_id])]
+        refusal = self.admission.admit(worker_id, num_samples, arrays, stands_for=stands_for)
+        if refusal:
+            self._refused.add(worker_id)
+            self._waiting.add(worker_id)
+            return [SendError(worker_id, refusal.code, refusal.message, refusal.fatal),
+                    *self._maybe_close(now)]
+        self._refused.discard(worker_id)
         spare = self.strategy.add(arrays, num_samples)
         self._in_round.add(worker_id)
         self._waiting.add(worker_id)
@@ -233,19 +243,33 @@ class Chief:
         self.global_arrays = arrays
         self.spec = spec_of(arrays)
         self.strategy.begin_round(arrays)
+        self.admission.begin_round(arrays)
 
     def _maybe_close(self, now: float) -> list[Action]:
         n = len(self._in_round)
-        if self.done or n == 0:
+        if self.done or not (self._in_round or self._refused):
             return []
-        everyone = self.started and self.members <= self._in_round
+        # Refused workers have reported: the round waits for them no more than for the others.
+        everyone = self.started and self.members <= (self._in_round | self._refused)
         late = self.deadline is not None and now >= self.deadline and n >= self.config.min_workers
         if not (everyone or late):
             return []
         return self._close(now)
 
     def _close(self, now: float) -> list[Action]:
-        self.global_arrays = self.strategy.result()
+        if not self._in_round:
+            log.warning("round %d: every update was refused; the global model stays as it was",
+                        self.round + 1)
+        else:
+            new = self.strategy.result()
+            bad = self.admission.check_model(new)
+            if bad:
+                # Not committed: a NaN model would be checkpointed and sent to everyone, and
+                # no worker could train on from it.
+                log.warning("round %d would make a non-finite global model (%s); it is not "
+                            "committed, the previous model stays", self.round + 1, bad)
+            else:
+                self.global_arrays = new
         self.round += 1
         record = RoundClosed(self.round, len(self._in_round), self._samples,
                              self._loss_sum / self._loss_weight if self._loss_weight else None,
@@ -253,7 +277,8 @@ class Chief:
         waiting = sorted(self._waiting & self.members)
         self.done = self.config.rounds is not None and self.round >= self.config.rounds
         self.strategy.begin_round(self.global_arrays)
-        self._in_round, self._waiting = set(), set()
+        self.admission.begin_round(self.global_arrays)
+        self._in_round, self._waiting, self._refused = set(), set(), set()
         self._loss_sum = self._loss_weight = self._samples = 0.0
         self._opened_at = now
         actions: list[Action] = [record, SendGlobal(waiting)]

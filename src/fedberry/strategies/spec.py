@@ -74,13 +74,22 @@ def _typed(name: str, key: str, value: str, kind: type) -> Any:
             raise ValueError
         if kind is int:
             return int(value)
+        if kind == (int | float):  # a count or a fraction (trimmed_mean's trim)
+            try:
+                return int(value)
+            except ValueError:
+                x = float(value)
+            if math.isfinite(x):
+                return x
+            raise ValueError
         if kind is float:
             x = float(value)
             if math.isfinite(x):
                 return x
             raise ValueError
     except ValueError:
-        words = {bool: "true or false", int: "a whole number", float: "a finite number"}
+        words = {bool: "true or false", int: "a whole number", float: "a finite number",
+                 int | float: "a whole number or a fraction"}
         raise ValueError(f"strategy {name}: {key} must be {words[kind]}, not {value!r}") from None
     return value
 

@@ -23,16 +23,20 @@ class TrimmedMean:
 
     Parameters
     ----------
-    trim : int
+    trim : int or float
         How many updates are dropped at each end, per coordinate (Yin et al.'s ``beta * m``):
-        the number of arbitrary (Byzantine) workers tolerated. A count, not a fraction: the
-        operator knows how many bad workers to guard against, and a fraction of a handful of
-        updates rounds to a surprise (0.1 of 5 updates drops none). A round with fewer than
-        ``2 * trim + 1`` updates (a quorum closing at its deadline) drops ``(n - 1) // 2`` at
-        each end instead, so that one value per coordinate remains (two, averaged, when n is
-        even): with ``min_workers`` of
-        ``2 * trim + 1`` or more that never happens. Default 1; 0 is the plain (unweighted)
-        mean.
+        the number of arbitrary (Byzantine) workers tolerated.
+
+        * A count (an int, 0 or more): the operator knows how many bad workers to guard
+          against. A round with fewer than ``2 * trim + 1`` updates (a quorum closing at its
+          deadline) drops ``(n - 1) // 2`` at each end instead, so that one value per
+          coordinate remains (two, averaged, when n is even): with ``min_workers`` of
+          ``2 * trim + 1`` or more that never happens.
+        * A fraction (a float in (0, 0.5)): Yin et al.'s beta, ``floor(beta * n)`` of the n
+          updates at each end, but at least one as soon as there are three updates: a fraction
+          of a handful of updates must not round to no trimming at all (0.1 of 5 is 0).
+
+        Default 1; 0 is the plain (unweighted) mean.
 
     Every worker gets one vote whatever its sample count. Memory O(model x workers), like the
     median; it cannot run over MPI.
@@ -41,12 +45,26 @@ class TrimmedMean:
     name = "trimmed_mean"
     needs_all_updates = True
 
-    def __init__(self, *, trim: int = 1) -> None:
-        if isinstance(trim, bool) or not isinstance(trim, (int, np.integer)) or trim < 0:
+    def __init__(self, *, trim: int | float = 1) -> None:
+        if isinstance(trim, (float, np.floating)):
+            if not 0 < trim < 0.5:
+                raise ValueError(f"trimmed_mean: trim as a fraction must be in (0, 0.5), not "
+                                 f"{trim!r}; give a whole number to trim a count of updates")
+            self.trim: int | float = float(trim)
+        elif isinstance(trim, bool) or not isinstance(trim, (int, np.integer)) or trim < 0:
             raise ValueError(f"trimmed_mean: trim must be a whole number of updates, 0 or "
-                             f"more, not {trim!r}")
-        self.trim = int(trim)
+                             f"more, or a fraction in (0, 0.5), not {trim!r}")
+        else:
+            self.trim = int(trim)
         self._stack = UpdateStack()
+
+    def trimmed_per_side(self, n: int) -> int:
+        """How many of ``n`` updates are dropped at each end of every coordinate."""
+        if isinstance(self.trim, float):
+            k = max(1, int(self.trim * n)) if n >= 3 else 0
+        else:
+            k = self.trim
+        return min(k, (n - 1) // 2)
 
     @property
     def updates(self) -> int:
@@ -61,7 +79,7 @@ class TrimmedMean:
     def result(self) -> Arrays:
         def trimmed(stacked: np.ndarray) -> np.ndarray:
             n = len(stacked)
-            k = min(self.trim, (n - 1) // 2)
+            k = self.trimmed_per_side(n)
             kept = np.sort(stacked, axis=0)[k:n - k]
             return kept.mean(axis=0, dtype=np.float64)
 

@@ -1,0 +1,238 @@
+"""The chief's admission policy: which updates reach the strategy, and which models are committed.
+
+One object per chief, held by the round state machine (``chief.state.Chief``), because that is
+the one place every update passes whatever carried it: TCP connections and in-process workers
+(``ChiefServer.on_update``) and MPI rank 0's combined update (``on_collective_update``) all end
+in ``Chief.update``, and only the state machine knows whether an update would count (its round,
+not a repeat) before it is added. The runtime owns the state machine, so it owns the policy.
+
+The wire protocol (``protocol/messages.py``) refuses sample counts that are not finite, <= 0 or
+above 2**53: a sanity limit of the format. This is the trust policy on top of it:
+
+* a sample count above ``max_samples`` is refused (a worker claiming 1e12 samples would own
+  every round of a weighted mean);
+* an update whose weighted contribution could take the strategy's running sum past the range of
+  the type it is summed in (float32 for float32/float16 tensors) is refused *before* it is added,
+  with a sentence naming the worker and the tensor; the bound is conservative (the sum of
+  ``weight x max|value|`` of the round's admitted updates), so an admitted update cannot make the
+  sum non-finite;
+* optionally, the L2 norm of an update's change from the global model is bounded
+  (``max_update_norm``): larger changes are scaled down to the bound (``clip``) or refused
+  (``refuse``). Sun, Kairouz, Suresh, McMahan, "Can You Really Backdoor Federated Learning?",
+  2019, show that bounding the update norm defeats most model-replacement backdoors;
+  ``clip_update`` is the same per-update clipping that differential privacy needs (McMahan,
+  Ramage, Talwar, Zhang, "Learning Differentially Private Recurrent Language Models", 2018);
+* the round's new global model is checked finite before it is committed (``check_model``).
+
+A refusal is not fatal: the worker hears the sentence in a typed ERROR, the round goes on
+without its update, and the worker gets the round's model like everyone else.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from fedberry.protocol.frames import ErrorCode, finite
+
+# A real shard is nowhere near this: the largest public image data sets hold ~1e7 samples
+# (ImageNet-21k ~1.4e7), and one worker training on 1e9 samples takes days per local epoch.
+# Yet it leaves a float32 running sum room for values up to ~3e29 per update.
+DEFAULT_MAX_SAMPLES = 1e9
+NORM_MODES = ("clip", "refuse")
+
+
+@dataclass(frozen=True)
+class AdmissionPolicy:
+    """Which updates the chief admits (see the module docstring).
+
+    Parameters
+    ----------
+    max_samples : float
+        The largest sample count an update may claim (``--max-samples``); default 1e9, which no
+        real shard reaches. An MPI round's combined update may claim this much per worker.
+    max_update_norm : float or None
+        Bound on the L2 norm of an update's change from the round's global model, over all its
+        floating-point tensors (``--max-update-norm``); None: no bound.
+    update_norm_mode : str
+        ``clip`` (scale the change down to the bound) or ``refuse`` (``--update-norm-mode``).
+    """
+
+    max_samples: float = DEFAULT_MAX_SAMPLES
+    max_update_norm: float | None = None
+    update_norm_mode: str = "clip"
+
+    def __post_init__(self) -> None:
+        if not (_is_number(self.max_samples) and 0 < self.max_samples <= 2 ** 53):
+            raise ValueError(f"max_samples must be a number in (0, 2**53], not "
+                             f"{self.max_samples!r}")
+        if self.max_update_norm is not None and not (_is_number(self.max_update_norm)
+                                                     and self.max_update_norm > 0):
+            raise ValueError(f"max_update_norm must be a positive number, not "
+                             f"{self.max_update_norm!r}")
+        if self.update_norm_mode not in NORM_MODES:
+            raise ValueError(f"update_norm_mode must be one of {', '.join(NORM_MODES)}, not "
+                             f"{self.update_norm_mode!r}")
+
+    def record(self) -> dict[str, Any]:
+        """The policy as recorded in ``run_config`` (checkpoints, ``OUT/run.json``)."""
+        return {"max_samples": self.max_samples, "max_update_norm": self.max_update_norm,
+                "update_norm_mode": self.update_norm_mode}
+
+
+@dataclass
+class Refusal:
+    """Why an update was not admitted: the ERROR frame's code, sentence and fatality."""
+
+    code: ErrorCode
+    message: str
+    fatal: bool
+
+
+def _is_number(x: Any) -> bool:
+    return (isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool)
+            and math.isfinite(x))
+
+
+def non_finite(arrays: Sequence[np.ndarray]) -> str | None:
+    """Which tensor of ``arrays`` holds NaN or Inf, as a phrase; None if none does."""
+    for i, a in enumerate(arrays):
+        if not finite(a):
+            return f"tensor {i} contains NaN or Inf"
+    return None
+
+
+def max_abs(a: np.ndarray) -> float:
+    """The largest magnitude in ``a`` (NaN if it holds one), without a temporary copy."""
+    if not a.size:
+        return 0.0
+    if a.dtype == np.bool_:
+        return float(a.any())
+    return max(abs(float(a.max())), abs(float(a.min())))
+
+
+def _float_indices(reference: Sequence[np.ndarray]) -> list[int]:
+    # Only floating-point tensors move by training; integer ones (BatchNorm's step counters)
+    # are neither measured nor clipped.
+    return [i for i, r in enumerate(reference) if np.issubdtype(r.dtype, np.floating)]
+
+
+def update_norm(update: Sequence[np.ndarray], reference: Sequence[np.ndarray]) -> float:
+    """The L2 norm of ``update - reference`` over the floating-point tensors, in float64."""
+    total = 0.0
+    for i in _float_indices(reference):
+        d = (update[i].astype(np.float64) - reference[i]).ravel()
+        total += float(np.dot(d, d))
+    return math.sqrt(total)
+
+
+def clip_update(update: list[np.ndarray], reference: Sequence[np.ndarray],
+                max_norm: float) -> float:
+    """Scale ``update``'s change from ``reference`` down, in place, so that its L2 norm (over
+    the floating-point tensors) is at most ``max_norm``; return the norm it had.
+
+    ``update = reference + (update - reference) * min(1, max_norm / norm)``: the per-update
+    clipping of norm-bounding defences (Sun et al. 2019) and of differentially private FedAvg
+    (McMahan et al. 2018), which then adds noise scaled to ``max_norm``. A read-only tensor is
+    replaced in the list rather than written.
+    """
+    norm = update_norm(update, reference)
+    if norm > max_norm:
+        scale = max_norm / norm
+        for i in _float_indices(reference):
+            d = update[i].astype(np.float64) - reference[i]
+            d *= scale
+            d += reference[i]
+            if update[i].flags.writeable:
+                update[i][...] = d  # rounded once into the update's dtype
+            else:
+                update[i] = d.astype(update[i].dtype)
+    return norm
+
+
+def _sum_limit(dtype: np.dtype) -> float:
+    """The largest value the strategies' running sum holds for a tensor of ``dtype``
+    (``strategies.running_mean``: float32 for float16/float32, float64 otherwise)."""
+    if dtype in (np.float16, np.float32):
+        return float(np.finfo(np.float32).max)
+    return float(np.finfo(np.float64).max)
+
+
+class Admission:
+    """The policy applied to one chief's rounds: ``begin_round(global)``, ``admit`` per update
+    that would count, ``check_model`` on the round's result."""
+
+    def __init__(self, policy: AdmissionPolicy | None = None) -> None:
+        self.policy = policy if policy is not None else AdmissionPolicy()
+        self._reference: list[np.ndarray] = []
+        self._bound: list[float] = []  # per tensor: sum of weight x max|value| admitted so far
+        self._limit: list[float] = []
+
+    def begin_round(self, global_arrays: Sequence[np.ndarray]) -> None:
+        """A new round from this global model: the running-sum bounds start from zero."""
+        self._reference = list(global_arrays)
+        self._bound = [0.0] * len(self._reference)
+        self._limit = [_sum_limit(g.dtype) for g in self._reference]
+
+    def check_numbers(self, num_samples: float, arrays: Sequence[np.ndarray], *,
+                      checked: bool = False, bad: str | None = None) -> Refusal | None:
+        """Refuse what no update may carry, whatever its round: a sample count that is not a
+        positive number, NaN or Inf. Fatal: only a broken worker sends these (the worker API
+        and the protocol refuse them on the way out). ``checked``/``bad``: the transport's own
+        NaN/Inf check of these very arrays (``FrameDecoder.check_finite``)."""
+        if not (isinstance(num_samples, (int, float)) and math.isfinite(num_samples)
+                and num_samples > 0):
+            return Refusal(ErrorCode.BAD_FRAME, "num_samples must be a positive number", True)
+        if not checked:
+            bad = non_finite(arrays)
+        if bad:
+            return Refusal(ErrorCode.NON_FINITE, f"update refused: {bad}", True)
+        return None
+
+    def admit(self, worker_id: str, num_samples: float, arrays: list[np.ndarray], *,
+              stands_for: int = 1) -> Refusal | None:
+        """Admit an update that would count in this round (clipping it in place if the policy
+        says so), or say why not. ``stands_for``: the workers a combined update (MPI) sums."""
+        p = self.policy
+        cap = p.max_samples * stands_for
+        if num_samples > cap:
+            return Refusal(ErrorCode.LIMIT,
+                           f"update of worker {worker_id} refused: it claims {num_samples:g} "
+                           f"samples, more than the chief admits (max_samples {cap:g}); the "
+                           "round goes on without it", False)
+        if p.max_update_norm is not None and self._reference:
+            if p.update_norm_mode == "clip":
+                clip_update(arrays, self._reference, p.max_update_norm)
+            else:
+                norm = update_norm(arrays, self._reference)
+                if norm > p.max_update_norm:
+                    return Refusal(ErrorCode.LIMIT,
+                                   f"update of worker {worker_id} refused: its change from the "
+                                   f"global model has norm {norm:.4g}, above the bound "
+                                   f"max_update_norm {p.max_update_norm:g}; the round goes on "
+                                   "without it", False)
+        adds = []
+        for i, a in enumerate(arrays):
+            m = max_abs(a)
+            add = num_samples * m
+            limit = self._limit[i] if i < len(self._limit) else _sum_limit(a.dtype)
+            bound = self._bound[i] if i < len(self._bound) else 0.0
+            if not math.isfinite(add) or bound + add > limit:
+                return Refusal(ErrorCode.NON_FINITE,
+                               f"update of worker {worker_id} refused: tensor {i} (largest "
+                               f"magnitude {m:.3g}) weighted by its {num_samples:g} samples "
+                               f"could take the round's running sum past {limit:.3g}, the "
+                               "largest number it can hold; the round goes on without it",
+                               False)
+            adds.append(add)
+        for i, add in enumerate(adds[:len(self._bound)]):
+            self._bound[i] += add
+        return None
+
+    def check_model(self, arrays: Sequence[np.ndarray]) -> str | None:
+        """Why a round's new global model must not be committed (None: it may)."""
+        return non_finite(arrays)
