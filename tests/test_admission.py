@@ -20,10 +20,15 @@ from fedberry.chief.admission import (
     clip_update,
     update_norm,
 )
+from fedberry.chief.build import OutputOptions, RoundPolicy, build_chief_server
+from fedberry.chief.run_info import read_run_info
+from fedberry.chief.scheduler import BlockingScheduler
 from fedberry.chief.state import Chief, ChiefConfig, RoundClosed, SendError, SendGlobal
+from fedberry.cli import build_parser
 from fedberry.protocol.frames import ErrorCode, spec_of
 from fedberry.serve import serve
 from fedberry.strategies import FedAvg, FedAvgM, TrimmedMean
+from fedberry.transports.mpi_chief import _CollectivePeer
 
 SHAPES = [(3, 2), (2,)]
 
@@ -321,3 +326,36 @@ def test_a_worker_lying_about_its_samples_cannot_break_or_own_the_model(tmp_path
             for g in got:
                 np.testing.assert_allclose(g[f"got{r}_{j}"], ref, rtol=1e-6, atol=1e-6)
     np.testing.assert_array_equal(final[0], got[0][f"got{rounds - 1}_0"])
+
+
+# -- plumbing: serve(), the command line, MPI's combined update -------------------------------
+def test_serve_takes_the_options_and_records_them(tmp_path: Path):
+    handle = serve(None, max_samples=1e6, max_update_norm=2.0, update_norm_mode="refuse",
+                   out_dir=tmp_path, initial=arrays(0))
+    try:
+        assert handle.chief.admission.policy == AdmissionPolicy(1e6, 2.0, "refuse")
+    finally:
+        handle.stop()
+    assert read_run_info(tmp_path)["config"]["admission"] == {
+        "max_samples": 1e6, "max_update_norm": 2.0, "update_norm_mode": "refuse"}
+
+
+def test_chief_command_has_the_options():
+    args = build_parser().parse_args(["chief", "--workers", "2"])
+    assert (args.max_samples, args.max_update_norm, args.update_norm_mode) == (1e9, None, "clip")
+    args = build_parser().parse_args(["chief", "--workers", "2", "--max-samples", "5e6",
+                                      "--max-update-norm", "3", "--update-norm-mode", "refuse"])
+    assert (args.max_samples, args.max_update_norm, args.update_norm_mode) == (5e6, 3.0,
+                                                                              "refuse")
+
+
+def test_refused_combined_update_stops_an_mpi_job_with_its_sentence():
+    server = build_chief_server(RoundPolicy(workers=1, rounds=2), OutputOptions(),
+                                initial=arrays(0), scheduler=BlockingScheduler(),
+                                admission=AdmissionPolicy(max_samples=100))
+    peer = _CollectivePeer()
+    server.attach(peer, spec_of(arrays(0)), True)
+    server.on_collective_update(peer, 0, 400, arrays(1), {}, updates=4)  # 100 per worker: fine
+    assert peer.refused is None and server.chief.round == 1
+    server.on_collective_update(peer, 1, 401, arrays(1), {}, updates=4)
+    assert peer.refused is not None and "max_samples 400" in peer.refused

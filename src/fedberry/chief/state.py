@@ -265,7 +265,9 @@ class Chief:
             bad = self.admission.check_model(new)
             if bad:
                 # Not committed: a NaN model would be checkpointed and sent to everyone, and
-                # no worker could train on from it.
+                # no worker could train on from it. The strategies' own state (FedAvgM's
+                # velocity, FedAdam's moments) is float64 and stays finite while the admitted
+                # sum does: only the step's cast to the model's dtype can overflow.
                 log.warning("round %d would make a non-finite global model (%s); it is not "
                             "committed, the previous model stays", self.round + 1, bad)
             else:
