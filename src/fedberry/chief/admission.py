@@ -30,6 +30,7 @@ without its update, and the worker gets the round's model like everyone else.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -44,6 +45,8 @@ from fedberry.protocol.frames import ErrorCode, finite
 # Yet it leaves a float32 running sum room for values up to ~3e29 per update.
 DEFAULT_MAX_SAMPLES = 1e9
 NORM_MODES = ("clip", "refuse")
+
+log = logging.getLogger("fedberry.chief")
 
 
 @dataclass(frozen=True)
@@ -206,7 +209,11 @@ class Admission:
                            "round goes on without it", False)
         if p.max_update_norm is not None and self._reference:
             if p.update_norm_mode == "clip":
-                clip_update(arrays, self._reference, p.max_update_norm)
+                norm = clip_update(arrays, self._reference, p.max_update_norm)
+                if norm > p.max_update_norm:
+                    log.info("worker %s: its update's change from the global model had norm "
+                             "%.4g, clipped to max_update_norm %g", worker_id, norm,
+                             p.max_update_norm)
             else:
                 norm = update_norm(arrays, self._reference)
                 if norm > p.max_update_norm:
