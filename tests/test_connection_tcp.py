@@ -3,16 +3,21 @@ as one sentence, from either side, and the conversation goes on where it may."""
 
 from __future__ import annotations
 
+import asyncio
 import socket
+import threading
+import time
 
 import numpy as np
 import pytest
 
 from fedberry import Worker
-from fedberry.protocol.connection import WorkerConnection
+from fedberry.errors import ChiefUnreachable
+from fedberry.protocol.connection import ChiefConnection, WorkerConnection
 from fedberry.protocol.frames import ErrorCode, spec_of
 from fedberry.protocol.messages import Auth, Challenge, Error, Hello, Update, Welcome
 from fedberry.serve import serve
+from fedberry.transports.tcp.worker import TcpSession
 
 TOKEN = "connection-tcp-token"
 MODEL = [np.zeros((4, 3), np.float32), np.zeros(3, np.float32)]
@@ -60,3 +65,49 @@ def test_the_chief_refuses_a_bad_update_field_with_a_sentence_over_tcp() -> None
             assert err.code == ErrorCode.BAD_FRAME.value and "num_samples" in err.message
     finally:
         handle.stop()
+
+
+@pytest.mark.parametrize("answers", ["nothing", "only the challenge"])
+def test_join_gives_up_on_a_listener_that_accepts_and_falls_silent(answers: str) -> None:
+    """join() waited forever: no deadline covered the handshake's answers (the heartbeat and
+    its idle watchdog start only once WELCOME is in)."""
+    srv = socket.create_server(("127.0.0.1", 0))
+    held: list[socket.socket] = []
+    stop = threading.Event()
+
+    def listener() -> None:  # accepts every attempt, then says nothing (or CHALLENGE only)
+        srv.settimeout(0.1)
+        while not stop.is_set():
+            try:
+                s, _ = srv.accept()
+            except OSError:
+                continue
+            held.append(s)
+            if answers == "only the challenge":
+                conn = ChiefConnection(TOKEN)
+                s.settimeout(5)
+                while not conn.receive_data(s.recv(1 << 16)):
+                    pass
+                s.sendall(conn.send(Challenge()).tobytes())
+
+    thread = threading.Thread(target=listener, daemon=True)
+    thread.start()
+    session = TcpSession("127.0.0.1", srv.getsockname()[1], token=TOKEN, worker_id="w",
+                         connect_timeout=1.0, heartbeat=0.2, idle_timeout=0.5)
+    try:
+        start = time.monotonic()
+        with pytest.raises(ChiefUnreachable) as info:
+            # wait_for: should join() hang again, the test fails instead of hanging too.
+            asyncio.run(asyncio.wait_for(session.join([m.copy() for m in MODEL]), 10))
+        took = time.monotonic() - start
+        assert took < 6, took
+        said = "HELLO" if answers == "nothing" else "AUTH"
+        assert f"accepted the connection but did not answer {said}" in str(info.value)
+        assert "gave up after 1 s" in str(info.value)
+        assert held  # it did reach the listener
+    finally:
+        stop.set()
+        thread.join(5)
+        for s in held:
+            s.close()
+        srv.close()
