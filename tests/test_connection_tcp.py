@@ -14,9 +14,10 @@ import pytest
 from fedberry import Worker
 from fedberry.errors import ChiefUnreachable
 from fedberry.protocol.connection import ChiefConnection, WorkerConnection
-from fedberry.protocol.frames import ErrorCode, spec_of
+from fedberry.protocol.frames import ErrorCode, Limits, spec_of
 from fedberry.protocol.messages import Auth, Challenge, Error, Hello, Update, Welcome
 from fedberry.serve import serve
+from fedberry.transports.tcp import ListenOptions
 from fedberry.transports.tcp.worker import TcpSession
 
 TOKEN = "connection-tcp-token"
@@ -111,3 +112,29 @@ def test_join_gives_up_on_a_listener_that_accepts_and_falls_silent(answers: str)
         for s in held:
             s.close()
         srv.close()
+
+
+def test_the_chiefs_frame_ceiling_comes_from_its_listen_options() -> None:
+    """ChiefConnection(cap=) was never passed by the TCP chief: its ceiling was fixed."""
+    handle = serve("127.0.0.1:0", workers=1, rounds=1, initial=MODEL, token=TOKEN,
+                   listen_options=ListenOptions(limits=Limits(max_payload=16)))
+    try:
+        host, port = handle.url.split("://")[1].rsplit(":", 1)
+        conn = WorkerConnection(TOKEN, spec_of(MODEL))
+        with socket.create_connection((host, int(port)), timeout=10) as s:
+            def events_until(want: type) -> object:
+                while True:
+                    got = [e for e in conn.receive_data(s.recv(1 << 16)) if isinstance(e, want)]
+                    if got:
+                        return got[0]
+
+            s.sendall(conn.send(Hello("capped")).tobytes())
+            events_until(Challenge)
+            s.sendall(conn.send(Auth(spec_of(MODEL), want_model=False)).tobytes())
+            events_until(Welcome)
+            s.sendall(conn.send(Update(0, 1, MODEL)).tobytes())  # 60 bytes of tensors
+            err = events_until(Error)
+            assert isinstance(err, Error) and err.code == ErrorCode.LIMIT.value
+            assert "limit of 16" in err.message, err.message
+    finally:
+        handle.stop()
