@@ -29,6 +29,7 @@ from fedberry.protocol.frames import (
     HEADER,
     MAGIC,
     ErrorCode,
+    FrameDecoder,
     MsgType,
     ProtocolError,
     TensorSpec,
@@ -38,6 +39,7 @@ from fedberry.protocol.limits import (
     MAX_ERROR_MESSAGE,
     MAX_METRICS,
     MAX_PAYLOAD,
+    PREAUTH_LIMITS,
     PREAUTH_META_BYTES,
     Limits,
     model_limits,
@@ -412,8 +414,43 @@ def test_codecs_in_the_wrong_place_or_of_the_wrong_shape() -> None:
     (to_frame(Welcome(0)).tobytes(), "WELCOME is not allowed now (hello)"),
 ])
 def test_chief_refuses_frames_before_hello(frame: bytes, words: str) -> None:
-    code = ErrorCode.LIMIT if b'"tensors"' in frame else ErrorCode.PROTOCOL
-    refused(ChiefConnection(TOKEN), frame, code, "" if code == ErrorCode.LIMIT else words)
+    # By type, before the limits: an UPDATE is refused as out of turn, not as too large.
+    refused(ChiefConnection(TOKEN), frame, ErrorCode.PROTOCOL, words)
+
+
+def test_frames_out_of_turn_are_refused_by_their_header_alone() -> None:
+    """A type the state does not allow costs its 20 header bytes: no metadata buffer, no
+    tensors (they had been read in full, into receive-budget memory, before the refusal)."""
+    calls: list = []
+
+    def allocate(specs):  # type: ignore[no-untyped-def]
+        calls.append(specs)
+        return [np.empty(s.shape, s.dtype) for s in specs]
+
+    def chief_joined() -> ChiefConnection:
+        c, w = ChiefConnection(TOKEN, allocate=allocate), WorkerConnection(TOKEN, SPEC)
+        for sender, receiver, msg in [(w, c, Hello("pi-1")), (c, w, Challenge()),
+                                      (w, c, Auth(SPEC)), (c, w, Welcome(0, False))]:
+            deliver(sender, receiver, msg)
+        return c
+
+    header = {name: to_frame(msg).tobytes()[:20] for name, msg in [
+        ("init", Init(MODEL)), ("global", Global(1, MODEL)), ("update", Update(0, 1, MODEL))]}
+    refused(chief_joined(), header["init"], ErrorCode.PROTOCOL,
+            "INIT is not allowed now (joined)")
+    refused(chief_joined(), header["global"], ErrorCode.PROTOCOL,
+            "GLOBAL is not allowed now (joined)")
+    assert calls == []
+    # Before authentication: an anonymous peer's tensor frame, whatever metadata it announces.
+    many_empty = raw(MsgType.UPDATE, {"round": 0, "num_samples": 1, "tensors": [
+        {"dtype": "<f4", "shape": [0]}] * 5000})
+    refused(ChiefConnection(TOKEN), many_empty[:20], ErrorCode.PROTOCOL,
+            "UPDATE is not allowed now (hello)")
+    _, w = joined()
+    refused(w, header["update"], ErrorCode.PROTOCOL, "UPDATE is not allowed now (joined)")
+    w = WorkerConnection(TOKEN, SPEC)
+    w.send(Hello("pi-1"))
+    refused(w, header["global"], ErrorCode.PROTOCOL, "GLOBAL is not allowed now (challenge)")
 
 
 def test_chief_refuses_out_of_order_frames() -> None:
@@ -501,15 +538,20 @@ def test_q8_globals_must_build_on_the_round_received_last() -> None:
 
 # -- limits ----------------------------------------------------------------------------------
 def test_before_welcome_no_tensors_and_little_metadata() -> None:
-    refused(ChiefConnection(TOKEN), raw(MsgType.UPDATE, tensors_meta(MODEL), b"x",
-                                        payload_len=MODEL[0].nbytes + MODEL[1].nbytes),
-            ErrorCode.LIMIT, "payload")
+    update = raw(MsgType.UPDATE, tensors_meta(MODEL), b"x",
+                 payload_len=MODEL[0].nbytes + MODEL[1].nbytes)
+    # No tensor frame is allowed before WELCOME (refused by type: PROTOCOL); the limits refuse
+    # a payload there too, should a type ever be let through.
+    refused(ChiefConnection(TOKEN), update, ErrorCode.PROTOCOL, "not allowed now")
+    with pytest.raises(ProtocolError, match="payload") as info:
+        FrameDecoder(PREAUTH_LIMITS).receive_data(update[:20])
+    assert info.value.code == ErrorCode.LIMIT
     huge_meta = raw(MsgType.HELLO, b"{" + b" " * PREAUTH_META_BYTES + b"}")[:20]  # header only
     refused(ChiefConnection(TOKEN), huge_meta, ErrorCode.LIMIT, "metadata")
     w = WorkerConnection(TOKEN, SPEC)
     w.send(Hello("pi-1"))
     refused(w, raw(MsgType.GLOBAL, tensors_meta(MODEL, round=0),
-                   payload_len=10)[:20], ErrorCode.LIMIT, "payload")
+                   payload_len=10)[:20], ErrorCode.PROTOCOL, "not allowed now")
 
 
 def test_after_welcome_frames_no_larger_than_the_model() -> None:
@@ -594,12 +636,51 @@ def test_tensors_are_read_straight_into_the_allocated_arrays_after_a_wait() -> N
     assert np.array_equal(up.tensors[0], MODEL[0])
 
 
-def test_receive_data_refuses_to_run_past_a_memory_wait() -> None:
-    c = ChiefConnection(TOKEN, allocate=lambda specs: None)
+def test_receive_data_keeps_what_follows_a_memory_wait_and_loses_no_event() -> None:
+    """It raised, losing the PING decoded before the wait in the same call."""
+    answers: list = [None]  # first "not now", then memory
+    c = ChiefConnection(TOKEN, allocate=lambda specs: answers.pop() if answers else
+                        [np.empty(s.shape, s.dtype) for s in specs])
     w = WorkerConnection(TOKEN, SPEC)
     for sender, receiver, msg in [(w, c, Hello("pi-1")), (c, w, Challenge()),
                                   (w, c, Auth(SPEC)), (c, w, Welcome(0))]:
         deliver(sender, receiver, msg)
-    with pytest.raises(LocalProtocolError, match="waits for memory"):
-        c.receive_data(w.send(Update(0, 1, MODEL)).tobytes())
+    data = b"".join(w.send(m).tobytes() for m in (Ping(), Update(0, 3, MODEL), Ping()))
+    assert c.receive_data(data) == [Ping()]
     assert c.waiting
+    assert c.receive_data(to_frame(Pong()).tobytes()) == []  # kept, after the rest
+    with pytest.raises(LocalProtocolError, match="still unread"):
+        c.get_buffer()  # the kept bytes come first
+    assert c.retry()
+    up, ping, pong = c.receive_data()
+    assert isinstance(up, Update) and up.num_samples == 3
+    assert np.array_equal(up.tensors[0], MODEL[0])
+    assert (ping, pong) == (Ping(), Pong())
+    assert c.receive_data() == [] and not c.waiting
+    c.get_buffer()  # nothing kept: the zero-copy path again
+
+
+def test_only_frames_encoded_once_may_be_sent_encoded() -> None:
+    """A WELCOME sent as an encoded frame skipped the worker's proof and joined a worker with
+    the wrong token."""
+    c, w = ChiefConnection(TOKEN), WorkerConnection("a-wrong-token", SPEC)
+    for sender, receiver, msg in [(w, c, Hello("pi-1")), (c, w, Challenge()),
+                                  (w, c, Auth(SPEC))]:
+        deliver(sender, receiver, msg)
+    with pytest.raises(LocalProtocolError, match="send WELCOME as a message"):
+        c.send(to_frame(Welcome(0, False)))
+    assert c.state is ChiefState.WELCOME
+    with pytest.raises(ProtocolError) as info:
+        c.send(Welcome(0, False))
+    assert info.value.code == ErrorCode.AUTH_FAILED and c.state is ChiefState.CLOSED
+    w = WorkerConnection(TOKEN, SPEC)
+    w.send(Hello("pi-1"))
+    w.receive_data(to_frame(Challenge()).tobytes())
+    with pytest.raises(LocalProtocolError, match="send AUTH as a message"):
+        w.send(to_frame(Auth(SPEC)))
+    c, w = joined()
+    c.send(to_frame(Global(4, MODEL)))  # the broadcast's frame, encoded once per round
+    assert c.sent_round == 4
+    w.send(to_frame(Update(0, 1, MODEL)))  # a worker's update, encoded once for resends
+    with pytest.raises(LocalProtocolError):
+        c.send(to_frame(Error("x", "y")))

@@ -26,7 +26,6 @@ from fedberry.protocol.frames import (
     ProtocolError,
     TensorSpec,
     encode,
-    error_frame,
     spec_from_json,
     spec_mismatch,
     spec_of,
@@ -123,8 +122,9 @@ def test_encode_refuses_dtypes_that_cannot_travel() -> None:
 
 
 def test_frames_without_tensors_and_error_frames() -> None:
+    error = {"code": ErrorCode.STALE.value, "message": "late", "fatal": False}
     frames = FrameDecoder().receive_data(
-        encode(MsgType.PING, {}).tobytes() + error_frame(ErrorCode.STALE, "late", False).tobytes()
+        encode(MsgType.PING, {}).tobytes() + encode(MsgType.ERROR, error).tobytes()
         + encode(MsgType.UPDATE, {"round": 1}).tobytes())
     assert [f.type for f in frames] == [MsgType.PING, MsgType.ERROR, MsgType.UPDATE]
     assert frames[1].meta == {"code": "stale_update", "message": "late", "fatal": False}

@@ -21,8 +21,10 @@ worker checks the chief's as WELCOME arrives. A GLOBAL of codec "unchanged" (no 
 chief's answer to a worker whose AUTH offered the digest of the model it holds, when it matches.
 
 What a misbehaving peer causes: a frame that is malformed, over a limit, of the wrong model, or
-not allowed in the connection's state raises :class:`ProtocolError` from ``receive_data`` /
-``buffer_updated``; the connection is then CLOSED and every later call raises too. The transport
+not allowed in the connection's state (refused as its header is parsed, before its metadata
+or tensors are allocated: ``FrameDecoder.check_type``) raises :class:`ProtocolError` from
+``receive_data`` / ``buffer_updated``; the connection is then CLOSED and every later call
+raises too. The transport
 sends ``error_for(exc)`` (if it still can) and closes. Until WELCOME, frames carry no tensors and
 little metadata (``limits.PREAUTH_LIMITS``); after it, exactly the model's frames
 (``limits.model_limits``).
@@ -94,9 +96,16 @@ class _Connection:
 
     state: enum.Enum
     _closed: enum.Enum
+    # The frame types ``send`` takes already encoded: the ones encoded once and sent as they
+    # are (the round's GLOBAL for many connections; an UPDATE resent after a reconnect). Every
+    # other type carries a proof or changes the state on what it says: it goes as a message,
+    # through the checks that fill in and verify it.
+    _pre_encoded: frozenset[MsgType] = frozenset()
 
     def __init__(self) -> None:
         self.decoder = FrameDecoder(PREAUTH_LIMITS)
+        self.decoder.check_type = self._check_type
+        self._unread = bytearray()  # what receive_data was given while a frame waits for memory
 
     # -- receiving ---------------------------------------------------------------------------
     @property
@@ -106,7 +115,8 @@ class _Connection:
         return self.decoder.waiting
 
     def retry(self) -> bool:
-        """Ask ``allocate`` again for the waiting frame; True once its arrays are there."""
+        """Ask ``allocate`` again for the waiting frame; True once its arrays are there (then
+        ``receive_data()`` reads on any bytes it kept)."""
         self._check_open()
         try:
             return self.decoder.retry()
@@ -118,6 +128,9 @@ class _Connection:
         """Where the next received bytes go (``asyncio.BufferedProtocol.get_buffer``): the
         header, the metadata, or the very numpy array a tensor is read into."""
         self._check_open()
+        if self._unread:  # they come first: feed them with receive_data
+            raise LocalProtocolError("bytes given to receive_data are still unread: call "
+                                     "receive_data again before get_buffer")
         return self.decoder.get_buffer()
 
     def buffer_updated(self, nbytes: int) -> list[Message]:
@@ -130,16 +143,24 @@ class _Connection:
             self.state = self._closed
             raise
 
-    def receive_data(self, data: bytes | bytearray | memoryview) -> list[Message]:
-        """Bytes in, events out (copies ``data`` through the zero-copy path). Returns early,
-        with the rest of ``data`` not consumed, only when a frame waits for memory: that is a
-        misuse here (``receive_data`` is for callers without backpressure)."""
-        src = memoryview(data).cast("B")
+    def receive_data(self, data: bytes | bytearray | memoryview = b"") -> list[Message]:
+        """Bytes in, events out (copies ``data`` through the zero-copy path), for callers
+        without backpressure (tests, fuzzing). When a frame waits for memory, returns the
+        events decoded so far and keeps the bytes not yet read, in order, with any given
+        meanwhile; once ``retry()`` is True, ``receive_data()`` (no new bytes needed) reads on.
+        A transport with backpressure uses ``get_buffer``/``buffer_updated``: no copy."""
+        self._check_open()
+        if self._unread:
+            self._unread += data
+            src = memoryview(bytes(self._unread))
+            self._unread.clear()
+        else:
+            src = memoryview(data).cast("B")
         events: list[Message] = []
         while len(src):
             if self.waiting:
-                raise LocalProtocolError("a frame waits for memory: use get_buffer/"
-                                         "buffer_updated and retry() to receive it")
+                self._unread += src  # read once the frame has its memory
+                break
             buf = self.get_buffer()
             n = min(len(buf), len(src))
             buf[:n] = src[:n]
@@ -152,9 +173,19 @@ class _Connection:
         if self.state is self._closed:
             raise ProtocolError(ErrorCode.PROTOCOL, "the connection is closed")
 
-    def _refuse(self, frame: Frame) -> ProtocolError:
+    def _check_type(self, t: MsgType) -> None:
+        """The decoder's ``check_type``: refuse a frame by its type, before reading the rest."""
+        if not self._allowed(t):
+            raise self._refuse(t)
+
+    def _refuse(self, t: MsgType) -> ProtocolError:
         return ProtocolError(ErrorCode.PROTOCOL,
-                             f"{frame.type.name} is not allowed now ({self.state.value})")
+                             f"{t.name} is not allowed now ({self.state.value})")
+
+    def _allowed(self, t: MsgType) -> bool:
+        """Whether a frame of type ``t`` may arrive in the current state (the one place of
+        that rule: ``_receive`` sees only frames that passed it)."""
+        raise NotImplementedError
 
     def _receive(self, frame: Frame) -> Message:
         raise NotImplementedError
@@ -166,6 +197,10 @@ class _Connection:
         if isinstance(msg, EncodedFrame):
             if msg.type is None:
                 raise LocalProtocolError("send() needs a frame made by encode()")
+            if msg.type not in self._pre_encoded:
+                raise LocalProtocolError(f"send {msg.type.name} as a message, not an encoded "
+                                         "frame: its fields are checked (and proofs filled in) "
+                                         "as it is sent")
             self._sending(msg.type, msg.meta or {})
             return msg
         msg = self._filled(msg)
@@ -195,6 +230,7 @@ class ChiefConnection(_Connection):
     """
 
     _closed = ChiefState.CLOSED
+    _pre_encoded = frozenset({MsgType.GLOBAL})  # the broadcast encodes each round's model once
 
     def __init__(self, token: str = "", *, cert_names: Sequence[str] | None = None,
                  allocate: Allocate | None = None, cap: Limits | None = None) -> None:
@@ -214,11 +250,25 @@ class ChiefConnection(_Connection):
         self._chief_nonce = ""
         self._proof = ""
 
-    def _receive(self, frame: Frame) -> Message:
-        t, s = frame.type, self.state
+    def _allowed(self, t: MsgType) -> bool:
+        s = self.state
         if t in (MsgType.PING, MsgType.PONG):
+            return True
+        if t == MsgType.HELLO:
+            return s is ChiefState.HELLO
+        if t == MsgType.AUTH:
+            return s is ChiefState.AUTH
+        if t in (MsgType.UPDATE, MsgType.BYE):
+            return s is ChiefState.JOINED
+        if t == MsgType.INIT:  # once, and only when WELCOME asked for it
+            return s is ChiefState.JOINED and self._may_init
+        return False
+
+    def _receive(self, frame: Frame) -> Message:
+        t = frame.type  # allowed now: checked as its header came in
+        if t in (MsgType.PING, MsgType.PONG, MsgType.UPDATE):
             return from_frame(frame)
-        if s is ChiefState.HELLO and t == MsgType.HELLO:
+        if t == MsgType.HELLO:
             msg = from_frame(frame)
             assert isinstance(msg, Hello)
             if self.cert_names is not None and msg.worker_id not in self.cert_names:
@@ -227,23 +277,20 @@ class ChiefConnection(_Connection):
             self.worker_id, self._worker_nonce = msg.worker_id, msg.nonce
             self.state = ChiefState.CHALLENGE
             return msg
-        if s is ChiefState.AUTH and t == MsgType.AUTH:
+        if t == MsgType.AUTH:
             msg = from_frame(frame)
             assert isinstance(msg, Auth)
             self._proof, self.announced = msg.proof, msg.spec
             self.want_model, self._have = msg.want_model, msg.have if msg.want_model else None
             self.state = ChiefState.WELCOME
             return msg
-        if s is ChiefState.JOINED:
-            if t == MsgType.UPDATE:
-                return from_frame(frame)
-            if t == MsgType.INIT and self._may_init:
-                self._may_init = False  # once, and only when WELCOME asked for it
-                return from_frame(frame)
-            if t == MsgType.BYE:
-                self.state = ChiefState.CLOSED
-                return from_frame(frame)
-        raise self._refuse(frame)
+        if t == MsgType.INIT:
+            self._may_init = False
+            return from_frame(frame)
+        if t == MsgType.BYE:
+            self.state = ChiefState.CLOSED
+            return from_frame(frame)
+        raise self._refuse(t)  # not reached: _allowed lets no other type through
 
     # -- what the runtime needs to know ------------------------------------------------------
     def expect_model(self, spec: Spec) -> None:
@@ -310,6 +357,7 @@ class WorkerConnection(_Connection):
     """
 
     _closed = WorkerState.CLOSED
+    _pre_encoded = frozenset({MsgType.UPDATE})  # encoded once: a resend sends the same bytes
 
     def __init__(self, token: str, spec: Spec, *, cap: Limits | None = None) -> None:
         super().__init__()
@@ -323,8 +371,20 @@ class WorkerConnection(_Connection):
         self._worker_nonce = ""
         self._chief_nonce = ""
 
+    def _allowed(self, t: MsgType) -> bool:
+        s = self.state
+        if t in (MsgType.PING, MsgType.PONG, MsgType.ERROR):
+            return True
+        if t == MsgType.CHALLENGE:
+            return s is WorkerState.CHALLENGE
+        if t == MsgType.WELCOME:
+            return s is WorkerState.WELCOME
+        if t == MsgType.GLOBAL:
+            return s is WorkerState.JOINED
+        return False
+
     def _receive(self, frame: Frame) -> Message:
-        t, s = frame.type, self.state
+        t = frame.type  # allowed now: checked as its header came in
         if t in (MsgType.PING, MsgType.PONG):
             return from_frame(frame)
         if t == MsgType.ERROR:
@@ -333,13 +393,13 @@ class WorkerConnection(_Connection):
             if msg.fatal:
                 self.state = WorkerState.CLOSED
             return msg
-        if s is WorkerState.CHALLENGE and t == MsgType.CHALLENGE:
+        if t == MsgType.CHALLENGE:
             msg = from_frame(frame)
             assert isinstance(msg, Challenge)
             self._chief_nonce = msg.nonce
             self.state = WorkerState.AUTH
             return msg
-        if s is WorkerState.WELCOME and t == MsgType.WELCOME:
+        if t == MsgType.WELCOME:
             msg = from_frame(frame)
             assert isinstance(msg, Welcome)
             if not auth.verify(auth.chief_proof(self.token, self._chief_nonce,
@@ -354,7 +414,7 @@ class WorkerConnection(_Connection):
             self.decoder.limits = model_limits(self.spec, encodings.FRAME_CODECS["GLOBAL"],
                                                self.cap)
             return msg
-        if s is WorkerState.JOINED and t == MsgType.GLOBAL:
+        if t == MsgType.GLOBAL:
             msg = from_frame(frame)
             assert isinstance(msg, Global)
             if msg.codec == "unchanged" and not self._offered:
@@ -368,7 +428,7 @@ class WorkerConnection(_Connection):
             self._offered = False
             self.received_round = msg.round
             return msg
-        raise self._refuse(frame)
+        raise self._refuse(t)  # not reached: _allowed lets no other type through
 
     def _filled(self, msg: Message) -> Message:
         if isinstance(msg, Auth) and self.state is WorkerState.AUTH:

@@ -57,7 +57,7 @@ from fedberry.protocol.spec import (
 __all__ = [
     "ALLOWED_DTYPES", "HEADER", "HEADER_SIZE", "MAGIC", "MAX_DIMS", "MAX_ELEMENTS",
     "TENSOR_TYPES", "VERSION", "EncodedFrame", "ErrorCode", "Frame", "FrameDecoder", "Limits",
-    "MsgType", "ProtocolError", "Spec", "TensorSpec", "encode", "error_frame", "finite",
+    "MsgType", "ProtocolError", "Spec", "TensorSpec", "encode", "finite",
     "spec_from_json", "spec_mismatch", "spec_of", "spec_to_json", "wire_dtype",
 ]
 
@@ -128,6 +128,11 @@ class FrameDecoder:
     Both return the frames completed so far and raise :class:`ProtocolError` on a bad frame,
     after which the decoder is unusable (the stream has lost its framing: close the connection).
 
+    ``check_type`` (None: every type) is called with each frame's type the moment its header is
+    parsed, before the metadata or the tensors are allocated or read: it raises
+    :class:`ProtocolError` to refuse a type the owner's state does not allow, so such a frame
+    costs its 20 header bytes and nothing more.
+
     ``expected`` (set by the owner once the model is known) is the spec every tensor-carrying
     frame must match; ``limits`` may be replaced at any time (it takes effect at the next header).
     ``allocate`` (None: ``np.empty``) gives the arrays a frame's tensors are read into, e.g. from
@@ -141,6 +146,7 @@ class FrameDecoder:
         self.limits = limits or Limits()
         self.expected: Spec | None = None
         self.allocate: Callable[[Spec], list[np.ndarray] | None] | None = None
+        self.check_type: Callable[[MsgType], None] | None = None
         # Look for NaN/Inf in each tensor the moment its last byte is in: it is still in the
         # CPU cache then (4x cheaper than a pass once the whole frame is in, on the bench VM).
         self.check_finite = False
@@ -242,6 +248,8 @@ class FrameDecoder:
             self._type = MsgType(mtype)
         except ValueError:
             raise ProtocolError(ErrorCode.BAD_FRAME, f"unknown message type {mtype}") from None
+        if self.check_type is not None:  # first: a frame refused by type costs nothing more
+            self.check_type(self._type)
         if meta_len > self.limits.max_meta_bytes:
             raise ProtocolError(ErrorCode.LIMIT, f"metadata of {meta_len} bytes exceeds the limit "
                                                  f"of {self.limits.max_meta_bytes}")
@@ -342,7 +350,3 @@ def _no_constant(name: str) -> Any:
     # sample count would slip past comparisons, so refuse them here, once, for every field.
     raise ValueError(f"{name} is not valid JSON")
 
-
-def error_frame(code: ErrorCode | str, message: str, fatal: bool = True) -> EncodedFrame:
-    return encode(MsgType.ERROR, {"code": str(getattr(code, "value", code)), "message": message,
-                                  "fatal": fatal})

@@ -1,6 +1,7 @@
 """The vocabulary of the wire: frame types, error codes, the refusal exception, tensor specs.
 
-Every other protocol module builds on these names; this one imports nothing of fedberry's, so
+Every other protocol module builds on these names; of fedberry's, this one imports only
+``limits`` (the tensor-shape bounds), which imports only ``encodings``, which imports nothing:
 the package has no import circle.
 """
 
@@ -77,10 +78,6 @@ class TensorSpec:
 
 
 Spec = tuple[TensorSpec, ...]
-
-
-def spec_nbytes(spec: Spec) -> int:
-    return sum(t.nbytes for t in spec)
 
 
 def wire_dtype(dtype: np.dtype) -> np.dtype:

@@ -19,7 +19,7 @@ from fedberry.certs import cert_names, describe_tls_error
 from fedberry.chief.buffers import ReceiveBudget
 from fedberry.chief.runtime import ChiefServer
 from fedberry.protocol.connection import ChiefConnection, ChiefState
-from fedberry.protocol.frames import EncodedFrame, ErrorCode, ProtocolError, Spec
+from fedberry.protocol.frames import EncodedFrame, ErrorCode, Limits, ProtocolError, Spec
 from fedberry.protocol.messages import (
     Auth,
     Bye,
@@ -80,6 +80,10 @@ class ListenOptions:
     # Paces every connection's bytes through the caller's pacers (transports/pacing.py): the
     # benchmark without root emulates a slow shared link so (docs/slow-link.md). None: full speed.
     pacing: Pacing | None = None
+    # This chief's ceiling on a frame from a worker (``ChiefConnection(cap=)``): a joined
+    # worker's frames are limited to its model's size, and never past this. None: the
+    # protocol's (limits.MAX_PAYLOAD, 4 GiB).
+    limits: Limits | None = None
 
 
 # A connection we decided to close gets this long to take its last frame before it is aborted.
@@ -93,7 +97,8 @@ class _ChiefConnection(_FrameWriter, asyncio.BufferedProtocol):
     def __init__(self, listener: TcpChief) -> None:
         self.listener = listener
         self.server = listener.server
-        self.conn = ChiefConnection(listener.options.token, allocate=self._allocate)
+        self.conn = ChiefConnection(listener.options.token, allocate=self._allocate,
+                                    cap=listener.options.limits)
         self.transport: asyncio.Transport | None = None  # the TLS transport once TLS is up
         self._raw: asyncio.BaseTransport | None = None
         self._tls = False  # the TLS handshake is in progress

@@ -105,15 +105,26 @@ class _Retryable(Exception):
     pass
 
 
+class _Silent(_Retryable):
+    """The chief accepted the connection but did not answer the handshake in time."""
+
+
 class TcpSession:
     """A worker's connection to a TCP chief. Its methods are coroutines run on the worker's own
-    event-loop thread (see ``worker.Worker``), so heartbeats go on while the user trains."""
+    event-loop thread (see ``worker.Worker``), so heartbeats go on while the user trains.
+
+    Every attempt's waits (the TCP connect, CHALLENGE, WELCOME) end by the attempt's budget
+    (``connect_timeout`` for ``join``, ``reconnect_timeout`` for a reconnect) and each handshake
+    answer within ``handshake_timeout``: a listener that accepts and never speaks costs a retry,
+    not a hung ``join``. Once WELCOME is in, the heartbeat's ``idle_timeout`` watches the chief:
+    the model may wait for the round, as long as the chief answers pings."""
 
     def __init__(self, host: str, port: int, *, token: str, worker_id: str,
                  ssl_context: ssl.SSLContext | None = None, server_hostname: str | None = None,
                  connect_timeout: float = 60.0, reconnect_timeout: float = 300.0,
                  heartbeat: float = 5.0, idle_timeout: float = 60.0,
-                 limits: Limits | None = None, codec: str = "none") -> None:
+                 limits: Limits | None = None, codec: str = "none",
+                 handshake_timeout: float = 30.0) -> None:
         self.host, self.port = host, port
         self.codec = codecs.get(codecs.check_name(codec, codecs.UPLINK_CODECS, "update"))
         self.token = token
@@ -124,6 +135,10 @@ class TcpSession:
         self.reconnect_timeout = reconnect_timeout
         self.heartbeat = heartbeat
         self.idle_timeout = idle_timeout
+        # Above the chief's longest hold of an answer to AUTH (ListenOptions.auth_delay_max, 8 s),
+        # so that a worker behind the address of someone guessing tokens still gets in.
+        self.handshake_timeout = handshake_timeout
+        self._deadline = float("inf")  # the end of the current attempt's budget (_with_retries)
         self.limits = limits or Limits()
         self.bytes_sent = 0
         self.bytes_received = 0
@@ -202,7 +217,7 @@ class TcpSession:
 
     # -- internals ---------------------------------------------------------------------------
     async def _with_retries(self, fn: Any, budget: float) -> Any:
-        deadline = time.monotonic() + budget
+        deadline = self._deadline = time.monotonic() + budget
         attempt = 0
         while True:
             try:
@@ -225,13 +240,18 @@ class TcpSession:
         await self._connect(want_model=True)
         return await self._await_global()
 
+    def _time_left(self, most: float) -> float:
+        """How long the next wait may take: ``most``, cut to what is left of the budget (but
+        not to nothing: the last attempt still gets a moment)."""
+        return max(min(most, self._deadline - time.monotonic()), 0.5)
+
     async def _connect(self, want_model: bool) -> None:
         loop = asyncio.get_running_loop()
         tls = self.ssl_context is not None
         try:
             _, proto = await asyncio.wait_for(loop.create_connection(
                 lambda: _WorkerProtocol(self), self.host, self.port, ssl=self.ssl_context,
-                server_hostname=self.server_hostname if tls else None), 30)
+                server_hostname=self.server_hostname if tls else None), self._time_left(30))
         except ssl.SSLCertVerificationError as exc:
             raise FederationError(await self._explain_verify(exc), "tls") from None
         except ssl.SSLError as exc:
@@ -253,7 +273,9 @@ class TcpSession:
                                   exc.code.value) from None
         proto.send(hello)
         try:
-            await self._expect(Challenge)
+            await self._expect_soon(Challenge, "HELLO")
+        except _Silent:
+            raise  # silence is not the TLS client-certificate refusal below (a close)
         except _Retryable:
             if tls:
                 # TLS 1.3: the handshake completed on our side, then the chief closed without
@@ -268,7 +290,7 @@ class TcpSession:
         self._tls_closes = 0
         # With the digest of the model we hold, the chief need not send it (codec "unchanged").
         proto.send(Auth(self._spec, want_model, self._have if want_model else None))
-        welcome = await self._expect(Welcome)  # its proof checked by the connection
+        welcome = await self._expect_soon(Welcome, "AUTH")  # its proof checked by the connection
         self._downlink = welcome.downlink
         if welcome.need_init:
             if not self._init_arrays:  # we are past join(): the chief lost its model
@@ -299,6 +321,19 @@ class TcpSession:
             finally:
                 ctx.check_hostname = True
         return describe_tls_error(exc, cert_names=names)
+
+    async def _expect_soon(self, kind: type[Any], answering: str) -> Any:
+        """``_expect(kind)``, the chief's answer to our ``answering``, within the handshake's
+        time; a silent chief is dropped and retried."""
+        wait = self._time_left(self.handshake_timeout)
+        try:
+            return await asyncio.wait_for(self._expect(kind), wait)
+        except asyncio.TimeoutError:
+            proto, self._proto = self._proto, None
+            if proto is not None and proto.transport is not None:
+                proto.transport.abort()
+            raise _Silent(f"the chief accepted the connection but did not answer {answering} "
+                          f"within {wait:.1f} s") from None
 
     async def _expect(self, kind: type[Any]) -> Any:
         event = await self._next_event()
