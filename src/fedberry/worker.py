@@ -52,6 +52,10 @@ class Worker:
     or ``q8`` (the change since the global model in 8 bits, a quarter, with error feedback).
     In-process workers send no bytes and MPI sums float32 in place: there it changes nothing.
 
+    ``handshake_timeout`` bounds each attempt's wait for the chief's CHALLENGE and WELCOME (a
+    listener that accepts and falls silent is retried, then ``join`` raises ChiefUnreachable
+    once ``connect_timeout`` is spent); ``idle_timeout`` bounds any silence after WELCOME.
+
     ``worker_id`` names this worker to the chief. By default it is the name in ``cert`` (a chief
     that requires client certificates admits no other), else a fresh host-pid-random name.
     """
@@ -62,7 +66,8 @@ class Worker:
                  ca: str | None = None, cert: str | None = None, key: str | None = None,
                  server_hostname: str | None = None, connect_timeout: float = 60.0,
                  reconnect_timeout: float = 300.0, heartbeat: float = 5.0,
-                 idle_timeout: float = 60.0, codec: str = "none") -> None:
+                 idle_timeout: float = 60.0, handshake_timeout: float = 30.0,
+                 codec: str = "none") -> None:
         self.worker_id = worker_id or default_worker_id(cert)
         self.round = 0
         self.done = False
@@ -73,7 +78,8 @@ class Worker:
                                 token_file=token_file, ca=ca, cert=cert, key=key,
                                 server_hostname=server_hostname, connect_timeout=connect_timeout,
                                 reconnect_timeout=reconnect_timeout, heartbeat=heartbeat,
-                                idle_timeout=idle_timeout, codec=codec)
+                                idle_timeout=idle_timeout, handshake_timeout=handshake_timeout,
+                                codec=codec)
 
     # -- the API -----------------------------------------------------------------------------
     def join(self, arrays: Sequence[np.ndarray]) -> list[np.ndarray]:

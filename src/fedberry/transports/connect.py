@@ -90,7 +90,8 @@ def _dial_tcp(address: str, *, worker_id: str, token: str | None = None,
               token_file: str | None = None, ca: str | None = None, cert: str | None = None,
               key: str | None = None, server_hostname: str | None = None,
               connect_timeout: float = 60.0, reconnect_timeout: float = 300.0,
-              heartbeat: float = 5.0, idle_timeout: float = 60.0, codec: str = "none",
+              heartbeat: float = 5.0, idle_timeout: float = 60.0,
+              handshake_timeout: float = 30.0, codec: str = "none",
               **_other: Any) -> Session:
     host, port = parse_address(address)
     ctx = None
@@ -101,7 +102,8 @@ def _dial_tcp(address: str, *, worker_id: str, token: str | None = None,
     return TcpSession(host, port, token=resolve_token(token, token_file), worker_id=worker_id,
                       ssl_context=ctx, server_hostname=server_hostname or host,
                       connect_timeout=connect_timeout, reconnect_timeout=reconnect_timeout,
-                      heartbeat=heartbeat, idle_timeout=idle_timeout, codec=codec)
+                      heartbeat=heartbeat, idle_timeout=idle_timeout,
+                      handshake_timeout=handshake_timeout, codec=codec)
 
 
 def _dial_mpi(address: str, *, worker_id: str, **_options: Any) -> Session:
