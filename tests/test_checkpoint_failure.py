@@ -179,6 +179,12 @@ def test_a_blocked_checkpoint_write_does_not_hold_back_the_broadcast(tmp_path: P
     os.mkfifo(fifo)
     h = serve(None, workers=1, rounds=3, initial=INIT, checkpoint=ck, out_dir=tmp_path / "out",
               on_checkpoint_error="warn")
+
+    def unblock() -> None:
+        with open(fifo, "rb") as f:
+            f.read()
+
+    reader = threading.Thread(target=unblock, daemon=True)
     w = Worker(h, worker_id="local")
     try:
         w.join(INIT)
@@ -188,14 +194,11 @@ def test_a_blocked_checkpoint_write_does_not_hold_back_the_broadcast(tmp_path: P
         assert w.done and time.monotonic() - t0 < 5  # every round's model, while blocked
         assert not (tmp_path / "out" / "metrics.jsonl").read_text()  # written after the write
         w.close()
-
-        def drain() -> None:
-            with open(fifo, "rb") as f:
-                f.read()
-
-        threading.Thread(target=drain, daemon=True).start()
+        reader.start()
         assert h.wait(30)
     finally:
+        if not reader.is_alive() and reader.ident is None:
+            reader.start()  # never leave the chief's work thread blocked on the FIFO
         w.close()
         h.stop()
     lines = strict_lines(tmp_path / "out" / "metrics.jsonl")
