@@ -80,6 +80,10 @@ def _add_chief_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default="runs/chief", help="metrics.jsonl and checkpoint go here")
     p.add_argument("--checkpoint", default=None, help="default: OUT/checkpoint.npz")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint")
+    p.add_argument("--on-checkpoint-error", choices=["stop", "warn"], default="stop",
+                   help="when the checkpoint cannot be written: stop the run, telling every "
+                        "worker why, and exit nonzero (default), or warn each round and go on "
+                        "(a restart would then resume from an older round)")
     _add_token_options(p)
     p.add_argument("--tls-cert", help="chief certificate (PEM), from 'fedberry certs'")
     p.add_argument("--tls-key", help="chief private key (PEM)")
@@ -138,12 +142,13 @@ def _run_chief(args: argparse.Namespace) -> int:
         run_mpi_chief(rounds=args.rounds, strategy=args.strategy, initial=initial,
                       evaluate=evaluate, out_dir=args.out, checkpoint=checkpoint,
                       resume=args.resume, workers=args.workers, run_config=run_config,
-                      on_round=show)
+                      on_round=show, on_checkpoint_error=args.on_checkpoint_error)
         return 0
     run_chief(listen=args.listen, workers=args.workers, rounds=args.rounds,
               min_workers=args.min_workers, round_timeout=args.round_timeout,
               strategy=args.strategy, initial=initial, evaluate=evaluate, out_dir=args.out,
-              checkpoint=checkpoint, resume=args.resume, token=args.token,
+              checkpoint=checkpoint, resume=args.resume,
+              on_checkpoint_error=args.on_checkpoint_error, token=args.token,
               token_file=args.token_file, tls_cert=args.tls_cert, tls_key=args.tls_key,
               client_ca=args.client_ca, insecure=args.insecure,
               max_connections=args.max_connections, idle_timeout=args.idle_timeout,

@@ -130,6 +130,12 @@ class ChiefHandle:
         -------
         bool
             True if the chief has finished, False if ``timeout`` passed first.
+
+        Raises
+        ------
+        FederationError
+            The chief stopped the run (``code`` ``"chief_failed"``): its checkpoint could not be
+            written under ``on_checkpoint_error="stop"``; the message is the chief's sentence.
         """
         try:
             self._task.result(timeout)
@@ -197,7 +203,8 @@ def serve(listen: str | None = "127.0.0.1:0", *, workers: int | None = None,
     policy : RoundPolicy, optional
         When rounds close and the run ends.
     output : OutputOptions, optional
-        Metrics directory, checkpoint, resume.
+        Metrics directory, checkpoint, resume, and what a checkpoint that cannot be written
+        does (``on_checkpoint_error``: ``"stop"`` or ``"warn"``).
     admission : AdmissionPolicy, optional
         Which updates the chief admits: ``max_samples``, ``max_update_norm``,
         ``update_norm_mode`` (``chief.admission``, docs/security.md).
@@ -276,7 +283,8 @@ def serve(listen: str | None = "127.0.0.1:0", *, workers: int | None = None,
 
 
 def run_chief(**kwargs: Any) -> ChiefHandle:
-    """``serve(**kwargs)`` and block until the chief has finished; returns its handle."""
+    """``serve(**kwargs)`` and block until the chief has finished; returns its handle, or raises
+    ``ChiefHandle.wait``'s ``FederationError`` when the chief stopped the run."""
     handle = serve(**kwargs)
     try:
         while not handle.wait(1.0):

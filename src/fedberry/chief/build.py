@@ -20,7 +20,7 @@ import numpy as np
 from fedberry.chief import checkpoint as ckpt_io
 from fedberry.chief.admission import AdmissionPolicy
 from fedberry.chief.resume import check_resumable
-from fedberry.chief.runtime import ChiefServer, Evaluate
+from fedberry.chief.runtime import CHECKPOINT_ERROR_POLICIES, ChiefServer, Evaluate
 from fedberry.chief.scheduler import Scheduler
 from fedberry.chief.state import Chief, ChiefConfig
 from fedberry.protocol.frames import spec_of
@@ -78,12 +78,23 @@ class OutputOptions:
         it was written by a run of the same strategy and model. ``metrics.jsonl`` is appended to.
     run_config : dict
         Recorded in every checkpoint (the strategy's name is added).
+    on_checkpoint_error : str
+        A checkpoint that cannot be written (read-only or full disk, no file descriptor left):
+        ``"stop"`` (default) ends the run with that sentence, sent to every worker in a fatal
+        ERROR, and the chief fails with it; ``"warn"`` warns every round it happens, marks the
+        round's metrics line ``"checkpoint": false`` and goes on (``chief.runtime``).
     """
 
     out_dir: str | os.PathLike | None = None
     checkpoint: str | os.PathLike | None = None
     resume: bool = False
     run_config: dict[str, Any] = field(default_factory=dict)
+    on_checkpoint_error: str = "stop"
+
+    def __post_init__(self) -> None:
+        if self.on_checkpoint_error not in CHECKPOINT_ERROR_POLICIES:
+            raise ValueError(f"on_checkpoint_error must be 'stop' or 'warn', not "
+                             f"{self.on_checkpoint_error!r}")
 
 
 def build_chief_server(policy: RoundPolicy, output: OutputOptions, *,
@@ -152,4 +163,4 @@ def build_chief_server(policy: RoundPolicy, output: OutputOptions, *,
                        checkpoint_path=str(checkpoint) if checkpoint else None,
                        run_config=run_config, finish_grace=policy.finish_grace,
                        append_metrics=output.resume, on_round=on_round, downlink=downlink,
-                       scheduler=scheduler)
+                       scheduler=scheduler, on_checkpoint_error=output.on_checkpoint_error)

@@ -1,9 +1,14 @@
 """One JSON object per closed round, appended to OUT/metrics.jsonl and flushed at once, so that a
-run killed midway still leaves every finished round on disk."""
+run killed midway still leaves every finished round on disk.
+
+Every line is strict JSON (``allow_nan=False``): a NaN or infinite number (an evaluation that
+diverged) is written as ``null`` and its key listed in ``"nonfinite"``, since ``NaN`` and
+``Infinity`` are not JSON and make strict parsers refuse the whole file."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -20,15 +25,34 @@ class MetricsLog:
             if not append:
                 self.path.write_text("")
 
-    def write(self, record: dict[str, Any]) -> None:
-        """Append one round's line. Numpy scalars (an evaluation's ``np.float32`` accuracy) are
-        written as plain numbers; anything else JSON cannot hold raises TypeError before the
-        line is kept anywhere, so memory and file never disagree."""
-        line = json.dumps(record, default=_plain) + "\n"
+    def write(self, record: dict[str, Any]) -> dict[str, Any]:
+        """Append one round's line and return it as written. Numpy scalars (an evaluation's
+        ``np.float32`` accuracy) are written as plain numbers, NaN and infinities as ``null``
+        with their keys in ``"nonfinite"``; anything else JSON cannot hold raises TypeError
+        before the line is kept anywhere, so memory and file never disagree."""
+        record = _finite(record)
+        line = json.dumps(record, default=_plain, allow_nan=False) + "\n"
         self.records.append(record)
         if self.path:
             with open(self.path, "a") as f:
                 f.write(line)
+        return record
+
+
+def _finite(record: dict[str, Any]) -> dict[str, Any]:
+    """``record`` with each non-finite number replaced by None and flagged in ``nonfinite``."""
+    out: dict[str, Any] = {}
+    bad: list[str] = []
+    for key, value in record.items():
+        if isinstance(value, np.generic) and not isinstance(value, (np.bool_, np.str_)):
+            value = value.item()
+        if isinstance(value, float) and not math.isfinite(value):
+            bad.append(key)
+            value = None
+        out[key] = value
+    if bad:
+        out["nonfinite"] = bad
+    return out
 
 
 def _plain(obj: Any) -> Any:

@@ -7,10 +7,16 @@ How it waits (timers, deferred calls, work on another thread) is the transport's
 (``chief.scheduler``): an asyncio loop for TCP and in-process workers, the rank's own thread
 between collectives for MPI.
 
-Side effects follow one policy whatever the transport: a failing evaluation, metrics write or
-``on_round`` callback is logged with its reason and the run goes on (the round's model has
-already gone out, and later rounds' lines are written as usual). A failing checkpoint write
-raises: a chief that cannot checkpoint is not resumable, and must not pretend to be.
+Side effects follow one policy whatever the transport: none of them can stop a round's broadcast
+or leave a worker waiting. The round's model goes out first; the checkpoint, the evaluation, the
+metrics line and ``on_round`` follow off the chief's thread, in round order. A failing
+evaluation, metrics write or ``on_round`` callback is logged with its reason and the run goes on
+(later rounds' lines are written as usual). A failing checkpoint write follows
+``on_checkpoint_error``: ``"stop"`` (the default; a chief that cannot checkpoint is not
+resumable, and must not pretend to be) says why in one sentence, sends it to every worker in a
+fatal ERROR (``chief_failed``) and ends the run, and ``wait_finished``/``shutdown`` raise it as a
+``FederationError``; ``"warn"`` warns every round the write fails, marks that round's metrics line
+``"checkpoint": false`` and goes on.
 """
 
 from __future__ import annotations
@@ -40,11 +46,15 @@ from fedberry.chief.state import (
     SendError,
     SendGlobal,
 )
+from fedberry.errors import FederationError
 from fedberry.protocol.frames import ErrorCode, Spec
+from fedberry.strategies import StrategyState
 
 log = logging.getLogger("fedberry.chief")
 
 Evaluate = Callable[[list[np.ndarray]], dict[str, float]]
+
+CHECKPOINT_ERROR_POLICIES = ("stop", "warn")
 
 
 class Peer(Protocol):
@@ -71,7 +81,8 @@ class ChiefServer:
     out_dir : str, optional
         ``metrics.jsonl`` goes here (and what else a transport writes about the run).
     checkpoint_path : str, optional
-        Written atomically after every round, before the new model goes out.
+        Written atomically after every round, off the chief's thread, once the round's model
+        has gone out (``_round_closed`` says why in that order).
     run_config : dict, optional
         Saved in every checkpoint (``--resume`` compares its strategy).
     finish_grace : float
@@ -84,6 +95,9 @@ class ChiefServer:
         How the global model travels: ``none``, ``fp16`` or ``q8`` (``chief.broadcast``).
     scheduler : Scheduler, optional
         How the runtime waits; None: an ``AsyncioScheduler`` on the loop of ``bind_loop()``.
+    on_checkpoint_error : str
+        ``"stop"`` or ``"warn"``: what a checkpoint that cannot be written does (module
+        docstring).
     """
 
     def __init__(self, chief: Chief, *, evaluate: Evaluate | None = None,
@@ -91,7 +105,11 @@ class ChiefServer:
                  run_config: dict[str, Any] | None = None, finish_grace: float = 30.0,
                  append_metrics: bool = False,
                  on_round: Callable[[dict[str, Any]], None] | None = None,
-                 downlink: str = "none", scheduler: Scheduler | None = None) -> None:
+                 downlink: str = "none", scheduler: Scheduler | None = None,
+                 on_checkpoint_error: str = "stop") -> None:
+        if on_checkpoint_error not in CHECKPOINT_ERROR_POLICIES:
+            raise ValueError(f"on_checkpoint_error must be 'stop' or 'warn', not "
+                             f"{on_checkpoint_error!r}")
         self.chief = chief
         self.out_dir = out_dir
         self.broadcast = Broadcast(downlink)  # the global model, encoded once per round
@@ -99,6 +117,10 @@ class ChiefServer:
         self.metrics = MetricsLog(out_dir, append=append_metrics)
         self.checkpoint_path = checkpoint_path
         self.run_config = run_config or {}
+        self.on_checkpoint_error = on_checkpoint_error
+        # The sentence that stopped the run (a checkpoint that could not be written), or None.
+        self.failure: str | None = None
+        self._unsaved: set[int] = set()  # rounds whose checkpoint could not be written
         if out_dir:  # the strategy and its hyperparameters, beside metrics.jsonl
             write_run_info(out_dir, chief.strategy, self.run_config, chief.round)
         self.finish_grace = finish_grace
@@ -192,6 +214,11 @@ class ChiefServer:
 
     # -- actions -----------------------------------------------------------------------------
     def _run(self, actions: list[Any]) -> None:
+        if self.failure is not None:
+            # The run has stopped: whoever is still (or newly) attached hears why and goes;
+            # nothing of what the state machine asks is carried out any more.
+            self._refuse_all()
+            return
         for action in actions:
             if isinstance(action, SendGlobal):
                 for wid in action.worker_ids:
@@ -237,13 +264,20 @@ class ChiefServer:
                 if now - t < self.finish_grace and w not in self.chief.members]
 
     def _round_closed(self, rc: RoundClosed) -> None:
-        # Checkpoint before anyone sees the new model: a chief killed after this round resumes
-        # with exactly the model the workers were sent.
+        # The model as the workers will decode it: what is checkpointed and evaluated.
         self.broadcast.prepare(self.chief)
+        # Broadcast first, checkpoint after, off the chief's thread: a disk that is slow or
+        # failing can then neither delay nor stop the round's model (the SendGlobal after this
+        # action is carried out at once). Resuming stays right: a checkpoint holds only rounds
+        # that closed, and a chief killed after the broadcast but before the write resumes one
+        # round back; the workers' updates for the round ahead are then answered as stale, with
+        # the resumed chief's model (Chief.update: "is ahead of the chief"), and that round is
+        # done again. At most the round in flight is lost, never a model of another run.
+        ckpt = None
         if self.checkpoint_path:
-            ckpt_io.save(self.checkpoint_path, ckpt_io.Checkpoint(
-                self.chief.round, self.chief.global_arrays or [],
-                self.chief.strategy.state_dict(), self.run_config))
+            ckpt = ckpt_io.Checkpoint(self.chief.round, list(self.chief.global_arrays or []),
+                                      _snapshot(self.chief.strategy.state_dict()),
+                                      self.run_config)
         wall = time.monotonic() - (self._t0 or time.monotonic())
         record: dict[str, Any] = {"round": rc.round, "workers": rc.workers,
                                   "num_samples": rc.num_samples, "train_loss": rc.train_loss}
@@ -251,16 +285,62 @@ class ChiefServer:
         # happens right after this (SendGlobal follows RoundClosed): finish the record then.
         assert self.scheduler is not None
         self.scheduler.call_soon(functools.partial(self._finish_record, record, wall,
-                                                   self.chief.global_arrays or []))
+                                                   self.chief.global_arrays or [], ckpt))
 
     def _finish_record(self, record: dict[str, Any], wall: float,
-                       arrays: list[np.ndarray]) -> None:
+                       arrays: list[np.ndarray], ckpt: ckpt_io.Checkpoint | None) -> None:
         up, down = self.bytes_up - self._bytes_mark[0], self.bytes_down - self._bytes_mark[1]
         self._bytes_mark = (self.bytes_up, self.bytes_down)
         record.update(bytes_up=up, bytes_down=down, wall_s=round(wall, 3))
         assert self.scheduler is not None
+        if ckpt is not None and self.failure is None:
+            # On the scheduler's one work thread, in round order, before this round's metrics
+            # line (which says whether it was written). The model is not copied: every round's
+            # global arrays are new ones (the strategies return fresh arrays, MPI's mean too,
+            # and broadcast.prepare has already rounded them), and nothing writes into them
+            # after this; the strategy's state, which it updates in place, was copied.
+            self.scheduler.in_order(
+                functools.partial(ckpt_io.save, self.checkpoint_path, ckpt),
+                functools.partial(self._checkpointed, ckpt.round))
         work = None if self.evaluate is None else functools.partial(self.evaluate, arrays)
         self.scheduler.in_order(work, functools.partial(self._write_record, record))
+
+    def _checkpointed(self, round_: int, result: Any) -> None:
+        """After a checkpoint write (on the scheduler's thread for ``then``): the policy for one
+        that failed (module docstring)."""
+        if not isinstance(result, Exception):
+            return
+        self._unsaved.add(round_)
+        why = str(result) if isinstance(result, OSError) else f"{type(result).__name__}: {result}"
+        where = f"the chief cannot write its checkpoint {self.checkpoint_path} after round {round_}"
+        if self.on_checkpoint_error == "warn":
+            log.warning("%s (%s); the run goes on without it, as --on-checkpoint-error warn asks: "
+                        "a restart would resume from an older round", where, why)
+            return
+        if self.failure is None:
+            self.failure = (f"{where} ({why}), so it stops the run (--on-checkpoint-error "
+                            "stop)")
+            assert self.scheduler is not None
+            self.scheduler.call_soon(self._stop)
+
+    def _stop(self) -> None:
+        """End a failed run on the chief's thread: every worker is told why, nobody waits."""
+        assert self.failure is not None
+        log.error("%s", self.failure)
+        for handle in (self._deadline_handle, self._grace_handle):
+            if handle is not None:
+                handle.cancel()
+        self._deadline_handle = self._grace_handle = None
+        self._refuse_all()
+        self._finishing = True
+        self._finish()
+
+    def _refuse_all(self) -> None:
+        assert self.failure is not None
+        for wid, peer in list(self.peers.items()):
+            del self.peers[wid]  # first: its close must not come back as a leave
+            peer.send_error(ErrorCode.CHIEF_FAILED, self.failure, True)
+            peer.close()
 
     def _write_record(self, record: dict[str, Any], scores: Any) -> None:
         """The round's metrics line and the user's callback, in round order (the policy in the
@@ -272,8 +352,11 @@ class ChiefServer:
         out = {"round": record["round"], "workers": record["workers"],
                "test_accuracy": scores.get("accuracy"), "test_loss": scores.get("loss"),
                **{k: v for k, v in record.items() if k not in ("round", "workers")}}
+        if out["round"] in self._unsaved:
+            self._unsaved.discard(out["round"])
+            out["checkpoint"] = False
         try:
-            self.metrics.write(out)
+            out = self.metrics.write(out)
         except (OSError, TypeError, ValueError) as exc:
             log.error("round %d: cannot write the metrics line: %s", out["round"], exc)
         if self.on_round:
@@ -310,6 +393,7 @@ class ChiefServer:
         await self.finished.wait()
         await self.scheduler.drain()
         self._close_peers()
+        self._raise_failure()
 
     def shutdown(self) -> None:
         """With a ``BlockingScheduler``, once the run is over: write the last rounds' lines
@@ -317,8 +401,22 @@ class ChiefServer:
         assert isinstance(self.scheduler, BlockingScheduler)
         self.scheduler.drain()
         self._close_peers()
+        self._raise_failure()
+
+    def _raise_failure(self) -> None:
+        """A run stopped by a failure ends in its sentence, for ``serve``'s handle, ``run_chief``
+        and the CLI (which exits nonzero with it)."""
+        if self.failure is not None:
+            raise FederationError(self.failure, ErrorCode.CHIEF_FAILED.value)
 
     def _close_peers(self) -> None:
         for peer in list(self.peers.values()):
             peer.send_error(ErrorCode.SHUTDOWN, "the chief has finished", True)
             peer.close()
+
+
+def _snapshot(state: StrategyState) -> StrategyState:
+    """The strategy's state as of now: FedAvgM and FedAdam update theirs in place each round,
+    and a checkpoint written off the chief's thread must not see the next round's."""
+    return StrategyState(state.name, state.params,
+                         {k: np.array(v, copy=True) for k, v in state.arrays.items()})

@@ -2,10 +2,11 @@
 
 The runtime (``chief.runtime.ChiefServer``) needs three things from the transport that runs it:
 call something soon (after the current batch of actions), call something later (the round
-deadline, the finish grace) and run work off its own thread in order (evaluation, then the metrics
-line and the user's ``on_round``). ``AsyncioScheduler`` gives them on an asyncio loop (TCP and
-in-process workers); ``BlockingScheduler`` on a thread that blocks in MPI collectives, which calls
-``run_ready()`` between them.
+deadline, the finish grace) and run work off its own thread in order (the checkpoint's write,
+evaluation, then the metrics line and the user's ``on_round``): disk writes and evaluation never
+run on the thread that carries the sockets or the collectives. ``AsyncioScheduler`` gives them on
+an asyncio loop (TCP and in-process workers); ``BlockingScheduler`` on a thread that blocks in MPI
+collectives, which calls ``run_ready()`` between them.
 """
 
 from __future__ import annotations
@@ -75,6 +76,9 @@ class AsyncioScheduler:
         else:
             fut = self.loop.run_in_executor(self._executor, work)
         prev = self._chain[-1] if self._chain else None
+        # Only the steps still running are kept (and the last, which the next one waits for):
+        # a long run must not hold every round's finished future.
+        self._chain = [f for f in self._chain if not f.done()]
         self._chain.append(asyncio.ensure_future(self._after(prev, fut, then)))
 
     @staticmethod
@@ -95,6 +99,7 @@ class AsyncioScheduler:
         """Wait for every ``in_order`` so far, then let the work thread go."""
         if self._chain:
             await asyncio.gather(*self._chain, return_exceptions=True)
+        await asyncio.sleep(0)  # what the last ``then`` calls soon (the runtime's stop) runs
         self._executor.shutdown(wait=False)
 
 
@@ -128,6 +133,8 @@ class BlockingScheduler:
         self._pending: list[concurrent.futures.Future[None]] = []
 
     def call_soon(self, fn: Callable[[], None]) -> None:
+        # Also from the work thread (a ``then``): deque.append is atomic, and run_ready, on
+        # the chief's thread, is what calls ``fn``.
         self._soon.append(fn)
 
     def call_later(self, delay: float, fn: Callable[[], None]) -> Timer:
@@ -165,6 +172,7 @@ class BlockingScheduler:
             fut.result()
         self._pending.clear()
         self._executor.shutdown(wait=True)
+        self.run_ready()  # what the last ``then`` calls soon (the runtime's stop, say)
 
 
 def _then(then: Then, result: Any) -> None:

@@ -52,6 +52,7 @@ class ErrorCode(str, enum.Enum):
     TIMEOUT = "timeout"  # peer silent too long
     SHUTDOWN = "shutdown"  # chief is stopping
     INTERNAL = "internal"
+    CHIEF_FAILED = "chief_failed"  # the chief cannot go on (its checkpoint cannot be written)
 
 
 class ProtocolError(Exception):

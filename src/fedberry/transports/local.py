@@ -2,21 +2,30 @@
 
 No bytes are encoded: the worker hands its arrays to the chief's loop and gets a copy of the
 global model back, through the same ``ChiefServer`` that serves TCP workers.
+
+The worker's wait for an answer is woken by the chief's failure (its fatal error), and checks
+every ``POLL_S`` that the chief is still there: a chief whose loop has stopped, or that has
+stopped the run, ends the wait with a sentence instead of leaving the worker blocked.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import logging
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
-from fedberry.errors import from_code
+from fedberry.errors import ChiefUnreachable, FederationError, from_code
 from fedberry.protocol.frames import ErrorCode, spec_of
 
 Result = tuple[int, list[np.ndarray], bool]
+
+POLL_S = 1.0  # how often a waiting worker looks whether the chief is still there
+
+log = logging.getLogger("fedberry.chief")
 
 
 class _LocalPeer:
@@ -59,9 +68,36 @@ class LocalSession:
         self.peer = _LocalPeer(worker_id)
 
     def _submit(self, fn: Any, *args: Any) -> Result:
-        self.peer.future = concurrent.futures.Future()
-        self.loop.call_soon_threadsafe(fn, *args)
-        return self.peer.future.result()
+        self.peer.future = future = concurrent.futures.Future()
+
+        def call() -> None:
+            failure = getattr(self.server, "failure", None)
+            if failure is not None:  # the run has stopped: say so at once
+                future.set_exception(from_code(ErrorCode.CHIEF_FAILED.value,
+                                               f"the chief refused: {failure}"))
+                return
+            try:
+                fn(*args)
+            except Exception as exc:  # a bug on the chief's side must not leave us waiting
+                log.exception("worker %s: the chief failed on its call", self.peer.worker_id)
+                if not future.done():
+                    future.set_exception(FederationError(f"internal error: {exc}",
+                                                         ErrorCode.INTERNAL.value))
+
+        try:
+            self.loop.call_soon_threadsafe(call)
+        except RuntimeError:  # the loop is closed
+            raise ChiefUnreachable("the in-process chief has stopped") from None
+        while True:
+            try:
+                return future.result(POLL_S)
+            except concurrent.futures.TimeoutError:
+                pass
+            failure = getattr(self.server, "failure", None)
+            if failure is not None and not future.done():
+                raise from_code(ErrorCode.CHIEF_FAILED.value, f"the chief refused: {failure}")
+            if not self.loop.is_running() and not future.done():
+                raise ChiefUnreachable("the in-process chief stopped before it answered")
 
     def join(self, arrays: Sequence[np.ndarray]) -> Result:
         own = [np.array(a) for a in arrays]

@@ -398,7 +398,8 @@ def run_mpi_chief(*, rounds: int | None = None, strategy: str | Strategy = "feda
                   run_config: dict[str, Any] | None = None,
                   on_round: Callable[[dict[str, Any]], None] | None = None,
                   workers: int | None = None, timeout: float | None = None,
-                  comm: Any = None) -> list[dict[str, Any]]:
+                  comm: Any = None, on_checkpoint_error: str = "stop"
+                  ) -> list[dict[str, Any]]:
     """Rank 0 as a pure aggregator (weight 0) until the run is done.
 
     Call it on rank 0 only; the other ranks run ``Worker(chief="mpi://")``. The parameters are
@@ -413,7 +414,7 @@ def run_mpi_chief(*, rounds: int | None = None, strategy: str | Strategy = "feda
                            out_dir=str(out_dir) if out_dir else None,
                            checkpoint=str(checkpoint) if checkpoint else None, resume=resume,
                            initial=initial, run_config=run_config or {}, on_round=on_round,
-                           workers=workers)
+                           workers=workers, on_checkpoint_error=on_checkpoint_error)
     session = MpiSession(comm=comm, chief=opts, trains=False, timeout=timeout)
     if session.rank != 0:
         raise FederationError("run_mpi_chief() is for rank 0; other ranks are workers")

@@ -25,6 +25,7 @@ import numpy as np
 from fedberry.chief.build import OutputOptions, RoundPolicy, build_chief_server
 from fedberry.chief.runtime import ChiefServer, Evaluate
 from fedberry.chief.scheduler import BlockingScheduler
+from fedberry.errors import FederationError
 from fedberry.protocol.frames import ErrorCode, spec_of
 from fedberry.strategies import FedAvg, Strategy, make_strategy
 from fedberry.transports.mpi_buffers import T_LOSS_SUM, T_LOSS_WEIGHT, T_UPDATES, T_WEIGHT
@@ -49,15 +50,20 @@ class MpiChiefOptions:
     run_config: dict[str, Any] = field(default_factory=dict)
     on_round: Callable[[dict[str, Any]], None] | None = None
     workers: int | None = None  # expected training ranks; a mismatch is logged
+    # A checkpoint that cannot be written: "stop" aborts the job with the sentence, "warn" goes
+    # on (OutputOptions.on_checkpoint_error, the TCP chief's policy).
+    on_checkpoint_error: str = "stop"
 
     @classmethod
     def from_address(cls, address: str) -> MpiChiefOptions:
-        """``mpi://?rounds=50&out=runs/x&strategy=fedavgm&checkpoint=ck.npz`` (all optional)."""
+        """``mpi://?rounds=50&out=runs/x&strategy=fedavgm&checkpoint=ck.npz`` (all optional;
+        also ``on_checkpoint_error=warn``)."""
         q = query(address)
         rounds = q.get("rounds")
         return cls(rounds=int(rounds) if rounds else None, strategy=q.get("strategy", "fedavg"),
                    out_dir=q.get("out"), checkpoint=q.get("checkpoint"),
-                   resume=q.get("resume", "") in ("1", "true", "yes"))
+                   resume=q.get("resume", "") in ("1", "true", "yes"),
+                   on_checkpoint_error=q.get("on_checkpoint_error", "stop"))
 
 
 _configured: MpiChiefOptions | None = None
@@ -125,7 +131,8 @@ class RankZeroChief:
         # One peer (the collective) and lockstep rounds: it is the whole federation.
         self.server = build_chief_server(
             RoundPolicy(workers=1, rounds=opts.rounds),
-            OutputOptions(opts.out_dir, opts.checkpoint, opts.resume, dict(opts.run_config)),
+            OutputOptions(opts.out_dir, opts.checkpoint, opts.resume, dict(opts.run_config),
+                          on_checkpoint_error=opts.on_checkpoint_error),
             strategy=strategy, initial=opts.initial, evaluate=opts.evaluate,
             on_round=opts.on_round, scheduler=self.scheduler)
         self.chief = self.server.chief
@@ -201,10 +208,18 @@ class RankZeroChief:
 
     def _after(self) -> None:
         self.scheduler.run_ready()
+        # The checkpoint is written on the scheduler's thread: a failure of round r's write is
+        # seen here after a later collective, or at the end in drain(). No rank can be left out
+        # of a collective, so "stop" aborts the whole job, with the runtime's sentence.
+        if self.server.failure is not None:
+            guard.abort(self.server.failure)
         if self.peer.refused is not None:
             guard.abort(f"refused the round: {self.peer.refused}")
 
     def drain(self) -> None:
-        self.server.shutdown()
+        try:
+            self.server.shutdown()
+        except FederationError as exc:  # the run stopped (a checkpoint that was not written)
+            guard.abort(str(exc))
 
 
