@@ -86,6 +86,38 @@ class Strategy(Protocol):
 
 
 # -- helpers shared by the rules -------------------------------------------------------------
+class Accumulator(Protocol):
+    """Where a round's updates go until ``result()``: ``running_mean.RunningMean`` (O(model)) or
+    ``coordinatewise.UpdateStack`` (every update, for the median and the trimmed mean)."""
+
+    updates: int
+
+    def begin(self, global_arrays: Sequence[np.ndarray]) -> None: ...
+
+    def add(self, update: list[np.ndarray], weight: float) -> list[np.ndarray]: ...
+
+
+class Accumulating:
+    """What every built-in rule does the same way: it hands a round's updates to its
+    accumulator ``self._acc``; a rule differs only in what ``result()`` makes of them. Not a
+    rule itself (no rule subclasses another)."""
+
+    _acc: Accumulator
+
+    @property
+    def updates(self) -> int:
+        """Updates added since ``begin_round``."""
+        return self._acc.updates
+
+    def begin_round(self, global_arrays: Sequence[np.ndarray]) -> None:
+        """Start a round from the current global model."""
+        self._acc.begin(global_arrays)
+
+    def add(self, update: list[np.ndarray], weight: float) -> list[np.ndarray]:
+        """Add one update of ``weight``; returns the buffers the accumulator does not keep."""
+        return self._acc.add(update, weight)
+
+
 def format_strategy(name: str | None, params: dict[str, Any] | None) -> str:
     """``name:key=value,...``, the form ``--strategy`` takes (``spec.parse`` reads it back)."""
     if not params:

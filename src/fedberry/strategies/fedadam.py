@@ -12,12 +12,12 @@ starting from ``m = 0`` and ``v = tau**2`` (Algorithm 2 asks for ``v_{-1} >= tau
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
 from fedberry.strategies.base import (
+    Accumulating,
     Arrays,
     StrategyState,
     cast_to,
@@ -30,7 +30,7 @@ from fedberry.strategies.base import (
 from fedberry.strategies.running_mean import RunningMean
 
 
-class FedAdam:
+class FedAdam(Accumulating):
     """Adam on the server: per-coordinate adaptive steps, robust to badly scaled updates.
 
     Parameters
@@ -76,24 +76,14 @@ class FedAdam:
         self.lr, self.beta1, self.beta2, self.tau = float(lr), float(beta1), float(beta2), \
             float(tau)
         self.bias_correction = bias_correction
-        self._mean = RunningMean()
+        self._acc = RunningMean()
         self._m: Arrays = []
         self._v: Arrays = []
         self._step = 0
 
-    @property
-    def updates(self) -> int:
-        return self._mean.updates
-
-    def begin_round(self, global_arrays: Sequence[np.ndarray]) -> None:
-        self._mean.begin(global_arrays)
-
-    def add(self, update: list[np.ndarray], weight: float) -> list[np.ndarray]:
-        return self._mean.add(update, weight)
-
     def result(self) -> Arrays:
-        mean = self._mean.mean()
-        glob = self._mean.global_arrays
+        mean = self._acc.mean()
+        glob = self._acc.global_arrays
         if not self._m:
             v0 = 0.0 if self.bias_correction else self.tau ** 2
             self._m = [np.zeros(g.shape, np.float64) for g in glob]

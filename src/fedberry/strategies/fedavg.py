@@ -6,16 +6,13 @@ Networks from Decentralized Data", AISTATS 2017 (Algorithm 1: w <- sum_k n_k / n
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
-
-from fedberry.strategies.base import Arrays, StrategyState, check_state
+from fedberry.strategies.base import Accumulating, Arrays, StrategyState, check_state
 from fedberry.strategies.running_mean import RunningMean
 
 
-class FedAvg:
+class FedAvg(Accumulating):
     """Federated Averaging: each update counts in proportion to its weight (sample count).
 
     No hyperparameters and no state between rounds. The sum is kept in float32 for float32
@@ -27,20 +24,10 @@ class FedAvg:
     needs_all_updates = False
 
     def __init__(self) -> None:
-        self._mean = RunningMean()
-
-    @property
-    def updates(self) -> int:
-        return self._mean.updates
-
-    def begin_round(self, global_arrays: Sequence[np.ndarray]) -> None:
-        self._mean.begin(global_arrays)
-
-    def add(self, update: list[np.ndarray], weight: float) -> list[np.ndarray]:
-        return self._mean.add(update, weight)
+        self._acc = RunningMean()
 
     def result(self) -> Arrays:
-        return self._mean.mean()
+        return self._acc.mean()
 
     def params(self) -> dict[str, Any]:
         return {}

@@ -7,12 +7,12 @@ Classification", arXiv:1909.06335, 2019 (section 3): with the pseudo-gradient
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
 from fedberry.strategies.base import (
+    Accumulating,
     Arrays,
     StrategyState,
     cast_to,
@@ -25,7 +25,7 @@ from fedberry.strategies.base import (
 from fedberry.strategies.running_mean import RunningMean
 
 
-class FedAvgM:
+class FedAvgM(Accumulating):
     """Server momentum on the round's mean: helps under label skew (non-iid shards).
 
     Parameters
@@ -50,22 +50,12 @@ class FedAvgM:
             raise ValueError(f"fedavgm: momentum must be in [0, 1), not {momentum!r}")
         self.lr = float(lr)
         self.momentum = float(momentum)
-        self._mean = RunningMean()
+        self._acc = RunningMean()
         self._velocity: Arrays = []
 
-    @property
-    def updates(self) -> int:
-        return self._mean.updates
-
-    def begin_round(self, global_arrays: Sequence[np.ndarray]) -> None:
-        self._mean.begin(global_arrays)
-
-    def add(self, update: list[np.ndarray], weight: float) -> list[np.ndarray]:
-        return self._mean.add(update, weight)
-
     def result(self) -> Arrays:
-        mean = self._mean.mean()
-        glob = self._mean.global_arrays
+        mean = self._acc.mean()
+        glob = self._acc.global_arrays
         if not self._velocity:
             self._velocity = [np.zeros(g.shape, np.float64) for g in glob]
         check_fits(self.name, "velocity", self._velocity, glob)

@@ -7,16 +7,15 @@ model is the median of that coordinate over the round's updates.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
-from fedberry.strategies.base import Arrays, StrategyState, check_state
+from fedberry.strategies.base import Accumulating, Arrays, StrategyState, check_state
 from fedberry.strategies.coordinatewise import UpdateStack
 
 
-class Median:
+class Median(Accumulating):
     """Robust to fewer than half the workers sending arbitrary values (poisoned or broken),
     which a mean is not.
 
@@ -29,20 +28,10 @@ class Median:
     needs_all_updates = True
 
     def __init__(self) -> None:
-        self._stack = UpdateStack()
-
-    @property
-    def updates(self) -> int:
-        return self._stack.updates
-
-    def begin_round(self, global_arrays: Sequence[np.ndarray]) -> None:
-        self._stack.begin(global_arrays)
-
-    def add(self, update: list[np.ndarray], weight: float) -> list[np.ndarray]:
-        return self._stack.add(update, weight)
+        self._acc = UpdateStack()
 
     def result(self) -> Arrays:
-        return self._stack.combine(lambda stacked: np.median(stacked, axis=0))
+        return self._acc.combine(lambda stacked: np.median(stacked, axis=0))
 
     def params(self) -> dict[str, Any]:
         return {}

@@ -8,16 +8,15 @@ rest.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
-from fedberry.strategies.base import Arrays, StrategyState, check_state
+from fedberry.strategies.base import Accumulating, Arrays, StrategyState, check_state
 from fedberry.strategies.coordinatewise import UpdateStack
 
 
-class TrimmedMean:
+class TrimmedMean(Accumulating):
     """Robust to up to ``trim`` workers sending arbitrary values, and closer to the mean's
     statistical efficiency than the median when they are honest.
 
@@ -56,7 +55,7 @@ class TrimmedMean:
                              f"more, or a fraction in (0, 0.5), not {trim!r}")
         else:
             self.trim = int(trim)
-        self._stack = UpdateStack()
+        self._acc = UpdateStack()
 
     def trimmed_per_side(self, n: int) -> int:
         """How many of ``n`` updates are dropped at each end of every coordinate."""
@@ -66,16 +65,6 @@ class TrimmedMean:
             k = self.trim
         return min(k, (n - 1) // 2)
 
-    @property
-    def updates(self) -> int:
-        return self._stack.updates
-
-    def begin_round(self, global_arrays: Sequence[np.ndarray]) -> None:
-        self._stack.begin(global_arrays)
-
-    def add(self, update: list[np.ndarray], weight: float) -> list[np.ndarray]:
-        return self._stack.add(update, weight)
-
     def result(self) -> Arrays:
         def trimmed(stacked: np.ndarray) -> np.ndarray:
             n = len(stacked)
@@ -83,7 +72,7 @@ class TrimmedMean:
             kept = np.sort(stacked, axis=0)[k:n - k]
             return kept.mean(axis=0, dtype=np.float64)
 
-        return self._stack.combine(trimmed)
+        return self._acc.combine(trimmed)
 
     def params(self) -> dict[str, Any]:
         return {"trim": self.trim}
