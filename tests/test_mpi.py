@@ -722,3 +722,13 @@ def test_strategies_that_need_every_update_are_refused_with_a_sentence():
     with pytest.raises(ValueError, match="the median strategy needs every update, but MPI "
                                          "rounds sum them in one collective; use it over TCP"):
         RankZeroChief(MpiChiefOptions(strategy="median"), session=None)
+
+
+@needs_mpiexec
+def test_mpi_chief_takes_the_cli_admission_policy(tmp_path):
+    """`fedberry chief --listen mpi:// --max-samples` reaches rank 0's chief: the workers claim
+    4 and 5 samples, the combined update stands for 2 workers at most 2 each, so it is refused
+    and the job stops with the policy's sentence instead of averaging past the bound."""
+    proc = run_mpi(chief_and_workers(tmp_path, 0.0, "--max-samples", "2"))
+    assert proc.returncode != 0, proc.stdout
+    assert "max-samples" in proc.stdout or "max_samples" in proc.stdout, proc.stdout

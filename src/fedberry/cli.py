@@ -9,7 +9,7 @@ from dataclasses import fields
 from pathlib import Path
 
 from fedberry import __version__
-from fedberry.chief.admission import DEFAULT_MAX_SAMPLES, NORM_MODES
+from fedberry.chief.admission import DEFAULT_MAX_SAMPLES, NORM_MODES, AdmissionPolicy
 from fedberry.codecs import DOWNLINK_CODECS, UPLINK_CODECS
 from fedberry.demo.torch_demo import TrainConfig
 from fedberry.errors import FederationError
@@ -142,7 +142,10 @@ def _run_chief(args: argparse.Namespace) -> int:
         run_mpi_chief(rounds=args.rounds, strategy=args.strategy, initial=initial,
                       evaluate=evaluate, out_dir=args.out, checkpoint=checkpoint,
                       resume=args.resume, workers=args.workers, run_config=run_config,
-                      on_round=show, on_checkpoint_error=args.on_checkpoint_error)
+                      on_round=show, on_checkpoint_error=args.on_checkpoint_error,
+                      admission=AdmissionPolicy(max_samples=args.max_samples,
+                                                max_update_norm=args.max_update_norm,
+                                                update_norm_mode=args.update_norm_mode))
         return 0
     run_chief(listen=args.listen, workers=args.workers, rounds=args.rounds,
               min_workers=args.min_workers, round_timeout=args.round_timeout,

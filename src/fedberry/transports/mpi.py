@@ -74,6 +74,7 @@ from typing import Any
 
 import numpy as np
 
+from fedberry.chief.admission import AdmissionPolicy
 from fedberry.chief.state import non_finite
 from fedberry.errors import FederationError, ModelMismatchError
 from fedberry.protocol.frames import (
@@ -398,8 +399,8 @@ def run_mpi_chief(*, rounds: int | None = None, strategy: str | Strategy = "feda
                   run_config: dict[str, Any] | None = None,
                   on_round: Callable[[dict[str, Any]], None] | None = None,
                   workers: int | None = None, timeout: float | None = None,
-                  comm: Any = None, on_checkpoint_error: str = "stop"
-                  ) -> list[dict[str, Any]]:
+                  comm: Any = None, on_checkpoint_error: str = "stop",
+                  admission: AdmissionPolicy | None = None) -> list[dict[str, Any]]:
     """Rank 0 as a pure aggregator (weight 0) until the run is done.
 
     Call it on rank 0 only; the other ranks run ``Worker(chief="mpi://")``. The parameters are
@@ -414,7 +415,8 @@ def run_mpi_chief(*, rounds: int | None = None, strategy: str | Strategy = "feda
                            out_dir=str(out_dir) if out_dir else None,
                            checkpoint=str(checkpoint) if checkpoint else None, resume=resume,
                            initial=initial, run_config=run_config or {}, on_round=on_round,
-                           workers=workers, on_checkpoint_error=on_checkpoint_error)
+                           workers=workers, on_checkpoint_error=on_checkpoint_error,
+                           admission=admission)
     session = MpiSession(comm=comm, chief=opts, trains=False, timeout=timeout)
     if session.rank != 0:
         raise FederationError("run_mpi_chief() is for rank 0; other ranks are workers")

@@ -22,6 +22,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import numpy as np
 
+from fedberry.chief.admission import AdmissionPolicy
 from fedberry.chief.build import OutputOptions, RoundPolicy, build_chief_server
 from fedberry.chief.runtime import ChiefServer, Evaluate
 from fedberry.chief.scheduler import BlockingScheduler
@@ -53,6 +54,8 @@ class MpiChiefOptions:
     # A checkpoint that cannot be written: "stop" aborts the job with the sentence, "warn" goes
     # on (OutputOptions.on_checkpoint_error, the TCP chief's policy).
     on_checkpoint_error: str = "stop"
+    # Which updates are admitted (sample bound, update norm): the TCP chief's policy.
+    admission: AdmissionPolicy | None = None
 
     @classmethod
     def from_address(cls, address: str) -> MpiChiefOptions:
@@ -134,7 +137,7 @@ class RankZeroChief:
             OutputOptions(opts.out_dir, opts.checkpoint, opts.resume, dict(opts.run_config),
                           on_checkpoint_error=opts.on_checkpoint_error),
             strategy=strategy, initial=opts.initial, evaluate=opts.evaluate,
-            on_round=opts.on_round, scheduler=self.scheduler)
+            on_round=opts.on_round, scheduler=self.scheduler, admission=opts.admission)
         self.chief = self.server.chief
         self.expected = opts.workers
         self.peer = _CollectivePeer()
