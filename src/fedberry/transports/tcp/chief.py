@@ -38,6 +38,11 @@ from fedberry.transports.tcp.stream import _FrameWriter, is_loopback
 
 log = logging.getLogger("fedberry.tcp")
 
+# Bytes a worker may send before the chief's side of TLS is set up: its HELLO (the worker waits
+# for CHALLENGE before anything else), with room to spare; more is a peer not following the
+# protocol.
+EARLY_BYTES = 64 << 10
+
 
 # ============================================================================================
 # Chief side
@@ -110,6 +115,8 @@ class _ChiefConnection(_FrameWriter, asyncio.BufferedProtocol):
         self.closing_since: float | None = None
         self._bye = False  # the worker left on purpose (else it may come back)
         self._drain: memoryview | None = None
+        self._early = bytearray()  # received while TLS was still being set up (Python 3.10)
+        self._early_view: memoryview | None = None
         self._pauses: set[str] = set()  # why reading is paused: "pacer", "auth", "memory"
         self._reserved = 0  # bytes of the frame being received, counted in the budget
         self._waiting_for = 0  # bytes queued for in the budget (0: not queued)
@@ -176,8 +183,14 @@ class _ChiefConnection(_FrameWriter, asyncio.BufferedProtocol):
                       "--client NAME' from the chief's CA")
         elif o.require_client_cert and o.bind_worker_id:
             self.conn.cert_names = cert_names(peercert)
+        self._handle_early()
 
     def get_buffer(self, sizehint: int) -> memoryview:
+        if self._tls and self.closing_since is None:
+            # Python 3.10's SSL layer hands on application data before ``start_tls`` returns:
+            # hold it until the connection knows its transport and its certificate's names
+            # (else HELLO would be answered into nothing and checked without the binding).
+            return self._early_buffer()
         if self.closing_since is None:
             try:
                 buf = self.conn.get_buffer()
@@ -190,6 +203,11 @@ class _ChiefConnection(_FrameWriter, asyncio.BufferedProtocol):
         return self._drain
 
     def buffer_updated(self, nbytes: int) -> None:
+        if self._tls and self.closing_since is None:
+            self._early += self._early_view[:nbytes]
+            if len(self._early) > EARLY_BYTES:
+                self.fail(ErrorCode.LIMIT, "too many bytes before the TLS handshake finished")
+            return
         if self._uplink is not None and not (self.closed or self.closing_since is not None):
             # Paced (benchmarks): these bytes "arrive" once the uplink pacer says so. Reading
             # pauses meanwhile, so the receive window slows the sender too.
@@ -227,6 +245,28 @@ class _ChiefConnection(_FrameWriter, asyncio.BufferedProtocol):
         except ProtocolError as exc:
             self.fail(exc.code, exc.message)
             return
+        self._handle_events(events)
+
+    def _early_buffer(self) -> memoryview:
+        if self._early_view is None:
+            self._early_view = memoryview(bytearray(EARLY_BYTES))
+        return self._early_view
+
+    def _handle_early(self) -> None:
+        """What arrived while TLS was being set up, through the connection now that it knows
+        its transport and the client certificate's names."""
+        data, self._early, self._early_view = bytes(self._early), bytearray(), None
+        if not data or self.closed or self.closing_since is not None:
+            return
+        self.server.bytes_up += len(data)
+        try:
+            events = self.conn.receive_data(data)
+        except ProtocolError as exc:
+            self.fail(exc.code, exc.message)
+            return
+        self._handle_events(events)
+
+    def _handle_events(self, events: list[Message]) -> None:
         for event in events:
             if self.closed or self.closing_since is not None:
                 return
