@@ -4,4 +4,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-exec "${PYTHON:-python3}" -m fedberry demo --workers 4 --rounds 10 "$@"
+source scripts/python.sh
+exec "$PY" -m fedberry demo --workers 4 --rounds 10 "$@"

@@ -1,17 +1,30 @@
 #!/usr/bin/env bash
 # Sets up a fresh Debian / Ubuntu / Raspberry Pi OS machine for fedberry: the Fashion-MNIST files,
-# iproute2 (for the slow-link benchmark), and fedberry with all its extras in this Python.
+# iproute2 (for the slow-link benchmark), and fedberry with all its extras in this Python (or,
+# where the system Python is externally managed, in the checkout's .venv: scripts/python.sh).
 # Usage: bash scripts/setup.sh            (from the repository root; root or sudo)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 SUDO=""
 if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
-PY="${PYTHON:-python3}"
+FEDBERRY_VENV=0
+source scripts/python.sh
 
-if [ ! -f /usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz ] || ! command -v tc >/dev/null; then
+APT="dataset-fashion-mnist iproute2"
+if [ "$FEDBERRY_VENV" = 1 ] && ! python3 -c 'import ensurepip' 2>/dev/null; then
+  APT="$APT python3-venv"  # Debian's python3 makes venvs only with this package
+fi
+if [ ! -f /usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz ] || ! command -v tc >/dev/null \
+    || [[ "$APT" == *python3-venv* ]]; then
   $SUDO apt-get update -qq
-  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist iproute2 >/dev/null
+  # shellcheck disable=SC2086
+  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $APT >/dev/null
+fi
+if [ "$FEDBERRY_VENV" = 1 ] && [ ! -x "$PY" ]; then
+  echo "python3 is externally managed (PEP 668): installing into $PWD/.venv"
+  python3 -m venv .venv
+  "$PY" -m pip install -q --disable-pip-version-check --upgrade pip
 fi
 
 # torch is pinned to a CPU build: an unpinned "torch" can pull a multi-GB CUDA build, and on a

@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-PY="${PYTHON:-python3}"
+source scripts/python.sh
 "$PY" -m ruff check src tests
 # lint-imports: the layering contracts of pyproject.toml ([tool.importlinter]) on this checkout's
 # src/, run by this $PY (import-linter has no `python -m` entry point).
