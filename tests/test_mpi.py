@@ -732,3 +732,12 @@ def test_mpi_chief_takes_the_cli_admission_policy(tmp_path):
     proc = run_mpi(chief_and_workers(tmp_path, 0.0, "--max-samples", "2"))
     assert proc.returncode != 0, proc.stdout
     assert "max-samples" in proc.stdout or "max_samples" in proc.stdout, proc.stdout
+
+
+def test_an_unknown_key_in_an_mpi_address_is_refused_with_the_known_ones():
+    from fedberry.transports.mpi_chief import MpiChiefOptions, query
+
+    with pytest.raises(ValueError, match=r"unknown option round in 'mpi://\?round=3': an mpi:// "
+                                         r"address takes checkpoint, .*rounds, strategy, timeout"):
+        MpiChiefOptions.from_address("mpi://?round=3")
+    assert query("mpi://?rounds=3&timeout=5") == {"rounds": "3", "timeout": "5"}

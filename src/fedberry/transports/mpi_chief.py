@@ -81,11 +81,26 @@ def configure_chief(**options: Any) -> None:
     _configured = MpiChiefOptions(**options)
 
 
+# What an mpi:// address may carry: the chief's options (MpiChiefOptions.from_address) and the
+# session's collective timeout (MpiSession). A typo (``?round=3``) must not pass silently: it
+# once ran 1,691 rounds instead of 3.
+ADDRESS_KEYS = ("checkpoint", "on_checkpoint_error", "out", "resume", "rounds", "strategy",
+                "timeout")
+
+
 def query(address: str) -> dict[str, str]:
+    """The options in an ``mpi://?key=value&...`` address; an unknown key is a ValueError that
+    lists the known ones."""
     parts = urlsplit(address)
     if parts.scheme != "mpi":
         raise ValueError(f"not an MPI address: {address!r}")
-    return {k: v[-1] for k, v in parse_qs(parts.query).items()}
+    q = {k: v[-1] for k, v in parse_qs(parts.query, keep_blank_values=True).items()}
+    unknown = sorted(set(q) - set(ADDRESS_KEYS))
+    if unknown:
+        raise ValueError(f"unknown option{'s' if len(unknown) > 1 else ''} "
+                         f"{', '.join(unknown)} in {address!r}: an mpi:// address takes "
+                         f"{', '.join(ADDRESS_KEYS)}")
+    return q
 
 
 def configured() -> MpiChiefOptions | None:
