@@ -265,6 +265,9 @@ def test_a_global_failure_budget_slows_guessing_from_many_addresses(
 def test_a_peer_that_floods_pings_and_never_reads_is_dropped() -> None:
     handle = serve("127.0.0.1:0", workers=2, rounds=1, initial=MODEL, token=TOKEN,
                    listen_options=ListenOptions(send_queue_slack=64 << 10))
+    # Small kernel buffers on the chief's side too (accepted sockets inherit the listener's),
+    # so that its queue, not the kernel, holds the answers after a few thousand PINGs.
+    handle.tcp._aserver.sockets[0].setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
     try:
         raw = RawClient(handle.address[1], rcvbuf=4096)
         assert raw.handshake(TOKEN, SPEC, worker_id="flood").type == MsgType.WELCOME
@@ -304,5 +307,34 @@ def test_a_model_announced_to_a_chief_without_one_is_clamped_to_its_frame_limit(
             f = raw.answer()
             assert f is not None and f.type == MsgType.ERROR, f
             assert str(cap) in f.meta["message"] or "limit" in f.meta["message"], f.meta
+    finally:
+        handle.stop()
+
+
+def test_a_live_workers_id_cannot_be_taken_over() -> None:
+    """Token holders choose their ids; a second connection claiming a live worker's id is
+    refused (the holder answers the chief's ping), while a dead link's id is taken over (the
+    reconnect case: test_robustness_limits.test_reconnect_replaces_the_old_connection...)."""
+    handle = serve("127.0.0.1:0", workers=2, rounds=1, initial=MODEL, token=TOKEN,
+                   listen_options=ListenOptions(takeover_probe=1.0))
+    try:
+        with Worker(handle.url, token=TOKEN, worker_id="w") as honest:
+            g = honest.join(MODEL)
+            wait_until(lambda: "w" in handle.server.peers, 10, "the honest worker to join")
+            held = handle.server.peers["w"]
+            with RawClient(handle.address[1]) as impostor:
+                assert impostor.handshake(TOKEN, SPEC, worker_id="w").type == MsgType.WELCOME
+                f = impostor.answer()
+                assert f is not None and f.type == MsgType.ERROR, f
+                assert f.meta["code"] == "auth_failed"
+                assert "in use by a live connection" in f.meta["message"]
+            assert handle.server.peers["w"] is held and "w" in handle.chief.members
+            with RawClient(handle.address[1]) as other:
+                assert other.handshake(TOKEN, SPEC, worker_id="x").type == MsgType.WELCOME
+                other.send(encode(MsgType.UPDATE, {"round": 0, "num_samples": 1},
+                                  MODEL).tobytes())
+                honest.sync([a + 1 for a in g], 1)  # the holder's round goes on as before
+            wait_until(lambda: handle.metrics, 10, "the round's metrics")
+            assert handle.metrics[0]["workers"] == 2
     finally:
         handle.stop()

@@ -72,6 +72,11 @@ REFUSAL_LOG_INTERVAL = 1.0
 # answered per auth_delay_max (256 / 8 s = 32 per second by default).
 AUTH_FAILURES_GLOBAL = 100
 AUTH_FAILURES_GLOBAL_WINDOW = 60.0  # seconds over which those failures are counted
+# A worker id held by a joined connection is handed to a new connection only if the holder
+# says nothing for this long after a PING (then it is a link that died without a FIN, which a
+# reconnecting worker leaves behind). A live worker answers within a round trip: its I/O runs
+# on its own thread, whatever it computes; bytes of an update it is sending count as an answer.
+TAKEOVER_PROBE = 2.0
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ from fedberry.protocol.limits import (
     AUTH_FAILURES_GLOBAL_WINDOW,
     REFUSAL_LOG_INTERVAL,
     SEND_QUEUE_SLACK,
+    TAKEOVER_PROBE,
     UPDATE_DEADLINE,
 )
 from fedberry.protocol.messages import (
@@ -96,6 +97,10 @@ class ListenOptions:
     send_queue_slack: int = SEND_QUEUE_SLACK
     # Lines about refused connections: at most one per reason per this many seconds.
     refusal_log_interval: float = REFUSAL_LOG_INTERVAL
+    # A new connection claiming the id of a joined one waits while the holder is pinged for
+    # this long: a holder that answers keeps its id (the newcomer is refused with a sentence),
+    # one that does not is taken for dead and replaced (limits.TAKEOVER_PROBE).
+    takeover_probe: float = TAKEOVER_PROBE
     # Bytes of updates being received at once, all connections together; past it, workers wait
     # their turn with reading paused (TCP holds them back) and the chief's memory stays
     # O(model) whatever the number of workers. One update is always let in. The default lets
@@ -128,6 +133,7 @@ class _ChiefConnection(_FrameWriter, asyncio.BufferedProtocol):
         self._tls = False  # the TLS handshake is in progress
         self._auth_wait = False  # the answer to AUTH is held back (auth_delay)
         self._joined = False
+        self._probing = False  # its worker id is held: waiting to hear whether the holder lives
         self.worker_id = ""
         self.peer_ip = "?"
         self.opened = self.last_seen = self.last_ping = time.monotonic()
@@ -153,6 +159,8 @@ class _ChiefConnection(_FrameWriter, asyncio.BufferedProtocol):
             return "tls"
         if self._auth_wait:
             return "auth-wait"
+        if self._probing:
+            return "probe"
         if self._joined:
             return "joined"
         return self.conn.state.value
@@ -376,9 +384,53 @@ class _ChiefConnection(_FrameWriter, asyncio.BufferedProtocol):
             return
         if self.conn.state is not ChiefState.JOINED:
             return  # nothing was sent (the transport is gone): no proof checked, no join
+        holder = self.listener.holder_of(self)
+        if holder is not None:
+            self._probe(holder)
+            return
+        self._join()
+
+    def _join(self) -> None:
         self._joined = True
         self._expect_model()
         self.server.attach(self, self.conn.announced, self.conn.want_model)
+
+    # -- a worker id held by another connection ----------------------------------------------
+    # Without client certificates the id is the worker's word, and a second connection with it
+    # replaces the first (how a worker whose link broke comes back). So that a token holder
+    # cannot take a live worker's place, the newcomer (authenticated: its WELCOME is out) waits,
+    # reading nothing, while the holder is pinged: if the holder is heard from, it keeps its id
+    # and the newcomer is refused; if not, it is a dead link and the newcomer replaces it.
+    def _probe(self, holder: _ChiefConnection) -> None:
+        self._probing = True
+        self._pause("probe")
+        sent = time.monotonic()
+        holder.ping()
+        asyncio.get_running_loop().call_later(self.listener.options.takeover_probe,
+                                              self._probed, holder, sent)
+
+    def _probed(self, holder: _ChiefConnection, sent: float) -> None:
+        self._probing = False
+        if self.closed or self.closing_since is not None:
+            return
+        if holder.alive_since(sent):
+            self.fail(ErrorCode.AUTH_FAILED,
+                      f"worker id {self.worker_id!r} is in use by a live connection from "
+                      f"{holder.peer_ip}: give each worker its own --worker-id (or use client "
+                      "certificates, --client-ca, which bind ids to names)")
+            return
+        log.info("worker %r is back from %s; its old connection from %s did not answer a ping "
+                 "in %g s and is replaced", self.worker_id, self.peer_ip, holder.peer_ip,
+                 self.listener.options.takeover_probe)
+        self._join()  # attach() closes the holder
+        self._unpause("probe")
+
+    def alive_since(self, t: float) -> bool:
+        """Whether this connection was heard from at or after ``t``, or cannot be heard because
+        the chief is not reading it (it waits for receive memory): then it counts as alive."""
+        if self.closed or self.closing_since is not None:
+            return False
+        return self.last_seen >= t or bool(self._waiting_for) or "memory" in self._pauses
 
     def _auth_failed(self, sentence: str) -> None:
         failures = self.listener.auth_failed(self.peer_ip)
@@ -399,7 +451,7 @@ class _ChiefConnection(_FrameWriter, asyncio.BufferedProtocol):
         if self.transport is None or self.closed or self.closing_since is not None:
             return
         frame = self.conn.send(msg)
-        queued = self.queued_bytes()
+        queued = self.queued_bytes
         limit = self.send_queue_limit()
         if queued and queued + frame.nbytes > limit:
             # Whatever the frame type: a peer that sends (PINGs, stale updates) and never reads
@@ -415,10 +467,6 @@ class _ChiefConnection(_FrameWriter, asyncio.BufferedProtocol):
             return
         self.server.bytes_down += frame.nbytes
         self._queue(frame)
-
-    def queued_bytes(self) -> int:
-        """Bytes queued for this peer and not yet handed to the transport."""
-        return sum(len(p) for p in getattr(self, "_out", ()))
 
     def send_queue_limit(self) -> int:
         """The most bytes queued for this peer: two global models and the slack
@@ -638,6 +686,12 @@ class TcpChief:
         while len(self._failures) > 10_000:  # bounded memory under a spray of addresses
             self._failures.pop(next(iter(self._failures)))
         return count + 1
+
+    def holder_of(self, conn: _ChiefConnection) -> _ChiefConnection | None:
+        """Another joined connection with ``conn``'s worker id, still open."""
+        return next((c for c in self.connections if c is not conn and c._joined
+                     and not c._left and c.closing_since is None
+                     and c.worker_id == conn.worker_id), None)
 
     def update_deadline(self) -> float:
         """Seconds a frame of tensors may take to arrive (``ListenOptions.update_deadline``)."""
