@@ -7,6 +7,7 @@ reads is dropped whatever it sends. Real chiefs, real sockets.
 
 from __future__ import annotations
 
+import argparse
 import collections
 import os
 import resource
@@ -119,6 +120,21 @@ def test_the_update_deadline_is_the_round_timeout_unless_set() -> None:
     finally:
         with_timeout.stop()
         without.stop()
+
+
+def test_the_update_deadline_reaches_the_listener_from_serve_and_the_cli() -> None:
+    handle = serve("127.0.0.1:0", workers=1, rounds=1, initial=MODEL, token=TOKEN,
+                   update_deadline=5.0)
+    try:
+        assert handle.tcp.update_deadline() == 5.0
+    finally:
+        handle.stop()
+    from fedberry import cli
+
+    parser = argparse.ArgumentParser()
+    cli._add_chief_parser(parser.add_subparsers())
+    args = parser.parse_args(["chief", "--workers", "1", "--update-deadline", "42"])
+    assert args.update_deadline == 42.0
 
 
 # -- b. a flood of idle connections ----------------------------------------------------------
