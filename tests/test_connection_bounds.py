@@ -29,6 +29,7 @@ from fedberry.protocol.frames import MsgType, encode, spec_of, spec_to_json
 from fedberry.protocol.limits import Limits
 from fedberry.serve import ChiefHandle, serve
 from fedberry.transports.tcp import ListenOptions, TcpChief
+from fedberry.transports.tcp.chief import RefusalLog
 
 MODEL = [np.zeros((64, 32), np.float32), np.zeros(32, np.float32)]
 MODEL_BYTES = sum(a.nbytes for a in MODEL)
@@ -354,3 +355,20 @@ def test_a_live_workers_id_cannot_be_taken_over() -> None:
             assert handle.metrics[0]["workers"] == 2
     finally:
         handle.stop()
+
+
+def test_refusal_lines_are_rate_limited_and_counted(monkeypatch: pytest.MonkeyPatch,
+                                                    caplog: pytest.LogCaptureFixture) -> None:
+    now = [100.0]
+    monkeypatch.setattr("time.monotonic", lambda: now[0])
+    refusals = RefusalLog(interval=1.0)
+    with caplog.at_level("WARNING", logger="fedberry.tcp"):
+        for i in range(1000):
+            refusals.note("busy", f"refusing connection {i}")
+        refusals.note("tls: bad CA", "a different reason is logged at once")
+        now[0] += 1.0
+        refusals.note("busy", "refusing connection 1000")
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines == ["refusing connection 0", "a different reason is logged at once",
+                     "refusing connection 1000 (and 999 more like it since the last such line)"]
+    assert refusals.counts["busy"] == 1001

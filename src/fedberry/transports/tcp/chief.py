@@ -191,7 +191,11 @@ class _ChiefConnection(_FrameWriter, asyncio.BufferedProtocol):
                 raw, self, o.ssl_context, server_side=True,  # type: ignore[arg-type]
                 ssl_handshake_timeout=o.handshake_timeout)
         except Exception as exc:  # OSError and ssl.SSLError mostly; any other still costs one
-            log.warning("TLS handshake with %s failed: %s", self.peer_ip, _chief_tls_message(exc))
+            # Rate-limited per reason: a flood of connections that never finish TLS is one
+            # line a second, while each distinct reason (a worker's wrong CA) is still logged.
+            why = _chief_tls_message(exc)
+            self.listener.refusals.note(f"tls: {why}",
+                                        f"TLS handshake with {self.peer_ip} failed: {why}")
             raw.abort()
             self._gone()
             return
@@ -748,7 +752,11 @@ class RefusalLog:
     _last: dict[str, float] = field(default_factory=dict)
     _unlogged: Counter[str] = field(default_factory=Counter)
 
+    MAX_REASONS = 256  # reasons kept apart; past that (reasons with free text) one for all
+
     def note(self, reason: str, line: str) -> None:
+        if reason not in self.counts and len(self.counts) >= self.MAX_REASONS:
+            reason = "other"
         self.counts[reason] += 1
         now = time.monotonic()
         last = self._last.get(reason)
