@@ -143,6 +143,13 @@ def _fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
+def _rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
 def _limit_fds() -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, (1024, 1024))
 
@@ -174,7 +181,7 @@ def test_idle_connections_cost_no_descriptors_and_honest_workers_join(tmp_path: 
                 return False
 
         wait_until(up, 60, "the chief to listen", every=0.1)
-        base = _fds(chief.pid)
+        base, rss = _fds(chief.pid), _rss_mib(chief.pid)
         # 1,100 connections that say nothing, from one address that is not the workers'.
         for _ in range(1100):
             s = socket.socket()
@@ -185,6 +192,7 @@ def test_idle_connections_cost_no_descriptors_and_honest_workers_join(tmp_path: 
         time.sleep(2)  # the chief accepts and refuses them all meanwhile
         held = _fds(chief.pid)
         assert held < base + 100, (base, held)  # 16 handshaking from that address, not 1,100
+        assert _rss_mib(chief.pid) < rss + 32, (rss, _rss_mib(chief.pid))
 
         def worker(i: int, done: list[float]) -> None:
             t0 = time.monotonic()
