@@ -380,3 +380,38 @@ def test_refusal_lines_are_rate_limited_and_counted(monkeypatch: pytest.MonkeyPa
     assert lines == ["refusing connection 0", "a different reason is logged at once",
                      "refusing connection 1000 (and 999 more like it since the last such line)"]
     assert refusals.counts["busy"] == 1001
+
+
+def test_one_address_cannot_hold_every_slot_in_the_auth_delay() -> None:
+    handle = serve("127.0.0.1:0", workers=1, rounds=1, initial=MODEL, token=TOKEN,
+                   listen_options=ListenOptions(auth_failures_free=0, auth_delay_base=5.0,
+                                                auth_delay_max=5.0,
+                                                max_auth_waiting_per_address=2))
+    port = handle.address[1]
+    on_loop(handle, lambda: handle.tcp.auth_failed("127.0.4.1"))  # a failure on record
+    held = [RawClient(port, source="127.0.4.1") for _ in range(2)]
+    try:
+        for raw in held:  # two wrong guesses, both held in the delay
+            nonce = auth.new_nonce()
+            raw.send(encode(MsgType.HELLO, {"worker_id": "g", "nonce": nonce}).tobytes())
+            f = raw.answer()
+            assert f is not None and f.type == MsgType.CHALLENGE
+            raw.send(encode(MsgType.AUTH, {
+                "proof": auth.worker_proof("wrong", f.meta["nonce"], nonce), "spec": SPEC,
+                "want_model": False}).tobytes())
+        wait_until(lambda: on_loop(handle, lambda: sum(
+            c.state == "auth-wait" for c in handle.tcp.connections)) == 2, 10,
+            "two guesses in the delay")
+        with RawClient(port, source="127.0.4.1") as third:
+            f = third.answer()
+            assert f is not None and f.meta["code"] == "busy", f
+            assert "waiting out the delay" in f.meta["message"]
+        with RawClient(port, source="127.0.4.2") as elsewhere:
+            elsewhere.send(encode(MsgType.HELLO, {"worker_id": "x",
+                                                  "nonce": auth.new_nonce()}).tobytes())
+            f = elsewhere.answer()
+            assert f is not None and f.type == MsgType.CHALLENGE
+    finally:
+        for raw in held:
+            raw.close()
+        handle.stop()

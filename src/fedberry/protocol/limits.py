@@ -72,6 +72,11 @@ REFUSAL_LOG_INTERVAL = 1.0
 # answered per auth_delay_max (256 / 8 s = 32 per second by default).
 AUTH_FAILURES_GLOBAL = 100
 AUTH_FAILURES_GLOBAL_WINDOW = 60.0  # seconds over which those failures are counted
+# Connections from one address whose answer to AUTH is held back. They do not take the
+# address's handshake slots (a storm of 16 guesses at a time must not keep an honest worker
+# behind the same address out), but one address must not hold all 256 connection slots either:
+# 64 is four storms of 16, and caps one address's guessing at 64 per auth_delay_max (8/s).
+MAX_AUTH_WAITING_PER_ADDRESS = 64
 # A worker id held by a joined connection is handed to a new connection only if the holder
 # says nothing for this long after a PING (then it is a link that died without a FIN, which a
 # reconnecting worker leaves behind). A live worker answers within a round trip: its I/O runs

@@ -24,6 +24,7 @@ from fedberry.protocol.frames import EncodedFrame, ErrorCode, Limits, ProtocolEr
 from fedberry.protocol.limits import (
     AUTH_FAILURES_GLOBAL,
     AUTH_FAILURES_GLOBAL_WINDOW,
+    MAX_AUTH_WAITING_PER_ADDRESS,
     REFUSAL_LOG_INTERVAL,
     SEND_QUEUE_SLACK,
     TAKEOVER_PROBE,
@@ -70,6 +71,9 @@ class ListenOptions:
     # Connections whose answer to AUTH is held back (the auth delay) do not count: a storm of
     # wrong tokens must not keep an honest worker at the same address from handshaking.
     max_pending_per_address: int = 16
+    # ... but they have their own cap per address, so that one address cannot hold every
+    # connection slot in the delay (limits.MAX_AUTH_WAITING_PER_ADDRESS).
+    max_auth_waiting_per_address: int = MAX_AUTH_WAITING_PER_ADDRESS
     handshake_timeout: float = 15.0  # TCP accept to WELCOME, TLS included
     idle_timeout: float = 60.0  # workers ping every few seconds; silence this long = dead
     # Failed authentications from one address are free up to auth_failures_free; after that the
@@ -652,10 +656,18 @@ class TcpChief:
         why = kind = None
         if len(self.connections) >= o.max_connections:
             why, kind = "the chief has too many connections; retry later", "busy"
-        elif sum(1 for c in self.connections if c.peer_ip == conn.peer_ip
-                 and c.state not in ("joined", "auth-wait")) >= o.max_pending_per_address:
-            why = f"too many connections from {conn.peer_ip} are still handshaking; retry later"
-            kind = "busy-address"
+        else:
+            states = Counter(c.state for c in self.connections if c.peer_ip == conn.peer_ip)
+            waiting = states.pop("auth-wait", 0)
+            states.pop("joined", None)
+            if sum(states.values()) >= o.max_pending_per_address:
+                why = (f"too many connections from {conn.peer_ip} are still handshaking; "
+                       "retry later")
+                kind = "busy-address"
+            elif waiting >= o.max_auth_waiting_per_address:
+                why = (f"too many connections from {conn.peer_ip} are waiting out the delay "
+                       "after failed authentications; retry later")
+                kind = "busy-auth-wait"
         if why is None or kind is None:
             self.connections.add(conn)
             return True
