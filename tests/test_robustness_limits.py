@@ -6,6 +6,7 @@ process, so that its limits can be set small), raw sockets for the misbehaving p
 
 from __future__ import annotations
 
+import collections
 import threading
 import time
 from collections.abc import Iterator
@@ -147,6 +148,7 @@ def test_auth_delay_grows_per_address_and_is_forgotten(monkeypatch: pytest.Monke
     tcp.options = ListenOptions(auth_failures_free=3, auth_delay_base=0.25, auth_delay_max=2,
                                 auth_memory=60)
     tcp._failures = {}
+    tcp._recent_failures = collections.deque(maxlen=tcp.options.auth_failures_global)
     now = [1000.0]
     monkeypatch.setattr("time.monotonic", lambda: now[0])
     delays = []

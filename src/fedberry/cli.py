@@ -92,6 +92,10 @@ def _add_chief_parser(sub: argparse._SubParsersAction) -> None:
                    help="allow plain TCP or no token on a non-loopback address")
     p.add_argument("--max-connections", type=int, default=256)
     p.add_argument("--idle-timeout", type=float, default=60.0)
+    p.add_argument("--update-deadline", type=float, default=None, metavar="S",
+                   help="seconds an update may take to arrive once the chief reads it; past "
+                        "it the worker is dropped and the round goes on (default: "
+                        "--round-timeout, else 600)")
     p.add_argument("--receive-memory", type=float, default=64.0, metavar="MIB",
                    help="MiB of updates read at once, all workers together (at least one "
                         "update); others wait their turn in their sockets (default 64)")
@@ -155,6 +159,7 @@ def _run_chief(args: argparse.Namespace) -> int:
               token_file=args.token_file, tls_cert=args.tls_cert, tls_key=args.tls_key,
               client_ca=args.client_ca, insecure=args.insecure,
               max_connections=args.max_connections, idle_timeout=args.idle_timeout,
+              update_deadline=args.update_deadline,
               run_config=run_config, on_round=show, downlink=args.downlink,
               receive_memory=int(args.receive_memory * 2**20), max_samples=args.max_samples,
               max_update_norm=args.max_update_norm, update_norm_mode=args.update_norm_mode)

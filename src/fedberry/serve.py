@@ -64,6 +64,10 @@ class Listening:
         Bytes of updates read at once, all workers together (at least one update); the others
         wait their turn in their sockets, so that the chief's memory does not grow with the
         number of workers sending at the same moment.
+    update_deadline : float or None
+        Seconds an update may take to arrive once the chief starts reading it; past it the
+        worker is dropped with a sentence and the round goes on. None: the round timeout,
+        else 600 s (``ListenOptions.update_deadline``).
     """
 
     token: str | None = None
@@ -76,6 +80,7 @@ class Listening:
     idle_timeout: float = 60.0
     handshake_timeout: float = 15.0
     receive_memory: int = 64 << 20
+    update_deadline: float | None = None
 
 
 _GROUPS: dict[str, type] = {f.name: cls for cls in (Listening, RoundPolicy, OutputOptions,
@@ -268,7 +273,8 @@ def serve(listen: str | None = "127.0.0.1:0", *, workers: int | None = None,
             token=resolve_token(lis.token, lis.token_file), ssl_context=ctx,
             require_client_cert=bool(lis.tls_cert and lis.client_ca), insecure=lis.insecure,
             max_connections=lis.max_connections, idle_timeout=lis.idle_timeout,
-            handshake_timeout=lis.handshake_timeout, receive_memory=lis.receive_memory))
+            handshake_timeout=lis.handshake_timeout, receive_memory=lis.receive_memory,
+            update_deadline=lis.update_deadline))
         handle.tcp = tcp
         handle.address = io.run(tcp.start(), 30)
         handle._task = asyncio.run_coroutine_threadsafe(tcp.serve(), io.loop)

@@ -51,6 +51,38 @@ MAX_ERROR_CODE = 64  # characters: codes are short words ("auth_failed")
 MAX_ERROR_MESSAGE = 8192  # characters of an ERROR's sentence kept (ours are under 500)
 DIGEST_CHARS = 64  # a SHA-256 in hex (codecs.digest)
 
+# -- connections (the TCP chief's defaults; ``ListenOptions`` takes them) --------------------
+# Seconds a frame of tensors may take to arrive once the chief has let it into its receive
+# memory, when the run has no round deadline to derive it from (with ``--round-timeout T`` it
+# is T: an update slower than a round cannot be waited for without stalling the quorum). A
+# 40 MB update over a 1 Mbit/s uplink takes about 5 minutes; 10 leave room for a slow Pi.
+UPDATE_DEADLINE = 600.0
+# Bytes the chief keeps queued for one peer beyond two global models (which a worker that
+# reads may have in flight: the one it is reading and the next round's). Every other frame is
+# small (PONG, ERROR, WELCOME, an unchanged GLOBAL): 1 MiB of them is a peer that sends and
+# never reads, and each such peer could otherwise grow the chief without bound.
+SEND_QUEUE_SLACK = 1 << 20
+# Refused connections (busy, handshake not completed in time) are logged at most once per
+# this many seconds per reason, with how many more there were: a flood of connections must
+# not become a flood of log lines (88 MB a minute was measured).
+REFUSAL_LOG_INTERVAL = 1.0
+# Failed authentications, all addresses together, before every answer to an AUTH is held for
+# the longest delay (auth_delay_max): the per-address delay alone lets a spray of addresses
+# guess at ~1,000 per second; with this budget spent, at most max_connections guesses are
+# answered per auth_delay_max (256 / 8 s = 32 per second by default).
+AUTH_FAILURES_GLOBAL = 100
+AUTH_FAILURES_GLOBAL_WINDOW = 60.0  # seconds over which those failures are counted
+# Connections from one address whose answer to AUTH is held back. They do not take the
+# address's handshake slots (a storm of 16 guesses at a time must not keep an honest worker
+# behind the same address out), but one address must not hold all 256 connection slots either:
+# 64 is four storms of 16, and caps one address's guessing at 64 per auth_delay_max (8/s).
+MAX_AUTH_WAITING_PER_ADDRESS = 64
+# A worker id held by a joined connection is handed to a new connection only if the holder
+# says nothing for this long after a PING (then it is a link that died without a FIN, which a
+# reconnecting worker leaves behind). A live worker answers within a round trip: its I/O runs
+# on its own thread, whatever it computes; bytes of an update it is sending count as an answer.
+TAKEOVER_PROBE = 2.0
+
 
 @dataclass(frozen=True)
 class Limits:

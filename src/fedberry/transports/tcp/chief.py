@@ -12,7 +12,8 @@ import logging
 import ssl
 import sys
 import time
-from dataclasses import dataclass
+from collections import Counter, deque
+from dataclasses import dataclass, field
 from typing import Any
 
 from fedberry.certs import cert_names, describe_tls_error
@@ -20,6 +21,15 @@ from fedberry.chief.buffers import ReceiveBudget
 from fedberry.chief.runtime import ChiefServer
 from fedberry.protocol.connection import ChiefConnection, ChiefState
 from fedberry.protocol.frames import EncodedFrame, ErrorCode, Limits, ProtocolError, Spec
+from fedberry.protocol.limits import (
+    AUTH_FAILURES_GLOBAL,
+    AUTH_FAILURES_GLOBAL_WINDOW,
+    MAX_AUTH_WAITING_PER_ADDRESS,
+    REFUSAL_LOG_INTERVAL,
+    SEND_QUEUE_SLACK,
+    TAKEOVER_PROBE,
+    UPDATE_DEADLINE,
+)
 from fedberry.protocol.messages import (
     Auth,
     Bye,
@@ -63,7 +73,12 @@ class ListenOptions:
     max_connections: int = 256
     # Handshakes in flight from one address. Workers behind one home router share an address,
     # but each handshakes in milliseconds; this keeps one address from holding the whole cap.
+    # Connections whose answer to AUTH is held back (the auth delay) do not count: a storm of
+    # wrong tokens must not keep an honest worker at the same address from handshaking.
     max_pending_per_address: int = 16
+    # ... but they have their own cap per address, so that one address cannot hold every
+    # connection slot in the delay (limits.MAX_AUTH_WAITING_PER_ADDRESS).
+    max_auth_waiting_per_address: int = MAX_AUTH_WAITING_PER_ADDRESS
     handshake_timeout: float = 15.0  # TCP accept to WELCOME, TLS included
     idle_timeout: float = 60.0  # workers ping every few seconds; silence this long = dead
     # Failed authentications from one address are free up to auth_failures_free; after that the
@@ -77,6 +92,24 @@ class ListenOptions:
     auth_delay_base: float = 0.25
     auth_delay_max: float = 8.0
     auth_memory: float = 600.0
+    # All addresses together: past auth_failures_global failures in auth_global_window
+    # seconds, every answer to an AUTH waits auth_delay_max (limits.AUTH_FAILURES_GLOBAL).
+    auth_failures_global: int = AUTH_FAILURES_GLOBAL
+    auth_global_window: float = AUTH_FAILURES_GLOBAL_WINDOW
+    # Seconds an update (any frame of tensors) may take to arrive once it holds receive
+    # memory; past it, its memory is released, the worker is closed with a sentence and the
+    # round goes on without it. None: the round timeout when there is one, else
+    # limits.UPDATE_DEADLINE. A worker trickling its update must not hold the budget forever.
+    update_deadline: float | None = None
+    # Bytes queued for one peer past two global models (limits.SEND_QUEUE_SLACK): a peer over
+    # it sends but does not read, and is dropped.
+    send_queue_slack: int = SEND_QUEUE_SLACK
+    # Lines about refused connections: at most one per reason per this many seconds.
+    refusal_log_interval: float = REFUSAL_LOG_INTERVAL
+    # A new connection claiming the id of a joined one waits while the holder is pinged for
+    # this long: a holder that answers keeps its id (the newcomer is refused with a sentence),
+    # one that does not is taken for dead and replaced (limits.TAKEOVER_PROBE).
+    takeover_probe: float = TAKEOVER_PROBE
     # Bytes of updates being received at once, all connections together; past it, workers wait
     # their turn with reading paused (TCP holds them back) and the chief's memory stays
     # O(model) whatever the number of workers. One update is always let in. The default lets
@@ -109,6 +142,7 @@ class _ChiefConnection(_FrameWriter, asyncio.BufferedProtocol):
         self._tls = False  # the TLS handshake is in progress
         self._auth_wait = False  # the answer to AUTH is held back (auth_delay)
         self._joined = False
+        self._probing = False  # its worker id is held: waiting to hear whether the holder lives
         self.worker_id = ""
         self.peer_ip = "?"
         self.opened = self.last_seen = self.last_ping = time.monotonic()
@@ -119,6 +153,8 @@ class _ChiefConnection(_FrameWriter, asyncio.BufferedProtocol):
         self._early_view: memoryview | None = None
         self._pauses: set[str] = set()  # why reading is paused: "pacer", "auth", "memory"
         self._reserved = 0  # bytes of the frame being received, counted in the budget
+        self._receiving_since: float | None = None  # when those bytes were let in
+        self._refused = False  # refused at admission: closed at once, not lingering
         self._waiting_for = 0  # bytes queued for in the budget (0: not queued)
         self._granted = False
         self._left = False  # detached from the server (it no longer counts as a member)
@@ -134,6 +170,8 @@ class _ChiefConnection(_FrameWriter, asyncio.BufferedProtocol):
             return "tls"
         if self._auth_wait:
             return "auth-wait"
+        if self._probing:
+            return "probe"
         if self._joined:
             return "joined"
         return self.conn.state.value
@@ -164,7 +202,11 @@ class _ChiefConnection(_FrameWriter, asyncio.BufferedProtocol):
                 raw, self, o.ssl_context, server_side=True,  # type: ignore[arg-type]
                 ssl_handshake_timeout=o.handshake_timeout)
         except Exception as exc:  # OSError and ssl.SSLError mostly; any other still costs one
-            log.warning("TLS handshake with %s failed: %s", self.peer_ip, _chief_tls_message(exc))
+            # Rate-limited per reason: a flood of connections that never finish TLS is one
+            # line a second, while each distinct reason (a worker's wrong CA) is still logged.
+            why = _chief_tls_message(exc)
+            self.listener.refusals.note(f"tls: {why}",
+                                        f"TLS handshake with {self.peer_ip} failed: {why}")
             raw.abort()
             self._gone()
             return
@@ -295,6 +337,8 @@ class _ChiefConnection(_FrameWriter, asyncio.BufferedProtocol):
                 return None
         self._granted = False
         self._reserved = nbytes
+        if nbytes:
+            self._receiving_since = time.monotonic()  # the update deadline runs from here
         return self.server.buffers.take(specs)
 
     def _memory_granted(self) -> None:
@@ -312,6 +356,7 @@ class _ChiefConnection(_FrameWriter, asyncio.BufferedProtocol):
 
     def _free_memory(self) -> None:
         budget = self.listener.budget
+        self._receiving_since = None
         if self._reserved:
             nbytes, self._reserved = self._reserved, 0
             budget.release(nbytes)
@@ -387,9 +432,53 @@ class _ChiefConnection(_FrameWriter, asyncio.BufferedProtocol):
             return
         if self.conn.state is not ChiefState.JOINED:
             return  # nothing was sent (the transport is gone): no proof checked, no join
+        holder = self.listener.holder_of(self)
+        if holder is not None:
+            self._probe(holder)
+            return
+        self._join()
+
+    def _join(self) -> None:
         self._joined = True
         self._expect_model()
         self.server.attach(self, self.conn.announced, self.conn.want_model)
+
+    # -- a worker id held by another connection ----------------------------------------------
+    # Without client certificates the id is the worker's word, and a second connection with it
+    # replaces the first (how a worker whose link broke comes back). So that a token holder
+    # cannot take a live worker's place, the newcomer (authenticated: its WELCOME is out) waits,
+    # reading nothing, while the holder is pinged: if the holder is heard from, it keeps its id
+    # and the newcomer is refused; if not, it is a dead link and the newcomer replaces it.
+    def _probe(self, holder: _ChiefConnection) -> None:
+        self._probing = True
+        self._pause("probe")
+        sent = time.monotonic()
+        holder.ping()
+        asyncio.get_running_loop().call_later(self.listener.options.takeover_probe,
+                                              self._probed, holder, sent)
+
+    def _probed(self, holder: _ChiefConnection, sent: float) -> None:
+        self._probing = False
+        if self.closed or self.closing_since is not None:
+            return
+        if holder.alive_since(sent):
+            self.fail(ErrorCode.AUTH_FAILED,
+                      f"worker id {self.worker_id!r} is in use by a live connection from "
+                      f"{holder.peer_ip}: give each worker its own --worker-id (or use client "
+                      "certificates, --client-ca, which bind ids to names)")
+            return
+        log.info("worker %r is back from %s; its old connection from %s did not answer a ping "
+                 "in %g s and is replaced", self.worker_id, self.peer_ip, holder.peer_ip,
+                 self.listener.options.takeover_probe)
+        self._join()  # attach() closes the holder
+        self._unpause("probe")
+
+    def alive_since(self, t: float) -> bool:
+        """Whether this connection was heard from at or after ``t``, or cannot be heard because
+        the chief is not reading it (it waits for receive memory): then it counts as alive."""
+        if self.closed or self.closing_since is not None:
+            return False
+        return self.last_seen >= t or bool(self._waiting_for) or "memory" in self._pauses
 
     def _auth_failed(self, sentence: str) -> None:
         failures = self.listener.auth_failed(self.peer_ip)
@@ -410,25 +499,38 @@ class _ChiefConnection(_FrameWriter, asyncio.BufferedProtocol):
         if self.transport is None or self.closed or self.closing_since is not None:
             return
         frame = self.conn.send(msg)
+        queued = self.queued_bytes
+        limit = self.send_queue_limit()
+        if queued and queued + frame.nbytes > limit:
+            # Whatever the frame type: a peer that sends (PINGs, stale updates) and never reads
+            # would make us hold every answer. It would not read an ERROR either: no lingering.
+            self.listener.refusals.note(
+                "send-queue", f"closing {self.describe()}: it does not read what the chief "
+                f"sends ({queued + frame.nbytes} bytes would be queued for it, the limit is "
+                f"{limit})")
+            self.closing_since = time.monotonic()
+            self._free_memory()
+            self._leave()
+            self.abort()
+            return
         self.server.bytes_down += frame.nbytes
         self._queue(frame)
+
+    def send_queue_limit(self) -> int:
+        """The most bytes queued for this peer: two global models and the slack
+        (``ListenOptions.send_queue_slack``)."""
+        model = sum(a.nbytes for a in self.server.chief.global_arrays or ())
+        return 2 * model + self.listener.options.send_queue_slack
 
     def send_global(self, server: ChiefServer) -> None:
         chief = server.chief
         if self.conn.holds(lambda: server.broadcast.digest(chief)):
             self.send(server.broadcast.unchanged(chief))
             return
-        # TCP keeps order: the worker decodes the model sent last before this one.
-        frame = server.broadcast.frame(chief, self.conn.sent_round)
-        # The global model goes out only in answer to a join or an update, so more than two
-        # models still queued means the worker sends but does not read: it would make us hold
-        # a model per round for it.
-        pending = sum(len(p) for p in getattr(self, "_out", ()))
-        if pending > 2 * sum(a.nbytes for a in chief.global_arrays or ()):
-            self.fail(ErrorCode.TIMEOUT, "you are not reading what the chief sends")
-            self.abort()  # it would not read the error either: no lingering close
-            return
-        self.send(frame)
+        # TCP keeps order: the worker decodes the model sent last before this one. The global
+        # model goes out only in answer to a join or an update, so more than two models still
+        # queued means the worker sends but does not read: send() drops it.
+        self.send(server.broadcast.frame(chief, self.conn.sent_round))
 
     def send_error(self, code: ErrorCode, message: str, fatal: bool) -> None:
         self.send(Error(code, message, fatal))
@@ -440,11 +542,16 @@ class _ChiefConnection(_FrameWriter, asyncio.BufferedProtocol):
         self.last_ping = time.monotonic()
         self.send(Ping())
 
-    def fail(self, code: ErrorCode, message: str) -> None:
-        """Tell the peer why (when it can still be told) and close."""
+    def fail(self, code: ErrorCode, message: str, log_as: str | None = None) -> None:
+        """Tell the peer why (when it can still be told) and close. ``log_as``: a reason that
+        many connections may share (a flood): logged through the listener's rate limit."""
         if self.closed or self.closing_since is not None:
             return
-        log.warning("closing %s: %s", self.describe(), message)
+        line = f"closing {self.describe()}: {message}"
+        if log_as is None:
+            log.warning("%s", line)
+        else:
+            self.listener.refusals.note(log_as, line)
         if self.transport is None:  # still in the TLS handshake: nothing can be said
             self.abort()
             return
@@ -461,7 +568,18 @@ class _ChiefConnection(_FrameWriter, asyncio.BufferedProtocol):
         elif not self.transport.is_closing():
             self._close_after_flush()  # the error frame goes out first; then connection_lost
 
+    def refuse(self, code: ErrorCode, message: str, log_as: str) -> None:
+        """Refuse at admission: the sentence, then the connection closed at once. A refused
+        peer holds no file descriptor past its ERROR frame, however long it stays silent."""
+        self._refused = True
+        self.fail(code, message, log_as=log_as)
+
     def _flushed(self, transport: asyncio.Transport) -> None:
+        if self._refused:
+            # Nothing of it was read and nothing will be: close now (the connection is not in
+            # the listener's set, so no lingering close would ever be swept).
+            transport.close()
+            return
         # A lingering close: send FIN but keep reading (and dropping) until the peer closes
         # too, or CLOSE_GRACE passes. Closing a socket with unread bytes in it makes the kernel
         # send a reset, which can destroy the ERROR frame before the peer has read it: a worker
@@ -505,6 +623,11 @@ class TcpChief:
         server.buffers.max_bytes = max(server.buffers.max_bytes, self.options.receive_memory)
         # address -> (failed authentications, monotonic time of the last), oldest first
         self._failures: dict[str, tuple[int, float]] = {}
+        # When the latest failed authentications were, all addresses together (the global
+        # budget: auth_failures_global within auth_global_window).
+        self._recent_failures: deque[float] = deque(
+            maxlen=max(1, self.options.auth_failures_global))
+        self.refusals = RefusalLog(self.options.refusal_log_interval)
         self._aserver: asyncio.base_events.Server | None = None
         self._sweeper: asyncio.Future[None] | None = None
         self._check_exposure()
@@ -570,33 +693,48 @@ class TcpChief:
     # -- admission ---------------------------------------------------------------------------
     def admit(self, conn: _ChiefConnection) -> bool:
         o = self.options
-        why = None
+        why = kind = None
         if len(self.connections) >= o.max_connections:
-            why = "the chief has too many connections; retry later"
-        elif sum(1 for c in self.connections if c.peer_ip == conn.peer_ip
-                 and c.state != "joined") >= o.max_pending_per_address:
-            why = f"too many connections from {conn.peer_ip} are still handshaking; retry later"
-        if why is None:
+            why, kind = "the chief has too many connections; retry later", "busy"
+        else:
+            states = Counter(c.state for c in self.connections if c.peer_ip == conn.peer_ip)
+            waiting = states.pop("auth-wait", 0)
+            states.pop("joined", None)
+            if sum(states.values()) >= o.max_pending_per_address:
+                why = (f"too many connections from {conn.peer_ip} are still handshaking; "
+                       "retry later")
+                kind = "busy-address"
+            elif waiting >= o.max_auth_waiting_per_address:
+                why = (f"too many connections from {conn.peer_ip} are waiting out the delay "
+                       "after failed authentications; retry later")
+                kind = "busy-auth-wait"
+        if why is None or kind is None:
             self.connections.add(conn)
             return True
         if conn.transport is not None:
-            conn.fail(ErrorCode.BUSY, why)  # plain TCP: the worker retries with backoff
+            conn.refuse(ErrorCode.BUSY, why, kind)  # plain TCP: the worker retries with backoff
         else:
-            log.warning("refusing a connection from %s: %s", conn.peer_ip, why)
+            self.refusals.note(kind, f"refusing a connection from {conn.peer_ip}: {why}")
             conn.abort()  # TLS: no handshake for a refused peer; the worker retries
         return False
 
     def auth_delay(self, ip: str) -> float:
         """Seconds to hold the answer to an AUTH from ``ip``."""
         o = self.options
+        now = time.monotonic()
+        recent = self._recent_failures
+        if (o.auth_failures_global > 0 and len(recent) >= o.auth_failures_global
+                and now - recent[0] <= o.auth_global_window):
+            return o.auth_delay_max  # the global budget is spent: guessing from anywhere
         count, last = self._failures.get(ip, (0, 0.0))
-        if count < o.auth_failures_free or time.monotonic() - last > o.auth_memory:
+        if count < o.auth_failures_free or now - last > o.auth_memory:
             return 0.0
         return min(o.auth_delay_max, o.auth_delay_base * 2.0 ** (count - o.auth_failures_free))
 
     def auth_failed(self, ip: str) -> int:
         """Count a failed authentication from ``ip``; returns its recent failures."""
         now = time.monotonic()
+        self._recent_failures.append(now)
         count, last = self._failures.pop(ip, (0, 0.0))  # re-inserted last: oldest stay first
         if now - last > self.options.auth_memory:
             count = 0
@@ -604,6 +742,19 @@ class TcpChief:
         while len(self._failures) > 10_000:  # bounded memory under a spray of addresses
             self._failures.pop(next(iter(self._failures)))
         return count + 1
+
+    def holder_of(self, conn: _ChiefConnection) -> _ChiefConnection | None:
+        """Another joined connection with ``conn``'s worker id, still open."""
+        return next((c for c in self.connections if c is not conn and c._joined
+                     and not c._left and c.closing_since is None
+                     and c.worker_id == conn.worker_id), None)
+
+    def update_deadline(self) -> float:
+        """Seconds a frame of tensors may take to arrive (``ListenOptions.update_deadline``)."""
+        if self.options.update_deadline is not None:
+            return self.options.update_deadline
+        round_timeout = self.server.chief.config.round_timeout
+        return round_timeout if round_timeout is not None else UPDATE_DEADLINE
 
     async def _sweep(self) -> None:
         o = self.options
@@ -621,7 +772,15 @@ class TcpChief:
                     pass  # held back on purpose, for at most auth_delay_max
                 elif conn.state != "joined":
                     if now - conn.opened > o.handshake_timeout:
-                        conn.fail(ErrorCode.TIMEOUT, "handshake not completed in time")
+                        conn.fail(ErrorCode.TIMEOUT, "handshake not completed in time",
+                                  log_as="handshake-timeout")
+                elif (conn._receiving_since is not None
+                      and now - conn._receiving_since > self.update_deadline()):
+                    deadline = self.update_deadline()
+                    conn.fail(ErrorCode.TIMEOUT,
+                              f"your update did not arrive within {deadline:g} s of the chief "
+                              "starting to read it (the update deadline): the chief dropped "
+                              "it and the round goes on without you")
                 elif conn._waiting_for:
                     # Waiting its turn to be read: its silence is ours. The pings below keep
                     # the worker from thinking us dead meanwhile.
@@ -632,3 +791,31 @@ class TcpChief:
                     conn.fail(ErrorCode.TIMEOUT, f"silent for {o.idle_timeout:.0f} s")
                 elif now - max(conn.last_seen, conn.last_ping) > ping_every:
                     conn.ping()
+
+
+@dataclass
+class RefusalLog:
+    """Log lines about connections refused or dropped in bulk, rate-limited per reason: the
+    first line of a reason at once, then at most one per ``interval`` seconds, saying how many
+    more there were meanwhile. ``counts`` has every one, for tests and stats."""
+
+    interval: float = REFUSAL_LOG_INTERVAL
+    counts: Counter[str] = field(default_factory=Counter)
+    _last: dict[str, float] = field(default_factory=dict)
+    _unlogged: Counter[str] = field(default_factory=Counter)
+
+    MAX_REASONS = 256  # reasons kept apart; past that (reasons with free text) one for all
+
+    def note(self, reason: str, line: str) -> None:
+        if reason not in self.counts and len(self.counts) >= self.MAX_REASONS:
+            reason = "other"
+        self.counts[reason] += 1
+        now = time.monotonic()
+        last = self._last.get(reason)
+        if last is not None and now - last < self.interval:
+            self._unlogged[reason] += 1
+            return
+        more = self._unlogged.pop(reason, 0)
+        self._last[reason] = now
+        log.warning("%s%s", line, f" (and {more} more like it since the last such line)"
+                    if more else "")

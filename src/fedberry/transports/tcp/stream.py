@@ -65,9 +65,11 @@ class _FrameWriter:
     _pacer: Pacer | None = None
     _paid = _shaping = False
     _paced_chunk = DEFAULT_PACED_CHUNK
+    queued_bytes = 0  # bytes in _out, not yet handed to the transport (the send-queue bound)
 
     def _init_writer(self) -> None:
         self._out: collections.deque[memoryview] = collections.deque()
+        self.queued_bytes = 0
         self._paused = False
         self._close_when_flushed = False
         if self.transport is not None:
@@ -78,7 +80,9 @@ class _FrameWriter:
             self.transport.set_write_buffer_limits(high=1 if tls else 0, low=0)
 
     def _queue(self, frame: EncodedFrame) -> None:
-        self._out.extend(memoryview(p) for p in frame.parts)
+        parts = [memoryview(p) for p in frame.parts]
+        self._out.extend(parts)
+        self.queued_bytes += sum(len(p) for p in parts)
         self._pump()
 
     def _pump(self) -> None:
@@ -100,6 +104,7 @@ class _FrameWriter:
                     asyncio.get_running_loop().call_later(wait, self._tokens_paid)
                     return
             self._paid = False
+            self.queued_bytes -= len(part)
             t.write(part)
         if self._close_when_flushed and not self._out and t is not None:
             self._close_when_flushed = False
