@@ -253,9 +253,13 @@ class FrameDecoder:
         if meta_len > self.limits.max_meta_bytes:
             raise ProtocolError(ErrorCode.LIMIT, f"metadata of {meta_len} bytes exceeds the limit "
                                                  f"of {self.limits.max_meta_bytes}")
-        if payload_len > self.limits.max_payload:
-            raise ProtocolError(ErrorCode.LIMIT, f"payload of {payload_len} bytes exceeds the "
-                                                 f"limit of {self.limits.max_payload}")
+        # A tensor frame of the wrong model (float64 where the model is float32) is also too
+        # big; with the model known, its metadata (bounded above) is read first, so that the
+        # refusal names the tensor and its dtype instead of a byte count. Nothing is allocated
+        # for the payload before _parse_meta has checked the limit too.
+        if payload_len > self.limits.max_payload and (self.expected is None
+                                                       or self._type not in TENSOR_TYPES):
+            self._payload_too_big(payload_len)
         if payload_len and self._type not in TENSOR_TYPES:
             raise ProtocolError(ErrorCode.BAD_FRAME, f"{self._type.name} frames carry no tensors")
         self._payload_len = payload_len
@@ -265,6 +269,10 @@ class FrameDecoder:
         self._pos = 0
         if meta_len == 0:
             raise ProtocolError(ErrorCode.BAD_FRAME, "empty metadata")
+
+    def _payload_too_big(self, payload_len: int) -> None:
+        raise ProtocolError(ErrorCode.LIMIT, f"payload of {payload_len} bytes exceeds the "
+                                             f"limit of {self.limits.max_payload}")
 
     def _parse_meta(self) -> None:
         try:
@@ -300,6 +308,8 @@ class FrameDecoder:
                 if why:
                     raise ProtocolError(ErrorCode.SPEC_MISMATCH,
                                         why if name == "none" else f"{name}-encoded: {why}")
+            if self._payload_len > self.limits.max_payload:
+                self._payload_too_big(self._payload_len)
         elif "tensors" in meta:
             raise ProtocolError(ErrorCode.BAD_FRAME, f"{self._type.name} frames carry no tensors")
         # Only now, with everything checked, allocate the tensors the payload is read into.

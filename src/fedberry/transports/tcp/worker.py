@@ -20,7 +20,15 @@ from fedberry import codecs
 from fedberry.certs import describe_tls_error
 from fedberry.errors import AuthenticationError, ChiefUnreachable, FederationError, from_code
 from fedberry.protocol.connection import WorkerConnection, WorkerState
-from fedberry.protocol.frames import EncodedFrame, ErrorCode, Limits, ProtocolError, Spec, spec_of
+from fedberry.protocol.frames import (
+    EncodedFrame,
+    ErrorCode,
+    Limits,
+    ProtocolError,
+    Spec,
+    spec_mismatch,
+    spec_of,
+)
 from fedberry.protocol.messages import (
     Auth,
     Bye,
@@ -164,6 +172,12 @@ class TcpSession:
 
     async def sync(self, round_: int, arrays: Sequence[np.ndarray], num_samples: float,
                    metrics: dict[str, Any]) -> tuple[int, list[np.ndarray], bool]:
+        # The chief would refuse an update of another model (a float64 array where the model
+        # joined with float32): say so here, before anything is sent.
+        why = spec_mismatch(self._spec, spec_of(arrays))
+        if why:
+            raise ValueError(f"refusing to send this update: {why} (the model this worker "
+                             "joined with; convert the arrays, e.g. with .astype)")
         # Encoded once: a resend after a reconnect sends the same bytes, and the chief counts
         # a repeated update for a round once.
         codec, wire = self._encode_update(arrays)
