@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from helpers import fedberry_env
-from robustness_harness import TOKEN, RawClient
+from robustness_harness import TOKEN, RawClient, free_port
 
 from fedberry import Worker
 from fedberry.protocol.frames import MsgType, encode, spec_of, spec_to_json
@@ -107,3 +107,29 @@ def test_other_start_up_refusals_are_one_sentence(tmp_path: Path) -> None:
     assert "cannot listen on nosuch.invalid:7000: " in one_sentence(proc, "chief")
     assert not (tmp_path / "run").exists()
 
+
+def test_a_plain_worker_at_a_tls_chief_is_told_to_pass_ca(tmp_path: Path) -> None:
+    pytest.importorskip("cryptography", reason="making certificates needs fedberry[tls]")
+    from fedberry import certs
+    from fedberry.errors import FederationError
+
+    ca, ca_key = certs.create_ca(tmp_path)
+    cert, key = certs.create_chief_cert(tmp_path, ca, ca_key, ["127.0.0.1"])
+    port = free_port()
+    chief = subprocess.Popen(
+        [sys.executable, "-m", "fedberry", "chief", "--listen", f"127.0.0.1:{port}",
+         "--workers", "1", "--model", "none", "--out", str(tmp_path / "run"),
+         "--tls-cert", str(cert), "--tls-key", str(key)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=fedberry_env())
+    try:
+        with Worker(f"tcp://127.0.0.1:{port}", worker_id="plain", connect_timeout=30) as w:
+            with pytest.raises(FederationError) as info:
+                w.join(MODEL)
+        assert str(info.value).startswith(
+            f"the chief at 127.0.0.1:{port} closed the connection right after HELLO"), info.value
+        assert "running with TLS? Give this worker --ca" in str(info.value)
+    finally:
+        chief.terminate()
+        _, err = chief.communicate(timeout=30)
+    assert "a peer spoke plain TCP to the chief's TLS port" in err, err
+    assert "Traceback" not in err, err
