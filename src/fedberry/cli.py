@@ -188,7 +188,7 @@ def _out_errors(out: str) -> Iterator[None]:
         why = exc.strerror or str(exc)
         raise OSError(exc.errno, f"cannot write to --out {out}: {why[:1].lower()}{why[1:]} "
                                  f"({name}); give --out a directory this user can write to"
-                      ) from None
+                      ) from exc  # -v shows where it came from
 
 
 def _add_worker_parser(sub: argparse._SubParsersAction) -> None:
