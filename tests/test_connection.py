@@ -555,17 +555,28 @@ def test_before_welcome_no_tensors_and_little_metadata() -> None:
 
 
 def test_after_welcome_frames_no_larger_than_the_model() -> None:
+    """A too-big tensor frame of the wrong model is refused for what is wrong with it (read
+    from its bounded metadata), before any of its payload is allocated or read."""
     c, _ = joined()
-    refused(c, update_bytes({"round": 0, "num_samples": 1},
-                            [MODEL[0].astype(np.float64), MODEL[1]])[:20], ErrorCode.LIMIT,
-            "payload of 64 bytes exceeds the limit of 40")
+    frame = update_bytes({"round": 0, "num_samples": 1}, [MODEL[0].astype(np.float64), MODEL[1]])
+    meta_end = len(frame) - 64
+    assert c.receive_data(frame[:meta_end - 1]) == []  # the header alone refuses nothing
+    err = refused(c, frame[meta_end - 1:meta_end], ErrorCode.SPEC_MISMATCH,
+                  "tensor 0 is float64[2, 3], the federation's is float32[2, 3]")
+    assert "bytes" not in err.message
+    # Bigger than any change of dtype explains (here 60x the model): refused from the header.
     c, _ = joined()
     big = [np.zeros((200, 3), np.float32), MODEL[1]]
-    header = update_bytes({"round": 0, "num_samples": 1}, big)[:20]
-    refused(c, header, ErrorCode.LIMIT, "exceeds the limit")
+    frame = update_bytes({"round": 0, "num_samples": 1}, big)
+    refused(c, frame[:20], ErrorCode.LIMIT, "exceeds the limit")
     _, w = joined()
-    header = to_frame(Global(1, big)).tobytes()[:20]
-    refused(w, header, ErrorCode.LIMIT, "exceeds the limit")
+    frame = to_frame(Global(1, big)).tobytes()
+    refused(w, frame[:20], ErrorCode.LIMIT, "exceeds the limit")
+    # Before the model is known, the header's payload length alone is checked against the limit.
+    w = WorkerConnection(TOKEN, SPEC)
+    w.send(Hello("pi-1"))
+    refused(w, raw(MsgType.CHALLENGE, {"nonce": "00"}, payload_len=1 << 40)[:20],
+            ErrorCode.LIMIT, "exceeds the limit")
 
 
 def test_both_sides_clamp_at_their_ceiling() -> None:
@@ -577,8 +588,9 @@ def test_both_sides_clamp_at_their_ceiling() -> None:
                                   (w, c, Auth(SPEC)), (c, w, Welcome(0))]:
         deliver(sender, receiver, msg)
     assert c.decoder.limits.max_payload == w.decoder.limits.max_payload == 16
-    refused(c, to_frame(Update(0, 1, MODEL)).tobytes()[:20], ErrorCode.LIMIT, "limit of 16")
-    refused(w, to_frame(Global(1, MODEL)).tobytes()[:20], ErrorCode.LIMIT, "limit of 16")
+    # The model is known: the (bounded) metadata is read, then the payload's size is refused.
+    refused(c, to_frame(Update(0, 1, MODEL)).tobytes()[:-40], ErrorCode.LIMIT, "limit of 16")
+    refused(w, to_frame(Global(1, MODEL)).tobytes()[:-40], ErrorCode.LIMIT, "limit of 16")
     assert model_limits(SPEC, ["none"]).max_payload == 40
     huge = (TensorSpec("<f4", (1 << 31,)),)  # 8 GiB: past the default ceiling of 4 GiB
     assert model_limits(huge, ["none"]).max_payload == MAX_PAYLOAD == 4 << 30

@@ -5,6 +5,9 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import fields
 from pathlib import Path
 
@@ -126,6 +129,7 @@ def _run_chief(args: argparse.Namespace) -> int:
     from fedberry.demo.torch_demo import TABLE_HEADER, format_row, initial_model, make_evaluator
     from fedberry.serve import run_chief
 
+    _check_files(args, "tls_cert", "tls_key", "client_ca", "token_file")
     initial = evaluate = None
     if args.model != "none":
         initial = initial_model(args.model, args.seed, args.framework)
@@ -140,30 +144,56 @@ def _run_chief(args: argparse.Namespace) -> int:
             print(header.pop(), flush=True)
         print(format_row(record), flush=True)
 
-    if args.listen.startswith("mpi://"):  # rank 0 of an mpiexec launch (see transports/mpi.py)
-        from fedberry.transports.mpi import run_mpi_chief
+    with _out_errors(args.out):
+        if args.listen.startswith("mpi://"):  # rank 0 of an mpiexec launch (transports/mpi.py)
+            from fedberry.transports.mpi import run_mpi_chief
 
-        run_mpi_chief(rounds=args.rounds, strategy=args.strategy, initial=initial,
-                      evaluate=evaluate, out_dir=args.out, checkpoint=checkpoint,
-                      resume=args.resume, workers=args.workers, run_config=run_config,
-                      on_round=show, on_checkpoint_error=args.on_checkpoint_error,
-                      admission=AdmissionPolicy(max_samples=args.max_samples,
-                                                max_update_norm=args.max_update_norm,
-                                                update_norm_mode=args.update_norm_mode))
-        return 0
-    run_chief(listen=args.listen, workers=args.workers, rounds=args.rounds,
-              min_workers=args.min_workers, round_timeout=args.round_timeout,
-              strategy=args.strategy, initial=initial, evaluate=evaluate, out_dir=args.out,
-              checkpoint=checkpoint, resume=args.resume,
-              on_checkpoint_error=args.on_checkpoint_error, token=args.token,
-              token_file=args.token_file, tls_cert=args.tls_cert, tls_key=args.tls_key,
-              client_ca=args.client_ca, insecure=args.insecure,
-              max_connections=args.max_connections, idle_timeout=args.idle_timeout,
-              update_deadline=args.update_deadline,
-              run_config=run_config, on_round=show, downlink=args.downlink,
-              receive_memory=int(args.receive_memory * 2**20), max_samples=args.max_samples,
-              max_update_norm=args.max_update_norm, update_norm_mode=args.update_norm_mode)
+            run_mpi_chief(rounds=args.rounds, strategy=args.strategy, initial=initial,
+                          evaluate=evaluate, out_dir=args.out, checkpoint=checkpoint,
+                          resume=args.resume, workers=args.workers, run_config=run_config,
+                          on_round=show, on_checkpoint_error=args.on_checkpoint_error,
+                          admission=AdmissionPolicy(max_samples=args.max_samples,
+                                                    max_update_norm=args.max_update_norm,
+                                                    update_norm_mode=args.update_norm_mode))
+            return 0
+        run_chief(listen=args.listen, workers=args.workers, rounds=args.rounds,
+                  min_workers=args.min_workers, round_timeout=args.round_timeout,
+                  strategy=args.strategy, initial=initial, evaluate=evaluate, out_dir=args.out,
+                  checkpoint=checkpoint, resume=args.resume,
+                  on_checkpoint_error=args.on_checkpoint_error, token=args.token,
+                  token_file=args.token_file, tls_cert=args.tls_cert, tls_key=args.tls_key,
+                  client_ca=args.client_ca, insecure=args.insecure,
+                  max_connections=args.max_connections, idle_timeout=args.idle_timeout,
+                  update_deadline=args.update_deadline,
+                  run_config=run_config, on_round=show, downlink=args.downlink,
+                  receive_memory=int(args.receive_memory * 2**20), max_samples=args.max_samples,
+                  max_update_norm=args.max_update_norm, update_norm_mode=args.update_norm_mode)
     return 0
+
+
+def _check_files(args: argparse.Namespace, *names: str) -> None:
+    """Each file option given names a file (ssl's own error names none)."""
+    for name in names:
+        path = getattr(args, name, None)
+        if path is not None and not Path(path).is_file():
+            why = "is a directory" if Path(path).is_dir() else "no such file"
+            raise ValueError(f"--{name.replace('_', '-')} {path}: {why}")
+
+
+@contextmanager
+def _out_errors(out: str) -> Iterator[None]:
+    """An OSError about a path at or under ``--out`` (it cannot be made or written) becomes one
+    sentence that names the option."""
+    try:
+        yield
+    except OSError as exc:
+        name = exc.filename
+        if name is None or not (Path(name) == Path(out) or Path(out) in Path(name).parents):
+            raise
+        why = exc.strerror or str(exc)
+        raise OSError(exc.errno, f"cannot write to --out {out}: {why[:1].lower()}{why[1:]} "
+                                 f"({name}); give --out a directory this user can write to"
+                      ) from exc  # -v shows where it came from
 
 
 def _add_worker_parser(sub: argparse._SubParsersAction) -> None:
@@ -188,6 +218,7 @@ def _run_worker(args: argparse.Namespace) -> int:
     from fedberry.data.partition import parse_partition_spec
     from fedberry.demo.torch_demo import run_worker
 
+    _check_files(args, "ca", "cert", "key", "token_file")
     part = parse_partition_spec(args.partition)
     options = {k: getattr(args, k) for k in ("token", "token_file", "ca", "cert", "key",
                                              "server_hostname", "worker_id")
@@ -213,18 +244,21 @@ def _run_demo(args: argparse.Namespace) -> int:
     if args.transport == "mpi":
         from fedberry.demo.mpi_demo import run_mpi_demo
 
-        return run_mpi_demo(args.workers, args.rounds, args.out, _train_config(args),
-                            timeout=args.timeout)
+        with _out_errors(args.out):
+            return run_mpi_demo(args.workers, args.rounds, args.out, _train_config(args),
+                                timeout=args.timeout)
     from fedberry.demo.torch_demo import run_demo
 
-    return run_demo(args.workers, args.rounds, args.out, _train_config(args), args.timeout,
-                    downlink=args.downlink)
+    with _out_errors(args.out):
+        return run_demo(args.workers, args.rounds, args.out, _train_config(args), args.timeout,
+                        downlink=args.downlink)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fedberry", description="Federated averaging for small, badly connected machines.")
-    parser.add_argument("-v", "--verbose", action="count", default=0)
+    parser.add_argument("-v", "--verbose", action="count", default=0,
+                        help="more log lines (-vv: debug); an error is shown with its traceback")
     parser.add_argument("--version", action="version", version=f"fedberry {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_chief_parser(sub)
@@ -255,12 +289,29 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except KeyboardInterrupt:
         return 130
-    except (FileNotFoundError, ValueError) as exc:
-        print(f"fedberry {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+    except ValueError as exc:  # options that do not go together, a checkpoint of another run
+        return _refused(args, str(exc), 2)
     except FederationError as exc:  # refused by, or lost, the chief: the sentence says why
-        print(f"fedberry {args.command}: error: {exc}", file=sys.stderr)
-        return 1
+        return _refused(args, str(exc), 1)
+    except OSError as exc:  # a port, a file or a directory that cannot be used
+        return _refused(args, _os_sentence(exc), 2)
+
+
+def _refused(args: argparse.Namespace, sentence: str, code: int) -> int:
+    """Print why the command stopped, as one line (with -v, the traceback before it)."""
+    if args.verbose:
+        traceback.print_exc()
+    print(f"fedberry {args.command}: error: {sentence}", file=sys.stderr)
+    return code
+
+
+def _os_sentence(exc: OSError) -> str:
+    """``[Errno 2] No such file or directory: 'x'`` said as ``x: no such file or directory``;
+    an OSError raised with a sentence of ours (``errno``, text) keeps its text."""
+    why = exc.strerror or str(exc)
+    if exc.filename is None:
+        return why
+    return f"{exc.filename}: {why[:1].lower()}{why[1:]}"
 
 
 if __name__ == "__main__":

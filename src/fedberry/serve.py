@@ -15,7 +15,9 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import dataclasses
+import errno
 import logging
+import socket
 import ssl
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -235,6 +237,9 @@ def serve(listen: str | None = "127.0.0.1:0", *, workers: int | None = None,
     FileNotFoundError, ValueError
         ``resume`` without a checkpoint, a checkpoint of another strategy or model, TLS options
         that do not go together.
+    OSError
+        ``listen`` cannot be bound (``listen_socket``), or ``out_dir`` cannot be written. Both
+        are found before any output file is made when the port is the problem.
     """
     groups: dict[type, dict[str, Any]] = {Listening: {}, RoundPolicy: {}, OutputOptions: {},
                                           AdmissionPolicy: {}}
@@ -251,30 +256,40 @@ def serve(listen: str | None = "127.0.0.1:0", *, workers: int | None = None,
     pol = dataclasses.replace(policy or RoundPolicy(), **groups[RoundPolicy])
     out = dataclasses.replace(output or OutputOptions(), **groups[OutputOptions])
     adm = dataclasses.replace(admission or AdmissionPolicy(), **groups[AdmissionPolicy])
-    server = build_chief_server(pol, out, strategy=strategy, initial=initial,
-                                evaluate=evaluate, on_round=on_round, downlink=downlink,
-                                admission=adm)
+    # Everything that can refuse to start comes before the runtime makes its output files: a
+    # chief that cannot start (a port taken by another chief with the same --out, a missing
+    # certificate) must leave no files behind nor truncate another run's metrics.
+    ctx = None
+    if listen and lis.tls_cert:
+        ctx = server_context(lis.tls_cert, lis.tls_key, lis.client_ca)
+        if lis.client_ca:
+            # The handshake may finish without a client certificate; the transport then
+            # refuses the worker with an ERROR frame that says so (see ListenOptions).
+            ctx.verify_mode = ssl.CERT_OPTIONAL
+    elif listen and lis.client_ca:
+        raise ValueError("--client-ca needs TLS: give --tls-cert and --tls-key too")
+    token = resolve_token(lis.token, lis.token_file) if listen else None
+    sock = listen_socket(*parse_address(listen)) if listen else None
+    try:
+        server = build_chief_server(pol, out, strategy=strategy, initial=initial,
+                                    evaluate=evaluate, on_round=on_round, downlink=downlink,
+                                    admission=adm)
+        tcp = None
+        if listen:
+            host, port = parse_address(listen)
+            tcp = TcpChief(server, host, port, sock=sock, options=dataclasses.replace(
+                listen_options or ListenOptions(), token=token, ssl_context=ctx,
+                require_client_cert=bool(lis.tls_cert and lis.client_ca), insecure=lis.insecure,
+                max_connections=lis.max_connections, idle_timeout=lis.idle_timeout,
+                handshake_timeout=lis.handshake_timeout, receive_memory=lis.receive_memory,
+                update_deadline=lis.update_deadline))
+    except BaseException:
+        if sock is not None:
+            sock.close()
+        raise
     io = LoopThread("fedberry-chief")
     handle = ChiefHandle(server, io)
-    tcp = None
-    if listen:
-        ctx = None
-        if lis.tls_cert:
-            ctx = server_context(lis.tls_cert, lis.tls_key, lis.client_ca)
-            if lis.client_ca:
-                # The handshake may finish without a client certificate; the transport then
-                # refuses the worker with an ERROR frame that says so (see ListenOptions).
-                ctx.verify_mode = ssl.CERT_OPTIONAL
-        elif lis.client_ca:
-            raise ValueError("--client-ca needs TLS: give --tls-cert and --tls-key too")
-        host, port = parse_address(listen)
-        tcp = TcpChief(server, host, port, dataclasses.replace(
-            listen_options or ListenOptions(),
-            token=resolve_token(lis.token, lis.token_file), ssl_context=ctx,
-            require_client_cert=bool(lis.tls_cert and lis.client_ca), insecure=lis.insecure,
-            max_connections=lis.max_connections, idle_timeout=lis.idle_timeout,
-            handshake_timeout=lis.handshake_timeout, receive_memory=lis.receive_memory,
-            update_deadline=lis.update_deadline))
+    if tcp is not None:
         handle.tcp = tcp
         handle.address = io.run(tcp.start(), 30)
         handle._task = asyncio.run_coroutine_threadsafe(tcp.serve(), io.loop)
@@ -286,6 +301,35 @@ def serve(listen: str | None = "127.0.0.1:0", *, workers: int | None = None,
         handle._task = asyncio.run_coroutine_threadsafe(bind_and_wait(), io.loop)
         io.run(asyncio.sleep(0.01))
     return handle
+
+
+# What a failed bind means, said for the operator (errno -> the reason after the address).
+_BIND_REASONS = {
+    errno.EADDRINUSE: "address already in use (another chief?)",
+    errno.EADDRNOTAVAIL: "no interface of this machine has that address",
+    errno.EACCES: "permission denied (ports below 1024 need privileges)",
+}
+
+
+def listen_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to ``host:port`` (``SO_REUSEADDR``, not yet listening).
+
+    A host name that resolves to several addresses is bound at the first IPv4 one (else the
+    first), the address workers dialing ``127.0.0.1`` for ``localhost`` reach.
+
+    Raises
+    ------
+    OSError
+        The address cannot be bound; its text is one sentence, e.g. ``cannot listen on
+        127.0.0.1:7777: address already in use (another chief?)``, and ``errno`` is kept.
+    """
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        family, *_, addr = next((i for i in infos if i[0] == socket.AF_INET), infos[0])
+        return socket.create_server(addr, family=family, backlog=512)
+    except OSError as exc:
+        reason = _BIND_REASONS.get(exc.errno or 0, (exc.strerror or str(exc)).lower())
+        raise OSError(exc.errno, f"cannot listen on {host}:{port}: {reason}") from None
 
 
 def run_chief(**kwargs: Any) -> ChiefHandle:

@@ -115,6 +115,11 @@ def encode(msg_type: MsgType, meta: dict[str, Any] | None = None,
     return EncodedFrame(parts, HEADER_SIZE + len(meta_bytes) + payload_len, msg_type, meta)
 
 
+# The widest allowed dtype (8 bytes) over the narrowest (1 byte): how much bigger than the model a
+# frame of the right tensors in other dtypes can be.
+MAX_DTYPE_RATIO = 8
+
+
 class FrameDecoder:
     """Turns a byte stream into frames, reading tensor bytes straight into numpy arrays.
 
@@ -253,9 +258,15 @@ class FrameDecoder:
         if meta_len > self.limits.max_meta_bytes:
             raise ProtocolError(ErrorCode.LIMIT, f"metadata of {meta_len} bytes exceeds the limit "
                                                  f"of {self.limits.max_meta_bytes}")
-        if payload_len > self.limits.max_payload:
-            raise ProtocolError(ErrorCode.LIMIT, f"payload of {payload_len} bytes exceeds the "
-                                                 f"limit of {self.limits.max_payload}")
+        # A tensor frame of the wrong model (float64 where the model is float32) is also too
+        # big; with the model known, its metadata (bounded above) is read first, so that the
+        # refusal names the tensor and its dtype instead of a byte count. Nothing is allocated
+        # for the payload before _parse_meta has checked the limit too. Past what another dtype
+        # could explain (8x: float64 for a model of 1-byte tensors) it is refused here.
+        if payload_len > self.limits.max_payload and (
+                self.expected is None or self._type not in TENSOR_TYPES
+                or payload_len > MAX_DTYPE_RATIO * self.limits.max_payload):
+            self._payload_too_big(payload_len)
         if payload_len and self._type not in TENSOR_TYPES:
             raise ProtocolError(ErrorCode.BAD_FRAME, f"{self._type.name} frames carry no tensors")
         self._payload_len = payload_len
@@ -265,6 +276,10 @@ class FrameDecoder:
         self._pos = 0
         if meta_len == 0:
             raise ProtocolError(ErrorCode.BAD_FRAME, "empty metadata")
+
+    def _payload_too_big(self, payload_len: int) -> None:
+        raise ProtocolError(ErrorCode.LIMIT, f"payload of {payload_len} bytes exceeds the "
+                                             f"limit of {self.limits.max_payload}")
 
     def _parse_meta(self) -> None:
         try:
@@ -300,6 +315,8 @@ class FrameDecoder:
                 if why:
                     raise ProtocolError(ErrorCode.SPEC_MISMATCH,
                                         why if name == "none" else f"{name}-encoded: {why}")
+            if self._payload_len > self.limits.max_payload:
+                self._payload_too_big(self._payload_len)
         elif "tensors" in meta:
             raise ProtocolError(ErrorCode.BAD_FRAME, f"{self._type.name} frames carry no tensors")
         # Only now, with everything checked, allocate the tensors the payload is read into.

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import ssl
 import sys
 import time
@@ -613,8 +614,9 @@ class TcpChief:
     """Accepts workers on ``host:port`` and serves them with ``server``."""
 
     def __init__(self, server: ChiefServer, host: str, port: int,
-                 options: ListenOptions | None = None) -> None:
+                 options: ListenOptions | None = None, sock: socket.socket | None = None) -> None:
         self.server = server
+        self._sock = sock  # already bound (by serve(), before any output file is made), or None
         self.host, self.port = host, port
         self.options = options or ListenOptions()
         self.connections: set[_ChiefConnection] = set()
@@ -659,9 +661,13 @@ class TcpChief:
         self.server.bind_loop()
         loop = asyncio.get_running_loop()
         # No ssl= here: each connection is admitted first, then upgraded with start_tls.
-        self._aserver = await loop.create_server(
-            lambda: _ChiefConnection(self), self.host, self.port,
-            reuse_address=True, backlog=512)
+        if self._sock is not None:
+            self._aserver = await loop.create_server(
+                lambda: _ChiefConnection(self), sock=self._sock, backlog=512)
+        else:
+            self._aserver = await loop.create_server(
+                lambda: _ChiefConnection(self), self.host, self.port,
+                reuse_address=True, backlog=512)
         sock = self._aserver.sockets[0].getsockname()
         self.port = sock[1]
         self._sweeper = asyncio.ensure_future(self._sweep())

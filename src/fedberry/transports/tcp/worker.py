@@ -20,7 +20,15 @@ from fedberry import codecs
 from fedberry.certs import describe_tls_error
 from fedberry.errors import AuthenticationError, ChiefUnreachable, FederationError, from_code
 from fedberry.protocol.connection import WorkerConnection, WorkerState
-from fedberry.protocol.frames import EncodedFrame, ErrorCode, Limits, ProtocolError, Spec, spec_of
+from fedberry.protocol.frames import (
+    EncodedFrame,
+    ErrorCode,
+    Limits,
+    ProtocolError,
+    Spec,
+    spec_mismatch,
+    spec_of,
+)
 from fedberry.protocol.messages import (
     Auth,
     Bye,
@@ -145,7 +153,7 @@ class TcpSession:
         self.reconnects = 0
         self.warnings: list[str] = []
         self._proto: _WorkerProtocol | None = None
-        self._tls_closes = 0  # consecutive TLS connections closed before CHALLENGE
+        self._tls_closes = 0  # consecutive connections closed before CHALLENGE
         self._spec: Spec = ()
         self._init_arrays: Sequence[np.ndarray] = ()
         # The global model as the chief holds it, kept for delta codecs (q8) both ways.
@@ -164,6 +172,12 @@ class TcpSession:
 
     async def sync(self, round_: int, arrays: Sequence[np.ndarray], num_samples: float,
                    metrics: dict[str, Any]) -> tuple[int, list[np.ndarray], bool]:
+        # The chief would refuse an update of another model (a float64 array where the model
+        # joined with float32): say so here, before anything is sent.
+        why = spec_mismatch(self._spec, spec_of(arrays))
+        if why:
+            raise ValueError(f"refusing to send this update: {why} (the model this worker "
+                             "joined with; convert the arrays, e.g. with .astype)")
         # Encoded once: a resend after a reconnect sends the same bytes, and the chief counts
         # a repeated update for a round once.
         codec, wire = self._encode_update(arrays)
@@ -286,6 +300,17 @@ class TcpSession:
                     raise FederationError(f"the chief closed the TLS connection right after the "
                                           f"handshake, {self._tls_closes} times: "
                                           f"{_TLS_CLOSED_HINT}", "tls") from None
+            else:
+                # A TLS chief takes our HELLO for a broken TLS handshake and closes without a
+                # word (it cannot answer in plain frames from inside ssl); a plain chief that
+                # refuses says why in an ERROR frame, so silence three times in a row is TLS.
+                self._tls_closes += 1
+                if self._tls_closes >= 3:
+                    raise FederationError(
+                        f"the chief at {self.host}:{self.port} closed the connection right after "
+                        f"HELLO, {self._tls_closes} times: is it running with TLS? Give this "
+                        "worker --ca (the chief's CA certificate, from 'fedberry certs')",
+                        "tls") from None
             raise
         self._tls_closes = 0
         # With the digest of the model we hold, the chief need not send it (codec "unchanged").
