@@ -13,6 +13,7 @@ returned is an instance of a subclass of the user's optimizer class, so LR sched
 from __future__ import annotations
 
 import logging
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
@@ -112,7 +113,7 @@ class FederatedOptimizer(torch.optim.Optimizer):
     Attributes
     ----------
     optimizer : torch.optim.Optimizer
-        The wrapped optimizer (sharing this one's state; calling its ``step`` does not sync).
+        The wrapped optimizer, sharing this one's state: call ``step`` on this one.
     model : torch.nn.Module
     sync_every : int
     num_samples : float
@@ -181,9 +182,11 @@ class FederatedOptimizer(torch.optim.Optimizer):
         # (Horovod's way) would drop existing state such as momentum buffers.
         self.__dict__ = optimizer.__dict__
         # A scheduler made on the wrapped optimizer before wrapping patched its ``step`` in that
-        # dict; left there it would shadow our step() and nothing would sync. Schedulers made
-        # on this optimizer patch it again, around our step().
-        self.__dict__.pop("step", None)
+        # dict (to notice a step before its own); left there it would shadow our step() and
+        # nothing would sync. Patch it the same way around ours, so that scheduler still sees
+        # its optimizer step.
+        if self.__dict__.pop("step", None) is not None:
+            self.__dict__["step"] = _tracked_by_schedulers(self)
         self.optimizer = optimizer
         self.model = model
         self.sync_every = sync_every
@@ -305,3 +308,18 @@ class FederatedOptimizer(torch.optim.Optimizer):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _tracked_by_schedulers(opt: FederatedOptimizer) -> Callable[..., Any]:
+    """``opt.step`` marked the way ``torch.optim.lr_scheduler`` marks a step it tracks."""
+    ref = weakref.ref(opt)
+
+    def step(*args: Any, **kwargs: Any) -> Any:
+        target = ref()
+        assert target is not None, "the optimizer is gone"
+        target._opt_called = True  # what the scheduler's own wrapper records
+        return type(target).step(target, *args, **kwargs)
+
+    step._wrapped_by_lr_sched = True  # type: ignore[attr-defined]
+    step.__doc__ = FederatedOptimizer.step.__doc__
+    return step
