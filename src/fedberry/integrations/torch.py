@@ -5,19 +5,22 @@
                              num_samples=len(train_set))
 
 Every ``sync_every``-th ``step()`` sends the model's state (parameters and buffers) to the chief
-and loads the federation's average back. Like Horovod's DistributedOptimizer, it forwards
-everything else to the wrapped optimizer, so schedulers and ``zero_grad`` work as before.
+and loads the federation's average back. Like Horovod's ``DistributedOptimizer``, the object
+returned is an instance of a subclass of the user's optimizer class, so LR schedulers,
+``GradScaler``, gradient clipping, hooks and ``state_dict()`` see a real optimizer.
 """
 
 from __future__ import annotations
 
 import logging
+import weakref
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 
+from fedberry.transports.connect import InProcessChief
 from fedberry.worker import Worker
 
 log = logging.getLogger("fedberry.torch")
@@ -61,68 +64,262 @@ def set_arrays(model: torch.nn.Module, arrays: Sequence[np.ndarray]) -> None:
             tensor.copy_(torch.tensor(a))
 
 
+class FederatedOptimizer(torch.optim.Optimizer):
+    """A torch optimizer that averages the model with a federation every ``sync_every`` steps.
 
-class FederatedOptimizer:
+    ``FederatedOptimizer(optimizer, model, chief=...)`` returns an instance of a subclass of
+    ``type(optimizer)`` (``FederatedSGD`` for ``torch.optim.SGD``, and so on) that shares the
+    wrapped optimizer's ``param_groups``, ``state``, ``defaults`` and hooks: it *is* that
+    optimizer, plus federation. ``isinstance(opt, torch.optim.Optimizer)`` and
+    ``isinstance(opt, type(optimizer))`` hold, so LR schedulers (``StepLR``, ``OneCycleLR``, ...),
+    ``torch.amp.GradScaler`` (``scaler.step(opt)``), ``torch.nn.utils.clip_grad_norm_``,
+    ``zero_grad(set_to_none=...)``, ``state_dict()`` and ``load_state_dict()`` work unchanged.
+
+    The constructor opens no connection. The worker joins the federation at the first
+    ``step()`` (the model then takes the federation's weights) or at an explicit ``join()``; call
+    ``join()`` before training when the first gradient should be taken at the federation's
+    weights. Every ``sync_every``-th ``step()`` runs the wrapped optimizer's step, sends the
+    model's state (parameters and buffers) and loads the federation's average back. A step that
+    ``GradScaler`` skips (inf/NaN gradients) does not call ``step()`` and so does not count.
+
+    The training loss that the chief logs per round (its ``train_loss`` column) comes from either
+    ``opt.step(closure)`` when the closure returns the loss, or ``opt.record_loss(loss)`` once per
+    step in a loop that calls ``opt.step()`` without a closure.
+
+    ``close()`` (or leaving a ``with`` block) leaves the federation; once the chief has run all
+    its rounds (``done``) it also puts the federation's final model back into ``model``, so any
+    steps taken after the last round do not linger.
+
+    Parameters
+    ----------
+    optimizer : torch.optim.Optimizer
+        The optimizer the training loop would use, built over ``model``'s parameters.
+    model : torch.nn.Module
+        The model whose ``state_dict`` (parameters and buffers) is averaged.
+    chief : str or ChiefHandle
+        Required: the chief's address (``"tcp://host:port"``, ``"mpi://"``) or the handle
+        ``fedberry.serve()`` returns (the chief's process trains too).
+    sync_every : int, default 100
+        Optimizer steps between averages.
+    num_samples : float, optional
+        This worker's weight in the average, usually the size of its training set. By default
+        ``sync_every`` (every worker syncs after the same number of steps: equal weights).
+    worker : fedberry.Worker, optional
+        A worker built elsewhere; ``chief`` and ``worker_options`` are then not used.
+    **worker_options
+        Passed to ``fedberry.Worker``: ``token``, ``token_file``, ``ca``, ``cert``, ``key``,
+        ``worker_id``, ``codec``, timeouts.
+
+    Attributes
+    ----------
+    optimizer : torch.optim.Optimizer
+        The wrapped optimizer, sharing this one's state: call ``step`` on this one.
+    model : torch.nn.Module
+    sync_every : int
+    num_samples : float
+    steps : int
+        Steps taken through this optimizer.
+
+    Examples
+    --------
+    >>> opt = FederatedOptimizer(torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9),
+    ...                          model, chief="tcp://203.0.113.5:7777", sync_every=100,
+    ...                          num_samples=len(train_set), token_file="fedberry.token")
+    >>> sched = torch.optim.lr_scheduler.StepLR(opt, 30)
+    >>> with opt:
+    ...     while not opt.done:
+    ...         for x, y in loader:
+    ...             opt.zero_grad()
+    ...             loss = loss_fn(model(x), y)
+    ...             loss.backward()
+    ...             opt.record_loss(loss)
+    ...             opt.step()
+    ...             sched.step()
+    """
+
+    # Federation state lives in slots, outside the ``__dict__`` shared with the wrapped optimizer,
+    # so the wrapped optimizer's namespace gains nothing.
+    __slots__ = ("optimizer", "model", "sync_every", "num_samples", "steps", "_chief",
+                 "_worker_options", "_worker", "_final", "_loss_sum", "_loss_count")
+
+    # One subclass per optimizer class, so wrapping many optimizers builds no class per call.
+    _subclasses: ClassVar[dict[type, type]] = {}
+
+    def __new__(cls, optimizer: torch.optim.Optimizer, *args: Any,
+                **kwargs: Any) -> FederatedOptimizer:
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError("FederatedOptimizer wraps a torch.optim.Optimizer built over the "
+                            f"model's parameters, not {type(optimizer).__name__}")
+        base = type(optimizer)
+        if issubclass(base, FederatedOptimizer):
+            raise TypeError("this optimizer is already a FederatedOptimizer: wrap it once")
+        sub = FederatedOptimizer._subclasses.get(base)
+        if sub is None:
+            # Horovod's DistributedOptimizer builds the same kind of class. The MRO is
+            # (Federated<Base>, FederatedOptimizer, Base, ..., Optimizer): our step() runs
+            # Base.step through super().
+            sub = type(f"Federated{base.__name__}", (FederatedOptimizer, base),
+                       {"__slots__": (), "__module__": __name__,
+                        "__doc__": FederatedOptimizer.__doc__})
+            FederatedOptimizer._subclasses[base] = sub
+        return torch.optim.Optimizer.__new__(sub)
+
     def __init__(self, optimizer: torch.optim.Optimizer, model: torch.nn.Module, *,
-                 chief: Any = "tcp://127.0.0.1:7777", sync_every: int = 100,
-                 num_samples: int | None = None, worker: Worker | None = None,
+                 chief: str | InProcessChief | None = None, sync_every: int = 100,
+                 num_samples: float | None = None, worker: Worker | None = None,
                  **worker_options: Any) -> None:
-        if sync_every < 1:
-            raise ValueError("sync_every must be at least 1")
+        if chief is None and worker is None:
+            raise TypeError("FederatedOptimizer needs chief=, the chief's address (for example "
+                            "'tcp://203.0.113.5:7777') or the handle fedberry.serve() returns")
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, not {type(model).__name__}")
+        if not isinstance(sync_every, int) or sync_every < 1:
+            raise ValueError(f"sync_every must be a whole number of at least 1, got {sync_every!r}")
+        # Share, rather than copy, the wrapped optimizer's namespace: param_groups, state,
+        # defaults and hooks are then one set of objects seen through both names, including
+        # after load_state_dict() (which rebinds self.state and self.param_groups) and after a
+        # scheduler patches the instance. Re-running Base.__init__ over the same param groups
+        # (Horovod's way) would drop existing state such as momentum buffers.
+        self.__dict__ = optimizer.__dict__
+        # A scheduler made on the wrapped optimizer before wrapping patched its ``step`` in that
+        # dict (to notice a step before its own); left there it would shadow our step() and
+        # nothing would sync. Patch it the same way around ours, so that scheduler still sees
+        # its optimizer step.
+        if self.__dict__.pop("step", None) is not None:
+            self.__dict__["step"] = _tracked_by_schedulers(self)
         self.optimizer = optimizer
         self.model = model
         self.sync_every = sync_every
-        # Weight of this worker in the average; by default its share of steps (every worker
-        # syncs after the same number of steps, so equal weights).
-        self.num_samples = num_samples or sync_every
-        self.worker = worker or Worker(chief, **worker_options)
+        self.num_samples = float(num_samples) if num_samples else float(sync_every)
         self.steps = 0
+        self._chief = chief
+        self._worker_options = worker_options
+        self._worker = worker
+        self._final: list[np.ndarray] | None = None
         self._loss_sum = 0.0
         self._loss_count = 0
-        set_arrays(model, self.worker.join(get_arrays(model)))
 
     # -- the optimizer interface -------------------------------------------------------------
-    def step(self, closure: Callable[[], float] | None = None) -> Any:
-        loss = self.optimizer.step(closure)
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """Take the wrapped optimizer's step, then average every ``sync_every``-th step.
+
+        Joins the federation first if it has not yet. A loss returned by ``closure`` is
+        recorded for the chief's ``train_loss`` (see ``record_loss``).
+
+        Parameters
+        ----------
+        closure : callable, optional
+            Re-evaluates the model and returns the loss, as for the wrapped optimizer.
+
+        Returns
+        -------
+        The wrapped optimizer's return value (the closure's loss, or None).
+        """
+        if not self.joined:
+            self.join()
+        loss = super().step(closure) if closure is not None else super().step()
         if loss is not None:
-            self.record_loss(float(loss))
+            self.record_loss(loss)
         self.steps += 1
         if self.steps % self.sync_every == 0:
             self.synchronize()
         return loss
 
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        self.optimizer.zero_grad(set_to_none=set_to_none)
-
-    def __getattr__(self, name: str) -> Any:
-        # param_groups, state, state_dict, add_param_group ...: the wrapped optimizer's.
-        return getattr(self.__dict__["optimizer"], name)
+    # The wrapped class's step is already wrapped by torch's profiling/hook wrapper; super().step
+    # reaches it, so hooks run once. Marked as hooked, load_state_dict() (which calls
+    # _patch_step_function) does not wrap ours a second time and run every hook twice.
+    step.hooked = True  # type: ignore[attr-defined]
 
     # -- federation --------------------------------------------------------------------------
-    def record_loss(self, loss: float) -> None:
-        """Report a training loss; the chief logs the sample-weighted mean per round."""
-        self._loss_sum += loss
-        self._loss_count += 1
+    @property
+    def worker(self) -> Worker:
+        """The ``fedberry.Worker`` (made on first use; it connects at ``join()``)."""
+        if self._worker is None:
+            self._worker = Worker(self._chief, **self._worker_options)
+        return self._worker
+
+    @property
+    def joined(self) -> bool:
+        """True once this optimizer has joined the federation."""
+        return self._worker is not None and self._worker.joined
 
     @property
     def done(self) -> bool:
         """True once the chief has run all its rounds: stop training."""
-        return self.worker.done
+        return self._worker is not None and self._worker.done
+
+    def join(self) -> None:
+        """Join the federation now and load its model into ``model`` (``step`` does this first).
+
+        Raises ValueError when the federation's model has other tensors than ``model``.
+        """
+        if self.joined:
+            return
+        out = self.worker.join(get_arrays(self.model))
+        set_arrays(self.model, out)
+        if self.worker.done:
+            self._final = out
+
+    def record_loss(self, loss: float | torch.Tensor) -> None:
+        """Report one step's training loss; the chief logs the mean per round (``train_loss``).
+
+        Parameters
+        ----------
+        loss : float or torch.Tensor
+            The loss the loop computed (a one-element tensor is read with ``float``).
+            ``step(closure)`` records the closure's loss itself: do not record it twice.
+        """
+        value = float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss)
+        self._loss_sum += value
+        self._loss_count += 1
 
     def synchronize(self) -> None:
-        """Average with the federation now (``step`` calls this every ``sync_every`` steps)."""
-        if self.worker.done:
+        """Average with the federation now (``step`` calls this every ``sync_every`` steps).
+
+        Does nothing once the federation is done.
+        """
+        if not self.joined:
+            self.join()
+        if self.done:
             return
         metrics = {"loss": self._loss_sum / self._loss_count} if self._loss_count else {}
         self._loss_sum, self._loss_count = 0.0, 0
-        set_arrays(self.model, self.worker.sync(get_arrays(self.model), self.num_samples,
-                                                metrics))
+        out = self.worker.sync(get_arrays(self.model), self.num_samples, metrics)
+        set_arrays(self.model, out)
+        if self.worker.done:
+            self._final = out
 
     def close(self) -> None:
-        self.worker.close()
+        """Leave the federation; once it is done, put its final model back into ``model``.
+
+        Closing before the chief has run all its rounds keeps the local model as it is (the
+        federation's final model does not exist yet) and says so in the log.
+        """
+        if self._final is not None:
+            set_arrays(self.model, self._final)
+        elif self.joined:
+            log.warning("leaving before the federation finished (round %d): the model keeps "
+                        "its local training", self.worker.round)
+        if self._worker is not None:
+            self._worker.close()
 
     def __enter__(self) -> FederatedOptimizer:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _tracked_by_schedulers(opt: FederatedOptimizer) -> Callable[..., Any]:
+    """``opt.step`` marked the way ``torch.optim.lr_scheduler`` marks a step it tracks."""
+    ref = weakref.ref(opt)
+
+    def step(*args: Any, **kwargs: Any) -> Any:
+        target = ref()
+        assert target is not None, "the optimizer is gone"
+        target._opt_called = True  # what the scheduler's own wrapper records
+        return type(target).step(target, *args, **kwargs)
+
+    step._wrapped_by_lr_sched = True  # type: ignore[attr-defined]
+    step.__doc__ = FederatedOptimizer.step.__doc__
+    return step
