@@ -129,7 +129,9 @@ def bad_update(round_: int, mutate: str) -> bytes:
 
 # what is wrong -> (how bad_update spoils it, the error code the chief must answer with)
 SPOILT = {
-    "payload_len one too long": ("longer", "limit"),
+    # With the model known the chief reads the (bounded) metadata first and names the mismatch
+    # ("tensors need N bytes, the header says N+1") instead of a byte limit.
+    "payload_len one too long": ("longer", "bad_frame"),
     "payload_len too short for the tensors": ("shorter", "bad_frame"),
     "object dtype": ("object-dtype", "bad_frame"),
     "float16 instead of float32": ("float16", "spec_mismatch"),

@@ -97,8 +97,8 @@ def _add_chief_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--idle-timeout", type=float, default=60.0)
     p.add_argument("--update-deadline", type=float, default=None, metavar="S",
                    help="seconds an update may take to arrive once the chief reads it; past "
-                        "it the worker is dropped and the round goes on (default: "
-                        "--round-timeout, else 600)")
+                        "it the worker is dropped and the round goes on (default 600; an "
+                        "update arriving below 8 KiB/s after 10 s is dropped sooner)")
     p.add_argument("--receive-memory", type=float, default=64.0, metavar="MIB",
                    help="MiB of updates read at once, all workers together (at least one "
                         "update); others wait their turn in their sockets (default 64)")

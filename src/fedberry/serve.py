@@ -68,8 +68,9 @@ class Listening:
         number of workers sending at the same moment.
     update_deadline : float or None
         Seconds an update may take to arrive once the chief starts reading it; past it the
-        worker is dropped with a sentence and the round goes on. None: the round timeout,
-        else 600 s (``ListenOptions.update_deadline``).
+        worker is dropped with a sentence and the round goes on. None: 600 s
+        (``ListenOptions.update_deadline``). A trickler is stopped sooner by the rate floor,
+        ``ListenOptions.min_update_rate`` (8 KiB/s after a 10 s grace).
     """
 
     token: str | None = None

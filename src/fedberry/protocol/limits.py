@@ -53,10 +53,16 @@ DIGEST_CHARS = 64  # a SHA-256 in hex (codecs.digest)
 
 # -- connections (the TCP chief's defaults; ``ListenOptions`` takes them) --------------------
 # Seconds a frame of tensors may take to arrive once the chief has let it into its receive
-# memory, when the run has no round deadline to derive it from (with ``--round-timeout T`` it
-# is T: an update slower than a round cannot be waited for without stalling the quorum). A
-# 40 MB update over a 1 Mbit/s uplink takes about 5 minutes; 10 leave room for a slow Pi.
+# memory. Not the round timeout: a round below --min-workers waits past its deadline anyway, and
+# an honest Pi on Wi-Fi can need minutes for a large model (40 MB over a 1 Mbit/s uplink: about
+# 5 minutes; 10 leave room).
 UPDATE_DEADLINE = 600.0
+# What stops a worker that trickles its update sooner: bytes/s below which an update in flight
+# is dropped, once UPDATE_RATE_GRACE seconds have passed. 8 KiB/s is 64 kbit/s, far below the
+# worst Wi-Fi or mobile uplink an honest worker has, and 8,000 times a 1 byte/s trickler; the
+# grace lets TCP's slow start and a busy Pi's first second pass.
+MIN_UPDATE_RATE = 8192.0
+UPDATE_RATE_GRACE = 10.0
 # Bytes the chief keeps queued for one peer beyond two global models (which a worker that
 # reads may have in flight: the one it is reading and the next round's). Every other frame is
 # small (PONG, ERROR, WELCOME, an unchanged GLOBAL): 1 MiB of them is a peer that sends and

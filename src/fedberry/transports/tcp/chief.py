@@ -26,10 +26,12 @@ from fedberry.protocol.limits import (
     AUTH_FAILURES_GLOBAL,
     AUTH_FAILURES_GLOBAL_WINDOW,
     MAX_AUTH_WAITING_PER_ADDRESS,
+    MIN_UPDATE_RATE,
     REFUSAL_LOG_INTERVAL,
     SEND_QUEUE_SLACK,
     TAKEOVER_PROBE,
     UPDATE_DEADLINE,
+    UPDATE_RATE_GRACE,
 )
 from fedberry.protocol.messages import (
     Auth,
@@ -99,9 +101,13 @@ class ListenOptions:
     auth_global_window: float = AUTH_FAILURES_GLOBAL_WINDOW
     # Seconds an update (any frame of tensors) may take to arrive once it holds receive
     # memory; past it, its memory is released, the worker is closed with a sentence and the
-    # round goes on without it. None: the round timeout when there is one, else
-    # limits.UPDATE_DEADLINE. A worker trickling its update must not hold the budget forever.
+    # round goes on without it. None: limits.UPDATE_DEADLINE. A worker trickling its update
+    # must not hold the budget forever: the rate floor below stops it much sooner.
     update_deadline: float | None = None
+    # Bytes/s below which an update in flight is dropped, once UPDATE_RATE_GRACE seconds have
+    # passed (limits.MIN_UPDATE_RATE); 0: no floor.
+    min_update_rate: float = MIN_UPDATE_RATE
+    update_rate_grace: float = UPDATE_RATE_GRACE
     # Bytes queued for one peer past two global models (limits.SEND_QUEUE_SLACK): a peer over
     # it sends but does not read, and is dropped.
     send_queue_slack: int = SEND_QUEUE_SLACK
@@ -155,6 +161,7 @@ class _ChiefConnection(_FrameWriter, asyncio.BufferedProtocol):
         self._pauses: set[str] = set()  # why reading is paused: "pacer", "auth", "memory"
         self._reserved = 0  # bytes of the frame being received, counted in the budget
         self._receiving_since: float | None = None  # when those bytes were let in
+        self._receiving_bytes = 0  # of that frame, received since then
         self._refused = False  # refused at admission: closed at once, not lingering
         self._waiting_for = 0  # bytes queued for in the budget (0: not queued)
         self._granted = False
@@ -283,6 +290,8 @@ class _ChiefConnection(_FrameWriter, asyncio.BufferedProtocol):
             return  # what a connection sends after we decided to close it does not matter
         self.last_seen = time.monotonic()
         self.server.bytes_up += nbytes
+        if self._receiving_since is not None:
+            self._receiving_bytes += nbytes
         try:
             events = self.conn.buffer_updated(nbytes)
         except ProtocolError as exc:
@@ -340,6 +349,7 @@ class _ChiefConnection(_FrameWriter, asyncio.BufferedProtocol):
         self._reserved = nbytes
         if nbytes:
             self._receiving_since = time.monotonic()  # the update deadline runs from here
+            self._receiving_bytes = 0
         return self.server.buffers.take(specs)
 
     def _memory_granted(self) -> None:
@@ -463,7 +473,10 @@ class _ChiefConnection(_FrameWriter, asyncio.BufferedProtocol):
         if self.closed or self.closing_since is not None:
             return
         if holder.alive_since(sent):
-            self.fail(ErrorCode.AUTH_FAILED,
+            # BUSY, which a worker retries with backoff: an honest worker whose old link is not
+            # yet known dead (it waits for receive memory) gets in once it is, instead of
+            # exiting on a fatal authentication error.
+            self.fail(ErrorCode.BUSY,
                       f"worker id {self.worker_id!r} is in use by a live connection from "
                       f"{holder.peer_ip}: give each worker its own --worker-id (or use client "
                       "certificates, --client-ca, which bind ids to names)")
@@ -479,7 +492,11 @@ class _ChiefConnection(_FrameWriter, asyncio.BufferedProtocol):
         the chief is not reading it (it waits for receive memory): then it counts as alive."""
         if self.closed or self.closing_since is not None:
             return False
-        return self.last_seen >= t or bool(self._waiting_for) or "memory" in self._pauses
+        # A model still going out to it: our PING waits behind it, so no answer is no sign.
+        sending = self.queued_bytes or (self.transport is not None
+                                        and self.transport.get_write_buffer_size())
+        return (self.last_seen >= t or bool(self._waiting_for) or "memory" in self._pauses
+                or bool(sending))
 
     def _auth_failed(self, sentence: str) -> None:
         failures = self.listener.auth_failed(self.peer_ip)
@@ -756,11 +773,32 @@ class TcpChief:
                      and c.worker_id == conn.worker_id), None)
 
     def update_deadline(self) -> float:
-        """Seconds a frame of tensors may take to arrive (``ListenOptions.update_deadline``)."""
+        """Seconds a frame of tensors may take to arrive (``ListenOptions.update_deadline``),
+        at most; ``UPDATE_DEADLINE`` unless set. Slow but honest links are not cut by a round
+        timeout: what stops a trickler sooner is the rate floor (``too_slow``)."""
         if self.options.update_deadline is not None:
             return self.options.update_deadline
-        round_timeout = self.server.chief.config.round_timeout
-        return round_timeout if round_timeout is not None else UPDATE_DEADLINE
+        return UPDATE_DEADLINE
+
+    def too_slow(self, conn: _ChiefConnection, now: float) -> str | None:
+        """Why the update ``conn`` is sending is dropped, or None: past the update deadline, or,
+        after ``update_rate_grace`` seconds, arriving slower than ``min_update_rate`` bytes/s
+        (a worker that trickles its update holds receive memory that honest updates need)."""
+        if conn._receiving_since is None:
+            return None
+        elapsed = now - conn._receiving_since
+        deadline = self.update_deadline()
+        if elapsed > deadline:
+            return (f"your update did not arrive within {deadline:g} s of the chief starting "
+                    "to read it (the update deadline): the chief dropped it and the round "
+                    "goes on without you")
+        rate = self.options.min_update_rate
+        if (rate and elapsed > self.options.update_rate_grace
+                and conn._receiving_bytes < rate * elapsed):
+            return (f"your update arrived at {conn._receiving_bytes / elapsed:.0f} bytes/s, "
+                    f"below the chief's floor of {rate:.0f} bytes/s (--min-update-rate): the "
+                    "chief dropped it and the round goes on without you")
+        return None
 
     async def _sweep(self) -> None:
         o = self.options
@@ -780,13 +818,14 @@ class TcpChief:
                     if now - conn.opened > o.handshake_timeout:
                         conn.fail(ErrorCode.TIMEOUT, "handshake not completed in time",
                                   log_as="handshake-timeout")
-                elif (conn._receiving_since is not None
-                      and now - conn._receiving_since > self.update_deadline()):
-                    deadline = self.update_deadline()
-                    conn.fail(ErrorCode.TIMEOUT,
-                              f"your update did not arrive within {deadline:g} s of the chief "
-                              "starting to read it (the update deadline): the chief dropped "
-                              "it and the round goes on without you")
+                elif conn._receiving_since is not None and self.too_slow(conn, now):
+                    conn.fail(ErrorCode.TIMEOUT, self.too_slow(conn, now) or "")
+                elif conn._receiving_since is not None:
+                    # Receiving an update: its bytes keep last_seen fresh, but the worker hears
+                    # nothing (its own PINGs queue behind the update), so ping it anyway, else
+                    # its idle watchdog takes a long upload for a dead chief.
+                    if now - conn.last_ping > ping_every:
+                        conn.ping()
                 elif conn._waiting_for:
                     # Waiting its turn to be read: its silence is ours. The pings below keep
                     # the worker from thinking us dead meanwhile.

@@ -113,6 +113,11 @@ class _Retryable(Exception):
     pass
 
 
+class _ChiefSaid(_Retryable):
+    """The chief refused for now (busy, timeout) in an ERROR frame: try again later. Not a
+    silent close, so it never counts towards the TLS hints."""
+
+
 class _Silent(_Retryable):
     """The chief accepted the connection but did not answer the handshake in time."""
 
@@ -288,8 +293,8 @@ class TcpSession:
         proto.send(hello)
         try:
             await self._expect_soon(Challenge, "HELLO")
-        except _Silent:
-            raise  # silence is not the TLS client-certificate refusal below (a close)
+        except (_Silent, _ChiefSaid):
+            raise  # silence, or a refusal in words, is not the silent close counted below
         except _Retryable:
             if tls:
                 # TLS 1.3: the handshake completed on our side, then the chief closed without
@@ -386,7 +391,7 @@ class TcpSession:
         if isinstance(item, Error):
             if item.fatal:
                 if item.code in ("timeout", "busy"):
-                    raise _Retryable(f"chief said: {item.message}")
+                    raise _ChiefSaid(f"chief said: {item.message}")
                 raise from_code(item.code, f"the chief refused: {item.message}")
             self.warnings.append(item.message)
             log.warning("worker %s: chief says: %s", self.worker_id, item.message)
