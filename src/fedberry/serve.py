@@ -30,6 +30,8 @@ from fedberry.chief.admission import AdmissionPolicy
 from fedberry.chief.build import OutputOptions, RoundPolicy, build_chief_server
 from fedberry.chief.runtime import ChiefServer, Evaluate
 from fedberry.chief.state import Chief
+from fedberry.privacy import DPConfig, as_config
+from fedberry.privacy.chief import dp_chief
 from fedberry.protocol.auth import resolve_token
 from fedberry.strategies import Strategy
 from fedberry.transports.local import LocalSession
@@ -178,6 +180,7 @@ def serve(listen: str | None = "127.0.0.1:0", *, workers: int | None = None,
           output: OutputOptions | None = None,
           admission: AdmissionPolicy | None = None,
           listen_options: ListenOptions | None = None,
+          dp: DPConfig | str | None = None,
           **options: Any) -> ChiefHandle:
     """Start a chief in the background and return once it accepts connections.
 
@@ -220,6 +223,11 @@ def serve(listen: str | None = "127.0.0.1:0", *, workers: int | None = None,
         The TCP listener's other settings (per-address handshake and authentication-delay
         limits, ``bind_worker_id``, ``pacing``: a benchmark's emulated link, docs/slow-link.md);
         the fields that ``listening`` sets come from it.
+    dp : DPConfig or str, optional
+        Differentially private FedAvg (``fedberry.DPConfig(clip=1.0, noise=1.1, delta=1e-5)``
+        or ``--dp`` text): updates clipped to C, weighted uniformly, Gaussian noise on their
+        mean, epsilon in every round's metrics; ``target_epsilon`` caps the rounds
+        (docs/privacy.md).
     **options
         Any field of ``Listening``, ``RoundPolicy``, ``OutputOptions`` or ``AdmissionPolicy``
         by name (``token=``,
@@ -257,6 +265,10 @@ def serve(listen: str | None = "127.0.0.1:0", *, workers: int | None = None,
     pol = dataclasses.replace(policy or RoundPolicy(), **groups[RoundPolicy])
     out = dataclasses.replace(output or OutputOptions(), **groups[OutputOptions])
     adm = dataclasses.replace(admission or AdmissionPolicy(), **groups[AdmissionPolicy])
+    dp = as_config(dp)
+    if dp is not None:
+        strategy, adm, rounds_left = dp_chief(dp, strategy, adm, pol.rounds)
+        pol = dataclasses.replace(pol, rounds=rounds_left)
     # Everything that can refuse to start comes before the runtime makes its output files: a
     # chief that cannot start (a port taken by another chief with the same --out, a missing
     # certificate) must leave no files behind nor truncate another run's metrics.

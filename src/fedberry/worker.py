@@ -22,6 +22,7 @@ import numpy as np
 from fedberry.certs import client_cert_name
 from fedberry.chief.state import non_finite
 from fedberry.codecs import UPLINK_CODECS, check_name
+from fedberry.privacy import DPConfig, LocalPrivacy, as_config
 from fedberry.transports.connect import InProcessChief, connect
 from fedberry.transports.loop import LoopThread
 
@@ -58,6 +59,12 @@ class Worker:
 
     ``worker_id`` names this worker to the chief. By default it is the name in ``cert`` (a chief
     that requires client certificates admits no other), else a fresh host-pid-random name.
+
+    Differential privacy (docs/privacy.md): a chief run with ``--dp`` (``where=worker``)
+    announces its clipping bound C at join, and this worker then clips each update's change
+    from the global model to C before it is encoded. ``local_dp`` (a ``DPConfig`` or ``--dp``
+    text: clip, noise, delta) adds this worker's own Gaussian noise to its clipped update, for
+    a chief it does not trust; ``epsilon`` is then this worker's own budget spent so far.
     """
 
     def __init__(self, chief: str | InProcessChief = "tcp://127.0.0.1:7777", *,
@@ -67,12 +74,14 @@ class Worker:
                  server_hostname: str | None = None, connect_timeout: float = 60.0,
                  reconnect_timeout: float = 300.0, heartbeat: float = 5.0,
                  idle_timeout: float = 60.0, handshake_timeout: float = 30.0,
-                 codec: str = "none") -> None:
+                 codec: str = "none", local_dp: DPConfig | str | None = None) -> None:
         self.worker_id = worker_id or default_worker_id(cert)
         self.round = 0
         self.done = False
         self.joined = False
         self._io: LoopThread | None = None
+        self._privacy = LocalPrivacy(as_config(local_dp))
+        self._global: list[np.ndarray] | None = None  # the model updates are clipped against
         check_name(codec, UPLINK_CODECS, "update")
         self._session = connect(chief, worker_id=self.worker_id, token=token,
                                 token_file=token_file, ca=ca, cert=cert, key=key,
@@ -86,6 +95,8 @@ class Worker:
         arrays = _check_arrays(arrays)
         self.round, out, self.done = self._call(self._session.join(arrays))
         self.joined = True
+        self._privacy.chief_clip = getattr(self._session, "dp_clip", None)
+        self._keep_global(out)
         return out
 
     def sync(self, arrays: Sequence[np.ndarray], num_samples: float,
@@ -103,9 +114,27 @@ class Worker:
         if bad:
             raise ValueError(f"refusing to send an update with non-finite weights: {bad}")
         metrics = {k: float(v) for k, v in (metrics or {}).items() if math.isfinite(float(v))}
+        if self._privacy.active:  # before the transport (and its codec) sees the update
+            arrays = self._privacy.apply(arrays, self._global)
         self.round, out, self.done = self._call(
             self._session.sync(self.round, arrays, float(num_samples), metrics))
+        self._keep_global(out)
         return out
+
+    @property
+    def epsilon(self) -> float:
+        """This worker's own epsilon under ``local_dp`` so far (inf without local noise)."""
+        return self._privacy.epsilon
+
+    @property
+    def clip(self) -> float | None:
+        """The bound this worker clips its updates to (the chief's C, or local DP's), if any."""
+        return self._privacy.clip
+
+    def _keep_global(self, arrays: Sequence[np.ndarray]) -> None:
+        # A copy: the caller may train in the very arrays it got back.
+        if self._privacy.active:
+            self._global = [np.array(a) for a in arrays]
 
     def close(self) -> None:
         try:

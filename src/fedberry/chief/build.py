@@ -158,6 +158,11 @@ def build_chief_server(policy: RoundPolicy, output: OutputOptions, *,
     run_config = {**output.run_config, "strategy": strat.name,
                   "admission": admission.record()}
     chief = Chief(config, strat, initial=initial, start_round=start_round, admission=admission)
+    # Differential privacy's strategy (privacy.dp_fedavg) sets the admission's norm bound each
+    # round and reads its record of the norms: it is given the chief's one Admission.
+    bind = getattr(strat, "bind_admission", None)
+    if bind is not None:
+        bind(chief.admission)
     return ChiefServer(chief, evaluate=evaluate,
                        out_dir=str(output.out_dir) if output.out_dir else None,
                        checkpoint_path=str(checkpoint) if checkpoint else None,

@@ -281,6 +281,10 @@ class ChiefServer:
         wall = time.monotonic() - (self._t0 or time.monotonic())
         record: dict[str, Any] = {"round": rc.round, "workers": rc.workers,
                                   "num_samples": rc.num_samples, "train_loss": rc.train_loss}
+        # What the strategy says of the round (differential privacy: epsilon so far).
+        extra = getattr(self.chief.strategy, "round_record", None)
+        if extra is not None:
+            record.update(extra())
         # The bytes of this round's broadcast are counted when the sends are issued, which
         # happens right after this (SendGlobal follows RoundClosed): finish the record then.
         assert self.scheduler is not None

@@ -211,7 +211,7 @@ class Chief:
             return [SendError(worker_id, refusal.code, refusal.message, refusal.fatal),
                     *self._maybe_close(now)]
         self._refused.discard(worker_id)
-        spare = self.strategy.add(arrays, num_samples)
+        spare = self.strategy.add(arrays, self.admission.weight(num_samples, stands_for))
         self._in_round.add(worker_id)
         self._waiting.add(worker_id)
         self._last_round_of[worker_id] = round_

@@ -321,7 +321,8 @@ class ChiefConnection(_Connection):
                 self.state = ChiefState.CLOSED
                 raise ProtocolError(ErrorCode.AUTH_FAILED, AUTH_FAILED_SENTENCE)
             return Welcome(msg.round, msg.need_init, msg.downlink,
-                           auth.chief_proof(self.token, self._chief_nonce, self._worker_nonce))
+                           auth.chief_proof(self.token, self._chief_nonce, self._worker_nonce),
+                           msg.dp_clip)
         return msg
 
     def _sending(self, t: MsgType, meta: dict) -> None:

@@ -154,7 +154,9 @@ class Welcome:
     """chief -> worker: the chief's proof of the token, the round, whether the chief needs the
     worker's model (INIT), and how it broadcasts the global model.
 
-    ``proof`` is filled in by ``ChiefConnection.send``.
+    ``proof`` is filled in by ``ChiefConnection.send``. ``dp_clip`` (optional): differential
+    privacy's clipping bound C, to which the worker clips each update's change from the global
+    model before sending it (docs/privacy.md); absent (None) when the worker need not clip.
     """
 
     TYPE: ClassVar[MsgType] = MsgType.WELCOME
@@ -162,6 +164,7 @@ class Welcome:
     need_init: bool = False
     downlink: str = "none"
     proof: str = ""
+    dp_clip: float | None = None
 
     def __post_init__(self) -> None:
         _check_round("WELCOME", self.round)
@@ -172,15 +175,22 @@ class Welcome:
                        f"{', '.join(encodings.DOWNLINK_CODECS)}")
         if not isinstance(self.proof, str) or len(self.proof) > 2 * DIGEST_CHARS:
             raise _bad("WELCOME needs a proof (a string of hex digits)")
+        c = self.dp_clip
+        if c is not None and not (isinstance(c, (int, float)) and not isinstance(c, bool)
+                                  and math.isfinite(c) and c > 0):
+            raise _bad(f"dp_clip must be a positive number, not {c!r:.40}")
 
     def meta(self) -> dict[str, Any]:
-        return {"proof": self.proof, "round": self.round, "need_init": self.need_init,
-                "downlink": self.downlink}
+        m = {"proof": self.proof, "round": self.round, "need_init": self.need_init,
+             "downlink": self.downlink}
+        if self.dp_clip is not None:  # absent otherwise: a chief without DP sends what it did
+            m["dp_clip"] = self.dp_clip
+        return m
 
     @classmethod
     def from_meta(cls, m: dict[str, Any], frame: Frame) -> Welcome:
         return cls(m.get("round"), m.get("need_init", False), m.get("downlink", "none"),  # type: ignore[arg-type]
-                   m.get("proof"))  # type: ignore[arg-type]
+                   m.get("proof"), m.get("dp_clip"))  # type: ignore[arg-type]
 
 
 # -- tensors ---------------------------------------------------------------------------------

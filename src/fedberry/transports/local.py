@@ -67,6 +67,12 @@ class LocalSession:
         self.loop = loop
         self.peer = _LocalPeer(worker_id)
 
+    @property
+    def dp_clip(self) -> float | None:
+        """Differential privacy's clipping bound for this worker (the chief's WELCOME says it
+        over TCP)."""
+        return getattr(self.server.chief.strategy, "worker_clip", None)
+
     def _submit(self, fn: Any, *args: Any) -> Result:
         self.peer.future = future = concurrent.futures.Future()
 

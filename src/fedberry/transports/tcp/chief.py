@@ -434,7 +434,8 @@ class _ChiefConnection(_FrameWriter, asyncio.BufferedProtocol):
         try:
             # The connection checks the worker's proof as it answers.
             self.send(Welcome(chief.round, chief.global_arrays is None,
-                              self.server.broadcast.codec.name))
+                              self.server.broadcast.codec.name,
+                              dp_clip=getattr(chief.strategy, "worker_clip", None)))
         except ProtocolError as exc:
             if exc.code == ErrorCode.AUTH_FAILED:
                 self._auth_failed(exc.message)

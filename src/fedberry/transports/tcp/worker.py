@@ -164,6 +164,7 @@ class TcpSession:
         # The global model as the chief holds it, kept for delta codecs (q8) both ways.
         self._reference: list[np.ndarray] | None = None
         self._downlink = "none"  # how the chief sends the model (its WELCOME says)
+        self.dp_clip: float | None = None
         self._residual: list[np.ndarray] | None = None  # error feedback of a lossy codec
         self._hb_task: asyncio.Task[None] | None = None
         self._have: str | None = None
@@ -322,6 +323,7 @@ class TcpSession:
         proto.send(Auth(self._spec, want_model, self._have if want_model else None))
         welcome = await self._expect_soon(Welcome, "AUTH")  # its proof checked by the connection
         self._downlink = welcome.downlink
+        self.dp_clip = welcome.dp_clip  # differential privacy's bound: Worker.sync clips to it
         if welcome.need_init:
             if not self._init_arrays:  # we are past join(): the chief lost its model
                 proto.transport.abort()  # type: ignore[union-attr]
