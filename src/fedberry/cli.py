@@ -8,7 +8,7 @@ import sys
 import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import fields
+from dataclasses import fields, replace
 from pathlib import Path
 
 from fedberry import __version__
@@ -16,6 +16,7 @@ from fedberry.chief.admission import DEFAULT_MAX_SAMPLES, NORM_MODES, AdmissionP
 from fedberry.codecs import DOWNLINK_CODECS, UPLINK_CODECS
 from fedberry.demo.torch_demo import TrainConfig
 from fedberry.errors import FederationError
+from fedberry.privacy import DPConfig, parse_dp
 from fedberry.strategies import STRATEGIES, parse
 
 
@@ -112,7 +113,50 @@ def _add_chief_parser(sub: argparse._SubParsersAction) -> None:
                    help="an update beyond --max-update-norm is scaled down to it (clip) or "
                         "refused (refuse)")
     _add_downlink_option(p)
+    _add_dp_options(p)
     p.set_defaults(func=_run_chief)
+
+
+# -- differential privacy (docs/privacy.md) ----------------------------------------------------
+def _add_dp_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dp", type=_dp_text, default=None, metavar="K=V,...",
+                   help="differentially private FedAvg: clip=C (each update's L2 bound), "
+                        "noise=Z (multiplier), delta=D, where=worker|chief, adaptive=true, "
+                        "...; e.g. --dp clip=1.0,noise=1.1,delta=1e-5 (docs/privacy.md)")
+    p.add_argument("--target-epsilon", type=float, default=None, metavar="EPS",
+                   help="with --dp: stop at the last round whose epsilon is within EPS")
+
+
+def _dp_text(text: str) -> str:
+    """``--dp`` checked when the command line is read (unknown keys refused, listing them)."""
+    try:
+        parse_dp(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def _dp_config(args: argparse.Namespace) -> DPConfig | None:
+    """The run's DPConfig from --dp and --target-epsilon (None without --dp)."""
+    if args.dp is None:
+        if args.target_epsilon is not None:
+            raise ValueError("--target-epsilon needs --dp (the clip and noise that spend it)")
+        return None
+    dp = parse_dp(args.dp)
+    if args.target_epsilon is not None:
+        dp = replace(dp, target_epsilon=args.target_epsilon)
+    return dp
+
+
+def _dp_summary(dp: DPConfig, records: list[dict]) -> str:
+    """The run's privacy in one line, for the end of ``fedberry chief``."""
+    last = records[-1] if records else {}
+    eps = last.get("epsilon")
+    shown = f"{eps:.4g}" if isinstance(eps, (int, float)) else "infinite (noise 0)"
+    budget = ("" if dp.target_epsilon is None else
+              f"; --target-epsilon {dp.target_epsilon:g} allowed no more rounds")
+    return (f"privacy: epsilon {shown} at delta {dp.delta:g} after {last.get('round', 0)} "
+            f"rounds (clip {dp.clip:g}, noise {dp.noise:g}){budget}")
 
 
 def _strategy_text(text: str) -> str:
@@ -138,11 +182,20 @@ def _run_chief(args: argparse.Namespace) -> int:
     run_config = {k: v for k, v in vars(args).items()
                   if k not in ("func", "token") and not callable(v)}
     header = [TABLE_HEADER]  # printed with the first round, not before a refusal to start
+    dp = _dp_config(args)
+    if dp is not None:
+        header = [TABLE_HEADER + f" {'epsilon':>8}"]
+    records: list[dict] = []
 
     def show(record: dict) -> None:
         while header:
             print(header.pop(), flush=True)
-        print(format_row(record), flush=True)
+        row = format_row(record)
+        if dp is not None:
+            eps = record.get("epsilon")
+            row += f" {eps:>8.3f}" if isinstance(eps, (int, float)) else f" {'inf':>8}"
+        records.append(record)
+        print(row, flush=True)
 
     with _out_errors(args.out):
         if args.listen.startswith("mpi://"):  # rank 0 of an mpiexec launch (transports/mpi.py)
@@ -154,7 +207,10 @@ def _run_chief(args: argparse.Namespace) -> int:
                           on_round=show, on_checkpoint_error=args.on_checkpoint_error,
                           admission=AdmissionPolicy(max_samples=args.max_samples,
                                                     max_update_norm=args.max_update_norm,
-                                                    update_norm_mode=args.update_norm_mode))
+                                                    update_norm_mode=args.update_norm_mode),
+                          dp=dp)
+            if dp is not None:
+                print(_dp_summary(dp, records), flush=True)
             return 0
         run_chief(listen=args.listen, workers=args.workers, rounds=args.rounds,
                   min_workers=args.min_workers, round_timeout=args.round_timeout,
@@ -167,7 +223,10 @@ def _run_chief(args: argparse.Namespace) -> int:
                   update_deadline=args.update_deadline,
                   run_config=run_config, on_round=show, downlink=args.downlink,
                   receive_memory=int(args.receive_memory * 2**20), max_samples=args.max_samples,
-                  max_update_norm=args.max_update_norm, update_norm_mode=args.update_norm_mode)
+                  max_update_norm=args.max_update_norm, update_norm_mode=args.update_norm_mode,
+                  dp=dp)
+        if dp is not None:
+            print(_dp_summary(dp, records), flush=True)
     return 0
 
 
