@@ -88,9 +88,12 @@ class AdmissionPolicy:
 
     def record(self) -> dict[str, Any]:
         """The policy as recorded in ``run_config`` (checkpoints, ``OUT/run.json``)."""
-        return {"max_samples": self.max_samples, "max_update_norm": self.max_update_norm,
-                "update_norm_mode": self.update_norm_mode,
-                "uniform_weights": self.uniform_weights}
+        out: dict[str, Any] = {"max_samples": self.max_samples,
+                               "max_update_norm": self.max_update_norm,
+                               "update_norm_mode": self.update_norm_mode}
+        if self.uniform_weights:  # only under DP: records of runs without it stay as they were
+            out["uniform_weights"] = True
+        return out
 
 
 @dataclass
