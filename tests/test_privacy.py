@@ -255,3 +255,27 @@ def _decode(encoded):
 
     (frame,) = FrameDecoder().receive_data(encoded.tobytes())
     return frame
+
+
+def test_the_torch_drop_in_learns_the_bound_at_join_and_clips_in_process():
+    torch = pytest.importorskip("torch")
+    from fedberry.torch import FederatedOptimizer
+
+    model = torch.nn.Linear(4, 2)
+    initial = [p.detach().numpy().copy() for p in model.parameters()]
+    spy = Spy(DPConfig(clip=0.05, noise=0.0))
+    handle = fedberry.serve(None, workers=1, rounds=2, strategy=spy, dp=spy.config,
+                            initial=initial)
+    try:
+        opt = FederatedOptimizer(torch.optim.SGD(model.parameters(), lr=1.0), model,
+                                 chief=handle, sync_every=2)
+        with opt:
+            while not opt.done:
+                opt.zero_grad()
+                model(torch.ones(8, 4)).pow(2).sum().backward()
+                opt.step()
+        assert opt.worker.clip == 0.05  # in-process, the chief's bound reaches the worker too
+    finally:
+        handle.stop()
+    assert len(spy.folded) == 2 and max(spy.folded) <= 0.05 * (1 + 1e-6)
+    assert max(spy.pre_clip) <= 0.05 * (1 + 1e-6)  # clipped by the worker, before sending

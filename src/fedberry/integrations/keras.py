@@ -113,7 +113,9 @@ class FederatedCallback(keras.callbacks.Callback):
     ``leave_at_end=False`` keeps the worker in the federation across ``fit`` calls (for a loop of
     ``fit(epochs=1)`` calls): nothing is sent at train end and ``close()`` leaves. ``worker``
     takes a ready ``fedberry.Worker``; other keyword arguments (``token_file``, ``ca``,
-    ``worker_id``, ...) go to the ``Worker`` this callback creates.
+    ``worker_id``, ``local_dp``, ...) go to the ``Worker`` this callback creates. Under a chief run
+    with ``--dp`` the worker learns the clipping bound at join and clips every update to it
+    (docs/privacy.md).
     """
 
     def __init__(self, chief: Any = "tcp://127.0.0.1:7777", *, sync_every: int = 100,

@@ -108,7 +108,9 @@ class FederatedOptimizer(torch.optim.Optimizer):
         A worker built elsewhere; ``chief`` and ``worker_options`` are then not used.
     **worker_options
         Passed to ``fedberry.Worker``: ``token``, ``token_file``, ``ca``, ``cert``, ``key``,
-        ``worker_id``, ``codec``, timeouts.
+        ``worker_id``, ``codec``, timeouts, ``local_dp`` (this worker's own noise,
+        docs/privacy.md). Under a chief run with ``--dp`` nothing is needed here: the worker
+        learns the clipping bound at join and clips every update to it.
 
     Attributes
     ----------
