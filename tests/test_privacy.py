@@ -279,3 +279,32 @@ def test_the_torch_drop_in_learns_the_bound_at_join_and_clips_in_process():
         handle.stop()
     assert len(spy.folded) == 2 and max(spy.folded) <= 0.05 * (1 + 1e-6)
     assert max(spy.pre_clip) <= 0.05 * (1 + 1e-6)  # clipped by the worker, before sending
+
+
+def test_a_resumed_run_keeps_counting_its_privacy_budget(tmp_path):
+    pytest.importorskip("dp_accounting")
+    from fedberry.privacy.accountant import epsilon
+
+    dp = DPConfig(clip=0.5, noise=1.5, where="chief", adaptive=True, count_noise=1.0, seed=2)
+    ck = tmp_path / "ck.npz"
+    handle = fedberry.serve(None, workers=1, rounds=2, dp=dp, initial=_initial(), checkpoint=ck)
+    w = fedberry.Worker(handle, worker_id="w0")
+    model = w.join(_initial())
+    while not w.done:
+        model = w.sync(_step(0, 0, model), 10)
+    w.close()
+    handle.stop()
+    clip_after_2 = handle.metrics[-1]["dp_clip"]
+    handle = fedberry.serve(None, workers=1, rounds=3, dp=dp, checkpoint=ck, resume=True,
+                            initial=_initial())
+    try:
+        assert handle.chief.strategy.clip == clip_after_2  # the adaptive bound, restored
+        w = fedberry.Worker(handle, worker_id="w0")
+        model = w.join(_initial())
+        while not w.done:
+            model = w.sync(_step(0, 0, model), 10)
+        w.close()
+    finally:
+        handle.stop()
+    (last,) = handle.metrics
+    assert last["round"] == 3 and last["epsilon"] == pytest.approx(epsilon(1.5, 3, 1e-5))
