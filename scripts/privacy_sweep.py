@@ -59,7 +59,13 @@ def main() -> int:
     ap.add_argument("--clip", type=float, default=1.0)
     ap.add_argument("--delta", type=float, default=1e-5)
     ap.add_argument("--out", default="docs/img/privacy_accuracy_epsilon.png")
+    ap.add_argument("--replot", action="store_true",
+                    help="plot the table beside --out again, without running anything")
     args = ap.parse_args()
+    if args.replot:
+        out = Path(args.out)
+        plot(read_table(out.with_suffix(".md")), args, out)
+        return 0
     cfg = TrainConfig(sync_every=args.sync_every)
     evaluate = make_evaluator(cfg.model)
     rows = []
@@ -76,21 +82,42 @@ def main() -> int:
             print(f"workers {n:>3} noise {z if z is not None else '-':>4} epsilon "
                   f"{eps if eps is not None else math.inf:8.3f} accuracy "
                   f"{last['test_accuracy']:.4f} ({time.monotonic() - t:.0f} s)", flush=True)
-    table = ["| workers | noise z | epsilon (delta %g) | test accuracy |" % args.delta,
-             "|---:|---:|---:|---:|"]
-    for r in rows:
-        table.append(f"| {r['workers']} | {'no DP' if r['noise'] is None else r['noise']} | "
-                     f"{'inf' if r['epsilon'] is None else format(r['epsilon'], '.2f')} | "
-                     f"{r['accuracy']:.4f} |")
-    text = "\n".join(table)
+    text = table_text(rows, args.delta)
     print(text)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".md").write_text(text + "\n")
+    plot(rows, args, out)
+    print(f"wrote {out} and {out.with_suffix('.md')} in {time.monotonic() - t0:.0f} s")
+    return 0
+
+
+def table_text(rows: list[dict], delta: float) -> str:
+    lines = [f"| workers | noise z | epsilon (delta {delta:g}) | test accuracy |",
+             "|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['workers']} | {'no DP' if r['noise'] is None else r['noise']} | "
+                     f"{'inf' if r['epsilon'] is None else format(r['epsilon'], '.2f')} | "
+                     f"{r['accuracy']:.4f} |")
+    return "\n".join(lines)
+
+
+def read_table(path: Path) -> list[dict]:
+    """The rows of a table ``table_text`` wrote (``--replot``: a new plot, no new run)."""
+    rows = []
+    for line in path.read_text().splitlines()[2:]:
+        workers, noise, eps, acc = (c.strip() for c in line.strip("|").split("|"))
+        rows.append({"workers": int(workers), "noise": None if noise == "no DP" else float(noise),
+                     "epsilon": None if eps == "inf" else float(eps), "accuracy": float(acc)})
+    return rows
+
+
+def plot(rows: list[dict], args: argparse.Namespace, out: Path) -> None:
     import matplotlib  # the bench extra
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for n in sorted({r["workers"] for r in rows}):
@@ -101,15 +128,20 @@ def main() -> int:
         if base:
             ax.axhline(base[0], ls="--", color=line[0].get_color(), lw=0.8,
                        label=f"{n} workers, no DP")
+        for (eps, acc), r in zip(pts, sorted((r for r in rows if r["workers"] == n
+                                              and r["epsilon"] is not None),
+                                             key=lambda r: r["epsilon"])):
+            ax.annotate(f"z={r['noise']:g}", (eps, acc), textcoords="offset points",
+                        xytext=(4, -10), fontsize=7)
     ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(ScalarFormatter())
+    ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel(f"epsilon after {args.rounds} rounds (delta {args.delta:g})")
     ax.set_ylabel("test accuracy")
     ax.set_title(f"DP-FedAvg on Fashion-MNIST (MLP, clip {args.clip:g}, {args.rounds} rounds)")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out, dpi=120)
-    print(f"wrote {out} and {out.with_suffix('.md')} in {time.monotonic() - t0:.0f} s")
-    return 0
 
 
 if __name__ == "__main__":
