@@ -127,6 +127,7 @@ def test_the_added_noise_has_the_configured_std():
     """N = 200 rounds x 35 coordinates = 7000 draws of N(0, s^2), s = z C / n. The sample std's
     standard error is s / sqrt(2 N) (1.2 % here): the test allows 5 of them, and 5 standard
     errors (s / sqrt(N)) for the mean. A wrong factor (C instead of C/n, n^2) fails by far."""
+    pytest.importorskip("dp_accounting")  # result() reports epsilon
     z, c, n, rounds = 1.1, 0.5, 4, 200
     dp = DPFedAvg(DPConfig(clip=c, noise=z, seed=12345))
     dp.keep_noise = True
