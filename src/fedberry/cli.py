@@ -17,6 +17,7 @@ from fedberry.codecs import DOWNLINK_CODECS, UPLINK_CODECS
 from fedberry.demo.torch_demo import TrainConfig
 from fedberry.errors import FederationError
 from fedberry.privacy import DPConfig, parse_dp
+from fedberry.privacy.accountant import epsilon
 from fedberry.strategies import STRATEGIES, parse
 
 
@@ -145,6 +146,11 @@ def _dp_config(args: argparse.Namespace) -> DPConfig | None:
     dp = parse_dp(args.dp)
     if args.target_epsilon is not None:
         dp = replace(dp, target_epsilon=args.target_epsilon)
+    if dp.noise > 0:
+        try:
+            epsilon(dp.noise, 1, dp.delta, dp.sampling_rate)  # the accountant is there
+        except ImportError as exc:  # one sentence, not a traceback
+            raise ValueError(str(exc)) from None
     return dp
 
 
