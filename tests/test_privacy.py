@@ -309,3 +309,17 @@ def test_a_resumed_run_keeps_counting_its_privacy_budget(tmp_path):
         handle.stop()
     (last,) = handle.metrics
     assert last["round"] == 3 and last["epsilon"] == pytest.approx(epsilon(1.5, 3, 1e-5))
+
+
+def test_a_tighter_operator_bound_stays_under_dp():
+    spy = Spy(DPConfig(clip=1.0, where="chief"))
+    handle = fedberry.serve(None, workers=1, rounds=1, strategy=spy, dp=spy.config,
+                            initial=_initial(), max_update_norm=0.2)
+    try:
+        w = fedberry.Worker(handle, worker_id="w0")
+        model = w.join(_initial())
+        w.sync(_step(0, 0, model), 10)
+        w.close()
+    finally:
+        handle.stop()
+    assert spy.folded and max(spy.folded) <= 0.2 * (1 + 1e-6)

@@ -34,7 +34,7 @@ def dp_chief(dp: DPConfig, strategy: str | Strategy, admission: AdmissionPolicy 
     adm = admission or AdmissionPolicy()
     bound = dp.clip if adm.max_update_norm is None else min(dp.clip, adm.max_update_norm)
     adm = dataclasses.replace(adm, max_update_norm=bound, update_norm_mode="clip",
-                              uniform_weights=True)
+                              uniform_weights=True)  # DPFedAvg.bind_admission keeps the min
     strat = wrap(dp, strategy)
     if dp.noise > 0:
         # Loads the accountant now (a second or two), not on the chief's loop after round 1.

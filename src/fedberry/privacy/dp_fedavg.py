@@ -36,7 +36,7 @@ import numpy as np
 
 from fedberry.privacy.accountant import epsilon
 from fedberry.privacy.config import DPConfig
-from fedberry.strategies import FedAvg, Strategy, StrategyState, describe, make_strategy
+from fedberry.strategies import Strategy, StrategyState, describe, make_strategy
 from fedberry.strategies.base import check_state
 from fedberry.strategies.running_mean import RunningMean
 
@@ -79,6 +79,7 @@ class DPFedAvg:
         self._rng = make_rng(config.seed)
         self._mean = RunningMean()
         self._admission: Any = None
+        self._cap: float | None = None
 
     # -- wiring ------------------------------------------------------------------------------
     @property
@@ -90,7 +91,13 @@ class DPFedAvg:
         """The chief's ``Admission``: its bound is C (set from here each round, for adaptive
         clipping) and its record of the round's norms feeds the clipped-count estimate."""
         self._admission = admission
-        admission.norm_bound = self.clip
+        # A tighter bound the operator set (--max-update-norm) stays in force; the noise is
+        # still scaled to C, which then overstates the sensitivity: safe.
+        self._cap = admission.policy.max_update_norm
+        admission.norm_bound = self._bound()
+
+    def _bound(self) -> float:
+        return self.clip if self._cap is None else min(self.clip, self._cap)
 
     # -- the Strategy interface --------------------------------------------------------------
     @property
@@ -100,7 +107,7 @@ class DPFedAvg:
     def begin_round(self, global_arrays: Sequence[np.ndarray]) -> None:
         self._mean.begin(global_arrays)
         if self._admission is not None:
-            self._admission.norm_bound = self.clip
+            self._admission.norm_bound = self._bound()
 
     def add(self, update: list[np.ndarray], weight: float) -> list[np.ndarray]:
         # The weight is the admission's: 1 per worker under DP (uniform_weights).
@@ -174,4 +181,4 @@ def wrap(config: DPConfig, strategy: str | Strategy) -> DPFedAvg:
     return DPFedAvg(config, strategy)
 
 
-__all__ = ["DPFedAvg", "FedAvg", "make_rng", "wrap"]
+__all__ = ["DPFedAvg", "make_rng", "wrap"]
