@@ -276,6 +276,10 @@ def _add_worker_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--worker-id", help="stable name (default: host-pid-random; with --cert, the "
                                         "certificate's name, which a chief with --client-ca "
                                         "requires)")
+    p.add_argument("--local-dp", type=_dp_text, default=None, metavar="K=V,...",
+                   help="local differential privacy: clip this worker's updates to clip=C and "
+                        "add its own noise=Z (delta=D for its epsilon, logged with -v); "
+                        "docs/privacy.md")
     p.set_defaults(func=_run_worker)
 
 
@@ -286,7 +290,7 @@ def _run_worker(args: argparse.Namespace) -> int:
     _check_files(args, "ca", "cert", "key", "token_file")
     part = parse_partition_spec(args.partition)
     options = {k: getattr(args, k) for k in ("token", "token_file", "ca", "cert", "key",
-                                             "server_hostname", "worker_id")
+                                             "server_hostname", "worker_id", "local_dp")
                if getattr(args, k) is not None}
     result = run_worker(args.chief, part.index, part.count, _train_config(args), **options)
     print(f"worker {part.index}/{part.count} finished: {result}", flush=True)

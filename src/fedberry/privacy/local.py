@@ -19,6 +19,7 @@ it, so the clipping happens before any codec encodes the update:
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 
@@ -29,6 +30,8 @@ from fedberry.privacy.accountant import epsilon
 from fedberry.privacy.config import DPConfig
 from fedberry.privacy.dp_fedavg import make_rng
 
+log = logging.getLogger("fedberry.privacy")
+
 
 class LocalPrivacy:
     """One worker's clipping (and local noise): ``apply(update, reference)`` per sync."""
@@ -38,6 +41,8 @@ class LocalPrivacy:
         self.chief_clip: float | None = None  # what the chief announced
         self.syncs = 0  # updates sent with local noise
         self._rng = make_rng(local.seed if local is not None else None)
+        if local is not None and local.noise > 0:
+            epsilon(local.noise, 1, local.delta)  # no accountant: refused now, not mid-run
 
     @property
     def active(self) -> bool:
@@ -65,6 +70,8 @@ class LocalPrivacy:
                 if np.issubdtype(a.dtype, np.floating):
                     out[i] = np.asarray(a + self._rng.normal(0.0, std, a.shape).astype(a.dtype))
             self.syncs += 1
+            log.info("local DP: this worker's epsilon after %d updates is %.4g at delta %g",
+                     self.syncs, self.epsilon, self.local.delta)
         return out
 
     @property
