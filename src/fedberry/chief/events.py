@@ -98,15 +98,15 @@ class EventStream:
     """Fans events out to the observers subscribed; with none, ``emit`` costs one check."""
 
     def __init__(self) -> None:
-        self._observers: list[Observer] = []
+        # A tuple, replaced whole: another thread may (un)subscribe while events are emitted.
+        self._observers: tuple[Observer, ...] = ()
 
     def subscribe(self, observer: Observer) -> None:
         """Call ``observer(event)`` for every event from now on, on the chief's thread."""
-        self._observers.append(observer)
+        self._observers = (*self._observers, observer)
 
     def unsubscribe(self, observer: Observer) -> None:
-        if observer in self._observers:
-            self._observers.remove(observer)
+        self._observers = tuple(o for o in self._observers if o is not observer)
 
     def emit(self, event: Event) -> None:
         for observer in self._observers:
