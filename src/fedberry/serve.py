@@ -280,10 +280,12 @@ def serve(listen: str | None = "127.0.0.1:0", *, workers: int | None = None,
     elif listen and lis.client_ca:
         raise ValueError("--client-ca needs TLS: give --tls-cert and --tls-key too")
     token = resolve_token(lis.token, lis.token_file) if listen or status else None
-    status_sock = status_ctx = None
+    status_sock = status_ctx = status_token = None
     if status:  # refused here, with a sentence, before any port is taken or file made
         require_extra()
         s_host, s_port = parse_address(status)
+        # Loopback: open to this machine, like any local port (the page then needs no token).
+        status_token = None if is_loopback(s_host) else token
         check_exposure(s_host, is_loopback(s_host), token, bool(lis.tls_cert), lis.insecure)
         status_ctx = server_context(lis.tls_cert, lis.tls_key, None) if lis.tls_cert else None
         status_sock = listen_socket(s_host, s_port)
@@ -315,7 +317,8 @@ def serve(listen: str | None = "127.0.0.1:0", *, workers: int | None = None,
     handle = ChiefHandle(server, io)
     if status_sock is not None:  # before any worker can join: the board sees every event
         board = StatusBoard(pol.rounds, server.chief.round, pol.workers)
-        handle.status = StatusServer(status_sock, server.events, board, token, status_ctx)
+        handle.status = StatusServer(status_sock, server.events, board, status_token,
+                                     status_ctx)
         log.info("status page at %s", handle.status.url)
     if tcp is not None:
         handle.tcp = tcp
