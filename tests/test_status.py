@@ -181,3 +181,31 @@ def test_the_board_keeps_bounded_tables() -> None:
     for i in range(5):
         full(WorkerJoined(f"w{i}", "10.0.0.1", 0))
     assert len(full.snapshot()["workers"]) == 3 and full.connected() == 5
+
+
+def test_requests_at_once_are_capped_and_slots_come_back() -> None:
+    import http.client
+    import socket
+    import time
+
+    from fedberry.status.server import MAX_REQUESTS
+
+    with serve("127.0.0.1:0", status="127.0.0.1:0") as handle:
+        host, port = handle.status.address
+        idle = [socket.create_connection((host, port)) for _ in range(MAX_REQUESTS)]
+        try:
+            time.sleep(0.5)  # accepted, each holding a slot while it says nothing
+            with pytest.raises((urllib.error.URLError, ConnectionError,
+                                http.client.RemoteDisconnected)):
+                urllib.request.urlopen(handle.status.url + "api/status", timeout=5).read()
+        finally:
+            for s in idle:
+                s.close()
+        deadline = time.monotonic() + 5
+        while True:  # the slots are back as soon as the handlers see the closes
+            try:
+                assert _get(handle.status.url + "api/status")[0] == 200
+                break
+            except (urllib.error.URLError, ConnectionError, http.client.RemoteDisconnected):
+                assert time.monotonic() < deadline
+                time.sleep(0.1)

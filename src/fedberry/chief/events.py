@@ -72,7 +72,8 @@ class UpdateIn:
 
 @dataclass(frozen=True)
 class Traffic:
-    """Bytes moved for one worker since its last Traffic event (TCP only)."""
+    """Bytes moved for one worker since its last Traffic event (TCP only): at each update
+    and model, and within half a second of any other bytes (heartbeats: the worker is alive)."""
 
     worker_id: str
     bytes_up: int

@@ -45,7 +45,7 @@ class WorkerRow:
     address: str
     state: str = "connected"  # connected, lost (its link broke; it may come back), left
     joined_at: float = 0.0
-    last_seen: float = 0.0
+    last_seen: float = 0.0  # when bytes last came from it (TCP: within a second), or it joined
     rounds: int = 0  # rounds whose model its update went into
     bytes_up: int = 0
     bytes_down: int = 0
@@ -131,7 +131,8 @@ class StatusBoard:
             if row is not None:
                 row.bytes_up += e.bytes_up
                 row.bytes_down += e.bytes_down
-                row.last_seen = e.at
+                if e.bytes_up:  # heard from it (heartbeats count); what we sent proves nothing
+                    row.last_seen = e.at
         elif isinstance(e, RoundDone):
             self._round(e)
 

@@ -400,7 +400,7 @@ class _ChiefConnection(_FrameWriter, asyncio.BufferedProtocol):
 
     def report_traffic(self) -> None:
         """Tell the observers (chief.events) the bytes moved for this worker since last time:
-        at each update, each global model sent, and when it leaves; O(1) events per round."""
+        at each update, each model sent, when it leaves, and from the sweep (heartbeats)."""
         if self._traffic != [0, 0]:
             self.server.events.emit(Traffic(self.worker_id, *self._traffic))
             self._traffic = [0, 0]
@@ -827,6 +827,8 @@ class TcpChief:
             await asyncio.sleep(0.5)
             now = time.monotonic()
             for conn in list(self.connections):
+                if conn._joined and not conn._left:
+                    conn.report_traffic()  # pings and pongs too: observers see it alive
                 if conn.closing_since is not None:
                     if now - conn.closing_since > CLOSE_GRACE:
                         conn.abort()  # it does not take its last frame: stop waiting
