@@ -23,6 +23,7 @@ from fedberry.chief.events import Refused, RoundDone, WorkerJoined, WorkerLeft  
 from fedberry.errors import FederationError  # noqa: E402
 from fedberry.serve import serve  # noqa: E402
 from fedberry.status import StatusBoard  # noqa: E402
+from fedberry.transports.tcp.worker import agent  # noqa: E402
 
 TOKEN = "status-test-token"
 
@@ -100,6 +101,7 @@ def test_metrics_agree_with_metrics_jsonl(tmp_path: Path) -> None:
         for row in rows.values():
             assert (row["state"], row["rounds"], row["codec"]) == ("left", rounds, "none")
             assert row["metrics"] == {"loss": 1.0 / rounds}
+            assert row["version"] == agent()  # as its HELLO said
             assert row["bytes_up"] > 4000 * rounds and row["bytes_down"] > 4000 * rounds
         refused = [e for e in s["events"] if e["kind"] == "refused"]
         assert len(refused) == 1 and refused[0]["worker_id"] == "intruder"
@@ -161,6 +163,19 @@ def test_the_command_refuses_a_status_address_beyond_loopback_without_a_token(
     assert out.returncode == 2
     assert out.stderr.strip().splitlines()[-1].startswith(
         "fedberry chief: error: refusing to serve the status page on 0.0.0.0 without a token")
+
+
+def test_hellos_agent_is_optional_and_bounded() -> None:
+    from fedberry.protocol.frames import ProtocolError
+    from fedberry.protocol.limits import MAX_AGENT
+    from fedberry.protocol.messages import Hello
+
+    assert agent().startswith("fedberry/") and agent().endswith(sys.version.split()[0])
+    assert "agent" not in Hello("w1").meta()  # a worker that does not say: the same HELLO
+    assert Hello.from_meta({"worker_id": "w1", "nonce": "0" * 64}, None).agent == ""
+    for bad in ("x" * (MAX_AGENT + 1), "line\nbreak", 7):
+        with pytest.raises(ProtocolError, match="agent must be at most"):
+            Hello("w1", agent=bad)
 
 
 def test_the_board_keeps_bounded_tables() -> None:

@@ -31,6 +31,7 @@ class WorkerJoined:
     worker_id: str
     address: str  # "IP" over TCP, "local" in-process, "mpi" under MPI
     round: int  # the chief's round when it joined
+    agent: str = ""  # the software it says it runs (HELLO's agent), if it says
     at: float = field(default_factory=_now)
 
 

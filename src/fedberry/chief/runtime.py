@@ -173,7 +173,7 @@ class ChiefServer:
             old.close()  # a reconnect replaces the half-dead connection; no leave for it
         if self._t0 is None:
             self._t0 = time.monotonic()
-        self.events.emit(WorkerJoined(peer.worker_id, _address(peer), self.chief.round))
+        self.events.emit(_joined(peer, self.chief.round))
         self._run(self.chief.join(peer.worker_id, spec, time.monotonic(), want_model))
 
     def on_init(self, peer: Peer, arrays: list[np.ndarray]) -> None:
@@ -432,9 +432,11 @@ class ChiefServer:
             peer.close()
 
 
-def _address(peer: Peer) -> str:
-    """Where a peer is, for observers: a TCP connection's IP address, else "local"."""
-    return str(getattr(peer, "peer_ip", "local"))
+def _joined(peer: Peer, round_: int) -> WorkerJoined:
+    """The event for observers: where a peer is (a TCP connection's IP address, else "local")
+    and what it says it runs, which only a TCP connection knows (HELLO's agent)."""
+    return WorkerJoined(peer.worker_id, str(getattr(peer, "peer_ip", "local")), round_,
+                        str(getattr(peer, "agent", "")))
 
 
 def _snapshot(state: StrategyState) -> StrategyState:

@@ -51,7 +51,7 @@ class WorkerRow:
     bytes_down: int = 0
     metrics: dict[str, Any] = field(default_factory=dict)  # of its last update
     codec: str = ""
-    protocol: str = ""
+    version: str = ""  # what it says it runs; else its protocol version, or "local"
 
     def as_json(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -103,7 +103,8 @@ class StatusBoard:
             if row is not None:
                 row.state, row.address, row.joined_at, row.last_seen = (
                     "connected", e.address, e.at, e.at)
-                row.protocol = "local" if e.address in ("local", "mpi") else f"v{VERSION}"
+                row.version = e.agent or ("local" if e.address in ("local", "mpi")
+                                          else f"protocol v{VERSION}")
             self._event(e.at, "joined", e.worker_id, e.address, f"joined at round {e.round}")
         elif isinstance(e, WorkerLeft):
             row = self._workers.get(e.worker_id)

@@ -152,6 +152,7 @@ class _ChiefConnection(_FrameWriter, asyncio.BufferedProtocol):
         self._joined = False
         self._probing = False  # its worker id is held: waiting to hear whether the holder lives
         self.worker_id = ""
+        self.agent = ""
         self.peer_ip = "?"
         self.opened = self.last_seen = self.last_ping = time.monotonic()
         self.closing_since: float | None = None
@@ -411,6 +412,7 @@ class _ChiefConnection(_FrameWriter, asyncio.BufferedProtocol):
             self.send(Pong())
         elif isinstance(event, Hello):
             self.worker_id = event.worker_id
+            self.agent = event.agent  # for the status page (chief.events.WorkerJoined)
             self.send(Challenge())
         elif isinstance(event, Auth):
             self._auth()
