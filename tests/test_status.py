@@ -224,3 +224,15 @@ def test_requests_at_once_are_capped_and_slots_come_back() -> None:
             except (urllib.error.URLError, ConnectionError, http.client.RemoteDisconnected):
                 assert time.monotonic() < deadline
                 time.sleep(0.1)
+
+
+def test_nonfinite_numbers_reach_the_page_as_null() -> None:
+    from fedberry.chief.events import UpdateIn
+
+    board = StatusBoard(rounds=3)
+    board(WorkerJoined("w1", "10.0.0.1", 0))
+    board(UpdateIn("w1", 0, 10, {"loss": float("inf")}, "none"))
+    board(RoundDone({"round": 1, "wall_s": 1.0, "test_loss": float("nan")}, ("w1",)))
+    text = json.dumps(board.snapshot(), allow_nan=False)  # strict JSON, as JSON.parse wants
+    s = json.loads(text)
+    assert s["history"][0]["test_loss"] is None and s["workers"][0]["metrics"] == {"loss": None}

@@ -8,6 +8,7 @@ Everything is bounded whatever the run's length or the number of peers: the work
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections import Counter, deque
@@ -55,6 +56,14 @@ class WorkerRow:
 
     def as_json(self) -> dict[str, Any]:
         return dict(self.__dict__)
+
+
+def _json_number(value: Any) -> Any:
+    """``value``, but None for a NaN or an infinity: JSON has neither, and a page's
+    ``JSON.parse`` refuses the whole answer for one (metrics.jsonl writes them as null too)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
 
 
 class StatusBoard:
@@ -122,7 +131,8 @@ class StatusBoard:
         elif isinstance(e, UpdateIn):
             row = self._workers.get(e.worker_id)
             if row is not None:
-                row.last_seen, row.metrics, row.codec = e.at, dict(e.metrics), e.codec
+                row.last_seen, row.codec = e.at, e.codec
+                row.metrics = {k: _json_number(v) for k, v in e.metrics.items()}
             if e.round > self._update_round:
                 self._update_round, self._updates_in = e.round, set()
             if e.round == self._update_round:
@@ -142,7 +152,7 @@ class StatusBoard:
         self.round_done = max(self.round_done, int(rec["round"]))
         if self.round_done > self._update_round:
             self._update_round, self._updates_in = self.round_done, set()
-        entry = {k: rec.get(k) for k in _CURVE_KEYS}
+        entry = {k: _json_number(rec.get(k)) for k in _CURVE_KEYS}
         entry["at"] = e.at
         wall = rec.get("wall_s")
         if isinstance(wall, (int, float)):

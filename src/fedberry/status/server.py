@@ -5,7 +5,8 @@ its own, so that no request ever runs on the chief's event loop.
 Why this web layer: three read-only routes need no framework, and a thread per request, capped
 (``MAX_REQUESTS`` at once; more are closed at once) and with a socket timeout, keeps a slow or
 hostile client from holding the chief. The page polls rather than holding a server-sent-events
-stream open, so an open browser tab holds no thread.
+stream open, and each connection carries one request (HTTP/1.0), so an open browser tab holds
+no thread between its polls.
 
 Who may read: on a loopback address, anyone on the machine (as with any local port). Beyond
 loopback the chief's token is required as ``Authorization: Bearer TOKEN`` on ``/api/status`` and
@@ -122,7 +123,9 @@ class _HTTPServer(ThreadingHTTPServer):
 class _Handler(BaseHTTPRequestHandler):
     server: _HTTPServer
     timeout = REQUEST_TIMEOUT
-    protocol_version = "HTTP/1.1"
+    # HTTP/1.0: one request per connection, so that no open page (browsers keep connections
+    # alive between polls) holds one of the MAX_REQUESTS threads between its requests.
+    protocol_version = "HTTP/1.0"
     server_version = "fedberry-status"
 
     def do_GET(self) -> None:  # noqa: N802 (http.server's name)
