@@ -1,6 +1,7 @@
 """The status page in a real headless Chromium (Debian's ``chromium``, driven by Playwright):
-two worker processes, the table shows both, the round counter and the accuracy chart advance
-without a reload, and a killed worker turns "lost" within the heartbeat (idle) timeout.
+worker processes, the table shows them, the round counter and the accuracy chart advance
+without a reload, and a killed worker (its socket closed by the kernel) and a frozen one (no
+FIN: only the heartbeat can tell) turn "lost" within the heartbeat (idle) timeout.
 
 ``FEDBERRY_STATUS_SCREENSHOT=docs/img/status.png`` also saves the screenshot there (how the
 one in docs/ was made)."""
@@ -50,13 +51,23 @@ def _numbers(page) -> tuple[int, int]:
                 +document.getElementById('chart-accuracy').dataset.points]; }""")
 
 
+def _lost_within(page, worker_id: str, seconds: float) -> float:
+    """Wait for the row of ``worker_id`` to say lost; how long it took."""
+    t0 = time.monotonic()
+    page.wait_for_function("id => [...document.querySelectorAll('#workers tbody tr')]"
+                           ".some(r => r.dataset.worker === id && "
+                           "r.querySelector('td.state').textContent === 'lost')",
+                           arg=worker_id, timeout=seconds * 1000)
+    return time.monotonic() - t0
+
+
 def test_the_page_follows_a_run_live(tmp_path: Path) -> None:
-    handle = serve("127.0.0.1:0", workers=2, rounds=500, status="127.0.0.1:0",
+    handle = serve("127.0.0.1:0", workers=3, rounds=500, status="127.0.0.1:0",
                    initial=status_worker.initial(), evaluate=status_worker.evaluate,
                    idle_timeout=IDLE_TIMEOUT, out_dir=str(tmp_path / "out"))
     script = str(Path(status_worker.__file__))
     with handle, processes() as procs, sync_api.sync_playwright() as pw:
-        for i, wid in enumerate(("pi-kitchen", "pi-garage")):
+        for i, wid in enumerate(("pi-kitchen", "pi-garage", "pi-attic")):
             procs.append(subprocess.Popen(python(script, handle.url, wid, str(i), "0.25"),
                                           env=fedberry_env()))
         browser = pw.chromium.launch(executable_path=CHROMIUM,
@@ -66,7 +77,7 @@ def test_the_page_follows_a_run_live(tmp_path: Path) -> None:
             page.goto(handle.status.url)
             # Both workers in the table, connected.
             page.wait_for_function("() => [...document.querySelectorAll('#workers td.state')]"
-                                   ".filter(td => td.textContent === 'connected').length === 2",
+                                   ".filter(td => td.textContent === 'connected').length === 3",
                                    timeout=30_000)
             # Rounds go by: the header's counter and the chart's points grow, with no reload
             # (a marker set on the window would be gone after one).
@@ -82,16 +93,16 @@ def test_the_page_follows_a_run_live(tmp_path: Path) -> None:
             assert rounds1 > rounds0 and points1 > points0
             assert page.evaluate("() => window.__same_page === true")
             assert "of 500" in page.text_content("#round")
-            # Kill one worker: its row turns "lost" within the heartbeat timeout.
+            # Kill one worker, freeze another: both rows turn "lost" within the heartbeat
+            # timeout (and a second for the page's poll); the third goes on.
             procs[1].send_signal(signal.SIGKILL)
-            killed = time.monotonic()
-            page.wait_for_function("() => [...document.querySelectorAll('#workers tbody tr')]"
-                                   ".some(r => r.dataset.worker === 'pi-garage' && "
-                                   "r.querySelector('td.state').textContent === 'lost')",
-                                   timeout=(IDLE_TIMEOUT + 2) * 1000)
-            assert time.monotonic() - killed < IDLE_TIMEOUT + 2
+            assert _lost_within(page, "pi-garage", IDLE_TIMEOUT + 2) < IDLE_TIMEOUT + 2
+            procs[2].send_signal(signal.SIGSTOP)
+            frozen = _lost_within(page, "pi-attic", IDLE_TIMEOUT + 3)
+            assert 1.0 < frozen < IDLE_TIMEOUT + 3  # found by the heartbeat, not by a FIN
             assert _state(page, "pi-kitchen") == "connected"
-            assert "lost pi-garage" in page.text_content("#events")
+            events = page.text_content("#events")
+            assert "lost pi-garage" in events and "lost pi-attic" in events
             # The run goes on with the one left.
             r_lost = _numbers(page)[0]
             page.wait_for_function(f"""() => {{
