@@ -13,6 +13,7 @@ from pathlib import Path
 
 from fedberry import __version__
 from fedberry.chief.admission import DEFAULT_MAX_SAMPLES, NORM_MODES, AdmissionPolicy
+from fedberry.cli_config import add_config_options, parse_args
 from fedberry.codecs import DOWNLINK_CODECS, UPLINK_CODECS
 from fedberry.demo.torch_demo import TrainConfig
 from fedberry.errors import FederationError
@@ -115,6 +116,7 @@ def _add_chief_parser(sub: argparse._SubParsersAction) -> None:
                         "refused (refuse)")
     _add_downlink_option(p)
     _add_dp_options(p)
+    add_config_options(p)  # --status, --config, --print-config (cli_config.py)
     p.set_defaults(func=_run_chief)
 
 
@@ -207,6 +209,8 @@ def _run_chief(args: argparse.Namespace) -> int:
         if args.listen.startswith("mpi://"):  # rank 0 of an mpiexec launch (transports/mpi.py)
             from fedberry.transports.mpi import run_mpi_chief
 
+            if args.status:
+                raise ValueError("--status serves a TCP chief; it is not available under mpi://")
             run_mpi_chief(rounds=args.rounds, strategy=args.strategy, initial=initial,
                           evaluate=evaluate, out_dir=args.out, checkpoint=checkpoint,
                           resume=args.resume, workers=args.workers, run_config=run_config,
@@ -230,7 +234,7 @@ def _run_chief(args: argparse.Namespace) -> int:
                   run_config=run_config, on_round=show, downlink=args.downlink,
                   receive_memory=int(args.receive_memory * 2**20), max_samples=args.max_samples,
                   max_update_norm=args.max_update_norm, update_norm_mode=args.update_norm_mode,
-                  dp=dp)
+                  status=args.status, dp=dp)
         if dp is not None:
             print(_dp_summary(dp, records), flush=True)
     return 0
@@ -349,7 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(build_parser(), argv)  # with chief's --config file (cli_config.py)
     level = logging.WARNING - 10 * args.verbose
     if args.command == "chief":
         level = min(level, logging.INFO)

@@ -34,6 +34,14 @@ from fedberry import codecs
 from fedberry.chief import checkpoint as ckpt_io
 from fedberry.chief.broadcast import Broadcast
 from fedberry.chief.buffers import BufferPool
+from fedberry.chief.events import (
+    EventStream,
+    Refused,
+    RoundDone,
+    UpdateIn,
+    WorkerJoined,
+    WorkerLeft,
+)
 from fedberry.chief.metrics import MetricsLog
 from fedberry.chief.run_info import write_run_info
 from fedberry.chief.scheduler import AsyncioScheduler, BlockingScheduler, Scheduler, Timer
@@ -126,6 +134,8 @@ class ChiefServer:
         self.finish_grace = finish_grace
         self.on_round = on_round
         self.peers: dict[str, Peer] = {}
+        self.events = EventStream()  # what happens, for observers (the status page)
+        self._round_ids: dict[int, tuple[str, ...]] = {}  # round -> its workers, until its line
         # Updates are read into buffers of updates before (transports' FrameDecoder.allocate).
         self.buffers = BufferPool()
         self.bytes_up = 0
@@ -163,6 +173,7 @@ class ChiefServer:
             old.close()  # a reconnect replaces the half-dead connection; no leave for it
         if self._t0 is None:
             self._t0 = time.monotonic()
+        self.events.emit(_joined(peer, self.chief.round))
         self._run(self.chief.join(peer.worker_id, spec, time.monotonic(), want_model))
 
     def on_init(self, peer: Peer, arrays: list[np.ndarray]) -> None:
@@ -185,6 +196,7 @@ class ChiefServer:
                 arrays = []
             else:
                 arrays = codecs.get(codec).decode(arrays, chief.spec or (), None)
+        self.events.emit(UpdateIn(peer.worker_id, round_, num_samples, dict(metrics), codec))
         self._run(self.chief.update(peer.worker_id, round_, num_samples, arrays, metrics,
                                     time.monotonic(), checked=checked, bad=bad))
 
@@ -208,6 +220,7 @@ class ChiefServer:
         if self.peers.get(peer.worker_id) is not peer:
             return  # an old connection of a worker that has reconnected
         del self.peers[peer.worker_id]
+        self.events.emit(WorkerLeft(peer.worker_id, lost))
         if lost and not self.chief.done:
             self._lost[peer.worker_id] = time.monotonic()
         self._run(self.chief.leave(peer.worker_id, time.monotonic()))
@@ -231,8 +244,10 @@ class ChiefServer:
                 if peer is not None:
                     log.warning("worker %s: %s", action.worker_id, action.message)
                     peer.send_error(action.code, action.message, action.fatal)
+                    self.events.emit(Refused(action.code.value, action.message, action.worker_id))
                     if action.fatal:
                         self.peers.pop(action.worker_id, None)
+                        self.events.emit(WorkerLeft(action.worker_id, False, action.message))
                         peer.close()
                         self._run(self.chief.leave(action.worker_id, time.monotonic()))
             elif isinstance(action, RequestInit):
@@ -279,6 +294,7 @@ class ChiefServer:
                                       _snapshot(self.chief.strategy.state_dict()),
                                       self.run_config)
         wall = time.monotonic() - (self._t0 or time.monotonic())
+        self._round_ids[rc.round] = tuple(rc.worker_ids)
         record: dict[str, Any] = {"round": rc.round, "workers": rc.workers,
                                   "num_samples": rc.num_samples, "train_loss": rc.train_loss}
         # What the strategy says of the round (differential privacy: epsilon so far).
@@ -363,6 +379,7 @@ class ChiefServer:
             out = self.metrics.write(out)
         except (OSError, TypeError, ValueError) as exc:
             log.error("round %d: cannot write the metrics line: %s", out["round"], exc)
+        self.events.emit(RoundDone(out, self._round_ids.pop(out["round"], ())))
         if self.on_round:
             try:
                 self.on_round(out)
@@ -417,6 +434,13 @@ class ChiefServer:
         for peer in list(self.peers.values()):
             peer.send_error(ErrorCode.SHUTDOWN, "the chief has finished", True)
             peer.close()
+
+
+def _joined(peer: Peer, round_: int) -> WorkerJoined:
+    """The event for observers: where a peer is (a TCP connection's IP address, else "local")
+    and what it says it runs, which only a TCP connection knows (HELLO's agent)."""
+    return WorkerJoined(peer.worker_id, str(getattr(peer, "peer_ip", "local")), round_,
+                        str(getattr(peer, "agent", "")))
 
 
 def _snapshot(state: StrategyState) -> StrategyState:

@@ -42,6 +42,8 @@ PREAUTH_META_BYTES = 256 << 10
 
 # -- fields ----------------------------------------------------------------------------------
 MAX_WORKER_ID = 128  # characters; a host name is at most 253, a certificate CN at most 64
+# HELLO's agent ("fedberry/0.1.0 python/3.11.7"): shown on the chief's status page, no more.
+MAX_AGENT = 64
 MAX_METRICS = 32  # metrics an UPDATE may carry: a few numbers (loss, accuracy); the rest dropped
 MAX_METRIC_NAME = 64  # characters of a metric's name kept
 # A sample count is a count: at most 2**53, the largest integer a float64 holds exactly. Past

@@ -25,6 +25,7 @@ from fedberry.protocol import auth, encodings
 from fedberry.protocol.frames import EncodedFrame, Frame, encode
 from fedberry.protocol.limits import (
     DIGEST_CHARS,
+    MAX_AGENT,
     MAX_ERROR_CODE,
     MAX_ERROR_MESSAGE,
     MAX_METRIC_NAME,
@@ -72,6 +73,9 @@ class Hello:
     TYPE: ClassVar[MsgType] = MsgType.HELLO
     worker_id: str
     nonce: str = field(default_factory=auth.new_nonce)
+    # The worker's software ("fedberry/0.1.0 python/3.11.7"), for the operator's eyes only
+    # (the status page): optional, so that a worker that does not say is served the same.
+    agent: str = ""
 
     def __post_init__(self) -> None:
         w = self.worker_id
@@ -80,13 +84,17 @@ class Hello:
             raise _bad(f"worker_id must be 1-{MAX_WORKER_ID} printable characters")
         if not _is_hex(self.nonce, NONCE_CHARS):
             raise _bad(f"HELLO needs a nonce of {NONCE_CHARS} hex digits")
+        a = self.agent
+        if not isinstance(a, str) or len(a) > MAX_AGENT or not a.isprintable():
+            raise _bad(f"HELLO's agent must be at most {MAX_AGENT} printable characters")
 
     def meta(self) -> dict[str, Any]:
-        return {"worker_id": self.worker_id, "nonce": self.nonce}
+        meta = {"worker_id": self.worker_id, "nonce": self.nonce}
+        return {**meta, "agent": self.agent} if self.agent else meta
 
     @classmethod
     def from_meta(cls, m: dict[str, Any], frame: Frame) -> Hello:
-        return cls(m.get("worker_id"), m.get("nonce"))  # type: ignore[arg-type]
+        return cls(m.get("worker_id"), m.get("nonce"), m.get("agent", ""))  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True)

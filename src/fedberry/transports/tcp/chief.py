@@ -19,6 +19,7 @@ from typing import Any
 
 from fedberry.certs import cert_names, describe_tls_error
 from fedberry.chief.buffers import ReceiveBudget
+from fedberry.chief.events import Refused, Traffic
 from fedberry.chief.runtime import ChiefServer
 from fedberry.protocol.connection import ChiefConnection, ChiefState
 from fedberry.protocol.frames import EncodedFrame, ErrorCode, Limits, ProtocolError, Spec
@@ -151,6 +152,7 @@ class _ChiefConnection(_FrameWriter, asyncio.BufferedProtocol):
         self._joined = False
         self._probing = False  # its worker id is held: waiting to hear whether the holder lives
         self.worker_id = ""
+        self.agent = ""
         self.peer_ip = "?"
         self.opened = self.last_seen = self.last_ping = time.monotonic()
         self.closing_since: float | None = None
@@ -166,6 +168,7 @@ class _ChiefConnection(_FrameWriter, asyncio.BufferedProtocol):
         self._waiting_for = 0  # bytes queued for in the budget (0: not queued)
         self._granted = False
         self._left = False  # detached from the server (it no longer counts as a member)
+        self._traffic = [0, 0]  # bytes up, down not yet reported in a Traffic event
         self.closed = False
         pacing = listener.options.pacing
         self._uplink: Pacer | None = pacing.uplink if pacing is not None else None
@@ -215,6 +218,7 @@ class _ChiefConnection(_FrameWriter, asyncio.BufferedProtocol):
             why = _chief_tls_message(exc)
             self.listener.refusals.note(f"tls: {why}",
                                         f"TLS handshake with {self.peer_ip} failed: {why}")
+            self.server.events.emit(Refused("tls", why, "", self.peer_ip))
             raw.abort()
             self._gone()
             return
@@ -290,6 +294,7 @@ class _ChiefConnection(_FrameWriter, asyncio.BufferedProtocol):
             return  # what a connection sends after we decided to close it does not matter
         self.last_seen = time.monotonic()
         self.server.bytes_up += nbytes
+        self._traffic[0] += nbytes
         if self._receiving_since is not None:
             self._receiving_bytes += nbytes
         try:
@@ -391,7 +396,15 @@ class _ChiefConnection(_FrameWriter, asyncio.BufferedProtocol):
         # take CLOSE_GRACE, and a round must not wait for a worker that is already out.
         if self._joined and not self._left:
             self._left = True
+            self.report_traffic()
             self.server.detach(self, lost=not self._bye)
+
+    def report_traffic(self) -> None:
+        """Tell the observers (chief.events) the bytes moved for this worker since last time:
+        at each update, each model sent, when it leaves, and from the sweep (heartbeats)."""
+        if self._traffic != [0, 0]:
+            self.server.events.emit(Traffic(self.worker_id, *self._traffic))
+            self._traffic = [0, 0]
 
     # -- events ------------------------------------------------------------------------------
     def handle(self, event: Message) -> None:
@@ -399,10 +412,12 @@ class _ChiefConnection(_FrameWriter, asyncio.BufferedProtocol):
             self.send(Pong())
         elif isinstance(event, Hello):
             self.worker_id = event.worker_id
+            self.agent = event.agent  # for the status page (chief.events.WorkerJoined)
             self.send(Challenge())
         elif isinstance(event, Auth):
             self._auth()
         elif isinstance(event, Update):
+            self.report_traffic()
             self.server.on_update(self, event.round, event.num_samples, list(event.tensors),
                                   event.metrics, event.codec, event.checked, event.non_finite)
         elif isinstance(event, Init):
@@ -533,6 +548,7 @@ class _ChiefConnection(_FrameWriter, asyncio.BufferedProtocol):
             self.abort()
             return
         self.server.bytes_down += frame.nbytes
+        self._traffic[1] += frame.nbytes
         self._queue(frame)
 
     def send_queue_limit(self) -> int:
@@ -550,6 +566,7 @@ class _ChiefConnection(_FrameWriter, asyncio.BufferedProtocol):
         # model goes out only in answer to a join or an update, so more than two models still
         # queued means the worker sends but does not read: send() drops it.
         self.send(server.broadcast.frame(chief, self.conn.sent_round))
+        self.report_traffic()
 
     def send_error(self, code: ErrorCode, message: str, fatal: bool) -> None:
         self.send(Error(code, message, fatal))
@@ -567,6 +584,8 @@ class _ChiefConnection(_FrameWriter, asyncio.BufferedProtocol):
         if self.closed or self.closing_since is not None:
             return
         line = f"closing {self.describe()}: {message}"
+        if not self._joined:  # a joined worker that fails is a worker lost, not a refusal
+            self.server.events.emit(Refused(code.value, message, self.worker_id, self.peer_ip))
         if log_as is None:
             log.warning("%s", line)
         else:
@@ -739,6 +758,7 @@ class TcpChief:
             conn.refuse(ErrorCode.BUSY, why, kind)  # plain TCP: the worker retries with backoff
         else:
             self.refusals.note(kind, f"refusing a connection from {conn.peer_ip}: {why}")
+            self.server.events.emit(Refused(ErrorCode.BUSY.value, why, "", conn.peer_ip))
             conn.abort()  # TLS: no handshake for a refused peer; the worker retries
         return False
 
@@ -810,6 +830,8 @@ class TcpChief:
             await asyncio.sleep(0.5)
             now = time.monotonic()
             for conn in list(self.connections):
+                if conn._joined and not conn._left:
+                    conn.report_traffic()  # pings and pongs too: observers see it alive
                 if conn.closing_since is not None:
                     if now - conn.closing_since > CLOSE_GRACE:
                         conn.abort()  # it does not take its last frame: stop waiting

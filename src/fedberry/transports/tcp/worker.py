@@ -7,9 +7,12 @@ module moves its bytes, runs the timers and turns its events into the session's 
 from __future__ import annotations
 
 import asyncio
+import functools
+import importlib.metadata
 import logging
 import random
 import ssl
+import sys
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -45,6 +48,18 @@ from fedberry.protocol.messages import (
     to_frame,
 )
 from fedberry.transports.tcp.stream import _FrameWriter
+
+
+@functools.cache
+def agent() -> str:
+    """What this worker says it runs, in HELLO (the chief's status page shows it): the
+    installed distribution's version (the package's ``__version__`` is above this layer)."""
+    try:
+        version = importlib.metadata.version("fedberry")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree, not installed
+        version = "unknown"
+    return f"fedberry/{version} python/{sys.version.split()[0]}"
+
 
 log = logging.getLogger("fedberry.tcp")
 
@@ -286,7 +301,7 @@ class TcpSession:
             raise _Retryable(f"connect failed ({exc or 'timeout'})") from None
         self._proto = proto
         try:
-            hello = Hello(self.worker_id)
+            hello = Hello(self.worker_id, agent=agent())
         except ProtocolError as exc:
             proto.transport.abort()  # type: ignore[union-attr]
             raise FederationError(f"this worker cannot join: {exc.message}",
