@@ -112,7 +112,26 @@ def _add_chief_parser(sub: argparse._SubParsersAction) -> None:
                    help="an update beyond --max-update-norm is scaled down to it (clip) or "
                         "refused (refuse)")
     _add_downlink_option(p)
+    _add_fleet_options(p)
     p.set_defaults(func=_run_chief)
+
+
+# -- per-round configuration, client sampling, evaluation on the workers (docs/fleet.md) -----
+def _add_fleet_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--round-config", action="append", default=[], metavar="KEY=V[@R],...",
+                   help="sent to every worker with each round's model, e.g. lr=0.1@0,0.05@10 "
+                        "(0.1 from round 0, 0.05 from round 10); repeat for more keys; the "
+                        "torch and Keras drop-ins apply lr")
+
+
+def _fleet_options(args: argparse.Namespace) -> dict:
+    """serve()'s keywords for the options of ``_add_fleet_options``."""
+    from fedberry.chief.round_config import parse_schedule
+
+    out: dict = {}
+    if args.round_config:
+        out["round_config"] = parse_schedule(args.round_config)
+    return out
 
 
 def _strategy_text(text: str) -> str:
@@ -144,8 +163,13 @@ def _run_chief(args: argparse.Namespace) -> int:
             print(header.pop(), flush=True)
         print(format_row(record), flush=True)
 
+    fleet = _fleet_options(args)
     with _out_errors(args.out):
         if args.listen.startswith("mpi://"):  # rank 0 of an mpiexec launch (transports/mpi.py)
+            if fleet:
+                raise ValueError("--round-config, --sample, --fraction and --evaluate-every "
+                                 "work with TCP and in-process workers, not under MPI (its "
+                                 "rounds are one Allreduce of every rank); see docs/fleet.md")
             from fedberry.transports.mpi import run_mpi_chief
 
             run_mpi_chief(rounds=args.rounds, strategy=args.strategy, initial=initial,
@@ -167,7 +191,8 @@ def _run_chief(args: argparse.Namespace) -> int:
                   update_deadline=args.update_deadline,
                   run_config=run_config, on_round=show, downlink=args.downlink,
                   receive_memory=int(args.receive_memory * 2**20), max_samples=args.max_samples,
-                  max_update_norm=args.max_update_norm, update_norm_mode=args.update_norm_mode)
+                  max_update_norm=args.max_update_norm, update_norm_mode=args.update_norm_mode,
+                  **fleet)
     return 0
 
 

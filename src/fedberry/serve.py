@@ -28,6 +28,7 @@ import numpy as np
 from fedberry.certs import server_context
 from fedberry.chief.admission import AdmissionPolicy
 from fedberry.chief.build import OutputOptions, RoundPolicy, build_chief_server
+from fedberry.chief.round_config import RoundConfig
 from fedberry.chief.runtime import ChiefServer, Evaluate
 from fedberry.chief.state import Chief
 from fedberry.protocol.auth import resolve_token
@@ -178,6 +179,7 @@ def serve(listen: str | None = "127.0.0.1:0", *, workers: int | None = None,
           output: OutputOptions | None = None,
           admission: AdmissionPolicy | None = None,
           listen_options: ListenOptions | None = None,
+          round_config: RoundConfig | None = None,
           **options: Any) -> ChiefHandle:
     """Start a chief in the background and return once it accepts connections.
 
@@ -220,6 +222,11 @@ def serve(listen: str | None = "127.0.0.1:0", *, workers: int | None = None,
         The TCP listener's other settings (per-address handshake and authentication-delay
         limits, ``bind_worker_id``, ``pacing``: a benchmark's emulated link, docs/slow-link.md);
         the fields that ``listening`` sets come from it.
+    round_config : callable, optional
+        ``config(round) -> dict`` of scalars sent with the model of each round (``round``:
+        rounds completed, 0 first), e.g. ``Schedule({"lr": {0: 0.1, 10: 0.05}})`` from
+        ``fedberry.chief.round_config``; workers read it as ``Worker.round_config`` and the
+        torch and Keras drop-ins apply ``lr`` (docs/fleet.md).
     **options
         Any field of ``Listening``, ``RoundPolicy``, ``OutputOptions`` or ``AdmissionPolicy``
         by name (``token=``,
@@ -274,7 +281,7 @@ def serve(listen: str | None = "127.0.0.1:0", *, workers: int | None = None,
     try:
         server = build_chief_server(pol, out, strategy=strategy, initial=initial,
                                     evaluate=evaluate, on_round=on_round, downlink=downlink,
-                                    admission=adm)
+                                    admission=adm, round_config=round_config)
         tcp = None
         if listen:
             host, port = parse_address(listen)

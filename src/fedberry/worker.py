@@ -58,6 +58,11 @@ class Worker:
 
     ``worker_id`` names this worker to the chief. By default it is the name in ``cert`` (a chief
     that requires client certificates admits no other), else a fresh host-pid-random name.
+
+    ``round_config`` is the configuration the chief sent with the model that ``join`` or
+    ``sync`` returned last (``serve(round_config=...)``, ``--round-config``): a dict of scalars,
+    e.g. ``{"lr": 0.05}``, empty when the chief sends none (and under MPI). Read it after each
+    call and train the round with it.
     """
 
     def __init__(self, chief: str | InProcessChief = "tcp://127.0.0.1:7777", *,
@@ -72,6 +77,7 @@ class Worker:
         self.round = 0
         self.done = False
         self.joined = False
+        self.round_config: dict[str, Any] = {}
         self._io: LoopThread | None = None
         check_name(codec, UPLINK_CODECS, "update")
         self._session = connect(chief, worker_id=self.worker_id, token=token,
@@ -86,6 +92,7 @@ class Worker:
         arrays = _check_arrays(arrays)
         self.round, out, self.done = self._call(self._session.join(arrays))
         self.joined = True
+        self._took(out)
         return out
 
     def sync(self, arrays: Sequence[np.ndarray], num_samples: float,
@@ -105,6 +112,7 @@ class Worker:
         metrics = {k: float(v) for k, v in (metrics or {}).items() if math.isfinite(float(v))}
         self.round, out, self.done = self._call(
             self._session.sync(self.round, arrays, float(num_samples), metrics))
+        self._took(out)
         return out
 
     def close(self) -> None:
@@ -135,6 +143,10 @@ class Worker:
         return self._session
 
     # -- plumbing ----------------------------------------------------------------------------
+    def _took(self, arrays: list[np.ndarray]) -> None:
+        """After a model came in: what came with it."""
+        self.round_config = dict(getattr(self._session, "round_config", None) or {})
+
     def _call(self, coro_or_value: Any) -> Any:
         if asyncio.iscoroutine(coro_or_value):
             if self._io is None:

@@ -20,6 +20,7 @@ import numpy as np
 from fedberry.chief import checkpoint as ckpt_io
 from fedberry.chief.admission import AdmissionPolicy
 from fedberry.chief.resume import check_resumable
+from fedberry.chief.round_config import RoundConfig
 from fedberry.chief.runtime import CHECKPOINT_ERROR_POLICIES, ChiefServer, Evaluate
 from fedberry.chief.scheduler import Scheduler
 from fedberry.chief.state import Chief, ChiefConfig
@@ -104,7 +105,8 @@ def build_chief_server(policy: RoundPolicy, output: OutputOptions, *,
                        on_round: Callable[[dict[str, Any]], None] | None = None,
                        downlink: str = "none",
                        scheduler: Scheduler | None = None,
-                       admission: AdmissionPolicy | None = None) -> ChiefServer:
+                       admission: AdmissionPolicy | None = None,
+                       round_config: RoundConfig | None = None) -> ChiefServer:
     """The chief runtime for a run, resumed from its checkpoint if asked.
 
     Parameters
@@ -126,6 +128,8 @@ def build_chief_server(policy: RoundPolicy, output: OutputOptions, *,
     admission : AdmissionPolicy, optional
         Which updates are admitted (``chief.admission``); None: the defaults (sample counts up
         to 1e9, no norm bound). Recorded in ``run_config`` under ``"admission"``.
+    round_config : callable, optional
+        ``config(round) -> dict`` sent with each round's model (``chief.round_config``).
 
     Returns
     -------
@@ -163,4 +167,5 @@ def build_chief_server(policy: RoundPolicy, output: OutputOptions, *,
                        checkpoint_path=str(checkpoint) if checkpoint else None,
                        run_config=run_config, finish_grace=policy.finish_grace,
                        append_metrics=output.resume, on_round=on_round, downlink=downlink,
-                       scheduler=scheduler, on_checkpoint_error=output.on_checkpoint_error)
+                       scheduler=scheduler, on_checkpoint_error=output.on_checkpoint_error,
+                       round_config=round_config)

@@ -35,6 +35,7 @@ from fedberry.chief import checkpoint as ckpt_io
 from fedberry.chief.broadcast import Broadcast
 from fedberry.chief.buffers import BufferPool
 from fedberry.chief.metrics import MetricsLog
+from fedberry.chief.round_config import RoundConfig
 from fedberry.chief.run_info import write_run_info
 from fedberry.chief.scheduler import AsyncioScheduler, BlockingScheduler, Scheduler, Timer
 from fedberry.chief.state import (
@@ -47,7 +48,8 @@ from fedberry.chief.state import (
     SendGlobal,
 )
 from fedberry.errors import FederationError
-from fedberry.protocol.frames import ErrorCode, Spec
+from fedberry.protocol.frames import ErrorCode, ProtocolError, Spec
+from fedberry.protocol.messages import round_extras
 from fedberry.strategies import StrategyState
 
 log = logging.getLogger("fedberry.chief")
@@ -98,6 +100,11 @@ class ChiefServer:
     on_checkpoint_error : str
         ``"stop"`` or ``"warn"``: what a checkpoint that cannot be written does (module
         docstring).
+    round_config : callable, optional
+        ``round_config(round) -> dict`` of scalars sent with the model of ``round`` (rounds
+        completed, 0 first) to every worker, encoded once per round (``chief.round_config``).
+        One that raises or returns what the protocol refuses is logged, and that round's
+        model goes out without a config (the side-effect policy).
     """
 
     def __init__(self, chief: Chief, *, evaluate: Evaluate | None = None,
@@ -106,13 +113,17 @@ class ChiefServer:
                  append_metrics: bool = False,
                  on_round: Callable[[dict[str, Any]], None] | None = None,
                  downlink: str = "none", scheduler: Scheduler | None = None,
-                 on_checkpoint_error: str = "stop") -> None:
+                 on_checkpoint_error: str = "stop",
+                 round_config: RoundConfig | None = None) -> None:
         if on_checkpoint_error not in CHECKPOINT_ERROR_POLICIES:
             raise ValueError(f"on_checkpoint_error must be 'stop' or 'warn', not "
                              f"{on_checkpoint_error!r}")
         self.chief = chief
         self.out_dir = out_dir
         self.broadcast = Broadcast(downlink)  # the global model, encoded once per round
+        self.round_config = round_config
+        self._extras: tuple[tuple[int, bool], dict[str, Any]] | None = None
+        self.broadcast.extras = self.extras
         self.evaluate = evaluate
         self.metrics = MetricsLog(out_dir, append=append_metrics)
         self.checkpoint_path = checkpoint_path
@@ -142,6 +153,29 @@ class ChiefServer:
         self.scheduler = scheduler
         self.loop: asyncio.AbstractEventLoop | None = None
         self.finished: asyncio.Event | None = None
+
+    def extras(self, round_: int, done: bool) -> dict[str, Any]:
+        """The GLOBAL metadata of ``round_`` beyond the model: its config (computed once per
+        round, checked by the protocol's rule) and whether it asks for evaluations."""
+        if self._extras is not None and self._extras[0] == (round_, done):
+            return self._extras[1]
+        config: Any = {}
+        if self.round_config is not None:
+            try:
+                config = dict(self.round_config(round_))
+                round_extras(config, False)  # the protocol's check, before any worker sees it
+            except Exception as exc:  # the user's callable: logged, the round goes on
+                why = exc.message if isinstance(exc, ProtocolError) else f"{exc!r}"
+                log.error("round %d: the round config failed (%s); this round's model goes out "
+                          "without one", round_, why)
+                config = {}
+        extras = round_extras(config, False)
+        self._extras = ((round_, done), extras)
+        return extras
+
+    def current_config(self) -> dict[str, Any]:
+        """The config going out with the current round's model (what a local worker gets)."""
+        return dict(self.extras(self.chief.round, self.chief.done).get("config", {}))
 
     @property
     def started_at(self) -> float | None:

@@ -22,6 +22,9 @@ the model's variables are only attached to the model between steps when a callba
 (``Callback.model`` syncs them), which is why this module reads ``self.model`` exactly at the sync
 points and nowhere else: syncing on every batch would cost a device-to-host copy per step.
 
+A round configuration from the chief with an ``lr`` sets the optimizer's ``learning_rate`` when
+the round's model arrives (``Worker.round_config`` holds the whole dict).
+
 If ``fit`` raises, Keras does not call ``on_train_end``: call ``close()`` (or use the callback as
 a context manager) to leave the federation promptly; otherwise the chief notices the silence.
 """
@@ -217,6 +220,14 @@ class FederatedCallback(keras.callbacks.Callback):
         self.close()
 
     def _after_sync(self, global_arrays: list[np.ndarray]) -> None:
+        lr = self.worker.round_config.get("lr") if self.worker is not None else None
+        optimizer = getattr(self.model, "optimizer", None)
+        if (isinstance(lr, (int, float)) and not isinstance(lr, bool)
+                and optimizer is not None):
+            try:
+                optimizer.learning_rate = float(lr)  # Keras 3 assigns into its variable
+            except TypeError as exc:  # built with a LearningRateSchedule: not settable
+                log.warning("the chief's lr %g is not applied: %s", lr, exc)
         if self.worker is not None and self.worker.done:
             log.info("the federation has finished (round %d)", self.worker.round)
             if self.stop_when_done:

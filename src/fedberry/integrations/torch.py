@@ -86,6 +86,11 @@ class FederatedOptimizer(torch.optim.Optimizer):
     ``opt.step(closure)`` when the closure returns the loss, or ``opt.record_loss(loss)`` once per
     step in a loop that calls ``opt.step()`` without a closure.
 
+    A round configuration from the chief (``serve(round_config=...)``, ``--round-config``) with
+    an ``lr`` sets the learning rate of every param group when its model arrives (after
+    ``join`` and each average): the chief's schedule then replaces a local scheduler's value
+    for that round. The whole dict is ``opt.worker.round_config``.
+
     ``close()`` (or leaving a ``with`` block) leaves the federation; once the chief has run all
     its rounds (``done``) it also puts the federation's final model back into ``model``, so any
     steps taken after the last round do not linger.
@@ -257,6 +262,7 @@ class FederatedOptimizer(torch.optim.Optimizer):
             return
         out = self.worker.join(get_arrays(self.model))
         set_arrays(self.model, out)
+        self._apply_round_config()
         if self.worker.done:
             self._final = out
 
@@ -286,8 +292,16 @@ class FederatedOptimizer(torch.optim.Optimizer):
         self._loss_sum, self._loss_count = 0.0, 0
         out = self.worker.sync(get_arrays(self.model), self.num_samples, metrics)
         set_arrays(self.model, out)
+        self._apply_round_config()
         if self.worker.done:
             self._final = out
+
+    def _apply_round_config(self) -> None:
+        """The chief's ``lr`` for this round, into every param group (when it sent one)."""
+        lr = self.worker.round_config.get("lr")
+        if isinstance(lr, (int, float)) and not isinstance(lr, bool):
+            for group in self.param_groups:
+                group["lr"] = float(lr)
 
     def close(self) -> None:
         """Leave the federation; once it is done, put its final model back into ``model``.

@@ -34,11 +34,13 @@ class _LocalPeer:
         self.future: concurrent.futures.Future[Result] = concurrent.futures.Future()
         self.init_arrays: list[np.ndarray] = []
         self.warnings: list[str] = []
+        self.round_config: dict[str, Any] = {}  # what came with the last model
 
     def send_global(self, server: Any) -> None:
         chief = server.chief
         server.broadcast.prepare(chief)  # the model as the TCP workers get it, bit for bit
         if not self.future.done():
+            self.round_config = server.current_config()
             self.future.set_result((chief.round, [a.copy() for a in chief.global_arrays],
                                     chief.done))
 
@@ -66,6 +68,11 @@ class LocalSession:
         self.server = server
         self.loop = loop
         self.peer = _LocalPeer(worker_id)
+
+    @property
+    def round_config(self) -> dict[str, Any]:
+        """The round configuration that came with the last model (``Worker.round_config``)."""
+        return self.peer.round_config
 
     def _submit(self, fn: Any, *args: Any) -> Result:
         self.peer.future = future = concurrent.futures.Future()

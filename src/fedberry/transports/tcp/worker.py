@@ -167,6 +167,7 @@ class TcpSession:
         self._residual: list[np.ndarray] | None = None  # error feedback of a lossy codec
         self._hb_task: asyncio.Task[None] | None = None
         self._have: str | None = None
+        self.round_config: dict[str, Any] = {}  # what came with the last GLOBAL
 
     # -- public coroutines -------------------------------------------------------------------
     async def join(self, arrays: Sequence[np.ndarray]) -> tuple[int, list[np.ndarray], bool]:
@@ -417,6 +418,7 @@ class TcpSession:
                                   "protocol") from None
         if self.codec.needs_reference or self._downlink == "q8":
             self._reference = [np.array(a) for a in arrays]  # the caller may change its own
+        self.round_config = dict(g.config)
         return g.round, arrays, g.done
 
     async def _heartbeat(self) -> None:
