@@ -122,6 +122,14 @@ def _add_fleet_options(p: argparse.ArgumentParser) -> None:
                    help="sent to every worker with each round's model, e.g. lr=0.1@0,0.05@10 "
                         "(0.1 from round 0, 0.05 from round 10); repeat for more keys; the "
                         "torch and Keras drop-ins apply lr")
+    p.add_argument("--sample", type=int, default=None, metavar="K",
+                   help="K of the connected workers take part in each round, drawn from --seed "
+                        "and the round (reproducible); the others stay connected and idle")
+    p.add_argument("--fraction", type=float, default=None, metavar="F",
+                   help="a fraction F of the connected workers takes part in each round")
+    p.add_argument("--poisson", action="store_true",
+                   help="with --fraction: each worker takes part independently with "
+                        "probability F (the sampling a privacy accountant assumes)")
 
 
 def _fleet_options(args: argparse.Namespace) -> dict:
@@ -131,6 +139,9 @@ def _fleet_options(args: argparse.Namespace) -> dict:
     out: dict = {}
     if args.round_config:
         out["round_config"] = parse_schedule(args.round_config)
+    if args.sample is not None or args.fraction is not None or args.poisson:
+        out.update(sample=args.sample, fraction=args.fraction, poisson=args.poisson,
+                   sample_seed=args.seed)
     return out
 
 

@@ -315,6 +315,8 @@ class ChiefServer:
         wall = time.monotonic() - (self._t0 or time.monotonic())
         record: dict[str, Any] = {"round": rc.round, "workers": rc.workers,
                                   "num_samples": rc.num_samples, "train_loss": rc.train_loss}
+        if rc.sampled is not None:  # client sampling (chief.sampling): the round's draw
+            record.update(sampled=rc.sampled, sample_rate=rc.sample_rate)
         # The bytes of this round's broadcast are counted when the sends are issued, which
         # happens right after this (SendGlobal follows RoundClosed): finish the record then.
         assert self.scheduler is not None
