@@ -144,3 +144,26 @@ def test_an_lr_schedule_reaches_the_torch_workers_optimizers():
         assert [r for r, _ in lrs[i]] == list(range(rounds + 1))
         for r, groups in lrs[i]:
             assert groups == [schedule(r)["lr"]] * 2, (i, r, groups)
+
+
+def test_the_chief_command_line_maps_onto_serve_keywords():
+    from fedberry.cli import _fleet_options, build_parser
+
+    args = build_parser().parse_args(
+        ["chief", "--workers", "10", "--seed", "4", "--round-config", "lr=0.1@0,0.05@10",
+         "--sample", "3", "--evaluate-every", "2"])
+    got = _fleet_options(args)
+    assert got["round_config"](10) == {"lr": 0.05}
+    assert (got["sample"], got["fraction"], got["poisson"], got["sample_seed"]) == (3, None,
+                                                                                  False, 4)
+    assert got["evaluate_every"] == 2 and got["evaluate_timeout"] == 30.0
+    assert _fleet_options(build_parser().parse_args(["chief", "--workers", "2"])) == {}
+
+
+def test_fleet_options_under_mpi_are_refused_with_a_sentence(tmp_path, capsys):
+    from fedberry.cli import main
+
+    code = main(["chief", "--listen", "mpi://", "--workers", "2", "--model", "none",
+                 "--sample", "1", "--out", str(tmp_path)])
+    assert code == 2
+    assert "not under MPI" in capsys.readouterr().err

@@ -130,6 +130,13 @@ def _add_fleet_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--poisson", action="store_true",
                    help="with --fraction: each worker takes part independently with "
                         "probability F (the sampling a privacy accountant assumes)")
+    p.add_argument("--evaluate-every", type=int, default=None, metavar="R",
+                   help="every R rounds (and for the final model) ask the workers that offer "
+                        "an evaluation to evaluate the global model on their held-out data; "
+                        "metrics.jsonl gets federated_eval, each key weighted by examples")
+    p.add_argument("--evaluate-timeout", type=float, default=30.0, metavar="S",
+                   help="seconds after the model goes out within which evaluations count; "
+                        "later ones are dropped (default 30)")
 
 
 def _fleet_options(args: argparse.Namespace) -> dict:
@@ -142,6 +149,8 @@ def _fleet_options(args: argparse.Namespace) -> dict:
     if args.sample is not None or args.fraction is not None or args.poisson:
         out.update(sample=args.sample, fraction=args.fraction, poisson=args.poisson,
                    sample_seed=args.seed)
+    if args.evaluate_every is not None:
+        out.update(evaluate_every=args.evaluate_every, evaluate_timeout=args.evaluate_timeout)
     return out
 
 

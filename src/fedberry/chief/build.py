@@ -19,6 +19,7 @@ import numpy as np
 
 from fedberry.chief import checkpoint as ckpt_io
 from fedberry.chief.admission import AdmissionPolicy
+from fedberry.chief.evaluation import FederatedEvaluation
 from fedberry.chief.resume import check_resumable
 from fedberry.chief.round_config import RoundConfig
 from fedberry.chief.runtime import CHECKPOINT_ERROR_POLICIES, ChiefServer, Evaluate
@@ -204,4 +205,7 @@ def build_chief_server(policy: RoundPolicy, output: OutputOptions, *,
                        run_config=run_config, finish_grace=policy.finish_grace,
                        append_metrics=output.resume, on_round=on_round, downlink=downlink,
                        scheduler=scheduler, on_checkpoint_error=output.on_checkpoint_error,
-                       round_config=round_config)
+                       round_config=round_config,
+                       worker_evaluation=FederatedEvaluation(policy.evaluate_every,
+                                                             policy.evaluate_timeout)
+                       if policy.evaluate_every else None)

@@ -117,12 +117,21 @@ class FederatedCallback(keras.callbacks.Callback):
     ``fit(epochs=1)`` calls): nothing is sent at train end and ``close()`` leaves. ``worker``
     takes a ready ``fedberry.Worker``; other keyword arguments (``token_file``, ``ca``,
     ``worker_id``, ...) go to the ``Worker`` this callback creates.
+
+    ``evaluate(model) -> (num_examples, metrics)`` offers an evaluation on this worker's
+    held-out data (docs/fleet.md); when the chief asks (``--evaluate-every``) it is called with
+    the model holding the global weights, e.g.
+    ``lambda m: (len(x_val), m.evaluate(x_val, y_val, return_dict=True, verbose=0))``.
+    Keras's ``evaluate`` resets the model's running training metrics, as its own validation at
+    an epoch's end does: the ``train_loss`` this callback reports for that round is then
+    approximate.
     """
 
     def __init__(self, chief: Any = "tcp://127.0.0.1:7777", *, sync_every: int = 100,
                  num_samples: float | None = None, token: str | None = None,
                  worker: Worker | None = None, stop_when_done: bool = True,
-                 leave_at_end: bool = True, **worker_options: Any) -> None:
+                 leave_at_end: bool = True, evaluate: Any = None,
+                 **worker_options: Any) -> None:
         super().__init__()
         if sync_every < 1:
             raise ValueError("sync_every must be at least 1")
@@ -134,6 +143,9 @@ class FederatedCallback(keras.callbacks.Callback):
         self.stop_when_done = stop_when_done
         self.leave_at_end = leave_at_end
         self._worker_options = dict(worker_options, token=token)
+        self.evaluate = evaluate
+        if evaluate is not None:
+            self._worker_options["evaluate"] = self._evaluate_arrays
         self.worker = worker
         self._own_worker = worker is None
         self._open = False
@@ -205,6 +217,11 @@ class FederatedCallback(keras.callbacks.Callback):
         self.syncs += 1
         self._since_sync = 0
         self._after_sync(global_arrays)
+
+    def _evaluate_arrays(self, arrays: list[np.ndarray]) -> Any:
+        """The Worker's ``evaluate``: the user's, on the model holding the global weights."""
+        set_arrays(self.model, arrays)
+        return self.evaluate(self.model)
 
     def close(self) -> None:
         """Leave the federation (``on_train_end`` calls this unless ``leave_at_end=False``)."""

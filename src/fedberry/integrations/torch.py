@@ -110,7 +110,12 @@ class FederatedOptimizer(torch.optim.Optimizer):
         This worker's weight in the average, usually the size of its training set. By default
         ``sync_every`` (every worker syncs after the same number of steps: equal weights).
     worker : fedberry.Worker, optional
-        A worker built elsewhere; ``chief`` and ``worker_options`` are then not used.
+        A worker built elsewhere; ``chief``, ``evaluate`` and ``worker_options`` are then not
+        used (give that Worker its own ``evaluate``).
+    evaluate : callable, optional
+        ``evaluate(model) -> (num_examples, {"accuracy": .., "loss": ..})`` on this worker's
+        held-out data; when the chief asks (``--evaluate-every``) it is called with ``model``
+        holding the global model, before training goes on (docs/fleet.md).
     **worker_options
         Passed to ``fedberry.Worker``: ``token``, ``token_file``, ``ca``, ``cert``, ``key``,
         ``worker_id``, ``codec``, timeouts.
@@ -145,7 +150,8 @@ class FederatedOptimizer(torch.optim.Optimizer):
     # Federation state lives in slots, outside the ``__dict__`` shared with the wrapped optimizer,
     # so the wrapped optimizer's namespace gains nothing.
     __slots__ = ("optimizer", "model", "sync_every", "num_samples", "steps", "_chief",
-                 "_worker_options", "_worker", "_final", "_loss_sum", "_loss_count")
+                 "_worker_options", "_worker", "_final", "_loss_sum", "_loss_count",
+                 "_evaluate")
 
     # One subclass per optimizer class, so wrapping many optimizers builds no class per call.
     _subclasses: ClassVar[dict[type, type]] = {}
@@ -172,6 +178,7 @@ class FederatedOptimizer(torch.optim.Optimizer):
     def __init__(self, optimizer: torch.optim.Optimizer, model: torch.nn.Module, *,
                  chief: str | InProcessChief | None = None, sync_every: int = 100,
                  num_samples: float | None = None, worker: Worker | None = None,
+                 evaluate: Callable[[torch.nn.Module], Any] | None = None,
                  **worker_options: Any) -> None:
         if chief is None and worker is None:
             raise TypeError("FederatedOptimizer needs chief=, the chief's address (for example "
@@ -203,6 +210,7 @@ class FederatedOptimizer(torch.optim.Optimizer):
         self._final: list[np.ndarray] | None = None
         self._loss_sum = 0.0
         self._loss_count = 0
+        self._evaluate = evaluate
 
     # -- the optimizer interface -------------------------------------------------------------
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
@@ -240,8 +248,19 @@ class FederatedOptimizer(torch.optim.Optimizer):
     def worker(self) -> Worker:
         """The ``fedberry.Worker`` (made on first use; it connects at ``join()``)."""
         if self._worker is None:
-            self._worker = Worker(self._chief, **self._worker_options)
+            options = dict(self._worker_options)
+            if self._evaluate is not None:
+                options["evaluate"] = self._evaluate_arrays
+            self._worker = Worker(self._chief, **options)
         return self._worker
+
+    def _evaluate_arrays(self, arrays: list[np.ndarray]) -> Any:
+        """The Worker's ``evaluate``: the user's, on ``model`` holding the global model (which
+        it then keeps: ``join``/``synchronize`` load that model next anyway)."""
+        assert self._evaluate is not None
+        set_arrays(self.model, arrays)
+        with torch.no_grad():
+            return self._evaluate(self.model)
 
     @property
     def joined(self) -> bool:

@@ -460,7 +460,8 @@ class WorkerConnection(_Connection):
             if msg.spec != self.spec:  # the chief's frames are checked against self.spec
                 raise LocalProtocolError("AUTH must announce the model this connection expects")
             return Auth(msg.spec, msg.want_model, msg.have,
-                        auth.worker_proof(self.token, self._chief_nonce, self._worker_nonce))
+                        auth.worker_proof(self.token, self._chief_nonce, self._worker_nonce),
+                        msg.evaluates)
         return msg
 
     def _sending(self, t: MsgType, meta: dict) -> None:
