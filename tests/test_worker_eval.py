@@ -11,8 +11,17 @@ import pytest
 
 from fedberry import Worker, serve
 from fedberry.chief.evaluation import FederatedEvaluation, weighted_means
-from fedberry.protocol.frames import ProtocolError
-from fedberry.protocol.messages import EvalResult
+from fedberry.protocol.connection import (
+    Auth,
+    Challenge,
+    ChiefConnection,
+    Hello,
+    LocalProtocolError,
+    Welcome,
+    WorkerConnection,
+)
+from fedberry.protocol.frames import ProtocolError, spec_of
+from fedberry.protocol.messages import EvalResult, Global, to_frame
 
 DIM = 3
 
@@ -158,3 +167,68 @@ def test_an_evaluation_result_is_held_to_the_protocols_checks():
         args = {"round": 1, "num_examples": 5, "metrics": {}, **kwargs}
         with pytest.raises(ProtocolError, match=why):
             EvalResult(**args)
+
+
+def test_the_keras_callback_applies_the_lr_and_evaluates():
+    import os
+
+    os.environ.setdefault("KERAS_BACKEND", "torch")
+    pytest.importorskip(os.environ["KERAS_BACKEND"], reason="the Keras backend")
+    keras = pytest.importorskip("keras", reason="the keras extra")
+    from fedberry.chief.round_config import Schedule
+    from fedberry.integrations.keras import FederatedCallback
+
+    schedule = Schedule({"lr": {0: 0.05, 1: 0.02}})
+    handle = serve("127.0.0.1:0", workers=1, rounds=2, token="t", evaluate_every=1,
+                   round_config=schedule)
+    x, y = _held_out(5, 32)
+    model = keras.Sequential([keras.Input((DIM,)), keras.layers.Dense(1)])
+    model.compile(optimizer=keras.optimizers.SGD(learning_rate=1.0), loss="mse")
+    lrs: list[float] = []
+
+    def evaluate(m):
+        lrs.append(float(m.optimizer.learning_rate))
+        return len(x), {"mse": float(np.mean((m.predict(x, verbose=0)[:, 0] - y) ** 2))}
+
+    cb = FederatedCallback(chief=handle.url, sync_every=2, token="t", evaluate=evaluate)
+    model.fit(x, y, batch_size=8, epochs=5, verbose=0, callbacks=[cb])
+    try:
+        assert handle.wait(10)
+        metrics = handle.metrics
+    finally:
+        handle.stop()
+    assert [m["federated_eval"]["num_examples"] for m in metrics] == [32, 32]
+    # The lr set with the model of the last round is the optimizer's now.
+    assert float(model.optimizer.learning_rate) == pytest.approx(schedule(2)["lr"])
+    assert lrs  # evaluate ran inside fit
+
+
+def _joined(evaluates: bool):
+    spec = spec_of([np.zeros(DIM, np.float32)])
+    c, w = ChiefConnection("tok"), WorkerConnection("tok", spec)
+
+    def deliver(sender, receiver, msg):
+        return receiver.receive_data(sender.send(msg).tobytes())
+
+    deliver(w, c, Hello("w"))
+    deliver(c, w, Challenge())
+    deliver(w, c, Auth(spec, evaluates=evaluates))
+    deliver(c, w, Welcome(0))
+    return c, w, deliver
+
+
+def test_the_chief_takes_one_evaluation_per_request_and_only_from_evaluators():
+    c, w, deliver = _joined(evaluates=True)
+    assert c.evaluates
+    (g,) = deliver(c, w, Global(1, [np.zeros(DIM, np.float32)], evaluate=True))
+    assert g.evaluate and w.eval_asked == 1
+    (ev,) = deliver(w, c, EvalResult(1, 10, {"acc": 0.5}))
+    assert isinstance(ev, EvalResult) and ev.metrics == {"acc": 0.5}
+    with pytest.raises(LocalProtocolError):  # our own side sends one answer per request
+        w.send(EvalResult(1, 10, {"acc": 0.5}))
+    with pytest.raises(ProtocolError, match="did not ask"):  # nor takes a second one
+        c.receive_data(to_frame(EvalResult(1, 10, {})).tobytes())
+
+    c, w, _ = _joined(evaluates=False)  # said at join that it does not evaluate
+    with pytest.raises(ProtocolError, match="not allowed"):
+        c.receive_data(to_frame(EvalResult(0, 10, {})).tobytes())
