@@ -55,6 +55,7 @@ def test_draws_are_a_function_of_seed_round_and_ids():
 def test_only_the_drawn_get_the_model_and_the_round_waits_for_them_alone():
     chief, sent = _chief(6, workers=6, rounds=3, sampling=SamplingPolicy(sample=2, seed=3))
     assert sent == set(chief.sampled) and len(sent) == 2  # drawn once the barrier is met
+    assert chief.idle == set(chief.members) - sent
     first = set(chief.sampled)
     actions = []
     for w in sorted(first):

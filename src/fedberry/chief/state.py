@@ -158,6 +158,12 @@ class Chief:
 
     # -- queries -----------------------------------------------------------------------------
     @property
+    def idle(self) -> frozenset[str]:
+        """Connected workers that client sampling left out: they wait, connected, for the
+        model of a round that draws them (empty without sampling)."""
+        return frozenset(self._parked & self.members)
+
+    @property
     def deadline(self) -> float | None:
         if self.config.round_timeout is None or self._opened_at is None or self.done:
             return None

@@ -259,8 +259,12 @@ class FederatedOptimizer(torch.optim.Optimizer):
         it then keeps: ``join``/``synchronize`` load that model next anyway)."""
         assert self._evaluate is not None
         set_arrays(self.model, arrays)
-        with torch.no_grad():
-            return self._evaluate(self.model)
+        training = self.model.training  # the user's evaluate may switch to eval(): undo it
+        try:
+            with torch.no_grad():
+                return self._evaluate(self.model)
+        finally:
+            self.model.train(training)
 
     @property
     def joined(self) -> bool:
