@@ -347,7 +347,9 @@ class ChiefServer:
         # the resumed chief's model (Chief.update: "is ahead of the chief"), and that round is
         # done again. At most the round in flight is lost, never a model of another run.
         ckpt = None
-        if self.checkpoint_path:
+        # Rounds that a Poisson draw of nobody closed at once come in one batch with the round
+        # the chief is at now: its checkpoint covers them (same model, the latest round).
+        if self.checkpoint_path and rc.round == self.chief.round:
             ckpt = ckpt_io.Checkpoint(self.chief.round, list(self.chief.global_arrays or []),
                                       _snapshot(self.chief.strategy.state_dict()),
                                       self.run_config)
