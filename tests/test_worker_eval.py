@@ -85,6 +85,9 @@ def test_weighted_means_average_each_key_over_those_that_report_it():
     assert not ev.report("a", 3, 10, {"x": 1.0}, 1.0)  # never asked: dropped
     ev.sent(4, ["a"], now=2.0)
     assert not ev.pending(4, 7.5) and not ev.report("a", 4, 1, {}, 7.5)  # past its timeout
+    ev.sent(6, ["late-joiner"], now=8.0)  # asked after round 6's line was written
+    ev.sent(8, ["a"], now=8.0)
+    assert ev.take(8) is None and not ev.open  # closing round 8 forgets round 6 too
 
 
 def test_two_workers_give_the_example_weighted_mean_of_their_metrics():

@@ -119,9 +119,15 @@ class FederatedEvaluation:
         return ev is not None and not ev.complete and now <= ev.deadline
 
     def take(self, round_: int) -> dict[str, float] | None:
-        """Close ``round_``'s evaluation: its summary (None if nobody answered)."""
+        """Close ``round_``'s evaluation, and any of earlier rounds still open (a worker that
+        joined after their lines were written was asked too): the summary of ``round_``
+        (None if nobody answered)."""
+        for r in [r for r in self.open if r < round_]:
+            del self.open[r]
         ev = self.open.pop(round_, None)
         return None if ev is None else ev.summary()
 
-    def next_deadline(self) -> float | None:
-        return min((ev.deadline for ev in self.open.values()), default=None)
+    def deadline(self, round_: int) -> float | None:
+        """When the answers for ``round_`` stop counting (None: none awaited)."""
+        ev = self.open.get(round_)
+        return None if ev is None else ev.deadline

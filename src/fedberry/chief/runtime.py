@@ -455,8 +455,9 @@ class ChiefServer:
         if self._held_timer is not None:
             self._held_timer.cancel()
             self._held_timer = None
-        deadline = ev.next_deadline()
-        if self._held and deadline is not None and self.scheduler is not None:
+        # The first held line's deadline: the lines after it wait behind it anyway.
+        deadline = ev.deadline(self._held[0]["round"]) if self._held else None
+        if deadline is not None and self.scheduler is not None:
             self._held_timer = self.scheduler.call_later(max(0.0, deadline - now) + 0.01,
                                                          self._flush_held)
 
