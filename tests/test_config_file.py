@@ -34,6 +34,22 @@ def test_the_file_sets_every_kind_of_option(tmp_path):
     assert args.status == "127.0.0.1:9090" and args.downlink == "fp16"
 
 
+def test_a_repeatable_option_takes_a_list_and_prints_back_as_one(tmp_path, capsys):
+    path = _write(tmp_path, 'workers = 2\nround-config = ["lr=0.1@0,0.05@10", "epochs=2"]\n'
+                            'dp = "clip=1.0,noise=0.0"\n')
+    args = parse_args(build_parser(), ["chief", "--config", path, "--round-config", "mu=0.5"])
+    # The file's items come first, the command line's after: each one repeat of the option.
+    assert args.round_config == ["lr=0.1@0,0.05@10", "epochs=2", "mu=0.5"]
+    assert args.dp == "clip=1.0,noise=0.0"
+    with pytest.raises(SystemExit):
+        parse_args(build_parser(), ["chief", "--config", path, "--print-config"])
+    printed = capsys.readouterr().out
+    assert 'round-config = ["lr=0.1@0,0.05@10", "epochs=2"]' in printed
+    bad = _write(tmp_path, 'workers = 2\nround-config = ["lr"]\n', "bad.toml")
+    with pytest.raises(SystemExit):
+        parse_args(build_parser(), ["chief", "--config", bad])
+
+
 def test_command_line_flags_override_the_file(tmp_path):
     path = _write(tmp_path, "workers = 3\nrounds = 4\nlisten = '127.0.0.1:1'\n")
     args = parse_args(build_parser(), ["-v", "chief", "--rounds", "9", f"--config={path}",

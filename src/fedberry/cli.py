@@ -13,6 +13,7 @@ from pathlib import Path
 
 from fedberry import __version__
 from fedberry.chief.admission import DEFAULT_MAX_SAMPLES, NORM_MODES, AdmissionPolicy
+from fedberry.chief.round_config import parse_schedule
 from fedberry.cli_config import add_config_options, parse_args
 from fedberry.codecs import DOWNLINK_CODECS, UPLINK_CODECS
 from fedberry.demo.torch_demo import TrainConfig
@@ -117,6 +118,7 @@ def _add_chief_parser(sub: argparse._SubParsersAction) -> None:
     _add_downlink_option(p)
     _add_dp_options(p)
     add_config_options(p)  # --status, --config, --print-config (cli_config.py)
+    _add_fleet_options(p)
     p.set_defaults(func=_run_chief)
 
 
@@ -167,6 +169,52 @@ def _dp_summary(dp: DPConfig, records: list[dict]) -> str:
             f"rounds (clip {dp.clip:g}, noise {dp.noise:g}){budget}")
 
 
+# -- per-round configuration, client sampling, evaluation on the workers (docs/fleet.md) -----
+def _add_fleet_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--round-config", action="append", default=[], metavar="KEY=V[@R],...",
+                   type=_round_config_text,
+                   help="sent to every worker with each round's model, e.g. lr=0.1@0,0.05@10 "
+                        "(0.1 from round 0, 0.05 from round 10); repeat for more keys; the "
+                        "torch and Keras drop-ins apply lr")
+    p.add_argument("--sample", type=int, default=None, metavar="K",
+                   help="K of the connected workers take part in each round, drawn from --seed "
+                        "and the round (reproducible); the others stay connected and idle")
+    p.add_argument("--fraction", type=float, default=None, metavar="F",
+                   help="a fraction F of the connected workers takes part in each round")
+    p.add_argument("--poisson", action="store_true",
+                   help="with --fraction: each worker takes part independently with "
+                        "probability F (the sampling a privacy accountant assumes)")
+    p.add_argument("--evaluate-every", type=int, default=None, metavar="R",
+                   help="every R rounds (and for the final model) ask the workers that offer "
+                        "an evaluation to evaluate the global model on their held-out data; "
+                        "metrics.jsonl gets federated_eval, each key weighted by examples")
+    p.add_argument("--evaluate-timeout", type=float, default=30.0, metavar="S",
+                   help="seconds after the model goes out within which evaluations count; "
+                        "later ones are dropped (default 30)")
+
+
+def _round_config_text(text: str) -> str:
+    """One ``--round-config`` item, checked when the command line (or --config) is read."""
+    try:
+        parse_schedule([text])
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def _fleet_options(args: argparse.Namespace) -> dict:
+    """serve()'s keywords for the options of ``_add_fleet_options``."""
+    out: dict = {}
+    if args.round_config:
+        out["round_config"] = parse_schedule(args.round_config)
+    if args.sample is not None or args.fraction is not None or args.poisson:
+        out.update(sample=args.sample, fraction=args.fraction, poisson=args.poisson,
+                   sample_seed=args.seed)
+    if args.evaluate_every is not None:
+        out.update(evaluate_every=args.evaluate_every, evaluate_timeout=args.evaluate_timeout)
+    return out
+
+
 def _strategy_text(text: str) -> str:
     """``--strategy`` checked when the command line is read; the text itself goes on (into
     run_config and serve(), which parses it again), so that it is recorded as typed."""
@@ -205,8 +253,13 @@ def _run_chief(args: argparse.Namespace) -> int:
         records.append(record)
         print(row, flush=True)
 
+    fleet = _fleet_options(args)
     with _out_errors(args.out):
         if args.listen.startswith("mpi://"):  # rank 0 of an mpiexec launch (transports/mpi.py)
+            if fleet:
+                raise ValueError("--round-config, --sample, --fraction and --evaluate-every "
+                                 "work with TCP and in-process workers, not under MPI (its "
+                                 "rounds are one Allreduce of every rank); see docs/fleet.md")
             from fedberry.transports.mpi import run_mpi_chief
 
             if args.status:
@@ -234,7 +287,7 @@ def _run_chief(args: argparse.Namespace) -> int:
                   run_config=run_config, on_round=show, downlink=args.downlink,
                   receive_memory=int(args.receive_memory * 2**20), max_samples=args.max_samples,
                   max_update_norm=args.max_update_norm, update_norm_mode=args.update_norm_mode,
-                  status=args.status, dp=dp)
+                  status=args.status, dp=dp, **fleet)
         if dp is not None:
             print(_dp_summary(dp, records), flush=True)
     return 0

@@ -111,6 +111,9 @@ def _words(path: str, key: str, action: argparse.Action, value: Any) -> list[str
             raise ValueError(f"{where}: a flag takes true or false")
         want = action.const if value else action.default
         return [f"--{key}"] if want != action.default else []
+    if isinstance(action, argparse._AppendAction) and isinstance(value, list):
+        # A repeatable option (--round-config): a list of its values, each checked alone.
+        return [w for item in value for w in _words(path, key, action, item)]
     if isinstance(value, (bool, dict, list)) or not isinstance(value, (str, int, float)):
         raise ValueError(f"{where}: give a single number or string")
     text = str(value)
@@ -164,8 +167,11 @@ def effective_toml(args: argparse.Namespace, chief: argparse.ArgumentParser) -> 
             if value is not None:
                 lines.append(f"# {key} = (hidden: give it with --token-file or FEDBERRY_TOKEN)")
             continue
-        if value is None:
+        if value is None or value == []:
             lines.append(f"# {key} = (not set)")
+            continue
+        if isinstance(value, list):  # a repeatable option: a TOML array of its values
+            lines.append(f"{key} = [{', '.join(_toml_value(v) for v in value)}]")
             continue
         lines.append(f"{key} = {_toml_value(value)}")
     return "\n".join(lines) + "\n"

@@ -28,6 +28,7 @@ import numpy as np
 from fedberry.certs import server_context
 from fedberry.chief.admission import AdmissionPolicy
 from fedberry.chief.build import OutputOptions, RoundPolicy, build_chief_server
+from fedberry.chief.round_config import RoundConfig
 from fedberry.chief.runtime import ChiefServer, Evaluate
 from fedberry.chief.state import Chief
 from fedberry.privacy import DPConfig, as_config
@@ -186,6 +187,7 @@ def serve(listen: str | None = "127.0.0.1:0", *, workers: int | None = None,
           admission: AdmissionPolicy | None = None,
           listen_options: ListenOptions | None = None, status: str | None = None,
           dp: DPConfig | str | None = None,
+          round_config: RoundConfig | None = None,
           **options: Any) -> ChiefHandle:
     """Start a chief in the background and return once it accepts connections.
 
@@ -238,6 +240,11 @@ def serve(listen: str | None = "127.0.0.1:0", *, workers: int | None = None,
         or ``--dp`` text): updates clipped to C, weighted uniformly, Gaussian noise on their
         mean, epsilon in every round's metrics; ``target_epsilon`` caps the rounds
         (docs/privacy.md).
+    round_config : callable, optional
+        ``config(round) -> dict`` of scalars sent with the model of each round (``round``:
+        rounds completed, 0 first), e.g. ``Schedule({"lr": {0: 0.1, 10: 0.05}})`` from
+        ``fedberry.chief.round_config``; workers read it as ``Worker.round_config`` and the
+        torch and Keras drop-ins apply ``lr`` (docs/fleet.md).
     **options
         Any field of ``Listening``, ``RoundPolicy``, ``OutputOptions`` or ``AdmissionPolicy``
         by name (``token=``,
@@ -310,7 +317,7 @@ def serve(listen: str | None = "127.0.0.1:0", *, workers: int | None = None,
     try:
         server = build_chief_server(pol, out, strategy=strategy, initial=initial,
                                     evaluate=evaluate, on_round=on_round, downlink=downlink,
-                                    admission=adm)
+                                    admission=adm, round_config=round_config)
         tcp = None
         if listen:
             host, port = parse_address(listen)

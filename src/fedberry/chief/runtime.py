@@ -22,6 +22,7 @@ fatal ERROR (``chief_failed``) and ends the run, and ``wait_finished``/``shutdow
 from __future__ import annotations
 
 import asyncio
+import collections
 import functools
 import logging
 import time
@@ -34,6 +35,7 @@ from fedberry import codecs
 from fedberry.chief import checkpoint as ckpt_io
 from fedberry.chief.broadcast import Broadcast
 from fedberry.chief.buffers import BufferPool
+from fedberry.chief.evaluation import FederatedEvaluation
 from fedberry.chief.events import (
     EventStream,
     Refused,
@@ -43,6 +45,7 @@ from fedberry.chief.events import (
     WorkerLeft,
 )
 from fedberry.chief.metrics import MetricsLog
+from fedberry.chief.round_config import RoundConfig
 from fedberry.chief.run_info import write_run_info
 from fedberry.chief.scheduler import AsyncioScheduler, BlockingScheduler, Scheduler, Timer
 from fedberry.chief.state import (
@@ -55,7 +58,8 @@ from fedberry.chief.state import (
     SendGlobal,
 )
 from fedberry.errors import FederationError
-from fedberry.protocol.frames import ErrorCode, Spec
+from fedberry.protocol.frames import ErrorCode, ProtocolError, Spec
+from fedberry.protocol.messages import round_extras
 from fedberry.strategies import StrategyState
 
 log = logging.getLogger("fedberry.chief")
@@ -106,6 +110,15 @@ class ChiefServer:
     on_checkpoint_error : str
         ``"stop"`` or ``"warn"``: what a checkpoint that cannot be written does (module
         docstring).
+    round_config : callable, optional
+        ``round_config(round) -> dict`` of scalars sent with the model of ``round`` (rounds
+        completed, 0 first) to every worker, encoded once per round (``chief.round_config``).
+        One that raises or returns what the protocol refuses is logged, and that round's
+        model goes out without a config (the side-effect policy).
+    worker_evaluation : FederatedEvaluation, optional
+        Ask the workers that offer one to evaluate the global model every so many rounds; the
+        round's metrics line waits (within its timeout) and carries ``federated_eval``
+        (``chief.evaluation``).
     """
 
     def __init__(self, chief: Chief, *, evaluate: Evaluate | None = None,
@@ -114,13 +127,23 @@ class ChiefServer:
                  append_metrics: bool = False,
                  on_round: Callable[[dict[str, Any]], None] | None = None,
                  downlink: str = "none", scheduler: Scheduler | None = None,
-                 on_checkpoint_error: str = "stop") -> None:
+                 on_checkpoint_error: str = "stop",
+                 round_config: RoundConfig | None = None,
+                 worker_evaluation: FederatedEvaluation | None = None) -> None:
         if on_checkpoint_error not in CHECKPOINT_ERROR_POLICIES:
             raise ValueError(f"on_checkpoint_error must be 'stop' or 'warn', not "
                              f"{on_checkpoint_error!r}")
         self.chief = chief
         self.out_dir = out_dir
         self.broadcast = Broadcast(downlink)  # the global model, encoded once per round
+        self.round_config = round_config
+        self._extras: tuple[tuple[int, bool], dict[str, Any]] | None = None
+        self.broadcast.extras = self.extras
+        self.worker_evaluation = worker_evaluation
+        self._evaluators: set[str] = set()  # joined workers that answer evaluation requests
+        # Metrics lines waiting for their round's worker evaluations, in round order.
+        self._held: collections.deque[dict[str, Any]] = collections.deque()
+        self._held_timer: Timer | None = None
         self.evaluate = evaluate
         self.metrics = MetricsLog(out_dir, append=append_metrics)
         self.checkpoint_path = checkpoint_path
@@ -153,6 +176,31 @@ class ChiefServer:
         self.loop: asyncio.AbstractEventLoop | None = None
         self.finished: asyncio.Event | None = None
 
+    def extras(self, round_: int, done: bool) -> dict[str, Any]:
+        """The GLOBAL metadata of ``round_`` beyond the model: its config (computed once per
+        round, checked by the protocol's rule) and whether it asks for evaluations."""
+        if self._extras is not None and self._extras[0] == (round_, done):
+            return self._extras[1]
+        config: Any = {}
+        if self.round_config is not None:
+            try:
+                config = dict(self.round_config(round_))
+                round_extras(config, False)  # the protocol's check, before any worker sees it
+            except Exception as exc:  # the user's callable: logged, the round goes on
+                why = exc.message if isinstance(exc, ProtocolError) else f"{exc!r}"
+                log.error("round %d: the round config failed (%s); this round's model goes out "
+                          "without one", round_, why)
+                config = {}
+        asks = (self.worker_evaluation is not None
+                and self.worker_evaluation.asks(round_, done))
+        extras = round_extras(config, asks)
+        self._extras = ((round_, done), extras)
+        return extras
+
+    def current_config(self) -> dict[str, Any]:
+        """The config going out with the current round's model (what a local worker gets)."""
+        return dict(self.extras(self.chief.round, self.chief.done).get("config", {}))
+
     @property
     def started_at(self) -> float | None:
         """time.monotonic() when the first worker joined: metrics' wall_s counts from here."""
@@ -166,7 +214,12 @@ class ChiefServer:
             self.scheduler = AsyncioScheduler(self.loop)
 
     # -- events from transports --------------------------------------------------------------
-    def attach(self, peer: Peer, spec: Spec, want_model: bool) -> None:
+    def attach(self, peer: Peer, spec: Spec, want_model: bool, evaluates: bool = False) -> None:
+        """``evaluates``: the worker answers evaluation requests (its AUTH said so)."""
+        if evaluates:
+            self._evaluators.add(peer.worker_id)
+        else:
+            self._evaluators.discard(peer.worker_id)
         old = self.peers.get(peer.worker_id)
         self.peers[peer.worker_id] = peer  # first: closing the old one must not count as leaving
         if old is not None and old is not peer:
@@ -216,11 +269,25 @@ class ChiefServer:
                 action.fatal = True  # no rank can be left out of a collective: the job stops
         self._run(actions)
 
+    def on_eval(self, peer: Peer, round_: int, num_examples: float,
+                metrics: dict[str, float]) -> None:
+        """A worker's evaluation of the model of ``round_`` (its fields checked by the
+        protocol's ``EvalResult``)."""
+        if self.worker_evaluation is None or self.peers.get(peer.worker_id) is not peer:
+            return
+        if self.worker_evaluation.report(peer.worker_id, round_, num_examples, metrics,
+                                         time.monotonic()):
+            self._flush_held()
+
     def detach(self, peer: Peer, lost: bool = False) -> None:
         if self.peers.get(peer.worker_id) is not peer:
             return  # an old connection of a worker that has reconnected
         del self.peers[peer.worker_id]
         self.events.emit(WorkerLeft(peer.worker_id, lost))
+        self._evaluators.discard(peer.worker_id)
+        if self.worker_evaluation is not None:
+            self.worker_evaluation.left(peer.worker_id)
+            self._flush_held()
         if lost and not self.chief.done:
             self._lost[peer.worker_id] = time.monotonic()
         self._run(self.chief.leave(peer.worker_id, time.monotonic()))
@@ -234,11 +301,17 @@ class ChiefServer:
             return
         for action in actions:
             if isinstance(action, SendGlobal):
+                asks = self.extras(self.chief.round, self.chief.done).get("evaluate", False)
                 for wid in action.worker_ids:
                     if wid in self.peers:
                         self.peers[wid].send_global(self)
                         if self.chief.done:
                             self._lost.pop(wid, None)
+                if asks and self.worker_evaluation is not None:
+                    self.worker_evaluation.sent(
+                        self.chief.round, [w for w in action.worker_ids
+                                           if w in self.peers and w in self._evaluators],
+                        time.monotonic())
             elif isinstance(action, SendError):
                 peer = self.peers.get(action.worker_id)
                 if peer is not None:
@@ -289,7 +362,9 @@ class ChiefServer:
         # the resumed chief's model (Chief.update: "is ahead of the chief"), and that round is
         # done again. At most the round in flight is lost, never a model of another run.
         ckpt = None
-        if self.checkpoint_path:
+        # Rounds that a Poisson draw of nobody closed at once come in one batch with the round
+        # the chief is at now: its checkpoint covers them (same model, the latest round).
+        if self.checkpoint_path and rc.round == self.chief.round:
             ckpt = ckpt_io.Checkpoint(self.chief.round, list(self.chief.global_arrays or []),
                                       _snapshot(self.chief.strategy.state_dict()),
                                       self.run_config)
@@ -301,6 +376,8 @@ class ChiefServer:
         extra = getattr(self.chief.strategy, "round_record", None)
         if extra is not None:
             record.update(extra())
+        if rc.sampled is not None:  # client sampling (chief.sampling): the round's draw
+            record.update(sampled=rc.sampled, sample_rate=rc.sample_rate)
         # The bytes of this round's broadcast are counted when the sends are issued, which
         # happens right after this (SendGlobal follows RoundClosed): finish the record then.
         assert self.scheduler is not None
@@ -375,6 +452,37 @@ class ChiefServer:
         if out["round"] in self._unsaved:
             self._unsaved.discard(out["round"])
             out["checkpoint"] = False
+        if self.worker_evaluation is not None:
+            # The line waits for the workers' evaluations of this round's model (bounded by
+            # their timeout); the lines after it wait behind it, so the file stays in order.
+            self._held.append(out)
+            self._flush_held()
+            return
+        self._emit(out)
+
+    def _flush_held(self, force: bool = False) -> None:
+        """Write the held lines whose evaluations are in (or timed out), in round order."""
+        ev = self.worker_evaluation
+        if ev is None:
+            return
+        now = time.monotonic()
+        while self._held and (force or not ev.pending(self._held[0]["round"], now)):
+            out = self._held.popleft()
+            summary = ev.take(out["round"])
+            if summary is not None:
+                out["federated_eval"] = summary
+            self._emit(out)
+        if self._held_timer is not None:
+            self._held_timer.cancel()
+            self._held_timer = None
+        # The first held line's deadline: the lines after it wait behind it anyway.
+        deadline = ev.deadline(self._held[0]["round"]) if self._held else None
+        if deadline is not None and self.scheduler is not None:
+            self._held_timer = self.scheduler.call_later(max(0.0, deadline - now) + 0.01,
+                                                         self._flush_held)
+
+    def _emit(self, out: dict[str, Any]) -> None:
+        """One round's metrics line, then ``on_round`` (what fails is logged)."""
         try:
             out = self.metrics.write(out)
         except (OSError, TypeError, ValueError) as exc:
@@ -413,6 +521,7 @@ class ChiefServer:
         assert self.finished is not None and isinstance(self.scheduler, AsyncioScheduler)
         await self.finished.wait()
         await self.scheduler.drain()
+        self._flush_held(force=True)  # the run is over: no answer is coming any more
         self._close_peers()
         self._raise_failure()
 
@@ -421,6 +530,7 @@ class ChiefServer:
         (waiting for their evaluation) and close the peers left."""
         assert isinstance(self.scheduler, BlockingScheduler)
         self.scheduler.drain()
+        self._flush_held(force=True)
         self._close_peers()
         self._raise_failure()
 

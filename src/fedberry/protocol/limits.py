@@ -52,6 +52,11 @@ MAX_NUM_SAMPLES = float(2 ** 53)
 MAX_ERROR_CODE = 64  # characters: codes are short words ("auth_failed")
 MAX_ERROR_MESSAGE = 8192  # characters of an ERROR's sentence kept (ours are under 500)
 DIGEST_CHARS = 64  # a SHA-256 in hex (codecs.digest)
+# A GLOBAL's round configuration (``config``): a few hyperparameters for the round (a learning
+# rate, local epochs), not a data channel. 32 keys of 64-character names and 256-character
+# strings keep a GLOBAL's metadata under ~12 KiB, well inside the frame's metadata limit.
+MAX_CONFIG_KEYS = 32
+MAX_CONFIG_STRING = 256
 
 # -- connections (the TCP chief's defaults; ``ListenOptions`` takes them) --------------------
 # Seconds a frame of tensors may take to arrive once the chief has let it into its receive

@@ -39,6 +39,7 @@ from fedberry.protocol.messages import (
     Bye,
     Challenge,
     Error,
+    EvalResult,
     Hello,
     Init,
     Message,
@@ -423,6 +424,8 @@ class _ChiefConnection(_FrameWriter, asyncio.BufferedProtocol):
         elif isinstance(event, Init):
             self.server.on_init(self, list(event.tensors))
             self._expect_model()
+        elif isinstance(event, EvalResult):
+            self.server.on_eval(self, event.round, event.num_examples, event.metrics)
         elif isinstance(event, Bye):
             self._bye = True
             self.close()
@@ -468,7 +471,8 @@ class _ChiefConnection(_FrameWriter, asyncio.BufferedProtocol):
     def _join(self) -> None:
         self._joined = True
         self._expect_model()
-        self.server.attach(self, self.conn.announced, self.conn.want_model)
+        self.server.attach(self, self.conn.announced, self.conn.want_model,
+                           self.conn.evaluates)
 
     # -- a worker id held by another connection ----------------------------------------------
     # Without client certificates the id is the worker's word, and a second connection with it

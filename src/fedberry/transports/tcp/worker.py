@@ -37,6 +37,7 @@ from fedberry.protocol.messages import (
     Bye,
     Challenge,
     Error,
+    EvalResult,
     Global,
     Hello,
     Init,
@@ -183,6 +184,9 @@ class TcpSession:
         self._residual: list[np.ndarray] | None = None  # error feedback of a lossy codec
         self._hb_task: asyncio.Task[None] | None = None
         self._have: str | None = None
+        self.round_config: dict[str, Any] = {}  # what came with the last GLOBAL
+        self.evaluates = False  # answer evaluation requests (Worker(evaluate=...)); set first
+        self.eval_requested: int | None = None  # the last GLOBAL asked for an evaluation
 
     # -- public coroutines -------------------------------------------------------------------
     async def join(self, arrays: Sequence[np.ndarray]) -> tuple[int, list[np.ndarray], bool]:
@@ -335,7 +339,8 @@ class TcpSession:
             raise
         self._tls_closes = 0
         # With the digest of the model we hold, the chief need not send it (codec "unchanged").
-        proto.send(Auth(self._spec, want_model, self._have if want_model else None))
+        proto.send(Auth(self._spec, want_model, self._have if want_model else None,
+                        evaluates=self.evaluates))
         welcome = await self._expect_soon(Welcome, "AUTH")  # its proof checked by the connection
         self._downlink = welcome.downlink
         self.dp_clip = welcome.dp_clip  # differential privacy's bound: Worker.sync clips to it
@@ -434,7 +439,16 @@ class TcpSession:
                                   "protocol") from None
         if self.codec.needs_reference or self._downlink == "q8":
             self._reference = [np.array(a) for a in arrays]  # the caller may change its own
+        self.round_config = dict(g.config)
+        self.eval_requested = g.round if g.evaluate else None
         return g.round, arrays, g.done
+
+    async def send_eval(self, result: EvalResult) -> None:
+        """Answer the evaluation request of the GLOBAL received last, on the connection it
+        came by (after a reconnect the chief asks afresh: nothing is sent)."""
+        proto = self._proto
+        if proto is not None and proto.conn.eval_asked == result.round:
+            proto.send(result)
 
     async def _heartbeat(self) -> None:
         while True:
