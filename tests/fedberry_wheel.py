@@ -7,6 +7,8 @@ arm64 root: a pure-Python wheel built on x86 installs on a Pi unchanged).
 
 from __future__ import annotations
 
+import atexit
+import functools
 import importlib.util
 import shutil
 import subprocess
@@ -59,6 +61,14 @@ def build_wheel(dest: Path, *, timeout: float = 300.0) -> Path:
     if not wheels:
         raise RuntimeError(f"pip wheel built no fedberry wheel in {dest}")
     return wheels[-1]
+
+
+@functools.cache
+def cached_wheel() -> Path:
+    """One wheel per test process (several tests install it), removed when the process ends."""
+    where = Path(tempfile.mkdtemp(prefix="fedberry-dist-"))
+    atexit.register(shutil.rmtree, where, ignore_errors=True)
+    return build_wheel(where)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import sysconfig
 from pathlib import Path
 
 import pytest
-from fedberry_wheel import build_wheel
+from fedberry_wheel import cached_wheel
 
 torch = pytest.importorskip("torch", reason="the torch extra is not installed")
 
@@ -41,7 +41,7 @@ def _fresh_venv(where: Path) -> Path:
 
 @pytest.mark.heavy  # a build, a venv and a pip install: the same on every Python
 def test_the_wheel_installs_beside_the_torch_pin_and_runs(tmp_path):
-    wheel = build_wheel(tmp_path / "dist")
+    wheel = cached_wheel()
     assert wheel.name.startswith("fedberry-") and wheel.name.endswith("-py3-none-any.whl")
     py = _fresh_venv(tmp_path / "venv")
     # The checkout's src/ must not shadow the installed wheel (conftest puts it on PYTHONPATH).
