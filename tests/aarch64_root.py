@@ -36,6 +36,7 @@ import shutil
 import subprocess
 import sys
 import time
+import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -141,16 +142,18 @@ def _run(cmd: list[str], what: str, **kw) -> None:
         raise RuntimeError(f"{what} failed (exit {out.returncode}): {' '.join(cmd)}\n{tail}")
 
 
-def _pip_target(target: Path, *reqs: str) -> None:
-    """Install arm64 wheels for bookworm's Python into ``target``, from the x86 side."""
+def _pip_arm64(args: list[str], *reqs: str) -> None:
+    """pip ``args`` (install --target, download) for arm64 wheels of bookworm's Python, from the
+    x86 side."""
     # pip does not widen a manylinux_2_X platform to older glibcs: name them all, up to
     # bookworm's glibc 2.36.
     platforms = [a for v in range(36, 16, -1) for a in ("--platform", f"manylinux_2_{v}_aarch64")]
-    _run([sys.executable, "-m", "pip", "install", "-q", "--disable-pip-version-check",
-          "--no-warn-script-location", "--root-user-action=ignore", "--target", str(target),
+    _run([sys.executable, "-m", "pip", *args[:1], "-q", "--disable-pip-version-check",
+          *(["--no-warn-script-location", "--root-user-action=ignore"] if args[0] == "install"
+            else []), *args[1:],
           *platforms, "--platform", "manylinux2014_aarch64", "--only-binary=:all:",
           "--python-version", PYTHON_VERSION, "--implementation", "cp", *reqs],
-         f"pip install --target {target} {' '.join(reqs)}")
+         f"pip {' '.join(args)} {' '.join(reqs)}")
 
 
 def _numpy_requirement() -> str:
@@ -183,7 +186,8 @@ def _build(root: Path) -> None:
                       str(root / "usr" / "lib" / f"python{PYTHON_VERSION}")),
          "byte-compiling the root's stdlib", env=emulated_env())
     numpy = _numpy_requirement()
-    _pip_target(root / "usr" / "lib" / "python3" / "dist-packages", numpy)
+    _pip_arm64(["install", "--target", str(root / "usr" / "lib" / "python3" / "dist-packages")],
+               numpy)
     _run(arm64_python(root, "-c", "import numpy, ssl; print(numpy.__version__)"),
          "a first emulated numpy import", env=emulated_env())
     (root / _STAMP).write_text(f"recipe {RECIPE}\n{SUITE} arm64, {numpy}, built in "
@@ -208,24 +212,55 @@ def ensure_root(root: Path | None = None) -> Path:
     return root
 
 
-def ensure_torch(root: Path) -> Path:
-    """torch 2.9.1 for arm64 (CPU, ~100 MB download) in its own directory of the root, for
-    PYTHONPATH; built once, stamped like the root."""
+def _requirements_on_arm64(wheel: Path) -> list[str]:
+    """The wheel's requirements as a Pi's pip sees them. pip's ``--platform`` does not apply to
+    environment markers, which it evaluates for this x86 host: torch's
+    ``platform_machine == "x86_64"`` CUDA packages (GBs of them) would come along."""
+    try:
+        from packaging.requirements import Requirement
+    except ImportError:  # pip carries its own copy
+        from pip._vendor.packaging.requirements import Requirement
+    with zipfile.ZipFile(wheel) as z:
+        name = next(n for n in z.namelist() if n.endswith(".dist-info/METADATA"))
+        lines = z.read(name).decode().splitlines()
+    env = {"platform_machine": "aarch64", "platform_system": "Linux", "sys_platform": "linux",
+           "os_name": "posix", "python_version": PYTHON_VERSION,
+           "python_full_version": f"{PYTHON_VERSION}.2", "implementation_name": "cpython",
+           "platform_python_implementation": "CPython", "extra": ""}
+    reqs = []
+    for line in lines:
+        if line.startswith("Requires-Dist:"):
+            req = Requirement(line.split(":", 1)[1].strip())
+            if req.marker is None or req.marker.evaluate(env):
+                req.marker = None
+                reqs.append(str(req))
+    return reqs
+
+
+def ensure_torch(root: Path) -> list[Path]:
+    """torch 2.9.1 for arm64 (the CPU wheel, ~100 MB download) and its requirements, in
+    directories of the root for PYTHONPATH; installed once, stamped like the root."""
     target = root / "opt" / "fedberry-torch"
+    dirs = [target / "torch", target / "deps"]
     with _locked(root):
         if _stamp_ok(target / _TORCH_STAMP):
-            return target
+            return dirs
         if target.exists():
             shutil.rmtree(target)
         partial = target.with_name(target.name + ".partial")
         if partial.exists():
             shutil.rmtree(partial)
         t0 = time.monotonic()
-        _pip_target(partial, TORCH)
+        _pip_arm64(["download", "--no-deps", "-d", str(partial / "wheel")], TORCH)
+        (wheel,) = (partial / "wheel").glob("torch-*.whl")
+        _pip_arm64(["install", "--no-deps", "--target", str(partial / "torch")], str(wheel))
+        _pip_arm64(["install", "--target", str(partial / "deps")], *_requirements_on_arm64(wheel))
+        shutil.rmtree(partial / "wheel")
         (partial / _TORCH_STAMP).write_text(
-            f"recipe {RECIPE}\n{TORCH}, installed in {time.monotonic() - t0:.0f} s\n")
+            f"recipe {RECIPE}\n{TORCH} ({wheel.name}), installed in "
+            f"{time.monotonic() - t0:.0f} s\n")
         partial.rename(target)
-    return target
+    return dirs
 
 
 def install_wheel(wheel: Path, target: Path) -> Path:
@@ -243,4 +278,4 @@ if __name__ == "__main__":
     built = ensure_root()
     print(built, (built / _STAMP).read_text().splitlines()[1])
     if "--torch" in sys.argv[1:]:
-        print(ensure_torch(built))
+        print(*ensure_torch(built))

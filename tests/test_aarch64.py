@@ -19,7 +19,10 @@ imports take seconds. The slower job (torch 2.9.1 and the real demo worker) is
 from __future__ import annotations
 
 import json
+import os
+import socket
 import subprocess
+import sys
 import textwrap
 import threading
 import time
@@ -33,11 +36,12 @@ from aarch64_root import (
     arm64_python,
     emulated_env,
     ensure_root,
+    ensure_torch,
     install_wheel,
     missing_tools,
 )
 from fedberry_wheel import cached_wheel
-from helpers import processes
+from helpers import fedberry_env, processes
 
 from fedberry import Worker, codecs
 from fedberry.protocol.frames import spec_of
@@ -51,6 +55,7 @@ WEIGHTS = {"x86": 40.0, "pi4": 80.0}  # a ratio of 2: the float32 sum is order-i
 SHAPES = [((64, 33), "float32"), ((300,), "float32"), ((5,), "float64"), ((3,), "int64")]
 VARIANTS = ("plain", "q8", "tls")
 EMULATED_TIMEOUT = 300.0  # a loaded machine: the start alone took 13 s once
+TORCH_TIMEOUT = 1500.0  # importing torch under emulation took 2 min on a loaded machine
 
 # What the arm64 process runs: numpy and fedberry only. Its updates come from its own seeded
 # generator; it saves what it sent and what it got back, round by round, for the test to check.
@@ -262,3 +267,64 @@ def _tls_files(where: Path) -> tuple[str, str, str]:
     ca, ca_key = certs.create_ca(where / "pki")
     cert, key = certs.create_chief_cert(where / "pki", ca, ca_key, ["127.0.0.1"])
     return str(ca), str(cert), str(key)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_listening(port: int, chief: subprocess.Popen, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert chief.poll() is None, f"the chief exited early ({chief.returncode})"
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.3)
+    raise TimeoutError(f"the chief was not listening on port {port} after {timeout:.0f} s")
+
+
+@pytest.mark.aarch64_torch
+@pytest.mark.skipif(os.environ.get("FEDBERRY_AARCH64_TORCH") != "1",
+                    reason="opt-in (FEDBERRY_AARCH64_TORCH=1): installs torch 2.9.1 for arm64 "
+                           "(~100 MB, once) and trains under emulation for minutes")
+def test_torch_demo_worker_under_emulation(pi_root, tmp_path):
+    """The real ``fedberry worker`` (torch 2.9.1, the Fashion-MNIST MLP) as a Pi 4, two rounds
+    with a native ``fedberry chief``."""
+    pytest.importorskip("torch", reason="the native chief evaluates with torch")
+    root, site = pi_root
+    t0 = time.monotonic()
+    torch_dirs = ensure_torch(root)
+    print(f"torch for arm64 ready in {time.monotonic() - t0:.1f} s")
+    assert any(p.name.startswith("torch-2.9.1") for p in torch_dirs[0].glob("*.dist-info"))
+    token = tmp_path / "fedberry.token"
+    token.write_text(TOKEN + "\n")
+    port = _free_port()
+    out = tmp_path / "chief"
+    with processes() as procs:
+        procs.append(chief := subprocess.Popen(
+            [sys.executable, "-m", "fedberry", "chief", "--listen", f"127.0.0.1:{port}",
+             "--workers", "1", "--rounds", "2", "--out", str(out), "--token-file", str(token)],
+            env=fedberry_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        _wait_listening(port, chief, 120)
+        t1 = time.monotonic()
+        procs.append(pi := subprocess.Popen(
+            arm64_python(root, "-m", "fedberry", "worker", "--chief", f"tcp://127.0.0.1:{port}",
+                         "--partition", "1/60", "--sync-every", "10", "--token-file", str(token),
+                         "--worker-id", "pi4", cpu=CPU),
+            env=emulated_env(site, *torch_dirs), stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, text=True, cwd=tmp_path))
+        pi_out, _ = pi.communicate(timeout=TORCH_TIMEOUT)
+        print(f"emulated torch worker: {time.monotonic() - t1:.1f} s")
+        assert pi.returncode == 0, f"the emulated torch worker failed:\n{pi_out[-3000:]}"
+        chief_out, _ = chief.communicate(timeout=120)
+        assert chief.returncode == 0, f"the chief failed:\n{chief_out[-3000:]}"
+    assert "finished" in pi_out
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [1, 2]
+    assert all(r["workers"] == 1 for r in rows)
+    # Ten classes: a model that learned anything beats chance on the 10k test set.
+    assert all(r["test_accuracy"] > 0.1 for r in rows)
