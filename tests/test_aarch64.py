@@ -198,7 +198,7 @@ def test_an_emulated_pi4_worker_averages_bit_for_bit(pi_root, tmp_path):
     root, site = pi_root
     initial = _initial()
     tls = _tls_files(tmp_path)
-    handles, configs, natives = {}, [], {}
+    handles, configs, natives, threads = {}, [], {}, {}
     try:
         for i, name in enumerate(VARIANTS):
             listening = Listening(token=TOKEN, **({"tls_cert": tls[1], "tls_key": tls[2]}
@@ -209,8 +209,10 @@ def test_an_emulated_pi4_worker_averages_bit_for_bit(pi_root, tmp_path):
             codec = "q8" if name == "q8" else "none"
             ca = tls[0] if name == "tls" else None
             natives[name] = result = {}
-            threading.Thread(target=_native_worker, args=(handles[name].url, codec, ca, result),
-                             daemon=True, name=f"x86-{name}").start()
+            threads[name] = threading.Thread(
+                target=_native_worker, args=(handles[name].url, codec, ca, result), daemon=True,
+                name=f"x86-{name}")
+            threads[name].start()
             configs.append({"name": name, "url": handles[name].url, "token": TOKEN, "ca": ca,
                             "codec": codec, "seed": 80 + i, "out": str(tmp_path / f"{name}.npz")})
         cfg = {"variants": configs, "rounds": ROUNDS, "weight": WEIGHTS["pi4"],
@@ -229,6 +231,8 @@ def test_an_emulated_pi4_worker_averages_bit_for_bit(pi_root, tmp_path):
         assert not report["has_cryptography"]  # TLS worked with ca.pem alone
         for name in VARIANTS:
             assert handles[name].wait(30), f"{name}: the chief did not finish"
+            threads[name].join(30)
+            assert not threads[name].is_alive(), f"{name}: the native worker did not finish"
             _check_variant(name, tmp_path / f"{name}.npz", natives[name],
                            handles[name].chief.global_arrays, initial)
     finally:
