@@ -42,7 +42,7 @@ def build_wheel(dest: Path, *, timeout: float = 300.0) -> Path:
     The sources are copied to a temporary directory first: pip builds in the source tree, and
     its ``build/`` and ``*.egg-info`` must not land in the checkout (two test runs at once would
     also share them)."""
-    dest = Path(dest)
+    dest = Path(dest).resolve()  # pip runs in the copied sources
     dest.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="fedberry-src-") as tmp:
         src = Path(tmp)
