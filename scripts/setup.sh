@@ -21,6 +21,13 @@ if [ ! -f /usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz ] || ! com
   # shellcheck disable=SC2086
   $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $APT >/dev/null
 fi
+# The aarch64 test (tests/test_aarch64.py) runs a worker as on a Raspberry Pi 4 under qemu-user
+# in a debootstrapped arm64 root: best effort, the test skips with a reason where they are missing.
+if ! command -v qemu-aarch64-static >/dev/null || ! command -v debootstrap >/dev/null; then
+  { $SUDO apt-get update -qq \
+      && $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq qemu-user-static debootstrap \
+      >/dev/null; } || echo "qemu-user-static / debootstrap not installed: tests/test_aarch64.py will skip"
+fi
 if [ "$FEDBERRY_VENV" = 1 ] && [ ! -x "$PY" ]; then
   echo "python3 is externally managed (PEP 668): installing into $PWD/.venv"
   python3 -m venv .venv
