@@ -144,7 +144,7 @@ def _summary(
         f"On the workers (copy {ca.name}{', and each its own .pem/.key,' if clients else ''} "
         f"there; dial one of: {', '.join(names)}):",
     ]
-    worker = f"  fedberry demo-worker --chief {_dial_example(names[0])} --ca {q(str(ca))}"
+    worker = f"  fedberry worker --chief {_dial_example(names[0])} --ca {q(str(ca))}"
     if not clients:
         lines.append(worker)
     for cert, key in clients:
