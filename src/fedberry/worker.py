@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import socket
+import time
 import uuid
 from collections.abc import Sequence
 from typing import Any
@@ -69,6 +70,7 @@ class Worker:
                  idle_timeout: float = 60.0, handshake_timeout: float = 30.0,
                  codec: str = "none") -> None:
         self.worker_id = worker_id or default_worker_id(cert)
+        self._chief_name = chief if isinstance(chief, str) else "the chief in this process"
         self.round = 0
         self.done = False
         self.joined = False
@@ -86,6 +88,11 @@ class Worker:
         arrays = _check_arrays(arrays)
         self.round, out, self.done = self._call(self._session.join(arrays))
         self.joined = True
+        log.info("worker %s joined %s at round %d (model: %d tensors, %s)", self.worker_id,
+                 self._chief_name, self.round + 1, len(out), _size(sum(a.nbytes for a in out)))
+        if self.done:
+            log.info("worker %s: the federation has already finished; this is its final model",
+                     self.worker_id)
         return out
 
     def sync(self, arrays: Sequence[np.ndarray], num_samples: float,
@@ -103,8 +110,14 @@ class Worker:
         if bad:
             raise ValueError(f"refusing to send an update with non-finite weights: {bad}")
         metrics = {k: float(v) for k, v in (metrics or {}).items() if math.isfinite(float(v))}
+        sent, received, t0 = self.bytes_sent, self.bytes_received, time.monotonic()
+        round_ = self.round + 1
         self.round, out, self.done = self._call(
             self._session.sync(self.round, arrays, float(num_samples), metrics))
+        log.info("worker %s: round %d done in %.1f s (sent %s, received %s)%s", self.worker_id,
+                 round_, time.monotonic() - t0, _size(self.bytes_sent - sent),
+                 _size(self.bytes_received - received),
+                 f"; the federation has finished after round {self.round}" if self.done else "")
         return out
 
     def close(self) -> None:
@@ -141,6 +154,13 @@ class Worker:
                 self._io = LoopThread(f"fedberry-{self.worker_id}")
             return self._io.run(coro_or_value)
         return coro_or_value
+
+
+def _size(nbytes: int) -> str:
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.1f} {unit}"
+    return f"{nbytes} B"
 
 
 def _check_arrays(arrays: Sequence[np.ndarray]) -> list[np.ndarray]:

@@ -56,6 +56,10 @@ Evaluate = Callable[[list[np.ndarray]], dict[str, float]]
 
 CHECKPOINT_ERROR_POLICIES = ("stop", "warn")
 
+# While a round waits, the chief says who it waits for at most this often (seconds).
+PROGRESS_EVERY = 10.0
+_MAX_NAMED = 8  # worker ids named in one progress line; the rest are counted
+
 
 class Peer(Protocol):
     """One joined worker, as a transport sees it."""
@@ -98,6 +102,13 @@ class ChiefServer:
     on_checkpoint_error : str
         ``"stop"`` or ``"warn"``: what a checkpoint that cannot be written does (module
         docstring).
+    progress_every : float
+        While a round waits (some updates in, not all) or workers are still to join, log who
+        it waits for at most once per this many seconds (over asyncio transports).
+
+    What happens is logged here, once for every transport (logger ``fedberry.chief``): each
+    worker joining, coming back, leaving or lost (with why, when its transport says), and the
+    progress line while a round waits.
     """
 
     def __init__(self, chief: Chief, *, evaluate: Evaluate | None = None,
@@ -106,7 +117,8 @@ class ChiefServer:
                  append_metrics: bool = False,
                  on_round: Callable[[dict[str, Any]], None] | None = None,
                  downlink: str = "none", scheduler: Scheduler | None = None,
-                 on_checkpoint_error: str = "stop") -> None:
+                 on_checkpoint_error: str = "stop",
+                 progress_every: float = PROGRESS_EVERY) -> None:
         if on_checkpoint_error not in CHECKPOINT_ERROR_POLICIES:
             raise ValueError(f"on_checkpoint_error must be 'stop' or 'warn', not "
                              f"{on_checkpoint_error!r}")
@@ -142,6 +154,13 @@ class ChiefServer:
         self.scheduler = scheduler
         self.loop: asyncio.AbstractEventLoop | None = None
         self.finished: asyncio.Event | None = None
+        self.progress_every = progress_every
+        self._progress_at = time.monotonic()  # the last progress line, or the round's start
+        self._progress_timer: Timer | None = None
+        # Workers that left or were lost (id -> when), to say "back" when one reconnects;
+        # bounded: only authenticated workers get here, but ids are theirs to choose.
+        self._gone_at: dict[str, float] = {}
+        self._codec_of: dict[str, str] = {}  # the codec each worker's updates came in, lately
 
     @property
     def started_at(self) -> float | None:
@@ -154,16 +173,39 @@ class ChiefServer:
         self.finished = asyncio.Event()
         if self.scheduler is None:
             self.scheduler = AsyncioScheduler(self.loop)
+        self._progress_timer = self.scheduler.call_later(1.0, self._progress)
 
     # -- events from transports --------------------------------------------------------------
     def attach(self, peer: Peer, spec: Spec, want_model: bool) -> None:
-        old = self.peers.get(peer.worker_id)
-        self.peers[peer.worker_id] = peer  # first: closing the old one must not count as leaving
+        wid = peer.worker_id
+        old = self.peers.get(wid)
+        self.peers[wid] = peer  # first: closing the old one must not count as leaving
         if old is not None and old is not peer:
             old.close()  # a reconnect replaces the half-dead connection; no leave for it
         if self._t0 is None:
             self._t0 = time.monotonic()
-        self._run(self.chief.join(peer.worker_id, spec, time.monotonic(), want_model))
+        started = self.chief.started
+        self._run(self.chief.join(wid, spec, time.monotonic(), want_model))
+        if wid in self.chief.members:  # not refused (a model of another shape)
+            self._log_join(peer, old, started)
+
+    def _log_join(self, peer: Peer, old: Peer | None, started: bool) -> None:
+        wid, chief = peer.worker_id, self.chief
+        where = f" from {peer.address}" if getattr(peer, "address", None) else ""
+        gone = self._gone_at.pop(wid, None)
+        if old is not None and old is not peer:
+            log.info("worker %s is back%s: its old connection, which had stopped answering, "
+                     "is replaced", wid, where)
+        elif gone is not None:
+            log.info("worker %s is back%s (reconnected %.1f s after it went)", wid, where,
+                     time.monotonic() - gone)
+        else:
+            log.info("worker %s joined%s (%d of %d workers%s)", wid, where, len(chief.members),
+                     max(chief.config.workers, len(chief.members)),
+                     f"; it joins round {chief.round + 1}" if started else "")
+        if chief.started and not started:
+            log.info("round %d starts: %d workers are in", chief.round + 1, len(chief.members))
+            self._progress_at = time.monotonic()
 
     def on_init(self, peer: Peer, arrays: list[np.ndarray]) -> None:
         self._run(self.chief.init(peer.worker_id, arrays, time.monotonic()))
@@ -173,6 +215,10 @@ class ChiefServer:
                   bad: str | None = None) -> None:
         """``checked``/``bad``: the transport's own NaN/Inf check of ``arrays`` (Chief.update);
         it counts only for updates sent as they are, not for what a codec decodes."""
+        if self._codec_of.get(peer.worker_id) != codec:
+            if peer.worker_id in self._codec_of or codec != "none":
+                log.info("worker %s sends its updates as %s", peer.worker_id, codec)
+            self._codec_of[peer.worker_id] = codec
         if codec != "none":
             checked, bad = False, None
             chief = self.chief
@@ -204,13 +250,63 @@ class ChiefServer:
                 action.fatal = True  # no rank can be left out of a collective: the job stops
         self._run(actions)
 
-    def detach(self, peer: Peer, lost: bool = False) -> None:
-        if self.peers.get(peer.worker_id) is not peer:
+    def detach(self, peer: Peer, lost: bool = False, why: str | None = None) -> None:
+        """``peer`` is gone: it left (said BYE) or, ``lost``, its connection broke or was
+        closed, ``why`` (the transport's sentence, when it has one)."""
+        wid = peer.worker_id
+        if self.peers.get(wid) is not peer:
             return  # an old connection of a worker that has reconnected
-        del self.peers[peer.worker_id]
+        del self.peers[wid]
         if lost and not self.chief.done:
-            self._lost[peer.worker_id] = time.monotonic()
-        self._run(self.chief.leave(peer.worker_id, time.monotonic()))
+            self._lost[wid] = time.monotonic()
+        was_member = wid in self.chief.members
+        self._run(self.chief.leave(wid, time.monotonic()))
+        self._codec_of.pop(wid, None)
+        if not was_member:
+            return
+        self._gone_at[wid] = time.monotonic()
+        while len(self._gone_at) > 10_000:
+            self._gone_at.pop(next(iter(self._gone_at)))
+        left = len(self.chief.members)
+        if self.finished is not None and self.finished.is_set():
+            log.debug("worker %s: closed as the chief finishes", wid)
+        elif lost and not self.chief.done:
+            log.warning("worker %s lost: %s; %d worker%s still in (it may reconnect with the "
+                        "same id)", wid, why or "its connection closed", left,
+                        "" if left == 1 else "s")
+        else:
+            log.info("worker %s left%s; %d worker%s still in", wid,
+                     f" ({why})" if why and lost else "", left, "" if left == 1 else "s")
+
+    def _progress(self) -> None:
+        """Every second while the run goes on: at most once per ``progress_every``, while a
+        round waits for some of its workers (or for workers to join), say who it waits for."""
+        chief = self.chief
+        if self._finishing or chief.done or self.failure is not None or self.scheduler is None:
+            self._progress_timer = None
+            return
+        self._progress_timer = self.scheduler.call_later(1.0, self._progress)
+        now = time.monotonic()
+        if now - self._progress_at < self.progress_every:
+            return
+        done, waiting = chief.pending()
+        if not chief.started:
+            members = sorted(chief.members)
+            line = (f"waiting for workers to join: {len(members)} of {chief.config.workers} "
+                    f"in{' (' + _names(members) + ')' if members else ''}")
+        elif done and waiting:
+            deadline = chief.deadline
+            when = (f"deadline in {deadline - now:.0f} s" if deadline is not None and
+                    deadline > now else
+                    f"its deadline has passed: it closes at {chief.config.min_workers} "
+                    "updates" if deadline is not None else
+                    "no deadline: it waits for every worker (--round-timeout sets one)")
+            line = (f"round {chief.round + 1}: {done} of {done + len(waiting)} updates in, "
+                    f"waiting for {_names(waiting)} ({when})")
+        else:
+            return
+        self._progress_at = now
+        log.info("%s", line)
 
     # -- actions -----------------------------------------------------------------------------
     def _run(self, actions: list[Any]) -> None:
@@ -278,6 +374,7 @@ class ChiefServer:
             ckpt = ckpt_io.Checkpoint(self.chief.round, list(self.chief.global_arrays or []),
                                       _snapshot(self.chief.strategy.state_dict()),
                                       self.run_config)
+        self._progress_at = time.monotonic()  # the next round's wait is timed from here
         wall = time.monotonic() - (self._t0 or time.monotonic())
         record: dict[str, Any] = {"round": rc.round, "workers": rc.workers,
                                   "num_samples": rc.num_samples, "train_loss": rc.train_loss}
@@ -383,6 +480,9 @@ class ChiefServer:
         self._finish()
 
     def _finish(self) -> None:
+        if self._progress_timer is not None:
+            self._progress_timer.cancel()
+            self._progress_timer = None
         if self.finished is not None and not self.finished.is_set():
             self.finished.set()
 
@@ -413,6 +513,12 @@ class ChiefServer:
         for peer in list(self.peers.values()):
             peer.send_error(ErrorCode.SHUTDOWN, "the chief has finished", True)
             peer.close()
+
+
+def _names(ids: list[str]) -> str:
+    """Worker ids for a log line: the first few, then how many more."""
+    shown = ", ".join(ids[:_MAX_NAMED])
+    return shown if len(ids) <= _MAX_NAMED else f"{shown} and {len(ids) - _MAX_NAMED} more"
 
 
 def _snapshot(state: StrategyState) -> StrategyState:

@@ -47,6 +47,7 @@ from fedberry.protocol.messages import (
     Welcome,
 )
 from fedberry.transports.pacing import Pacer, Pacing
+from fedberry.transports.tcp.announce import listening_line
 from fedberry.transports.tcp.stream import _FrameWriter, is_loopback
 
 log = logging.getLogger("fedberry.tcp")
@@ -152,6 +153,9 @@ class _ChiefConnection(_FrameWriter, asyncio.BufferedProtocol):
         self._probing = False  # its worker id is held: waiting to hear whether the holder lives
         self.worker_id = ""
         self.peer_ip = "?"
+        self.address = "?"  # ip:port, for the chief's log lines
+        # Why the connection is being closed, for the "lost" line (fail, connection_lost).
+        self._why: str | None = None
         self.opened = self.last_seen = self.last_ping = time.monotonic()
         self.closing_since: float | None = None
         self._bye = False  # the worker left on purpose (else it may come back)
@@ -191,6 +195,8 @@ class _ChiefConnection(_FrameWriter, asyncio.BufferedProtocol):
         self._raw = transport
         peer = transport.get_extra_info("peername")
         self.peer_ip = peer[0] if peer else "?"
+        if peer:
+            self.address = f"[{peer[0]}]:{peer[1]}" if ":" in peer[0] else f"{peer[0]}:{peer[1]}"
         tls = self.listener.options.ssl_context is not None
         if not tls:
             self.transport = transport  # type: ignore[assignment]
@@ -376,6 +382,9 @@ class _ChiefConnection(_FrameWriter, asyncio.BufferedProtocol):
             budget.cancel(self._memory_granted)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._why is None:
+            self._why = (f"its connection broke ({exc})" if exc else
+                         "it closed the connection without saying goodbye")
         self._gone()
 
     def _gone(self) -> None:
@@ -391,7 +400,7 @@ class _ChiefConnection(_FrameWriter, asyncio.BufferedProtocol):
         # take CLOSE_GRACE, and a round must not wait for a worker that is already out.
         if self._joined and not self._left:
             self._left = True
-            self.server.detach(self, lost=not self._bye)
+            self.server.detach(self, lost=not self._bye, why=self._why)
 
     # -- events ------------------------------------------------------------------------------
     def handle(self, event: Message) -> None:
@@ -481,9 +490,10 @@ class _ChiefConnection(_FrameWriter, asyncio.BufferedProtocol):
                       f"{holder.peer_ip}: give each worker its own --worker-id (or use client "
                       "certificates, --client-ca, which bind ids to names)")
             return
-        log.info("worker %r is back from %s; its old connection from %s did not answer a ping "
-                 "in %g s and is replaced", self.worker_id, self.peer_ip, holder.peer_ip,
-                 self.listener.options.takeover_probe)
+        # The runtime says "back" when it attaches this one; this is the how.
+        log.debug("worker %r is back from %s; its old connection from %s did not answer a ping "
+                  "in %g s and is replaced", self.worker_id, self.peer_ip, holder.peer_ip,
+                  self.listener.options.takeover_probe)
         self._join()  # attach() closes the holder
         self._unpause("probe")
 
@@ -500,14 +510,16 @@ class _ChiefConnection(_FrameWriter, asyncio.BufferedProtocol):
 
     def _auth_failed(self, sentence: str) -> None:
         failures = self.listener.auth_failed(self.peer_ip)
-        log.warning("authentication failed for worker %r from %s (%d lately)",
-                    self.worker_id, self.peer_ip, failures)
         slowed = ""
         if failures >= self.listener.options.auth_failures_free:
             slowed = (f" ({failures} failed attempts from {self.peer_ip} lately: the chief "
                       f"now waits {self.listener.auth_delay(self.peer_ip):.2f} s before "
                       "answering each attempt from this address)")
-        self.fail(ErrorCode.AUTH_FAILED, sentence + slowed)
+        # Through the rate limit: a storm of wrong tokens is one line a second, not a flood.
+        self.listener.refusals.note(
+            "auth-failed", f"authentication failed for worker {self.worker_id!r} from "
+            f"{self.peer_ip} ({failures} lately): {sentence}")
+        self.fail(ErrorCode.AUTH_FAILED, sentence + slowed, log_as="")
 
     def _expect_model(self) -> None:
         self.conn.expect_model(self.server.chief.spec or self.conn.announced)
@@ -526,6 +538,7 @@ class _ChiefConnection(_FrameWriter, asyncio.BufferedProtocol):
                 "send-queue", f"closing {self.describe()}: it does not read what the chief "
                 f"sends ({queued + frame.nbytes} bytes would be queued for it, the limit is "
                 f"{limit})")
+            self._why = "it does not read what the chief sends"
             self.closing_since = time.monotonic()
             self._free_memory()
             self._leave()
@@ -562,13 +575,17 @@ class _ChiefConnection(_FrameWriter, asyncio.BufferedProtocol):
 
     def fail(self, code: ErrorCode, message: str, log_as: str | None = None) -> None:
         """Tell the peer why (when it can still be told) and close. ``log_as``: a reason that
-        many connections may share (a flood): logged through the listener's rate limit."""
+        many connections may share (a flood): logged through the listener's rate limit ("":
+        not logged, the caller has). A joined worker's is logged as it leaves (the runtime's
+        "lost" line)."""
         if self.closed or self.closing_since is not None:
             return
         line = f"closing {self.describe()}: {message}"
-        if log_as is None:
+        if self._joined and not self._left:
+            self._why = message  # the runtime's "lost" line says it, once
+        elif log_as is None:
             log.warning("%s", line)
-        else:
+        elif log_as:  # "": the caller has said it already
             self.listener.refusals.note(log_as, line)
         if self.transport is None:  # still in the TLS handshake: nothing can be said
             self.abort()
@@ -687,6 +704,9 @@ class TcpChief:
                 reuse_address=True, backlog=512)
         sock = self._aserver.sockets[0].getsockname()
         self.port = sock[1]
+        o = self.options
+        log.info("%s", listening_line(sock[0], sock[1], tls=o.ssl_context is not None,
+                                      token=bool(o.token), client_certs=o.require_client_cert))
         self._sweeper = asyncio.ensure_future(self._sweep())
         return sock[0], sock[1]
 

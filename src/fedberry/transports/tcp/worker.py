@@ -48,6 +48,9 @@ from fedberry.transports.tcp.stream import _FrameWriter
 
 log = logging.getLogger("fedberry.tcp")
 
+# While a worker waits for the round's model, it says so at most this often (seconds).
+WAITING_NOTE_EVERY = 10.0
+
 
 # ============================================================================================
 # Worker side
@@ -151,6 +154,7 @@ class TcpSession:
         # Above the chief's longest hold of an answer to AUTH (ListenOptions.auth_delay_max, 8 s),
         # so that a worker behind the address of someone guessing tokens still gets in.
         self.handshake_timeout = handshake_timeout
+        self.waiting_note_every = WAITING_NOTE_EVERY
         self._deadline = float("inf")  # the end of the current attempt's budget (_with_retries)
         self.limits = limits or Limits()
         self.bytes_sent = 0
@@ -200,7 +204,21 @@ class TcpSession:
             self._proto.send(frame)
             return await self._await_global()
 
-        return await self._with_retries(once, self.reconnect_timeout)
+        note = asyncio.ensure_future(self._note_waiting(round_))
+        try:
+            return await self._with_retries(once, self.reconnect_timeout)
+        finally:
+            note.cancel()
+
+    async def _note_waiting(self, round_: int) -> None:
+        """While ``sync`` waits for round ``round_``'s model, say so every so often: the round
+        closes when the chief has every worker's update (or its quorum, at its deadline)."""
+        started = time.monotonic()
+        while True:
+            await asyncio.sleep(self.waiting_note_every)
+            log.info("worker %s: waiting for the chief to close round %d (%.0f s so far): it "
+                     "waits for the other workers' updates", self.worker_id, round_ + 1,
+                     time.monotonic() - started)
 
     async def close(self) -> None:
         if self._hb_task:
@@ -250,7 +268,8 @@ class TcpSession:
                 # by every worker at the same instant.
                 delay = random.uniform(0, min(10.0, 0.2 * 2 ** attempt))
                 delay = min(delay, max(0.0, deadline - time.monotonic()))
-                log.info("worker %s: %s; retrying in %.1f s", self.worker_id, exc, delay)
+                log.info("worker %s: %s; reconnecting in %.1f s (attempt %d; giving up %.0f s "
+                         "from the first)", self.worker_id, exc, delay, attempt + 2, budget)
                 await asyncio.sleep(delay)
                 attempt += 1
                 self.reconnects += 1
@@ -392,7 +411,8 @@ class TcpSession:
             if item.fatal:
                 if item.code in ("timeout", "busy"):
                     raise _ChiefSaid(f"chief said: {item.message}")
-                raise from_code(item.code, f"the chief refused: {item.message}")
+                hint = _MISMATCH_HINT if item.code == ErrorCode.SPEC_MISMATCH.value else ""
+                raise from_code(item.code, f"the chief refused: {item.message}{hint}")
             self.warnings.append(item.message)
             log.warning("worker %s: chief says: %s", self.worker_id, item.message)
             return await self._next_event()
@@ -432,6 +452,12 @@ class TcpSession:
                 continue
             proto.send(Ping())
 
+
+# A chief started with a model of its own (the CLI's default: the demo's mlp, in torch layout)
+# refuses every other: say what to change on the chief.
+_MISMATCH_HINT = (". The chief was started with another model: start it with --model none "
+                  "(serve(initial=None)) to take the first worker's model, or with the "
+                  "--model and --framework these workers train")
 
 _TLS_CLOSED_HINT = ("if the chief requires client certificates, it did not accept yours: it must "
                     "be signed by the chief's --client-ca and not expired (--cert/--key, made "
