@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 import traceback
 from collections.abc import Iterator
@@ -314,7 +315,7 @@ def _run_worker(args: argparse.Namespace) -> int:
                                              "server_hostname", "worker_id")
                if getattr(args, k) is not None}
     result = run_worker(args.chief, part.index, part.count, _train_config(args), **options)
-    print(f"worker {part.index}/{part.count} finished: {result}", flush=True)
+    log.info("worker %d/%d finished: %s", part.index, part.count, result)
     return 0
 
 
@@ -407,9 +408,13 @@ def main(argv: list[str] | None = None) -> int:
         setup_logging(args)
     except OSError as exc:
         return _refused(args, str(exc), 2)
+    # SIGTERM (systemd, docker stop, kill) ends a run as Ctrl-C does: the chief tells its
+    # workers and keeps its checkpoint, a worker says goodbye.
+    signal.signal(signal.SIGTERM, _interrupted)
     try:
         return args.func(args)
     except KeyboardInterrupt:
+        log.warning("fedberry %s: stopped", args.command)
         return 130
     except ValueError as exc:  # options that do not go together, a checkpoint of another run
         return _refused(args, str(exc), 2)
@@ -417,6 +422,10 @@ def main(argv: list[str] | None = None) -> int:
         return _refused(args, str(exc), 1)
     except OSError as exc:  # a port, a file or a directory that cannot be used
         return _refused(args, _os_sentence(exc), 2)
+
+
+def _interrupted(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def _refused(args: argparse.Namespace, sentence: str, code: int) -> int:

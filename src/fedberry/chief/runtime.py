@@ -260,6 +260,7 @@ class ChiefServer:
         if lost and not self.chief.done:
             self._lost[wid] = time.monotonic()
         was_member = wid in self.chief.members
+        ending = self.finished is not None and self.finished.is_set()  # closed by the chief
         self._run(self.chief.leave(wid, time.monotonic()))
         self._codec_of.pop(wid, None)
         if not was_member:
@@ -268,7 +269,7 @@ class ChiefServer:
         while len(self._gone_at) > 10_000:
             self._gone_at.pop(next(iter(self._gone_at)))
         left = len(self.chief.members)
-        if self.finished is not None and self.finished.is_set():
+        if ending:
             log.debug("worker %s: closed as the chief finishes", wid)
         elif lost and not self.chief.done:
             log.warning("worker %s lost: %s; %d worker%s still in (it may reconnect with the "

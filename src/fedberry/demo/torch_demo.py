@@ -120,6 +120,7 @@ def run_demo(workers: int = 4, rounds: int = 10, out: str = "runs/demo",
     token = new_token()
     say(f"fedberry demo: {workers} workers x {rounds} rounds, {cfg.model} on Fashion-MNIST "
         f"({cfg.partition_scheme}), chief on loopback, metrics in {out_dir / 'metrics.jsonl'}")
+    say(f"loading {cfg.framework} and the Fashion-MNIST test set for the chief ...")
     handle = serve("127.0.0.1:0", workers=workers, rounds=rounds,
                    initial=initial_model(cfg.model, cfg.seed, cfg.framework),
                    evaluate=make_evaluator(cfg.model, cfg.data_dir, cfg.framework),
@@ -127,6 +128,8 @@ def run_demo(workers: int = 4, rounds: int = 10, out: str = "runs/demo",
                    token=token, run_config={"demo": asdict(cfg), "workers": workers},
                    on_round=lambda r: say(format_row(r)), downlink=downlink)
     env = dict(os.environ, **{TOKEN_ENV: token})
+    say(f"starting {workers} worker processes (each loads its data first; their lines go to "
+        f"{out_dir}/worker-N.log); the chief says as each joins")
     procs = []
     logs = []
     try:
