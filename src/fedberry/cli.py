@@ -394,7 +394,7 @@ def setup_logging(args: argparse.Namespace) -> None:
             handler = logging.FileHandler(path, encoding="utf-8")
         except OSError as exc:
             why = exc.strerror or str(exc)
-            raise OSError(exc.errno, f"--log-file {path}: {why[:1].lower()}{why[1:]}") from None
+            raise ValueError(f"--log-file {path}: {why[:1].lower()}{why[1:]}") from None
         handler.setFormatter(logging.Formatter(LOG_FORMAT))
         handlers.append(handler)
     logging.basicConfig(level=logging.DEBUG if v >= 2 else logging.WARNING, handlers=handlers,
@@ -406,7 +406,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         setup_logging(args)
-    except OSError as exc:
+    except ValueError as exc:
         return _refused(args, str(exc), 2)
     # SIGTERM (systemd, docker stop, kill) ends a run as Ctrl-C does: the chief tells its
     # workers and keeps its checkpoint, a worker says goodbye.
