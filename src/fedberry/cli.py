@@ -422,6 +422,8 @@ def main(argv: list[str] | None = None) -> int:
         return _refused(args, str(exc), 1)
     except OSError as exc:  # a port, a file or a directory that cannot be used
         return _refused(args, _os_sentence(exc), 2)
+    except ImportError as exc:  # an extra that is not installed, a Keras backend that is not
+        return _refused(args, str(exc), 2)
 
 
 def _interrupted(signum: int, frame: object) -> None:
