@@ -6,6 +6,7 @@ import argparse
 import logging
 import signal
 import sys
+import threading
 import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -382,6 +383,8 @@ def setup_logging(args: argparse.Namespace) -> None:
     """The CLI's log lines on stderr (and in --log-file): fedberry's at INFO unless -v/-q say
     otherwise; other libraries' at WARNING (-vv: DEBUG)."""
     v = verbosity(args)
+    if args.command == "bench":  # it prints its own progress; its chiefs' lines would bury it
+        v -= 1
     level = {-2: logging.ERROR, -1: logging.WARNING, 0: logging.INFO}.get(v, logging.DEBUG)
     if v < -2:
         level = logging.CRITICAL
@@ -410,7 +413,8 @@ def main(argv: list[str] | None = None) -> int:
         return _refused(args, str(exc), 2)
     # SIGTERM (systemd, docker stop, kill) ends a run as Ctrl-C does: the chief tells its
     # workers and keeps its checkpoint, a worker says goodbye.
-    signal.signal(signal.SIGTERM, _interrupted)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _interrupted)
     try:
         return args.func(args)
     except KeyboardInterrupt:

@@ -301,7 +301,7 @@ class ChiefServer:
                     deadline > now else
                     f"its deadline has passed: it closes at {chief.config.min_workers} "
                     "updates" if deadline is not None else
-                    "no deadline: it waits for every worker (--round-timeout sets one)")
+                    "no deadline: it waits for every worker; --round-timeout sets one")
             line = (f"round {chief.round + 1}: {done} of {done + len(waiting)} updates in, "
                     f"waiting for {_names(waiting)} ({when})")
         else:

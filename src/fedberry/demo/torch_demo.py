@@ -11,6 +11,7 @@ federation on another backend does not need it.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import signal
@@ -30,6 +31,8 @@ from fedberry.demo.table import TABLE_HEADER, format_row
 from fedberry.protocol.auth import TOKEN_ENV, new_token
 from fedberry.serve import serve
 
+log = logging.getLogger("fedberry.demo")
+
 
 def run_torch_worker(chief: Any, index: int, count: int, cfg: TrainConfig,
                      **worker_options: Any) -> dict[str, Any]:
@@ -41,10 +44,15 @@ def run_torch_worker(chief: Any, index: int, count: int, cfg: TrainConfig,
     from fedberry.torch import FederatedOptimizer
 
     torch.set_num_threads(1)  # one thread per worker process: more collapses on shared cores
+    log.info("worker %d/%d: loading its part of Fashion-MNIST (%s)", index, count,
+             cfg.partition_scheme)
     x_np, y_np = local_data(cfg, index, count)
     x, y = model_input(cfg.model, x_np), torch.from_numpy(y_np)
     model = build_model(cfg.model, seed=cfg.seed)
     sync_every = cfg.sync_every or math.ceil(len(x) / cfg.batch_size)
+    log.info("worker %d/%d: %d samples, %s %s, averaging every %d steps; joining %s at the "
+             "first", index, count, len(x), "torch", cfg.model, sync_every,
+             getattr(chief, "url", chief))
     if not worker_options.get("cert"):  # with one, the id is the certificate's name
         worker_options.setdefault("worker_id", f"worker-{index}of{count}-{os.getpid()}")
     worker_options.setdefault("codec", cfg.codec)
