@@ -515,9 +515,10 @@ class _ChiefConnection(_FrameWriter, asyncio.BufferedProtocol):
             slowed = (f" ({failures} failed attempts from {self.peer_ip} lately: the chief "
                       f"now waits {self.listener.auth_delay(self.peer_ip):.2f} s before "
                       "answering each attempt from this address)")
-        # Through the rate limit: a storm of wrong tokens is one line a second, not a flood.
+        # Through the rate limit, per address: a storm of wrong tokens is one line a second,
+        # not a flood, and does not hide another address's failure.
         self.listener.refusals.note(
-            "auth-failed", f"authentication failed for worker {self.worker_id!r} from "
+            f"auth-failed {self.peer_ip}", f"authentication failed for worker {self.worker_id!r} from "
             f"{self.peer_ip} ({failures} lately): {sentence}")
         self.fail(ErrorCode.AUTH_FAILED, sentence + slowed, log_as="")
 
