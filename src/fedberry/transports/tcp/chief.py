@@ -518,8 +518,8 @@ class _ChiefConnection(_FrameWriter, asyncio.BufferedProtocol):
         # Through the rate limit, per address: a storm of wrong tokens is one line a second,
         # not a flood, and does not hide another address's failure.
         self.listener.refusals.note(
-            f"auth-failed {self.peer_ip}", f"authentication failed for worker {self.worker_id!r} from "
-            f"{self.peer_ip} ({failures} lately): {sentence}")
+            f"auth-failed {self.peer_ip}", f"authentication failed for worker "
+            f"{self.worker_id!r} from {self.peer_ip} ({failures} lately): {sentence}")
         self.fail(ErrorCode.AUTH_FAILED, sentence + slowed, log_as="")
 
     def _expect_model(self) -> None:
