@@ -16,6 +16,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import signal
 import subprocess
 import sys
 import threading
@@ -284,3 +285,32 @@ def test_certs_suggests_a_worker_command_that_exists(tmp_path: Path,
     assert suggested == ["chief", "worker"], suggested
     commands = build_parser()._subparsers._group_actions[0].choices  # type: ignore[union-attr]
     assert all(c in commands for c in suggested)
+
+
+def test_sigterm_stops_a_chief_without_rounds_and_tells_its_workers(tmp_path: Path) -> None:
+    port = free_port()
+    chief = fedberry("chief", "--listen", f"127.0.0.1:{port}", "--workers", "1", "--model",
+                     "none", "--out", str(tmp_path / "run"), "--token", TOKEN)
+    try:
+        with Worker(f"tcp://127.0.0.1:{port}", token=TOKEN, worker_id="w",
+                    connect_timeout=30) as w:
+            weights = w.sync(w.join(MODEL), 1)
+            assert not w.done  # no --rounds: it would go on
+            chief.send_signal(signal.SIGTERM)
+            _, err = chief.communicate(timeout=30)
+            with pytest.raises(FederationError, match="the chief has finished"):
+                w.sync(weights, 1)  # told the run is over, not left retrying
+    finally:
+        if chief.poll() is None:
+            chief.kill()
+            chief.communicate()
+    assert chief.returncode == 130, err
+    assert "fedberry chief: stopped" in err and "Traceback" not in err, err
+
+
+def test_bench_set_lists_the_settings_it_takes() -> None:
+    from fedberry.bench.cli import apply_overrides
+    from fedberry.bench.config import BenchConfig
+
+    with pytest.raises(ValueError, match="no setting 'lrr'; the settings are .*\\blr\\b"):
+        apply_overrides(BenchConfig(), ["fedavg.lrr=0.1"])
