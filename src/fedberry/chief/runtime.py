@@ -56,8 +56,10 @@ Evaluate = Callable[[list[np.ndarray]], dict[str, float]]
 
 CHECKPOINT_ERROR_POLICIES = ("stop", "warn")
 
-# While a round waits, the chief says who it waits for at most this often (seconds).
+# While a round waits, the chief says who it waits for at most this often (seconds); while
+# nothing changes, half as often each time, down to once per PROGRESS_EVERY_MAX.
 PROGRESS_EVERY = 10.0
+PROGRESS_EVERY_MAX = 300.0
 _MAX_NAMED = 8  # worker ids named in one progress line; the rest are counted
 
 
@@ -157,6 +159,8 @@ class ChiefServer:
         self.progress_every = progress_every
         self._progress_at = time.monotonic()  # the last progress line, or the round's start
         self._progress_timer: Timer | None = None
+        self._progress_backoff = 1  # doubles while the line would say the same
+        self._progress_key: tuple[Any, ...] | None = None  # what the last line said
         # Workers that left or were lost (id -> when), to say "back" when one reconnects;
         # bounded: only authenticated workers get here, but ids are theirs to choose.
         self._gone_at: dict[str, float] = {}
@@ -204,7 +208,9 @@ class ChiefServer:
                      max(chief.config.workers, len(chief.members)),
                      f"; it joins round {chief.round + 1}" if started else "")
         if chief.started and not started:
-            log.info("round %d starts: %d workers are in", chief.round + 1, len(chief.members))
+            n = len(chief.members)
+            log.info("round %d starts: %d worker%s in", chief.round + 1, n,
+                     " is" if n == 1 else "s are")
             self._progress_at = time.monotonic()
 
     def on_init(self, peer: Peer, arrays: list[np.ndarray]) -> None:
@@ -288,7 +294,8 @@ class ChiefServer:
             return
         self._progress_timer = self.scheduler.call_later(1.0, self._progress)
         now = time.monotonic()
-        if now - self._progress_at < self.progress_every:
+        wait = min(self.progress_every * self._progress_backoff, PROGRESS_EVERY_MAX)
+        if now - self._progress_at < wait:
             return
         done, waiting = chief.pending()
         if not chief.started:
@@ -306,6 +313,10 @@ class ChiefServer:
                     f"waiting for {_names(waiting)} ({when})")
         else:
             return
+        key = (chief.round, chief.started, done, tuple(waiting), tuple(sorted(chief.members)))
+        same = key == self._progress_key
+        self._progress_backoff = min(self._progress_backoff * 2, 1 << 10) if same else 1
+        self._progress_key = key
         self._progress_at = now
         log.info("%s", line)
 
