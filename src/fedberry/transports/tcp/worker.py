@@ -48,7 +48,8 @@ from fedberry.transports.tcp.stream import _FrameWriter
 
 log = logging.getLogger("fedberry.tcp")
 
-# While a worker waits for the round's model, it says so at most this often (seconds).
+# While a worker waits for the round's model, it says so after this many seconds, then at
+# doubling intervals (at most every 300 s).
 WAITING_NOTE_EVERY = 10.0
 
 
@@ -213,9 +214,10 @@ class TcpSession:
     async def _note_waiting(self, round_: int) -> None:
         """While ``sync`` waits for round ``round_``'s model, say so every so often: the round
         closes when the chief has every worker's update (or its quorum, at its deadline)."""
-        started = time.monotonic()
+        started, wait = time.monotonic(), self.waiting_note_every
         while True:
-            await asyncio.sleep(self.waiting_note_every)
+            await asyncio.sleep(wait)
+            wait = min(wait * 2, max(self.waiting_note_every, 300.0))  # a long wait: fewer lines
             log.info("worker %s: waiting for the chief to close round %d (%.0f s so far): it "
                      "waits for the other workers' updates", self.worker_id, round_ + 1,
                      time.monotonic() - started)
