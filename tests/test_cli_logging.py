@@ -314,3 +314,16 @@ def test_bench_set_lists_the_settings_it_takes() -> None:
 
     with pytest.raises(ValueError, match="no setting 'lrr'; the settings are .*\\blr\\b"):
         apply_overrides(BenchConfig(), ["fedavg.lrr=0.1"])
+
+
+def test_a_flood_of_refused_connections_is_a_few_lines(caplog: pytest.LogCaptureFixture) -> None:
+    from robustness_harness import RawClient
+
+    caplog.set_level(logging.INFO, logger="fedberry")
+    with serve("127.0.0.1:0", workers=1, initial=MODEL, token=TOKEN) as handle:
+        for _ in range(40):
+            with RawClient(handle.address[1]) as raw:
+                raw.send(b"GET / HTTP/1.1\r\nHost: chief\r\n\r\n")
+                assert raw.answer() is not None  # each is told why ...
+    lines = [r.getMessage() for r in caplog.records if "magic" in r.getMessage()]
+    assert 1 <= len(lines) <= 3, lines  # ... and the log says it once a second

@@ -577,15 +577,18 @@ class _ChiefConnection(_FrameWriter, asyncio.BufferedProtocol):
     def fail(self, code: ErrorCode, message: str, log_as: str | None = None) -> None:
         """Tell the peer why (when it can still be told) and close. ``log_as``: a reason that
         many connections may share (a flood): logged through the listener's rate limit ("":
-        not logged, the caller has). A joined worker's is logged as it leaves (the runtime's
-        "lost" line)."""
+        not logged, the caller has); None: by code and address, through the rate limit too. A
+        joined worker's is logged as it leaves (the runtime's "lost" line)."""
         if self.closed or self.closing_since is not None:
             return
         line = f"closing {self.describe()}: {message}"
         if self._joined and not self._left:
             self._why = message  # the runtime's "lost" line says it, once
         elif log_as is None:
-            log.warning("%s", line)
+            # Not (yet) a worker: anyone can send bytes that end here, so rate-limited too, per
+            # reason and address (a flood of garbage is a line a second, another address's
+            # mistake still shows).
+            self.listener.refusals.note(f"{code.value} {self.peer_ip}", line)
         elif log_as:  # "": the caller has said it already
             self.listener.refusals.note(log_as, line)
         if self.transport is None:  # still in the TLS handshake: nothing can be said
