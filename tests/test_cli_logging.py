@@ -105,12 +105,20 @@ def test_a_reconnecting_worker_says_so(caplog: pytest.LogCaptureFixture) -> None
         in caplog.text
 
 
-def test_log_options_work_after_the_subcommand(tmp_path: Path) -> None:
+def test_log_options_parse_before_and_after_the_subcommand() -> None:
     args = build_parser().parse_args(["-v", "chief", "--workers", "1", "-q", "-q",
                                       "--log-file", "x.log"])
     assert verbosity(args) == -1 and args.log_file == "x.log"
     args = build_parser().parse_args(["worker", "--chief", "tcp://h:1", "-vv"])
     assert verbosity(args) == 2
+    args = build_parser().parse_args(["--log-file", "y.log", "demo"])
+    assert verbosity(args) == 0 and args.log_file0 == "y.log"
+    args = build_parser().parse_args(["bench", "--quiet", "-q"])  # bench's own --quiet stays
+    assert args.quiet
+
+
+@pytest.mark.heavy
+def test_log_options_work_after_the_subcommand(tmp_path: Path) -> None:
     # Real chiefs: the INFO lines by default, in --log-file too; none with -q.
     logged, port, quiet_port = tmp_path / "chief.log", free_port(), free_port()
     chief = fedberry("chief", "--listen", f"127.0.0.1:{port}", "--workers", "1", "--rounds",
@@ -156,6 +164,7 @@ FILE_OPTIONS = [
 ]
 
 
+@pytest.mark.heavy
 def test_each_file_option_names_its_file(tmp_path: Path) -> None:
     base = {"worker": ["--chief", "tcp://127.0.0.1:1"],
             "chief": ["--listen", "127.0.0.1:0", "--workers", "1", "--model", "none",
@@ -287,6 +296,7 @@ def test_certs_suggests_a_worker_command_that_exists(tmp_path: Path,
     assert all(c in commands for c in suggested)
 
 
+@pytest.mark.heavy
 def test_sigterm_stops_a_chief_without_rounds_and_tells_its_workers(tmp_path: Path) -> None:
     port = free_port()
     chief = fedberry("chief", "--listen", f"127.0.0.1:{port}", "--workers", "1", "--model",
