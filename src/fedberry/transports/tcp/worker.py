@@ -413,6 +413,9 @@ class TcpSession:
             if item.fatal:
                 if item.code in ("timeout", "busy"):
                     raise _ChiefSaid(f"chief said: {item.message}")
+                if item.code == ErrorCode.SHUTDOWN.value:  # not a refusal: the run is over
+                    raise from_code(item.code, f"{item.message} before this round closed (it "
+                                    "was stopped, or ran its last round without this worker)")
                 hint = _MISMATCH_HINT if item.code == ErrorCode.SPEC_MISMATCH.value else ""
                 raise from_code(item.code, f"the chief refused: {item.message}{hint}")
             self.warnings.append(item.message)
