@@ -212,8 +212,10 @@ def test_a_plain_worker_at_a_tls_chief_is_told_to_pass_ca_not_left_to_time_out(
             with pytest.raises(FederationError) as info:
                 w.join(MODEL)
     # The sentence, not the connect budget running out ("gave up after 60 s").
-    assert "running with TLS? Give this worker --ca" in str(info.value), info.value
+    assert "speaks TLS" in str(info.value), info.value
+    assert "give this worker --ca (Python: ca=)" in str(info.value), info.value
     assert "gave up" not in str(info.value)
+    assert w.session.reconnects == 0  # at the first connection, not after retries
 
 
 def test_a_hostname_mismatch_names_server_hostname(tmp_path: Path) -> None:

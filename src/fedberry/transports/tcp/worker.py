@@ -328,9 +328,17 @@ class TcpSession:
                                           f"{_TLS_CLOSED_HINT}", "tls") from None
             else:
                 # A TLS chief takes our HELLO for a broken TLS handshake and closes without a
-                # word (it cannot answer in plain frames from inside ssl); a plain chief that
-                # refuses says why in an ERROR frame, so silence three times in a row is TLS.
+                # word (it cannot answer in plain frames from inside ssl; asyncio sends no
+                # alert, gh-98078); a plain chief that refuses says why in an ERROR frame. So
+                # ask the port for a TLS handshake: if it answers, that is the reason, said at
+                # once. Else silence three times in a row still says it may be TLS.
                 self._tls_closes += 1
+                if await self._speaks_tls():
+                    raise FederationError(
+                        f"the chief at {self.host}:{self.port} speaks TLS (it closed this plain "
+                        "connection right after HELLO, and answers a TLS handshake): give this "
+                        "worker --ca (Python: ca=), the chief's CA certificate: ca.pem from "
+                        "'fedberry certs'", "tls") from None
                 if self._tls_closes >= 3:
                     raise FederationError(
                         f"the chief at {self.host}:{self.port} closed the connection right after "
@@ -351,6 +359,21 @@ class TcpSession:
             proto.send(Init(self._init_arrays))
         if self._hb_task is None or self._hb_task.done():
             self._hb_task = asyncio.ensure_future(self._heartbeat())
+
+    async def _speaks_tls(self) -> bool:
+        """Whether the chief's port completes a TLS handshake. Nothing is verified or sent over
+        it: it only tells a worker without ``--ca`` why its plain connection was closed."""
+        probe = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        probe.check_hostname = False
+        probe.verify_mode = ssl.CERT_NONE
+        try:
+            transport, _ = await asyncio.wait_for(asyncio.get_running_loop().create_connection(
+                asyncio.Protocol, self.host, self.port, ssl=probe,
+                server_hostname=self.host), self._time_left(5))
+        except (OSError, asyncio.TimeoutError):  # ssl.SSLError is an OSError
+            return False
+        transport.abort()
+        return True
 
     async def _explain_verify(self, exc: ssl.SSLCertVerificationError) -> str:
         """The sentence for a refused chief certificate; for a name mismatch, with the names
