@@ -10,15 +10,19 @@ import threading
 import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import fields
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
 
 from fedberry import __version__
 from fedberry.chief.admission import DEFAULT_MAX_SAMPLES, NORM_MODES, AdmissionPolicy
+from fedberry.chief.round_config import parse_schedule
+from fedberry.cli_config import add_config_options, parse_args
 from fedberry.codecs import DOWNLINK_CODECS, UPLINK_CODECS
 from fedberry.demo.torch_demo import TrainConfig
 from fedberry.errors import FederationError
+from fedberry.privacy import DPConfig, parse_dp
+from fedberry.privacy.accountant import epsilon
 from fedberry.strategies import STRATEGIES, parse
 
 log = logging.getLogger("fedberry.cli")
@@ -175,6 +179,9 @@ def _add_chief_parser(sub: argparse._SubParsersAction) -> None:
                    help="an update beyond --max-update-norm is scaled down to it (clip) or "
                         "refused (refuse)")
     _add_downlink_option(p)
+    _add_dp_options(p)
+    add_config_options(p)  # --status, --config, --print-config (cli_config.py)
+    _add_fleet_options(p)
     p.set_defaults(func=_run_chief)
 
 
@@ -205,6 +212,99 @@ def _receive_memory(text: str) -> str:
     return f"{mib:g}MiB"
 
 
+# -- differential privacy (docs/privacy.md) ----------------------------------------------------
+def _add_dp_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dp", type=_dp_text, default=None, metavar="K=V,...",
+                   help="differentially private FedAvg: clip=C (each update's L2 bound), "
+                        "noise=Z (multiplier), delta=D, where=worker|chief, adaptive=true, "
+                        "...; e.g. --dp clip=1.0,noise=1.1,delta=1e-5 (docs/privacy.md)")
+    p.add_argument("--target-epsilon", type=float, default=None, metavar="EPS",
+                   help="with --dp: stop at the last round whose epsilon is within EPS")
+
+
+def _dp_text(text: str) -> str:
+    """``--dp`` checked when the command line is read (unknown keys refused, listing them)."""
+    try:
+        parse_dp(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def _dp_config(args: argparse.Namespace) -> DPConfig | None:
+    """The run's DPConfig from --dp and --target-epsilon (None without --dp)."""
+    if args.dp is None:
+        if args.target_epsilon is not None:
+            raise ValueError("--target-epsilon needs --dp (the clip and noise that spend it)")
+        return None
+    dp = parse_dp(args.dp)
+    if args.target_epsilon is not None:
+        dp = replace(dp, target_epsilon=args.target_epsilon)
+    if dp.noise > 0:
+        try:
+            epsilon(dp.noise, 1, dp.delta, dp.sampling_rate)  # the accountant is there
+        except ImportError as exc:  # one sentence, not a traceback
+            raise ValueError(str(exc)) from None
+    return dp
+
+
+def _dp_summary(dp: DPConfig, records: list[dict]) -> str:
+    """The run's privacy in one line, for the end of ``fedberry chief``."""
+    last = records[-1] if records else {}
+    eps = last.get("epsilon")
+    shown = f"{eps:.4g}" if isinstance(eps, (int, float)) else "infinite (noise 0)"
+    budget = ("" if dp.target_epsilon is None else
+              f"; --target-epsilon {dp.target_epsilon:g} allowed no more rounds")
+    return (f"privacy: epsilon {shown} at delta {dp.delta:g} after {last.get('round', 0)} "
+            f"rounds (clip {dp.clip:g}, noise {dp.noise:g}){budget}")
+
+
+# -- per-round configuration, client sampling, evaluation on the workers (docs/fleet.md) -----
+def _add_fleet_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--round-config", action="append", default=[], metavar="KEY=V[@R],...",
+                   type=_round_config_text,
+                   help="sent to every worker with each round's model, e.g. lr=0.1@0,0.05@10 "
+                        "(0.1 from round 0, 0.05 from round 10); repeat for more keys; the "
+                        "torch and Keras drop-ins apply lr")
+    p.add_argument("--sample", type=int, default=None, metavar="K",
+                   help="K of the connected workers take part in each round, drawn from --seed "
+                        "and the round (reproducible); the others stay connected and idle")
+    p.add_argument("--fraction", type=float, default=None, metavar="F",
+                   help="a fraction F of the connected workers takes part in each round")
+    p.add_argument("--poisson", action="store_true",
+                   help="with --fraction: each worker takes part independently with "
+                        "probability F (the sampling a privacy accountant assumes)")
+    p.add_argument("--evaluate-every", type=int, default=None, metavar="R",
+                   help="every R rounds (and for the final model) ask the workers that offer "
+                        "an evaluation to evaluate the global model on their held-out data; "
+                        "metrics.jsonl gets federated_eval, each key weighted by examples")
+    p.add_argument("--evaluate-timeout", type=float, default=30.0, metavar="S",
+                   help="seconds after the model goes out within which evaluations count; "
+                        "later ones are dropped (default 30)")
+
+
+def _round_config_text(text: str) -> str:
+    """One ``--round-config`` item, checked when the command line (or --config) is read."""
+    try:
+        parse_schedule([text])
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def _fleet_options(args: argparse.Namespace) -> dict:
+    """serve()'s keywords for the options of ``_add_fleet_options``."""
+    out: dict = {}
+    if args.round_config:
+        out["round_config"] = parse_schedule(args.round_config)
+    if args.sample is not None or args.fraction is not None or args.poisson:
+        out.update(sample=args.sample, fraction=args.fraction, poisson=args.poisson,
+                   sample_seed=args.seed)
+    if args.evaluate_every is not None:
+        out.update(evaluate_every=args.evaluate_every, evaluate_timeout=args.evaluate_timeout)
+    return out
+
+
 def _strategy_text(text: str) -> str:
     """``--strategy`` checked when the command line is read; the text itself goes on (into
     run_config and serve(), which parses it again), so that it is recorded as typed."""
@@ -228,23 +328,42 @@ def _run_chief(args: argparse.Namespace) -> int:
     run_config = {k: v for k, v in vars(args).items()
                   if k not in ("func", "token") and not callable(v)}
     header = [TABLE_HEADER]  # printed with the first round, not before a refusal to start
+    dp = _dp_config(args)
+    if dp is not None:
+        header = [TABLE_HEADER + f" {'epsilon':>8}"]
+    records: list[dict] = []
 
     def show(record: dict) -> None:
         while header:
             print(header.pop(), flush=True)
-        print(format_row(record), flush=True)
+        row = format_row(record)
+        if dp is not None:
+            eps = record.get("epsilon")
+            row += f" {eps:>8.3f}" if isinstance(eps, (int, float)) else f" {'inf':>8}"
+        records.append(record)
+        print(row, flush=True)
 
+    fleet = _fleet_options(args)
     with _out_errors(args.out):
         if args.listen.startswith("mpi://"):  # rank 0 of an mpiexec launch (transports/mpi.py)
+            if fleet:
+                raise ValueError("--round-config, --sample, --fraction and --evaluate-every "
+                                 "work with TCP and in-process workers, not under MPI (its "
+                                 "rounds are one Allreduce of every rank); see docs/fleet.md")
             from fedberry.transports.mpi import run_mpi_chief
 
+            if args.status:
+                raise ValueError("--status serves a TCP chief; it is not available under mpi://")
             run_mpi_chief(rounds=args.rounds, strategy=args.strategy, initial=initial,
                           evaluate=evaluate, out_dir=args.out, checkpoint=checkpoint,
                           resume=args.resume, workers=args.workers, run_config=run_config,
                           on_round=show, on_checkpoint_error=args.on_checkpoint_error,
                           admission=AdmissionPolicy(max_samples=args.max_samples,
                                                     max_update_norm=args.max_update_norm,
-                                                    update_norm_mode=args.update_norm_mode))
+                                                    update_norm_mode=args.update_norm_mode),
+                          dp=dp)
+            if dp is not None:
+                print(_dp_summary(dp, records), flush=True)
             return 0
         run_chief(listen=args.listen, workers=args.workers, rounds=args.rounds,
                   min_workers=args.min_workers, round_timeout=args.round_timeout,
@@ -258,7 +377,10 @@ def _run_chief(args: argparse.Namespace) -> int:
                   run_config=run_config, on_round=show, downlink=args.downlink,
                   receive_memory=_receive_memory(args.receive_memory),
                   max_samples=args.max_samples,
-                  max_update_norm=args.max_update_norm, update_norm_mode=args.update_norm_mode)
+                  max_update_norm=args.max_update_norm, update_norm_mode=args.update_norm_mode,
+                  status=args.status, dp=dp, **fleet)
+        if dp is not None:
+            print(_dp_summary(dp, records), flush=True)
     return 0
 
 
@@ -303,6 +425,10 @@ def _add_worker_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--worker-id", help="stable name (default: host-pid-random; with --cert, the "
                                         "certificate's name, which a chief with --client-ca "
                                         "requires)")
+    p.add_argument("--local-dp", type=_dp_text, default=None, metavar="K=V,...",
+                   help="local differential privacy: clip this worker's updates to clip=C and "
+                        "add its own noise=Z (delta=D for its epsilon, logged with -v); "
+                        "docs/privacy.md")
     p.set_defaults(func=_run_worker)
 
 
@@ -313,7 +439,7 @@ def _run_worker(args: argparse.Namespace) -> int:
     _check_files(args, "ca", "cert", "key", "token_file")
     part = parse_partition_spec(args.partition)
     options = {k: getattr(args, k) for k in ("token", "token_file", "ca", "cert", "key",
-                                             "server_hostname", "worker_id")
+                                             "server_hostname", "worker_id", "local_dp")
                if getattr(args, k) is not None}
     result = run_worker(args.chief, part.index, part.count, _train_config(args), **options)
     log.info("worker %d/%d finished: %s", part.index, part.count, result)
@@ -406,7 +532,7 @@ def setup_logging(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(build_parser(), argv)  # with chief's --config file (cli_config.py)
     try:
         setup_logging(args)
     except ValueError as exc:

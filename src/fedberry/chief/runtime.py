@@ -22,6 +22,7 @@ fatal ERROR (``chief_failed``) and ends the run, and ``wait_finished``/``shutdow
 from __future__ import annotations
 
 import asyncio
+import collections
 import functools
 import logging
 import time
@@ -34,7 +35,17 @@ from fedberry import codecs
 from fedberry.chief import checkpoint as ckpt_io
 from fedberry.chief.broadcast import Broadcast
 from fedberry.chief.buffers import BufferPool
+from fedberry.chief.evaluation import FederatedEvaluation
+from fedberry.chief.events import (
+    EventStream,
+    Refused,
+    RoundDone,
+    UpdateIn,
+    WorkerJoined,
+    WorkerLeft,
+)
 from fedberry.chief.metrics import MetricsLog
+from fedberry.chief.round_config import RoundConfig
 from fedberry.chief.run_info import write_run_info
 from fedberry.chief.scheduler import AsyncioScheduler, BlockingScheduler, Scheduler, Timer
 from fedberry.chief.state import (
@@ -47,7 +58,8 @@ from fedberry.chief.state import (
     SendGlobal,
 )
 from fedberry.errors import FederationError
-from fedberry.protocol.frames import ErrorCode, Spec
+from fedberry.protocol.frames import ErrorCode, ProtocolError, Spec
+from fedberry.protocol.messages import round_extras
 from fedberry.strategies import StrategyState
 
 log = logging.getLogger("fedberry.chief")
@@ -104,6 +116,15 @@ class ChiefServer:
     on_checkpoint_error : str
         ``"stop"`` or ``"warn"``: what a checkpoint that cannot be written does (module
         docstring).
+    round_config : callable, optional
+        ``round_config(round) -> dict`` of scalars sent with the model of ``round`` (rounds
+        completed, 0 first) to every worker, encoded once per round (``chief.round_config``).
+        One that raises or returns what the protocol refuses is logged, and that round's
+        model goes out without a config (the side-effect policy).
+    worker_evaluation : FederatedEvaluation, optional
+        Ask the workers that offer one to evaluate the global model every so many rounds; the
+        round's metrics line waits (within its timeout) and carries ``federated_eval``
+        (``chief.evaluation``).
     progress_every : float
         While a round waits (some updates in, not all) or workers are still to join, log who
         it waits for at most once per this many seconds (over asyncio transports).
@@ -120,6 +141,8 @@ class ChiefServer:
                  on_round: Callable[[dict[str, Any]], None] | None = None,
                  downlink: str = "none", scheduler: Scheduler | None = None,
                  on_checkpoint_error: str = "stop",
+                 round_config: RoundConfig | None = None,
+                 worker_evaluation: FederatedEvaluation | None = None,
                  progress_every: float = PROGRESS_EVERY) -> None:
         if on_checkpoint_error not in CHECKPOINT_ERROR_POLICIES:
             raise ValueError(f"on_checkpoint_error must be 'stop' or 'warn', not "
@@ -127,6 +150,14 @@ class ChiefServer:
         self.chief = chief
         self.out_dir = out_dir
         self.broadcast = Broadcast(downlink)  # the global model, encoded once per round
+        self.round_config = round_config
+        self._extras: tuple[tuple[int, bool], dict[str, Any]] | None = None
+        self.broadcast.extras = self.extras
+        self.worker_evaluation = worker_evaluation
+        self._evaluators: set[str] = set()  # joined workers that answer evaluation requests
+        # Metrics lines waiting for their round's worker evaluations, in round order.
+        self._held: collections.deque[dict[str, Any]] = collections.deque()
+        self._held_timer: Timer | None = None
         self.evaluate = evaluate
         self.metrics = MetricsLog(out_dir, append=append_metrics)
         self.checkpoint_path = checkpoint_path
@@ -140,6 +171,8 @@ class ChiefServer:
         self.finish_grace = finish_grace
         self.on_round = on_round
         self.peers: dict[str, Peer] = {}
+        self.events = EventStream()  # what happens, for observers (the status page)
+        self._round_ids: dict[int, tuple[str, ...]] = {}  # round -> its workers, until its line
         # Updates are read into buffers of updates before (transports' FrameDecoder.allocate).
         self.buffers = BufferPool()
         self.bytes_up = 0
@@ -166,6 +199,31 @@ class ChiefServer:
         self._gone_at: dict[str, float] = {}
         self._codec_of: dict[str, str] = {}  # the codec each worker's updates came in, lately
 
+    def extras(self, round_: int, done: bool) -> dict[str, Any]:
+        """The GLOBAL metadata of ``round_`` beyond the model: its config (computed once per
+        round, checked by the protocol's rule) and whether it asks for evaluations."""
+        if self._extras is not None and self._extras[0] == (round_, done):
+            return self._extras[1]
+        config: Any = {}
+        if self.round_config is not None:
+            try:
+                config = dict(self.round_config(round_))
+                round_extras(config, False)  # the protocol's check, before any worker sees it
+            except Exception as exc:  # the user's callable: logged, the round goes on
+                why = exc.message if isinstance(exc, ProtocolError) else f"{exc!r}"
+                log.error("round %d: the round config failed (%s); this round's model goes out "
+                          "without one", round_, why)
+                config = {}
+        asks = (self.worker_evaluation is not None
+                and self.worker_evaluation.asks(round_, done))
+        extras = round_extras(config, asks)
+        self._extras = ((round_, done), extras)
+        return extras
+
+    def current_config(self) -> dict[str, Any]:
+        """The config going out with the current round's model (what a local worker gets)."""
+        return dict(self.extras(self.chief.round, self.chief.done).get("config", {}))
+
     @property
     def started_at(self) -> float | None:
         """time.monotonic() when the first worker joined: metrics' wall_s counts from here."""
@@ -180,8 +238,13 @@ class ChiefServer:
         self._progress_timer = self.scheduler.call_later(1.0, self._progress)
 
     # -- events from transports --------------------------------------------------------------
-    def attach(self, peer: Peer, spec: Spec, want_model: bool) -> None:
+    def attach(self, peer: Peer, spec: Spec, want_model: bool, evaluates: bool = False) -> None:
+        """``evaluates``: the worker answers evaluation requests (its AUTH said so)."""
         wid = peer.worker_id
+        if evaluates:
+            self._evaluators.add(wid)
+        else:
+            self._evaluators.discard(wid)
         old = self.peers.get(wid)
         self.peers[wid] = peer  # first: closing the old one must not count as leaving
         if old is not None and old is not peer:
@@ -189,6 +252,7 @@ class ChiefServer:
         if self._t0 is None:
             self._t0 = time.monotonic()
         started = self.chief.started
+        self.events.emit(_joined(peer, self.chief.round))
         self._run(self.chief.join(wid, spec, time.monotonic(), want_model))
         if wid in self.chief.members:  # not refused (a model of another shape)
             self._log_join(peer, old, started)
@@ -237,6 +301,7 @@ class ChiefServer:
                 arrays = []
             else:
                 arrays = codecs.get(codec).decode(arrays, chief.spec or (), None)
+        self.events.emit(UpdateIn(peer.worker_id, round_, num_samples, dict(metrics), codec))
         self._run(self.chief.update(peer.worker_id, round_, num_samples, arrays, metrics,
                                     time.monotonic(), checked=checked, bad=bad))
 
@@ -256,6 +321,16 @@ class ChiefServer:
                 action.fatal = True  # no rank can be left out of a collective: the job stops
         self._run(actions)
 
+    def on_eval(self, peer: Peer, round_: int, num_examples: float,
+                metrics: dict[str, float]) -> None:
+        """A worker's evaluation of the model of ``round_`` (its fields checked by the
+        protocol's ``EvalResult``)."""
+        if self.worker_evaluation is None or self.peers.get(peer.worker_id) is not peer:
+            return
+        if self.worker_evaluation.report(peer.worker_id, round_, num_examples, metrics,
+                                         time.monotonic()):
+            self._flush_held()
+
     def detach(self, peer: Peer, lost: bool = False, why: str | None = None) -> None:
         """``peer`` is gone: it left (said BYE) or, ``lost``, its connection broke or was
         closed, ``why`` (the transport's sentence, when it has one)."""
@@ -263,6 +338,11 @@ class ChiefServer:
         if self.peers.get(wid) is not peer:
             return  # an old connection of a worker that has reconnected
         del self.peers[wid]
+        self.events.emit(WorkerLeft(wid, lost, why or ""))
+        self._evaluators.discard(wid)
+        if self.worker_evaluation is not None:
+            self.worker_evaluation.left(wid)
+            self._flush_held()
         if lost and not self.chief.done:
             self._lost[wid] = time.monotonic()
         was_member = wid in self.chief.members
@@ -329,18 +409,26 @@ class ChiefServer:
             return
         for action in actions:
             if isinstance(action, SendGlobal):
+                asks = self.extras(self.chief.round, self.chief.done).get("evaluate", False)
                 for wid in action.worker_ids:
                     if wid in self.peers:
                         self.peers[wid].send_global(self)
                         if self.chief.done:
                             self._lost.pop(wid, None)
+                if asks and self.worker_evaluation is not None:
+                    self.worker_evaluation.sent(
+                        self.chief.round, [w for w in action.worker_ids
+                                           if w in self.peers and w in self._evaluators],
+                        time.monotonic())
             elif isinstance(action, SendError):
                 peer = self.peers.get(action.worker_id)
                 if peer is not None:
                     log.warning("worker %s: %s", action.worker_id, action.message)
                     peer.send_error(action.code, action.message, action.fatal)
+                    self.events.emit(Refused(action.code.value, action.message, action.worker_id))
                     if action.fatal:
                         self.peers.pop(action.worker_id, None)
+                        self.events.emit(WorkerLeft(action.worker_id, False, action.message))
                         peer.close()
                         self._run(self.chief.leave(action.worker_id, time.monotonic()))
             elif isinstance(action, RequestInit):
@@ -382,14 +470,23 @@ class ChiefServer:
         # the resumed chief's model (Chief.update: "is ahead of the chief"), and that round is
         # done again. At most the round in flight is lost, never a model of another run.
         ckpt = None
-        if self.checkpoint_path:
+        # Rounds that a Poisson draw of nobody closed at once come in one batch with the round
+        # the chief is at now: its checkpoint covers them (same model, the latest round).
+        if self.checkpoint_path and rc.round == self.chief.round:
             ckpt = ckpt_io.Checkpoint(self.chief.round, list(self.chief.global_arrays or []),
                                       _snapshot(self.chief.strategy.state_dict()),
                                       self.run_config)
         self._progress_at = time.monotonic()  # the next round's wait is timed from here
         wall = time.monotonic() - (self._t0 or time.monotonic())
+        self._round_ids[rc.round] = tuple(rc.worker_ids)
         record: dict[str, Any] = {"round": rc.round, "workers": rc.workers,
                                   "num_samples": rc.num_samples, "train_loss": rc.train_loss}
+        # What the strategy says of the round (differential privacy: epsilon so far).
+        extra = getattr(self.chief.strategy, "round_record", None)
+        if extra is not None:
+            record.update(extra())
+        if rc.sampled is not None:  # client sampling (chief.sampling): the round's draw
+            record.update(sampled=rc.sampled, sample_rate=rc.sample_rate)
         # The bytes of this round's broadcast are counted when the sends are issued, which
         # happens right after this (SendGlobal follows RoundClosed): finish the record then.
         assert self.scheduler is not None
@@ -464,10 +561,42 @@ class ChiefServer:
         if out["round"] in self._unsaved:
             self._unsaved.discard(out["round"])
             out["checkpoint"] = False
+        if self.worker_evaluation is not None:
+            # The line waits for the workers' evaluations of this round's model (bounded by
+            # their timeout); the lines after it wait behind it, so the file stays in order.
+            self._held.append(out)
+            self._flush_held()
+            return
+        self._emit(out)
+
+    def _flush_held(self, force: bool = False) -> None:
+        """Write the held lines whose evaluations are in (or timed out), in round order."""
+        ev = self.worker_evaluation
+        if ev is None:
+            return
+        now = time.monotonic()
+        while self._held and (force or not ev.pending(self._held[0]["round"], now)):
+            out = self._held.popleft()
+            summary = ev.take(out["round"])
+            if summary is not None:
+                out["federated_eval"] = summary
+            self._emit(out)
+        if self._held_timer is not None:
+            self._held_timer.cancel()
+            self._held_timer = None
+        # The first held line's deadline: the lines after it wait behind it anyway.
+        deadline = ev.deadline(self._held[0]["round"]) if self._held else None
+        if deadline is not None and self.scheduler is not None:
+            self._held_timer = self.scheduler.call_later(max(0.0, deadline - now) + 0.01,
+                                                         self._flush_held)
+
+    def _emit(self, out: dict[str, Any]) -> None:
+        """One round's metrics line, then ``on_round`` (what fails is logged)."""
         try:
             out = self.metrics.write(out)
         except (OSError, TypeError, ValueError) as exc:
             log.error("round %d: cannot write the metrics line: %s", out["round"], exc)
+        self.events.emit(RoundDone(out, self._round_ids.pop(out["round"], ())))
         if self.on_round:
             try:
                 self.on_round(out)
@@ -504,6 +633,7 @@ class ChiefServer:
         assert self.finished is not None and isinstance(self.scheduler, AsyncioScheduler)
         await self.finished.wait()
         await self.scheduler.drain()
+        self._flush_held(force=True)  # the run is over: no answer is coming any more
         self._close_peers()
         self._raise_failure()
 
@@ -512,6 +642,7 @@ class ChiefServer:
         (waiting for their evaluation) and close the peers left."""
         assert isinstance(self.scheduler, BlockingScheduler)
         self.scheduler.drain()
+        self._flush_held(force=True)
         self._close_peers()
         self._raise_failure()
 
@@ -531,6 +662,11 @@ def _names(ids: list[str]) -> str:
     """Worker ids for a log line: the first few, then how many more."""
     shown = ", ".join(ids[:_MAX_NAMED])
     return shown if len(ids) <= _MAX_NAMED else f"{shown} and {len(ids) - _MAX_NAMED} more"
+def _joined(peer: Peer, round_: int) -> WorkerJoined:
+    """The event for observers: where a peer is (a TCP connection's IP address, else "local")
+    and what it says it runs, which only a TCP connection knows (HELLO's agent)."""
+    return WorkerJoined(peer.worker_id, str(getattr(peer, "peer_ip", "local")), round_,
+                        str(getattr(peer, "agent", "")))
 
 
 def _snapshot(state: StrategyState) -> StrategyState:

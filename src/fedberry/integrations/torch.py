@@ -86,6 +86,11 @@ class FederatedOptimizer(torch.optim.Optimizer):
     ``opt.step(closure)`` when the closure returns the loss, or ``opt.record_loss(loss)`` once per
     step in a loop that calls ``opt.step()`` without a closure.
 
+    A round configuration from the chief (``serve(round_config=...)``, ``--round-config``) with
+    an ``lr`` sets the learning rate of every param group when its model arrives (after
+    ``join`` and each average): the chief's schedule then replaces a local scheduler's value
+    for that round. The whole dict is ``opt.worker.round_config``.
+
     ``close()`` (or leaving a ``with`` block) leaves the federation; once the chief has run all
     its rounds (``done``) it also puts the federation's final model back into ``model``, so any
     steps taken after the last round do not linger.
@@ -105,10 +110,17 @@ class FederatedOptimizer(torch.optim.Optimizer):
         This worker's weight in the average, usually the size of its training set. By default
         ``sync_every`` (every worker syncs after the same number of steps: equal weights).
     worker : fedberry.Worker, optional
-        A worker built elsewhere; ``chief`` and ``worker_options`` are then not used.
+        A worker built elsewhere; ``chief``, ``evaluate`` and ``worker_options`` are then not
+        used (give that Worker its own ``evaluate``).
+    evaluate : callable, optional
+        ``evaluate(model) -> (num_examples, {"accuracy": .., "loss": ..})`` on this worker's
+        held-out data; when the chief asks (``--evaluate-every``) it is called with ``model``
+        holding the global model, before training goes on (docs/fleet.md).
     **worker_options
         Passed to ``fedberry.Worker``: ``token``, ``token_file``, ``ca``, ``cert``, ``key``,
-        ``worker_id``, ``codec``, timeouts.
+        ``worker_id``, ``codec``, timeouts, ``local_dp`` (this worker's own noise,
+        docs/privacy.md). Under a chief run with ``--dp`` nothing is needed here: the worker
+        learns the clipping bound at join and clips every update to it.
 
     Attributes
     ----------
@@ -140,7 +152,8 @@ class FederatedOptimizer(torch.optim.Optimizer):
     # Federation state lives in slots, outside the ``__dict__`` shared with the wrapped optimizer,
     # so the wrapped optimizer's namespace gains nothing.
     __slots__ = ("optimizer", "model", "sync_every", "num_samples", "steps", "_chief",
-                 "_worker_options", "_worker", "_final", "_loss_sum", "_loss_count")
+                 "_worker_options", "_worker", "_final", "_loss_sum", "_loss_count",
+                 "_evaluate")
 
     # One subclass per optimizer class, so wrapping many optimizers builds no class per call.
     _subclasses: ClassVar[dict[type, type]] = {}
@@ -167,6 +180,7 @@ class FederatedOptimizer(torch.optim.Optimizer):
     def __init__(self, optimizer: torch.optim.Optimizer, model: torch.nn.Module, *,
                  chief: str | InProcessChief | None = None, sync_every: int = 100,
                  num_samples: float | None = None, worker: Worker | None = None,
+                 evaluate: Callable[[torch.nn.Module], Any] | None = None,
                  **worker_options: Any) -> None:
         if chief is None and worker is None:
             raise TypeError("FederatedOptimizer needs chief=, the chief's address (for example "
@@ -198,6 +212,7 @@ class FederatedOptimizer(torch.optim.Optimizer):
         self._final: list[np.ndarray] | None = None
         self._loss_sum = 0.0
         self._loss_count = 0
+        self._evaluate = evaluate
 
     # -- the optimizer interface -------------------------------------------------------------
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
@@ -235,8 +250,23 @@ class FederatedOptimizer(torch.optim.Optimizer):
     def worker(self) -> Worker:
         """The ``fedberry.Worker`` (made on first use; it connects at ``join()``)."""
         if self._worker is None:
-            self._worker = Worker(self._chief, **self._worker_options)
+            options = dict(self._worker_options)
+            if self._evaluate is not None:
+                options["evaluate"] = self._evaluate_arrays
+            self._worker = Worker(self._chief, **options)
         return self._worker
+
+    def _evaluate_arrays(self, arrays: list[np.ndarray]) -> Any:
+        """The Worker's ``evaluate``: the user's, on ``model`` holding the global model (which
+        it then keeps: ``join``/``synchronize`` load that model next anyway)."""
+        assert self._evaluate is not None
+        set_arrays(self.model, arrays)
+        training = self.model.training  # the user's evaluate may switch to eval(): undo it
+        try:
+            with torch.no_grad():
+                return self._evaluate(self.model)
+        finally:
+            self.model.train(training)
 
     @property
     def joined(self) -> bool:
@@ -257,6 +287,7 @@ class FederatedOptimizer(torch.optim.Optimizer):
             return
         out = self.worker.join(get_arrays(self.model))
         set_arrays(self.model, out)
+        self._apply_round_config()
         if self.worker.done:
             self._final = out
 
@@ -286,8 +317,16 @@ class FederatedOptimizer(torch.optim.Optimizer):
         self._loss_sum, self._loss_count = 0.0, 0
         out = self.worker.sync(get_arrays(self.model), self.num_samples, metrics)
         set_arrays(self.model, out)
+        self._apply_round_config()
         if self.worker.done:
             self._final = out
+
+    def _apply_round_config(self) -> None:
+        """The chief's ``lr`` for this round, into every param group (when it sent one)."""
+        lr = self.worker.round_config.get("lr")
+        if isinstance(lr, (int, float)) and not isinstance(lr, bool):
+            for group in self.param_groups:
+                group["lr"] = float(lr)
 
     def close(self) -> None:
         """Leave the federation; once it is done, put its final model back into ``model``.

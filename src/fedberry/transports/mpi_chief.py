@@ -27,6 +27,8 @@ from fedberry.chief.build import OutputOptions, RoundPolicy, build_chief_server
 from fedberry.chief.runtime import ChiefServer, Evaluate
 from fedberry.chief.scheduler import BlockingScheduler
 from fedberry.errors import FederationError
+from fedberry.privacy import DPConfig, DPFedAvg, as_config
+from fedberry.privacy.chief import dp_chief
 from fedberry.protocol.frames import ErrorCode, spec_of
 from fedberry.strategies import FedAvg, Strategy, make_strategy
 from fedberry.transports.mpi_buffers import T_LOSS_SUM, T_LOSS_WEIGHT, T_UPDATES, T_WEIGHT
@@ -56,17 +58,20 @@ class MpiChiefOptions:
     on_checkpoint_error: str = "stop"
     # Which updates are admitted (sample bound, update norm): the TCP chief's policy.
     admission: AdmissionPolicy | None = None
+    # Differential privacy (docs/privacy.md): every training rank clips to C and weighs 1.
+    dp: DPConfig | str | None = None
 
     @classmethod
     def from_address(cls, address: str) -> MpiChiefOptions:
         """``mpi://?rounds=50&out=runs/x&strategy=fedavgm&checkpoint=ck.npz`` (all optional;
-        also ``on_checkpoint_error=warn``)."""
+        also ``on_checkpoint_error=warn`` and ``dp=clip=1.0,noise=1.1,delta=1e-5``)."""
         q = query(address)
         rounds = q.get("rounds")
         return cls(rounds=int(rounds) if rounds else None, strategy=q.get("strategy", "fedavg"),
                    out_dir=q.get("out"), checkpoint=q.get("checkpoint"),
                    resume=q.get("resume", "") in ("1", "true", "yes"),
-                   on_checkpoint_error=q.get("on_checkpoint_error", "stop"))
+                   on_checkpoint_error=q.get("on_checkpoint_error", "stop"),
+                   dp=q.get("dp") or None)
 
 
 _configured: MpiChiefOptions | None = None
@@ -84,7 +89,7 @@ def configure_chief(**options: Any) -> None:
 # What an mpi:// address may carry: the chief's options (MpiChiefOptions.from_address) and the
 # session's collective timeout (MpiSession). A typo (``?round=3``) must not pass silently: it
 # once ran 1,691 rounds instead of 3.
-ADDRESS_KEYS = ("checkpoint", "on_checkpoint_error", "out", "resume", "rounds", "strategy",
+ADDRESS_KEYS = ("checkpoint", "dp", "on_checkpoint_error", "out", "resume", "rounds", "strategy",
                 "timeout")
 
 
@@ -140,6 +145,16 @@ class RankZeroChief:
     def __init__(self, opts: MpiChiefOptions, session: Any) -> None:
         self.session = session
         strategy = make_strategy(opts.strategy)
+        dp = as_config(opts.dp)
+        rounds, admission = opts.rounds, opts.admission
+        if dp is not None:
+            if dp.where == "chief" or dp.adaptive:
+                raise ValueError("dp: under MPI the chief sees only the ranks' combined mean, "
+                                 "so it cannot clip each rank's update: use where=worker "
+                                 "(every rank clips), without adaptive clipping")
+            strategy, admission, rounds = dp_chief(dp, strategy, admission, rounds)
+        # The bound every training rank clips to (MpiSession.join broadcasts it), or None.
+        self.dp_clip = strategy.clip if isinstance(strategy, DPFedAvg) else None
         if getattr(strategy, "needs_all_updates", False):
             raise ValueError(f"the {strategy.name} strategy needs every update, but MPI rounds "
                              "sum them in one collective; use it over TCP")
@@ -148,11 +163,11 @@ class RankZeroChief:
         self.scheduler = BlockingScheduler()
         # One peer (the collective) and lockstep rounds: it is the whole federation.
         self.server = build_chief_server(
-            RoundPolicy(workers=1, rounds=opts.rounds),
+            RoundPolicy(workers=1, rounds=rounds),
             OutputOptions(opts.out_dir, opts.checkpoint, opts.resume, dict(opts.run_config),
                           on_checkpoint_error=opts.on_checkpoint_error),
             strategy=strategy, initial=opts.initial, evaluate=opts.evaluate,
-            on_round=opts.on_round, scheduler=self.scheduler, admission=opts.admission)
+            on_round=opts.on_round, scheduler=self.scheduler, admission=admission)
         self.chief = self.server.chief
         self.expected = opts.workers
         self.peer = _CollectivePeer()

@@ -19,6 +19,7 @@ from typing import Any
 
 from fedberry.certs import cert_names, describe_tls_error
 from fedberry.chief.buffers import ReceiveBudget
+from fedberry.chief.events import Refused, Traffic
 from fedberry.chief.runtime import ChiefServer
 from fedberry.protocol.connection import ChiefConnection, ChiefState
 from fedberry.protocol.frames import EncodedFrame, ErrorCode, Limits, ProtocolError, Spec
@@ -38,6 +39,7 @@ from fedberry.protocol.messages import (
     Bye,
     Challenge,
     Error,
+    EvalResult,
     Hello,
     Init,
     Message,
@@ -152,6 +154,7 @@ class _ChiefConnection(_FrameWriter, asyncio.BufferedProtocol):
         self._joined = False
         self._probing = False  # its worker id is held: waiting to hear whether the holder lives
         self.worker_id = ""
+        self.agent = ""
         self.peer_ip = "?"
         self.address = "?"  # ip:port, for the chief's log lines
         # Why the connection is being closed, for the "lost" line (fail, connection_lost).
@@ -170,6 +173,7 @@ class _ChiefConnection(_FrameWriter, asyncio.BufferedProtocol):
         self._waiting_for = 0  # bytes queued for in the budget (0: not queued)
         self._granted = False
         self._left = False  # detached from the server (it no longer counts as a member)
+        self._traffic = [0, 0]  # bytes up, down not yet reported in a Traffic event
         self.closed = False
         pacing = listener.options.pacing
         self._uplink: Pacer | None = pacing.uplink if pacing is not None else None
@@ -221,6 +225,7 @@ class _ChiefConnection(_FrameWriter, asyncio.BufferedProtocol):
             why = _chief_tls_message(exc)
             self.listener.refusals.note(f"tls: {why}",
                                         f"TLS handshake with {self.peer_ip} failed: {why}")
+            self.server.events.emit(Refused("tls", why, "", self.peer_ip))
             raw.abort()
             self._gone()
             return
@@ -296,6 +301,7 @@ class _ChiefConnection(_FrameWriter, asyncio.BufferedProtocol):
             return  # what a connection sends after we decided to close it does not matter
         self.last_seen = time.monotonic()
         self.server.bytes_up += nbytes
+        self._traffic[0] += nbytes
         if self._receiving_since is not None:
             self._receiving_bytes += nbytes
         try:
@@ -400,7 +406,15 @@ class _ChiefConnection(_FrameWriter, asyncio.BufferedProtocol):
         # take CLOSE_GRACE, and a round must not wait for a worker that is already out.
         if self._joined and not self._left:
             self._left = True
+            self.report_traffic()
             self.server.detach(self, lost=not self._bye, why=self._why)
+
+    def report_traffic(self) -> None:
+        """Tell the observers (chief.events) the bytes moved for this worker since last time:
+        at each update, each model sent, when it leaves, and from the sweep (heartbeats)."""
+        if self._traffic != [0, 0]:
+            self.server.events.emit(Traffic(self.worker_id, *self._traffic))
+            self._traffic = [0, 0]
 
     # -- events ------------------------------------------------------------------------------
     def handle(self, event: Message) -> None:
@@ -408,15 +422,19 @@ class _ChiefConnection(_FrameWriter, asyncio.BufferedProtocol):
             self.send(Pong())
         elif isinstance(event, Hello):
             self.worker_id = event.worker_id
+            self.agent = event.agent  # for the status page (chief.events.WorkerJoined)
             self.send(Challenge())
         elif isinstance(event, Auth):
             self._auth()
         elif isinstance(event, Update):
+            self.report_traffic()
             self.server.on_update(self, event.round, event.num_samples, list(event.tensors),
                                   event.metrics, event.codec, event.checked, event.non_finite)
         elif isinstance(event, Init):
             self.server.on_init(self, list(event.tensors))
             self._expect_model()
+        elif isinstance(event, EvalResult):
+            self.server.on_eval(self, event.round, event.num_examples, event.metrics)
         elif isinstance(event, Bye):
             self._bye = True
             self.close()
@@ -443,7 +461,8 @@ class _ChiefConnection(_FrameWriter, asyncio.BufferedProtocol):
         try:
             # The connection checks the worker's proof as it answers.
             self.send(Welcome(chief.round, chief.global_arrays is None,
-                              self.server.broadcast.codec.name))
+                              self.server.broadcast.codec.name,
+                              dp_clip=getattr(chief.strategy, "worker_clip", None)))
         except ProtocolError as exc:
             if exc.code == ErrorCode.AUTH_FAILED:
                 self._auth_failed(exc.message)
@@ -461,7 +480,8 @@ class _ChiefConnection(_FrameWriter, asyncio.BufferedProtocol):
     def _join(self) -> None:
         self._joined = True
         self._expect_model()
-        self.server.attach(self, self.conn.announced, self.conn.want_model)
+        self.server.attach(self, self.conn.announced, self.conn.want_model,
+                           self.conn.evaluates)
 
     # -- a worker id held by another connection ----------------------------------------------
     # Without client certificates the id is the worker's word, and a second connection with it
@@ -546,6 +566,7 @@ class _ChiefConnection(_FrameWriter, asyncio.BufferedProtocol):
             self.abort()
             return
         self.server.bytes_down += frame.nbytes
+        self._traffic[1] += frame.nbytes
         self._queue(frame)
 
     def send_queue_limit(self) -> int:
@@ -563,6 +584,7 @@ class _ChiefConnection(_FrameWriter, asyncio.BufferedProtocol):
         # model goes out only in answer to a join or an update, so more than two models still
         # queued means the worker sends but does not read: send() drops it.
         self.send(server.broadcast.frame(chief, self.conn.sent_round))
+        self.report_traffic()
 
     def send_error(self, code: ErrorCode, message: str, fatal: bool) -> None:
         self.send(Error(code, message, fatal))
@@ -582,6 +604,8 @@ class _ChiefConnection(_FrameWriter, asyncio.BufferedProtocol):
         if self.closed or self.closing_since is not None:
             return
         line = f"closing {self.describe()}: {message}"
+        if not self._joined:  # a joined worker that fails is a worker lost, not a refusal
+            self.server.events.emit(Refused(code.value, message, self.worker_id, self.peer_ip))
         if self._joined and not self._left:
             self._why = message  # the runtime's "lost" line says it, once
         elif log_as is None:
@@ -762,6 +786,7 @@ class TcpChief:
             conn.refuse(ErrorCode.BUSY, why, kind)  # plain TCP: the worker retries with backoff
         else:
             self.refusals.note(kind, f"refusing a connection from {conn.peer_ip}: {why}")
+            self.server.events.emit(Refused(ErrorCode.BUSY.value, why, "", conn.peer_ip))
             conn.abort()  # TLS: no handshake for a refused peer; the worker retries
         return False
 
@@ -833,6 +858,8 @@ class TcpChief:
             await asyncio.sleep(0.5)
             now = time.monotonic()
             for conn in list(self.connections):
+                if conn._joined and not conn._left:
+                    conn.report_traffic()  # pings and pongs too: observers see it alive
                 if conn.closing_since is not None:
                     if now - conn.closing_since > CLOSE_GRACE:
                         conn.abort()  # it does not take its last frame: stop waiting

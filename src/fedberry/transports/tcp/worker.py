@@ -7,9 +7,12 @@ module moves its bytes, runs the timers and turns its events into the session's 
 from __future__ import annotations
 
 import asyncio
+import functools
+import importlib.metadata
 import logging
 import random
 import ssl
+import sys
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -34,6 +37,7 @@ from fedberry.protocol.messages import (
     Bye,
     Challenge,
     Error,
+    EvalResult,
     Global,
     Hello,
     Init,
@@ -45,6 +49,18 @@ from fedberry.protocol.messages import (
     to_frame,
 )
 from fedberry.transports.tcp.stream import _FrameWriter
+
+
+@functools.cache
+def agent() -> str:
+    """What this worker says it runs, in HELLO (the chief's status page shows it): the
+    installed distribution's version (the package's ``__version__`` is above this layer)."""
+    try:
+        version = importlib.metadata.version("fedberry")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree, not installed
+        version = "unknown"
+    return f"fedberry/{version} python/{sys.version.split()[0]}"
+
 
 log = logging.getLogger("fedberry.tcp")
 
@@ -169,9 +185,13 @@ class TcpSession:
         # The global model as the chief holds it, kept for delta codecs (q8) both ways.
         self._reference: list[np.ndarray] | None = None
         self._downlink = "none"  # how the chief sends the model (its WELCOME says)
+        self.dp_clip: float | None = None
         self._residual: list[np.ndarray] | None = None  # error feedback of a lossy codec
         self._hb_task: asyncio.Task[None] | None = None
         self._have: str | None = None
+        self.round_config: dict[str, Any] = {}  # what came with the last GLOBAL
+        self.evaluates = False  # answer evaluation requests (Worker(evaluate=...)); set first
+        self.eval_requested: int | None = None  # the last GLOBAL asked for an evaluation
 
     # -- public coroutines -------------------------------------------------------------------
     async def join(self, arrays: Sequence[np.ndarray]) -> tuple[int, list[np.ndarray], bool]:
@@ -306,7 +326,7 @@ class TcpSession:
             raise _Retryable(f"connect failed ({exc or 'timeout'})") from None
         self._proto = proto
         try:
-            hello = Hello(self.worker_id)
+            hello = Hello(self.worker_id, agent=agent())
         except ProtocolError as exc:
             proto.transport.abort()  # type: ignore[union-attr]
             raise FederationError(f"this worker cannot join: {exc.message}",
@@ -348,9 +368,11 @@ class TcpSession:
             raise
         self._tls_closes = 0
         # With the digest of the model we hold, the chief need not send it (codec "unchanged").
-        proto.send(Auth(self._spec, want_model, self._have if want_model else None))
+        proto.send(Auth(self._spec, want_model, self._have if want_model else None,
+                        evaluates=self.evaluates))
         welcome = await self._expect_soon(Welcome, "AUTH")  # its proof checked by the connection
         self._downlink = welcome.downlink
+        self.dp_clip = welcome.dp_clip  # differential privacy's bound: Worker.sync clips to it
         if welcome.need_init:
             if not self._init_arrays:  # we are past join(): the chief lost its model
                 proto.transport.abort()  # type: ignore[union-attr]
@@ -465,7 +487,16 @@ class TcpSession:
                                   "protocol") from None
         if self.codec.needs_reference or self._downlink == "q8":
             self._reference = [np.array(a) for a in arrays]  # the caller may change its own
+        self.round_config = dict(g.config)
+        self.eval_requested = g.round if g.evaluate else None
         return g.round, arrays, g.done
+
+    async def send_eval(self, result: EvalResult) -> None:
+        """Answer the evaluation request of the GLOBAL received last, on the connection it
+        came by (after a reconnect the chief asks afresh: nothing is sent)."""
+        proto = self._proto
+        if proto is not None and proto.conn.eval_asked == result.round:
+            proto.send(result)
 
     async def _heartbeat(self) -> None:
         while True:
