@@ -610,9 +610,9 @@ class _ChiefConnection(_FrameWriter, asyncio.BufferedProtocol):
             self._why = message  # the runtime's "lost" line says it, once
         elif log_as is None:
             # Not (yet) a worker: anyone can send bytes that end here, so rate-limited too, per
-            # reason and address (a flood of garbage is a line a second, another address's
-            # mistake still shows).
-            self.listener.refusals.note(f"{code.value} {self.peer_ip}", line)
+            # address and sentence (a flood of garbage is a line a second; another mistake, or
+            # another address's, still shows; RefusalLog bounds how many reasons it keeps).
+            self.listener.refusals.note(f"{code.value} {self.peer_ip} {message}", line)
         elif log_as:  # "": the caller has said it already
             self.listener.refusals.note(log_as, line)
         if self.transport is None:  # still in the TLS handshake: nothing can be said
