@@ -27,6 +27,7 @@ import numpy as np
 
 from fedberry.certs import server_context
 from fedberry.chief.admission import AdmissionPolicy
+from fedberry.chief.buffers import parse_size
 from fedberry.chief.build import OutputOptions, RoundPolicy, build_chief_server
 from fedberry.chief.round_config import RoundConfig
 from fedberry.chief.runtime import ChiefServer, Evaluate
@@ -67,10 +68,12 @@ class Listening:
         seconds).
     handshake_timeout : float
         Seconds from accept to the end of the handshake, TLS included.
-    receive_memory : int
-        Bytes of updates read at once, all workers together (at least one update); the others
-        wait their turn in their sockets, so that the chief's memory does not grow with the
-        number of workers sending at the same moment.
+    receive_memory : int or str
+        How much of the updates is read at once, all workers together (at least one update);
+        the others wait their turn in their sockets, so that the chief's memory does not grow
+        with the number of workers sending at the same moment. An int is bytes; a string has a
+        unit, ``"64MiB"``, ``"1GiB"`` (``chief.buffers.parse_size``, the same rule as
+        ``--receive-memory``).
     update_deadline : float or None
         Seconds an update may take to arrive once the chief starts reading it; past it the
         worker is dropped with a sentence and the round goes on. None: 600 s
@@ -87,7 +90,7 @@ class Listening:
     max_connections: int = 256
     idle_timeout: float = 60.0
     handshake_timeout: float = 15.0
-    receive_memory: int = 64 << 20
+    receive_memory: int | str = 64 << 20
     update_deadline: float | None = None
 
 
@@ -325,7 +328,8 @@ def serve(listen: str | None = "127.0.0.1:0", *, workers: int | None = None,
                 listen_options or ListenOptions(), token=token, ssl_context=ctx,
                 require_client_cert=bool(lis.tls_cert and lis.client_ca), insecure=lis.insecure,
                 max_connections=lis.max_connections, idle_timeout=lis.idle_timeout,
-                handshake_timeout=lis.handshake_timeout, receive_memory=lis.receive_memory,
+                handshake_timeout=lis.handshake_timeout,
+                receive_memory=parse_size(lis.receive_memory),
                 update_deadline=lis.update_deadline))
     except BaseException:
         for s in (sock, status_sock):

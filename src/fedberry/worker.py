@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import socket
+import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -95,6 +96,7 @@ class Worker:
                  codec: str = "none", local_dp: DPConfig | str | None = None,
                  evaluate: Evaluate | None = None) -> None:
         self.worker_id = worker_id or default_worker_id(cert)
+        self._chief_name = chief if isinstance(chief, str) else "the chief in this process"
         self.round = 0
         self.done = False
         self.joined = False
@@ -124,6 +126,11 @@ class Worker:
         self._privacy.chief_clip = getattr(self._session, "dp_clip", None)
         self._keep_global(out)
         self._took(out)
+        log.info("worker %s joined %s at round %d (model: %d tensors, %s)", self.worker_id,
+                 self._chief_name, self.round + 1, len(out), _size(sum(a.nbytes for a in out)))
+        if self.done:
+            log.info("worker %s: the federation has already finished; this is its final model",
+                     self.worker_id)
         return out
 
     def sync(self, arrays: Sequence[np.ndarray], num_samples: float,
@@ -143,10 +150,16 @@ class Worker:
         metrics = {k: float(v) for k, v in (metrics or {}).items() if math.isfinite(float(v))}
         if self._privacy.active:  # before the transport (and its codec) sees the update
             arrays = self._privacy.apply(arrays, self._global)
+        sent, received, t0 = self.bytes_sent, self.bytes_received, time.monotonic()
+        round_ = self.round + 1
         self.round, out, self.done = self._call(
             self._session.sync(self.round, arrays, float(num_samples), metrics))
         self._keep_global(out)
         self._took(out)
+        log.info("worker %s: round %d done in %.1f s (sent %s, received %s)%s", self.worker_id,
+                 round_, time.monotonic() - t0, _size(self.bytes_sent - sent),
+                 _size(self.bytes_received - received),
+                 f"; the federation has finished after round {self.round}" if self.done else "")
         return out
 
     @property
@@ -220,6 +233,11 @@ class Worker:
         return coro_or_value
 
 
+def _size(nbytes: int) -> str:
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.1f} {unit}"
+    return f"{nbytes} B"
 def _clean_eval_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
     """What ``evaluate`` returned, as the protocol takes it: finite numbers (numpy scalars and
     one-element tensors too) under short names, at most MAX_METRICS; the rest dropped, said."""

@@ -68,6 +68,12 @@ Evaluate = Callable[[list[np.ndarray]], dict[str, float]]
 
 CHECKPOINT_ERROR_POLICIES = ("stop", "warn")
 
+# While a round waits, the chief says who it waits for at most this often (seconds); while
+# nothing changes, half as often each time, down to once per PROGRESS_EVERY_MAX.
+PROGRESS_EVERY = 10.0
+PROGRESS_EVERY_MAX = 300.0
+_MAX_NAMED = 8  # worker ids named in one progress line; the rest are counted
+
 
 class Peer(Protocol):
     """One joined worker, as a transport sees it."""
@@ -119,6 +125,13 @@ class ChiefServer:
         Ask the workers that offer one to evaluate the global model every so many rounds; the
         round's metrics line waits (within its timeout) and carries ``federated_eval``
         (``chief.evaluation``).
+    progress_every : float
+        While a round waits (some updates in, not all) or workers are still to join, log who
+        it waits for at most once per this many seconds (over asyncio transports).
+
+    What happens is logged here, once for every transport (logger ``fedberry.chief``): each
+    worker joining, coming back, leaving or lost (with why, when its transport says), and the
+    progress line while a round waits.
     """
 
     def __init__(self, chief: Chief, *, evaluate: Evaluate | None = None,
@@ -129,7 +142,8 @@ class ChiefServer:
                  downlink: str = "none", scheduler: Scheduler | None = None,
                  on_checkpoint_error: str = "stop",
                  round_config: RoundConfig | None = None,
-                 worker_evaluation: FederatedEvaluation | None = None) -> None:
+                 worker_evaluation: FederatedEvaluation | None = None,
+                 progress_every: float = PROGRESS_EVERY) -> None:
         if on_checkpoint_error not in CHECKPOINT_ERROR_POLICIES:
             raise ValueError(f"on_checkpoint_error must be 'stop' or 'warn', not "
                              f"{on_checkpoint_error!r}")
@@ -175,6 +189,15 @@ class ChiefServer:
         self.scheduler = scheduler
         self.loop: asyncio.AbstractEventLoop | None = None
         self.finished: asyncio.Event | None = None
+        self.progress_every = progress_every
+        self._progress_at = time.monotonic()  # the last progress line, or the round's start
+        self._progress_timer: Timer | None = None
+        self._progress_backoff = 1  # doubles while the line would say the same
+        self._progress_key: tuple[Any, ...] | None = None  # what the last line said
+        # Workers that left or were lost (id -> when), to say "back" when one reconnects;
+        # bounded: only authenticated workers get here, but ids are theirs to choose.
+        self._gone_at: dict[str, float] = {}
+        self._codec_of: dict[str, str] = {}  # the codec each worker's updates came in, lately
 
     def extras(self, round_: int, done: bool) -> dict[str, Any]:
         """The GLOBAL metadata of ``round_`` beyond the model: its config (computed once per
@@ -212,22 +235,47 @@ class ChiefServer:
         self.finished = asyncio.Event()
         if self.scheduler is None:
             self.scheduler = AsyncioScheduler(self.loop)
+        self._progress_timer = self.scheduler.call_later(1.0, self._progress)
 
     # -- events from transports --------------------------------------------------------------
     def attach(self, peer: Peer, spec: Spec, want_model: bool, evaluates: bool = False) -> None:
         """``evaluates``: the worker answers evaluation requests (its AUTH said so)."""
+        wid = peer.worker_id
         if evaluates:
-            self._evaluators.add(peer.worker_id)
+            self._evaluators.add(wid)
         else:
-            self._evaluators.discard(peer.worker_id)
-        old = self.peers.get(peer.worker_id)
-        self.peers[peer.worker_id] = peer  # first: closing the old one must not count as leaving
+            self._evaluators.discard(wid)
+        old = self.peers.get(wid)
+        self.peers[wid] = peer  # first: closing the old one must not count as leaving
         if old is not None and old is not peer:
             old.close()  # a reconnect replaces the half-dead connection; no leave for it
         if self._t0 is None:
             self._t0 = time.monotonic()
+        started = self.chief.started
         self.events.emit(_joined(peer, self.chief.round))
-        self._run(self.chief.join(peer.worker_id, spec, time.monotonic(), want_model))
+        self._run(self.chief.join(wid, spec, time.monotonic(), want_model))
+        if wid in self.chief.members:  # not refused (a model of another shape)
+            self._log_join(peer, old, started)
+
+    def _log_join(self, peer: Peer, old: Peer | None, started: bool) -> None:
+        wid, chief = peer.worker_id, self.chief
+        where = f" from {peer.address}" if getattr(peer, "address", None) else ""
+        gone = self._gone_at.pop(wid, None)
+        if old is not None and old is not peer:
+            log.info("worker %s is back%s: its old connection, which had stopped answering, "
+                     "is replaced", wid, where)
+        elif gone is not None:
+            log.info("worker %s is back%s (reconnected %.1f s after it went)", wid, where,
+                     time.monotonic() - gone)
+        else:
+            log.info("worker %s joined%s (%d of %d workers%s)", wid, where, len(chief.members),
+                     max(chief.config.workers, len(chief.members)),
+                     f"; it joins round {chief.round + 1}" if started else "")
+        if chief.started and not started:
+            n = len(chief.members)
+            log.info("round %d starts: %d worker%s in", chief.round + 1, n,
+                     " is" if n == 1 else "s are")
+            self._progress_at = time.monotonic()
 
     def on_init(self, peer: Peer, arrays: list[np.ndarray]) -> None:
         self._run(self.chief.init(peer.worker_id, arrays, time.monotonic()))
@@ -237,6 +285,10 @@ class ChiefServer:
                   bad: str | None = None) -> None:
         """``checked``/``bad``: the transport's own NaN/Inf check of ``arrays`` (Chief.update);
         it counts only for updates sent as they are, not for what a codec decodes."""
+        if self._codec_of.get(peer.worker_id) != codec:
+            if peer.worker_id in self._codec_of or codec != "none":
+                log.info("worker %s sends its updates as %s", peer.worker_id, codec)
+            self._codec_of[peer.worker_id] = codec
         if codec != "none":
             checked, bad = False, None
             chief = self.chief
@@ -279,18 +331,74 @@ class ChiefServer:
                                          time.monotonic()):
             self._flush_held()
 
-    def detach(self, peer: Peer, lost: bool = False) -> None:
-        if self.peers.get(peer.worker_id) is not peer:
+    def detach(self, peer: Peer, lost: bool = False, why: str | None = None) -> None:
+        """``peer`` is gone: it left (said BYE) or, ``lost``, its connection broke or was
+        closed, ``why`` (the transport's sentence, when it has one)."""
+        wid = peer.worker_id
+        if self.peers.get(wid) is not peer:
             return  # an old connection of a worker that has reconnected
-        del self.peers[peer.worker_id]
-        self.events.emit(WorkerLeft(peer.worker_id, lost))
-        self._evaluators.discard(peer.worker_id)
+        del self.peers[wid]
+        self.events.emit(WorkerLeft(wid, lost, why or ""))
+        self._evaluators.discard(wid)
         if self.worker_evaluation is not None:
-            self.worker_evaluation.left(peer.worker_id)
+            self.worker_evaluation.left(wid)
             self._flush_held()
         if lost and not self.chief.done:
-            self._lost[peer.worker_id] = time.monotonic()
-        self._run(self.chief.leave(peer.worker_id, time.monotonic()))
+            self._lost[wid] = time.monotonic()
+        was_member = wid in self.chief.members
+        ending = self.finished is not None and self.finished.is_set()  # closed by the chief
+        self._run(self.chief.leave(wid, time.monotonic()))
+        self._codec_of.pop(wid, None)
+        if not was_member:
+            return
+        self._gone_at[wid] = time.monotonic()
+        while len(self._gone_at) > 10_000:
+            self._gone_at.pop(next(iter(self._gone_at)))
+        left = len(self.chief.members)
+        if ending:
+            log.debug("worker %s: closed as the chief finishes", wid)
+        elif lost and not self.chief.done:
+            log.warning("worker %s lost: %s; %d worker%s still in (it may reconnect with the "
+                        "same id)", wid, why or "its connection closed", left,
+                        "" if left == 1 else "s")
+        else:
+            log.info("worker %s left%s; %d worker%s still in", wid,
+                     f" ({why})" if why and lost else "", left, "" if left == 1 else "s")
+
+    def _progress(self) -> None:
+        """Every second while the run goes on: at most once per ``progress_every``, while a
+        round waits for some of its workers (or for workers to join), say who it waits for."""
+        chief = self.chief
+        if self._finishing or chief.done or self.failure is not None or self.scheduler is None:
+            self._progress_timer = None
+            return
+        self._progress_timer = self.scheduler.call_later(1.0, self._progress)
+        now = time.monotonic()
+        wait = min(self.progress_every * self._progress_backoff, PROGRESS_EVERY_MAX)
+        if now - self._progress_at < wait:
+            return
+        done, waiting = chief.pending()
+        if not chief.started:
+            members = sorted(chief.members)
+            line = (f"waiting for workers to join: {len(members)} of {chief.config.workers} "
+                    f"in{' (' + _names(members) + ')' if members else ''}")
+        elif done and waiting:
+            deadline = chief.deadline
+            when = (f"deadline in {deadline - now:.0f} s" if deadline is not None and
+                    deadline > now else
+                    f"its deadline has passed: it closes at {chief.config.min_workers} "
+                    "updates" if deadline is not None else
+                    "no deadline: it waits for every worker; --round-timeout sets one")
+            line = (f"round {chief.round + 1}: {done} of {done + len(waiting)} updates in, "
+                    f"waiting for {_names(waiting)} ({when})")
+        else:
+            return
+        key = (chief.round, chief.started, done, tuple(waiting), tuple(sorted(chief.members)))
+        same = key == self._progress_key
+        self._progress_backoff = min(self._progress_backoff * 2, 1 << 10) if same else 1
+        self._progress_key = key
+        self._progress_at = now
+        log.info("%s", line)
 
     # -- actions -----------------------------------------------------------------------------
     def _run(self, actions: list[Any]) -> None:
@@ -368,6 +476,7 @@ class ChiefServer:
             ckpt = ckpt_io.Checkpoint(self.chief.round, list(self.chief.global_arrays or []),
                                       _snapshot(self.chief.strategy.state_dict()),
                                       self.run_config)
+        self._progress_at = time.monotonic()  # the next round's wait is timed from here
         wall = time.monotonic() - (self._t0 or time.monotonic())
         self._round_ids[rc.round] = tuple(rc.worker_ids)
         record: dict[str, Any] = {"round": rc.round, "workers": rc.workers,
@@ -512,6 +621,9 @@ class ChiefServer:
         self._finish()
 
     def _finish(self) -> None:
+        if self._progress_timer is not None:
+            self._progress_timer.cancel()
+            self._progress_timer = None
         if self.finished is not None and not self.finished.is_set():
             self.finished.set()
 
@@ -546,6 +658,10 @@ class ChiefServer:
             peer.close()
 
 
+def _names(ids: list[str]) -> str:
+    """Worker ids for a log line: the first few, then how many more."""
+    shown = ", ".join(ids[:_MAX_NAMED])
+    return shown if len(ids) <= _MAX_NAMED else f"{shown} and {len(ids) - _MAX_NAMED} more"
 def _joined(peer: Peer, round_: int) -> WorkerJoined:
     """The event for observers: where a peer is (a TCP connection's IP address, else "local")
     and what it says it runs, which only a TCP connection knows (HELLO's agent)."""

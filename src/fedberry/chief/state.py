@@ -169,6 +169,11 @@ class Chief:
             return None
         return self._opened_at + self.config.round_timeout
 
+    def pending(self) -> tuple[int, list[str]]:
+        """This round so far: how many updates count, and the members it still waits for (the
+        chief's progress line)."""
+        return len(self._in_round), sorted(self._expected() - self._in_round - self._refused)
+
     # -- events ------------------------------------------------------------------------------
     def join(self, worker_id: str, spec: Spec, now: float, want_model: bool = True) -> list[Action]:
         if self.spec is not None:

@@ -36,8 +36,20 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-import keras
 import numpy as np
+
+try:
+    import keras
+except ModuleNotFoundError as exc:  # say which backend is missing and how to pick another
+    if exc.name and exc.name.split(".")[0] in ("tensorflow", "jax", "torch"):
+        raise ImportError(
+            f"Keras is set to its {exc.name.split('.')[0]} backend, which is not installed: "
+            "set KERAS_BACKEND=torch or KERAS_BACKEND=jax (whichever is installed) before "
+            "Python starts, or before the first 'import keras'") from exc
+    if exc.name == "keras":
+        raise ImportError("fedberry.keras needs Keras 3: pip install 'fedberry[keras]' (and "
+                          "a backend: torch or jax)") from exc
+    raise
 
 from fedberry.errors import ModelMismatchError
 from fedberry.worker import Worker

@@ -49,6 +49,7 @@ from fedberry.protocol.messages import (
     Welcome,
 )
 from fedberry.transports.pacing import Pacer, Pacing
+from fedberry.transports.tcp.announce import listening_line
 from fedberry.transports.tcp.stream import _FrameWriter, is_loopback
 
 log = logging.getLogger("fedberry.tcp")
@@ -155,6 +156,9 @@ class _ChiefConnection(_FrameWriter, asyncio.BufferedProtocol):
         self.worker_id = ""
         self.agent = ""
         self.peer_ip = "?"
+        self.address = "?"  # ip:port, for the chief's log lines
+        # Why the connection is being closed, for the "lost" line (fail, connection_lost).
+        self._why: str | None = None
         self.opened = self.last_seen = self.last_ping = time.monotonic()
         self.closing_since: float | None = None
         self._bye = False  # the worker left on purpose (else it may come back)
@@ -195,6 +199,8 @@ class _ChiefConnection(_FrameWriter, asyncio.BufferedProtocol):
         self._raw = transport
         peer = transport.get_extra_info("peername")
         self.peer_ip = peer[0] if peer else "?"
+        if peer:
+            self.address = f"[{peer[0]}]:{peer[1]}" if ":" in peer[0] else f"{peer[0]}:{peer[1]}"
         tls = self.listener.options.ssl_context is not None
         if not tls:
             self.transport = transport  # type: ignore[assignment]
@@ -382,6 +388,9 @@ class _ChiefConnection(_FrameWriter, asyncio.BufferedProtocol):
             budget.cancel(self._memory_granted)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._why is None:
+            self._why = (f"its connection broke ({exc})" if exc else
+                         "it closed the connection without saying goodbye")
         self._gone()
 
     def _gone(self) -> None:
@@ -398,7 +407,7 @@ class _ChiefConnection(_FrameWriter, asyncio.BufferedProtocol):
         if self._joined and not self._left:
             self._left = True
             self.report_traffic()
-            self.server.detach(self, lost=not self._bye)
+            self.server.detach(self, lost=not self._bye, why=self._why)
 
     def report_traffic(self) -> None:
         """Tell the observers (chief.events) the bytes moved for this worker since last time:
@@ -501,9 +510,10 @@ class _ChiefConnection(_FrameWriter, asyncio.BufferedProtocol):
                       f"{holder.peer_ip}: give each worker its own --worker-id (or use client "
                       "certificates, --client-ca, which bind ids to names)")
             return
-        log.info("worker %r is back from %s; its old connection from %s did not answer a ping "
-                 "in %g s and is replaced", self.worker_id, self.peer_ip, holder.peer_ip,
-                 self.listener.options.takeover_probe)
+        # The runtime says "back" when it attaches this one; this is the how.
+        log.debug("worker %r is back from %s; its old connection from %s did not answer a ping "
+                  "in %g s and is replaced", self.worker_id, self.peer_ip, holder.peer_ip,
+                  self.listener.options.takeover_probe)
         self._join()  # attach() closes the holder
         self._unpause("probe")
 
@@ -520,14 +530,17 @@ class _ChiefConnection(_FrameWriter, asyncio.BufferedProtocol):
 
     def _auth_failed(self, sentence: str) -> None:
         failures = self.listener.auth_failed(self.peer_ip)
-        log.warning("authentication failed for worker %r from %s (%d lately)",
-                    self.worker_id, self.peer_ip, failures)
         slowed = ""
         if failures >= self.listener.options.auth_failures_free:
             slowed = (f" ({failures} failed attempts from {self.peer_ip} lately: the chief "
                       f"now waits {self.listener.auth_delay(self.peer_ip):.2f} s before "
                       "answering each attempt from this address)")
-        self.fail(ErrorCode.AUTH_FAILED, sentence + slowed)
+        # Through the rate limit, per address: a storm of wrong tokens is one line a second,
+        # not a flood, and does not hide another address's failure.
+        self.listener.refusals.note(
+            f"auth-failed {self.peer_ip}", f"authentication failed for worker "
+            f"{self.worker_id!r} from {self.peer_ip} ({failures} lately): {sentence}")
+        self.fail(ErrorCode.AUTH_FAILED, sentence + slowed, log_as="")
 
     def _expect_model(self) -> None:
         self.conn.expect_model(self.server.chief.spec or self.conn.announced)
@@ -546,6 +559,7 @@ class _ChiefConnection(_FrameWriter, asyncio.BufferedProtocol):
                 "send-queue", f"closing {self.describe()}: it does not read what the chief "
                 f"sends ({queued + frame.nbytes} bytes would be queued for it, the limit is "
                 f"{limit})")
+            self._why = "it does not read what the chief sends"
             self.closing_since = time.monotonic()
             self._free_memory()
             self._leave()
@@ -584,15 +598,22 @@ class _ChiefConnection(_FrameWriter, asyncio.BufferedProtocol):
 
     def fail(self, code: ErrorCode, message: str, log_as: str | None = None) -> None:
         """Tell the peer why (when it can still be told) and close. ``log_as``: a reason that
-        many connections may share (a flood): logged through the listener's rate limit."""
+        many connections may share (a flood): logged through the listener's rate limit ("":
+        not logged, the caller has); None: by code and address, through the rate limit too. A
+        joined worker's is logged as it leaves (the runtime's "lost" line)."""
         if self.closed or self.closing_since is not None:
             return
         line = f"closing {self.describe()}: {message}"
         if not self._joined:  # a joined worker that fails is a worker lost, not a refusal
             self.server.events.emit(Refused(code.value, message, self.worker_id, self.peer_ip))
-        if log_as is None:
-            log.warning("%s", line)
-        else:
+        if self._joined and not self._left:
+            self._why = message  # the runtime's "lost" line says it, once
+        elif log_as is None:
+            # Not (yet) a worker: anyone can send bytes that end here, so rate-limited too, per
+            # address and sentence (a flood of garbage is a line a second; another mistake, or
+            # another address's, still shows; RefusalLog bounds how many reasons it keeps).
+            self.listener.refusals.note(f"{code.value} {self.peer_ip} {message}", line)
+        elif log_as:  # "": the caller has said it already
             self.listener.refusals.note(log_as, line)
         if self.transport is None:  # still in the TLS handshake: nothing can be said
             self.abort()
@@ -711,6 +732,9 @@ class TcpChief:
                 reuse_address=True, backlog=512)
         sock = self._aserver.sockets[0].getsockname()
         self.port = sock[1]
+        o = self.options
+        log.info("%s", listening_line(sock[0], sock[1], tls=o.ssl_context is not None,
+                                      token=bool(o.token), client_certs=o.require_client_cert))
         self._sweeper = asyncio.ensure_future(self._sweep())
         return sock[0], sock[1]
 

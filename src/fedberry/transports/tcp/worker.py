@@ -64,6 +64,10 @@ def agent() -> str:
 
 log = logging.getLogger("fedberry.tcp")
 
+# While a worker waits for the round's model, it says so after this many seconds, then at
+# doubling intervals (at most every 300 s).
+WAITING_NOTE_EVERY = 10.0
+
 
 # ============================================================================================
 # Worker side
@@ -167,6 +171,7 @@ class TcpSession:
         # Above the chief's longest hold of an answer to AUTH (ListenOptions.auth_delay_max, 8 s),
         # so that a worker behind the address of someone guessing tokens still gets in.
         self.handshake_timeout = handshake_timeout
+        self.waiting_note_every = WAITING_NOTE_EVERY
         self._deadline = float("inf")  # the end of the current attempt's budget (_with_retries)
         self.limits = limits or Limits()
         self.bytes_sent = 0
@@ -220,7 +225,22 @@ class TcpSession:
             self._proto.send(frame)
             return await self._await_global()
 
-        return await self._with_retries(once, self.reconnect_timeout)
+        note = asyncio.ensure_future(self._note_waiting(round_))
+        try:
+            return await self._with_retries(once, self.reconnect_timeout)
+        finally:
+            note.cancel()
+
+    async def _note_waiting(self, round_: int) -> None:
+        """While ``sync`` waits for round ``round_``'s model, say so every so often: the round
+        closes when the chief has every worker's update (or its quorum, at its deadline)."""
+        started, wait = time.monotonic(), self.waiting_note_every
+        while True:
+            await asyncio.sleep(wait)
+            wait = min(wait * 2, max(self.waiting_note_every, 300.0))  # a long wait: fewer lines
+            log.info("worker %s: waiting for the chief to close round %d (%.0f s so far): it "
+                     "waits for the other workers' updates", self.worker_id, round_ + 1,
+                     time.monotonic() - started)
 
     async def close(self) -> None:
         if self._hb_task:
@@ -270,7 +290,8 @@ class TcpSession:
                 # by every worker at the same instant.
                 delay = random.uniform(0, min(10.0, 0.2 * 2 ** attempt))
                 delay = min(delay, max(0.0, deadline - time.monotonic()))
-                log.info("worker %s: %s; retrying in %.1f s", self.worker_id, exc, delay)
+                log.info("worker %s: %s; reconnecting in %.1f s (attempt %d; giving up %.0f s "
+                         "from the first)", self.worker_id, exc, delay, attempt + 2, budget)
                 await asyncio.sleep(delay)
                 attempt += 1
                 self.reconnects += 1
@@ -327,9 +348,17 @@ class TcpSession:
                                           f"{_TLS_CLOSED_HINT}", "tls") from None
             else:
                 # A TLS chief takes our HELLO for a broken TLS handshake and closes without a
-                # word (it cannot answer in plain frames from inside ssl); a plain chief that
-                # refuses says why in an ERROR frame, so silence three times in a row is TLS.
+                # word (it cannot answer in plain frames from inside ssl; asyncio sends no
+                # alert, gh-98078); a plain chief that refuses says why in an ERROR frame. So
+                # ask the port for a TLS handshake: if it answers, that is the reason, said at
+                # once. Else silence three times in a row still says it may be TLS.
                 self._tls_closes += 1
+                if await self._speaks_tls():
+                    raise FederationError(
+                        f"the chief at {self.host}:{self.port} speaks TLS (it closed this plain "
+                        "connection right after HELLO, and answers a TLS handshake): give this "
+                        "worker --ca (Python: ca=), the chief's CA certificate: ca.pem from "
+                        "'fedberry certs'", "tls") from None
                 if self._tls_closes >= 3:
                     raise FederationError(
                         f"the chief at {self.host}:{self.port} closed the connection right after "
@@ -352,6 +381,21 @@ class TcpSession:
             proto.send(Init(self._init_arrays))
         if self._hb_task is None or self._hb_task.done():
             self._hb_task = asyncio.ensure_future(self._heartbeat())
+
+    async def _speaks_tls(self) -> bool:
+        """Whether the chief's port completes a TLS handshake. Nothing is verified or sent over
+        it: it only tells a worker without ``--ca`` why its plain connection was closed."""
+        probe = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        probe.check_hostname = False
+        probe.verify_mode = ssl.CERT_NONE
+        try:
+            transport, _ = await asyncio.wait_for(asyncio.get_running_loop().create_connection(
+                asyncio.Protocol, self.host, self.port, ssl=probe,
+                server_hostname=self.host), self._time_left(5))
+        except (OSError, asyncio.TimeoutError):  # ssl.SSLError is an OSError
+            return False
+        transport.abort()
+        return True
 
     async def _explain_verify(self, exc: ssl.SSLCertVerificationError) -> str:
         """The sentence for a refused chief certificate; for a name mismatch, with the names
@@ -414,7 +458,11 @@ class TcpSession:
             if item.fatal:
                 if item.code in ("timeout", "busy"):
                     raise _ChiefSaid(f"chief said: {item.message}")
-                raise from_code(item.code, f"the chief refused: {item.message}")
+                if item.code == ErrorCode.SHUTDOWN.value:  # not a refusal: the run is over
+                    raise from_code(item.code, f"{item.message} before this round closed (it "
+                                    "was stopped, or ran its last round without this worker)")
+                hint = _MISMATCH_HINT if item.code == ErrorCode.SPEC_MISMATCH.value else ""
+                raise from_code(item.code, f"the chief refused: {item.message}{hint}")
             self.warnings.append(item.message)
             log.warning("worker %s: chief says: %s", self.worker_id, item.message)
             return await self._next_event()
@@ -463,6 +511,12 @@ class TcpSession:
                 continue
             proto.send(Ping())
 
+
+# A chief started with a model of its own (the CLI's default: the demo's mlp, in torch layout)
+# refuses every other: say what to change on the chief.
+_MISMATCH_HINT = (". The chief was started with another model: start it with --model none "
+                  "(serve(initial=None)) to take the first worker's model, or with the "
+                  "--model and --framework these workers train")
 
 _TLS_CLOSED_HINT = ("if the chief requires client certificates, it did not accept yours: it must "
                     "be signed by the chief's --client-ca and not expired (--cert/--key, made "
