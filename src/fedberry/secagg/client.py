@@ -97,8 +97,8 @@ class SecAggClient:
             self._peers[advert.sender] = advert
         if len(self._peers) + 1 < cfg.threshold:
             raise UnsafeRequest(f"only {len(self._peers)} of client {self.id}'s "
-                                f"{len(self.neighbours)} neighbours advertised keys: its secrets "
-                                f"need {cfg.threshold} holders")
+                                f"{len(self.neighbours)} neighbours advertised keys: with itself "
+                                f"that is below the threshold of {cfg.threshold} holders")
         holders = [self.id, *self._peers]
         self._seed = self._entropy(shamir.SECRET_BYTES)
         seed_shares = shamir.split(self._seed, holders, cfg.threshold, self._entropy)

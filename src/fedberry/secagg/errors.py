@@ -24,7 +24,9 @@ class MessageError(SecAggError):
 
 
 class TamperedShare(SecAggError):
-    """An encrypted share failed its authentication tag: altered, misrouted or replayed."""
+    """A share is wrong: its encryption failed its authentication tag (altered, misrouted or
+    replayed), or the shares returned for unmasking rebuild no secret, or not the advertised
+    key."""
 
 
 class UnsafeRequest(SecAggError):

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
 
-from .errors import MessageError, TooFewSurvivors
+from .errors import MessageError, TamperedShare, TooFewSurvivors
 
 PRIME = (1 << 521) - 1
 SHARE_BYTES = 66  # ceil(521 / 8)
@@ -87,6 +87,6 @@ def combine(shares: Mapping[int, bytes], threshold: int, *, what: str = "a secre
             raise MessageError("a share is not an element of the field")
         total = (total + weights[x] * y) % PRIME
     if total >> (8 * SECRET_BYTES):
-        raise MessageError(f"the shares of {what} are inconsistent (they do not rebuild a "
+        raise TamperedShare(f"the shares of {what} are inconsistent (they do not rebuild a "
                            f"{SECRET_BYTES}-byte secret)")
     return total.to_bytes(SECRET_BYTES, "big")
