@@ -4,7 +4,9 @@ Bonawitz et al. 2017 Fig. 4 (the complete graph) and Bell et al. 2020 Fig. 3 (ne
 random Harary graph). Each method takes what the server sent and returns what to send back; it
 does no I/O, starts no thread and reads no clock (the caller owns deadlines). Methods must be
 called in order, once each; anything else, and every unsafe request, is refused with a
-sentence (a :class:`~fedberry.secagg.errors.SecAggError`).
+sentence (a :class:`~fedberry.secagg.errors.SecAggError`). A refused call still uses up its
+step: a client never answers the same round step twice, so a refused round is not retried (the
+next round is a fresh object with fresh keys).
 """
 
 from __future__ import annotations

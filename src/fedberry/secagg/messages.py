@@ -168,6 +168,9 @@ class ForwardedShares:
     receiver: int
     shares: tuple[EncryptedShare, ...]
 
+    def __post_init__(self) -> None:
+        _check_id(self.receiver, "forwarded shares' receiver")
+
     @property
     def payload_bytes(self) -> int:
         """Bytes carried: every encrypted share."""

@@ -47,6 +47,8 @@ class SecAggServer:
         self._sum = np.zeros(config.length, dtype=config.dtype)
         self._request: UnmaskRequest | None = None
         self._replies: dict[int, UnmaskReply] = {}
+        # Lagrange coefficients per holder set: most secrets are rebuilt from the same holders.
+        self._weights: dict[tuple[int, ...], dict[int, int]] = {}
 
     def _at(self, phase: str, sender: int | None = None) -> None:
         if _PHASES[self._phase] != phase:
@@ -196,7 +198,11 @@ class SecAggServer:
         return AggregateResult(self.survivors, self._sum)
 
     def _combine(self, shares: dict[int, bytes], what: str) -> bytes:
-        return shamir.combine(shares, self.config.threshold, what=what)
+        holders = tuple(sorted(shares)[:self.config.threshold])
+        if len(holders) == self.config.threshold and holders not in self._weights:
+            self._weights[holders] = shamir.lagrange_at_zero(holders)
+        return shamir.combine(shares, self.config.threshold, what=what,
+                              weights=self._weights.get(holders))
 
     def _need(self, count: int, did: str) -> None:
         if count < self.config.threshold:
