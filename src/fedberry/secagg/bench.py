@@ -135,13 +135,24 @@ def run_round(n: int, length: int, *, neighbors: int | None = None,
             "server_s": dict(meter.seconds),
             "sent_per_client": {k: v / active[k] for k, v in sent.items()},
             "received_per_client": {k: v / active[k] for k, v in received.items()},
-            "server_peak_bytes": meter.peak, "plain_bytes": length * 2}
+            "server_peak_bytes": meter.peak, "plain_bytes": length * 4}
+
+
+def plain_sum_seconds(n: int, length: int) -> float:
+    """The same round without secure aggregation: the server adds n float32 updates in place."""
+    update = np.random.default_rng(0).standard_normal(length).astype(np.float32)
+    total = np.zeros(length, np.float32)
+    t0 = time.perf_counter()
+    for _ in range(n):
+        np.add(total, update, out=total)
+    return time.perf_counter() - t0
 
 
 def measure(n: int, length: int, **kw) -> dict:
     """:func:`run_round` timed untraced, with the server memory of a traced second run."""
     timed = run_round(n, length, **kw)
     timed["server_peak_bytes"] = run_round(n, length, trace=True, **kw)["server_peak_bytes"]
+    timed["plain_server_s"] = plain_sum_seconds(n, length)
     return timed
 
 
@@ -153,12 +164,14 @@ def _row(r: dict) -> str:
             f"{r['dropped']} | {client_total * 1e3:.0f} (mask {cs['mask'] * 1e3:.0f}) | "
             f"{server_total * 1e3:.0f} (unmask {ss['unmask'] * 1e3:.0f}) | "
             f"{up['advertise']:.0f} / {up['share_keys']:,.0f} / {up['mask']:,.0f} / "
-            f"{up['unmask']:,.0f} | {r['server_peak_bytes'] / 2**20:.1f} |")
+            f"{up['unmask']:,.0f} | {r['server_peak_bytes'] / 2**20:.1f} | "
+            f"{r['plain_bytes']:,} / {r['plain_server_s'] * 1e3:.1f} |")
 
 
 HEADER = ("| clients | params | k | t | dropped | client ms/round (mask) | server ms/round "
           "(unmask) | bytes sent per client: adverts / shares / masked / unmask | server peak "
-          "MiB |\n|---|---|---|---|---|---|---|---|---|")
+          "MiB | plain float32: bytes per client / server ms |\n"
+          "|---|---|---|---|---|---|---|---|---|---|")
 
 
 def main(argv: list[str] | None = None) -> None:
