@@ -346,3 +346,50 @@ def test_every_masked_vector_the_server_receives_is_indistinguishable_from_unifo
     for c, vector in seen.items():
         assert vector.dtype == np.uint16
         assert _chi2_uniform(vector) < critical, f"client {c}'s masked input"
+
+
+def test_a_server_splitting_a_group_into_survived_and_dropped_cannot_reach_both_thresholds(
+        ) -> None:
+    # The server tells clients 1-2 that client 5 survived and clients 3-4 that it dropped (and
+    # asks 5 itself as a survivor), hoping to rebuild both 5's seed and its mask key. With a
+    # majority threshold (3 of 5) each half is too small: both rebuilds fail.
+    cfg = _config()
+    clients, server, _ = _to_unmask(cfg)
+    survived = UnmaskRequest(EVERYONE, frozenset())
+    dropped = UnmaskRequest(EVERYONE - {5}, frozenset({5}))
+    seeds, keys_ = {}, {}
+    for c, req in ((1, survived), (2, survived), (5, survived), (3, dropped), (4, dropped)):
+        reply = clients[c].unmask(req)
+        seeds.update({c: reply.seed_shares[5]} if 5 in reply.seed_shares else {})
+        keys_.update({c: reply.key_shares[5]} if 5 in reply.key_shares else {})
+    from fedberry.secagg import shamir
+
+    assert len(seeds) == 3 and len(keys_) == 2  # 5 itself hands over its own seed share
+    with pytest.raises(TooFewSurvivors, match="threshold is 3"):
+        shamir.combine(keys_, cfg.threshold)
+
+
+def test_the_server_keeps_one_ring_sum_not_every_masked_input() -> None:
+    import tracemalloc
+
+    cfg = _config(n=6, length=200_000)
+    clients = _clients(cfg)
+    tracemalloc.start()
+    try:
+        server = SecAggServer(cfg)
+        for c in clients.values():
+            server.receive_advert(c.advertise())
+        adverts = server.close_adverts()
+        for c in clients:
+            server.receive_shares(clients[c].share_keys(adverts[c]))
+        forwarded = server.close_shares()
+        kept_before = tracemalloc.get_traced_memory()[0]
+        for c in clients:
+            masked = clients[c].mask(forwarded[c], FP.encode(np.zeros(cfg.length)))
+            server.receive_masked(masked)
+            del masked
+        kept = tracemalloc.get_traced_memory()[0] - kept_before
+    finally:
+        tracemalloc.stop()
+    one_vector = cfg.length * 2
+    assert kept < one_vector, f"the server kept {kept} bytes for six {one_vector}-byte inputs"
