@@ -393,3 +393,29 @@ def test_the_server_keeps_one_ring_sum_not_every_masked_input() -> None:
         tracemalloc.stop()
     one_vector = cfg.length * 2
     assert kept < one_vector, f"the server kept {kept} bytes for six {one_vector}-byte inputs"
+
+
+@pytest.mark.parametrize("missing_from", ["advertise", "share_keys"])
+def test_a_client_whose_neighbours_vanish_refuses_to_go_on(missing_from) -> None:
+    # 12 clients, 4 neighbours each, threshold 3: client 1 keeps only one neighbour, so its
+    # secrets could not be rebuilt and its input would be masked by one pair only.
+    cfg = _config(n=12, length=50, neighbors=4)
+    gone = sorted(cfg.graph[1])[:3]
+    clients = _clients(cfg)
+    server = SecAggServer(cfg)
+    for c in clients:
+        if not (missing_from == "advertise" and c in gone):
+            server.receive_advert(clients[c].advertise())
+    adverts = server.close_adverts()
+    if missing_from == "advertise":
+        with pytest.raises(UnsafeRequest, match="only 1 of client 1's 4 neighbours advertised "
+                                                "keys: with itself that is below the threshold "
+                                                "of 3 holders"):
+            clients[1].share_keys(adverts[1])
+        return
+    for c in adverts:
+        if c not in gone:
+            server.receive_shares(clients[c].share_keys(adverts[c]))
+    with pytest.raises(UnsafeRequest, match="only 1 of client 1's neighbours sent key shares: "
+                                            "masking with so few would expose its input"):
+        clients[1].mask(server.close_shares()[1], FP.encode(np.zeros(cfg.length)))
