@@ -12,10 +12,14 @@ elements) and added to the target in place: no mask is ever held at full length.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .errors import MessageError, require_cryptography
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.ciphers import CipherContext
 
 SEED_BYTES = 32
 #: Keystream bytes made per cipher call; large enough to amortise the call, small enough that a
@@ -24,7 +28,7 @@ CHUNK_BYTES = 1 << 18
 _RING_DTYPES = {np.dtype(np.uint16): np.dtype("<u2"), np.dtype(np.uint32): np.dtype("<u4")}
 
 
-def _encryptor(seed: bytes):  # noqa: ANN202 - a cryptography CipherContext
+def _encryptor(seed: bytes) -> CipherContext:
     require_cryptography()
     from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 
