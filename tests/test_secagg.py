@@ -8,7 +8,7 @@ from statistics import NormalDist
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 pytest.importorskip("cryptography", reason="secure aggregation needs the secagg extra")
@@ -419,3 +419,18 @@ def test_a_client_whose_neighbours_vanish_refuses_to_go_on(missing_from) -> None
     with pytest.raises(UnsafeRequest, match="only 1 of client 1's neighbours sent key shares: "
                                             "masking with so few would expose its input"):
         clients[1].mask(server.close_shares()[1], FP.encode(np.zeros(cfg.length)))
+
+
+@settings(max_examples=25, deadline=None)
+@given(survivors=st.sets(st.integers(1, 6)), dropouts=st.sets(st.integers(1, 6)))
+@example(survivors={1, 2, 3}, dropouts={4, 5})  # valid requests: the reply is checked
+@example(survivors={1, 2, 3, 4, 5}, dropouts=set())
+def test_no_unmasking_request_gets_both_shares_of_any_peer(survivors, dropouts) -> None:
+    clients, _server, _ = _to_unmask(_config(length=8))
+    try:
+        reply = clients[1].unmask(UnmaskRequest(frozenset(survivors), frozenset(dropouts)))
+    except UnsafeRequest:
+        return
+    assert not set(reply.seed_shares) & set(reply.key_shares)
+    assert set(reply.seed_shares) <= survivors and set(reply.key_shares) <= dropouts
+    assert not survivors & dropouts
