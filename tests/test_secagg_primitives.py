@@ -215,3 +215,41 @@ def test_the_defaults_and_a_bad_degree() -> None:
     assert [default_threshold(k) for k in (4, 6, 14)] == [3, 4, 8]
     with pytest.raises(ConfigError, match="an even number >= 2"):
         neighbour_graph(list(range(1, 11)), 3, b"s" * 32)
+
+
+# ---------------------------------------------------------------------------- options
+def test_secagg_options_parse_and_make_rounds() -> None:
+    from fedberry.secagg import SecAggOptions
+
+    assert SecAggOptions.parse("") == SecAggOptions()
+    opts = SecAggOptions.parse(" threshold=4, neighbors=6 ,bits=32,rounding=stochastic")
+    assert opts == SecAggOptions(threshold=4, neighbors=6, bits=32, rounding="stochastic")
+    cfg = opts.round_config(2, tuple(range(1, 11)), 100, seed=bytes(32))
+    assert (cfg.neighbors, cfg.threshold, cfg.bits) == (6, 4, 32)
+    assert opts.encoding(clip=0.5).stochastic and opts.encoding(clip=0.5).levels == 2**23 - 1
+    complete = SecAggOptions.parse("neighbors=all").round_config(1, tuple(range(1, 31)), 10)
+    assert complete.neighbors == 29 and complete.threshold == 16
+
+
+@pytest.mark.parametrize("text,sentence", [
+    ("threshold", "'threshold' is not key=value"),
+    ("threshold=3,threshold=4", "'threshold' is given twice"),
+    ("neighbours=4", "unknown secagg option 'neighbours': use threshold, neighbors"),
+    ("threshold=x", "secagg threshold is an integer, not 'x'"),
+    ("threshold=1", "at least 2, not 1"),
+    ("neighbors=5", "an even integer of at least 2 \\(or 'all'\\), not 5"),
+    ("bits=8", "not Z_\\(2\\^8\\)"),
+    ("rounding=up", "'nearest' or 'stochastic', not 'up'"),
+])
+def test_bad_secagg_options_are_refused_with_a_sentence(text, sentence) -> None:
+    from fedberry.secagg import SecAggOptions
+
+    with pytest.raises(ConfigError, match=sentence):
+        SecAggOptions.parse(text)
+
+
+def test_a_round_with_more_clients_than_the_ring_allows_is_refused() -> None:
+    from fedberry.secagg import SecAggOptions
+
+    with pytest.raises(ConfigError, match="4 clients exceed secagg max_workers 3"):
+        SecAggOptions(max_workers=3).round_config(1, (1, 2, 3, 4), 10)

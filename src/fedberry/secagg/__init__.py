@@ -29,11 +29,12 @@ from .messages import (
     UnmaskReply,
     UnmaskRequest,
 )
+from .options import SecAggOptions
 from .server import SecAggServer
 
 __all__ = [
     "AggregateResult", "ConfigError", "CryptographyMissing", "EncryptedShare", "FixedPoint",
     "ForwardedShares", "KeyAdvert", "MaskedInput", "MessageError", "RoundConfig",
-    "SecAggClient", "SecAggError", "SecAggServer", "ShareBundle", "TamperedShare",
+    "SecAggClient", "SecAggError", "SecAggOptions", "SecAggServer", "ShareBundle", "TamperedShare",
     "TooFewSurvivors", "UnmaskReply", "UnmaskRequest", "UnsafeRequest", "clip_l2",
 ]
