@@ -434,3 +434,12 @@ def test_no_unmasking_request_gets_both_shares_of_any_peer(survivors, dropouts) 
     assert not set(reply.seed_shares) & set(reply.key_shares)
     assert set(reply.seed_shares) <= survivors and set(reply.key_shares) <= dropouts
     assert not survivors & dropouts
+
+
+def test_the_benchmark_runs_a_small_round_and_prints_its_row(capsys) -> None:
+    from fedberry.secagg import bench
+
+    bench.main(["--clients", "5", "--params", "3000", "--prg-megabytes", "1", "--complete"])
+    out = capsys.readouterr().out
+    assert "mask expansion" in out and "raw keystream: ChaCha20" in out
+    assert "| 5 | 3,000 | 4 | 3 | 1 |" in out  # 5 clients: the default is the complete graph

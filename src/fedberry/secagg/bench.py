@@ -202,6 +202,8 @@ def main(argv: list[str] | None = None) -> None:
                    help="fraction of clients that drop after sharing keys (default 0.1)")
     p.add_argument("--complete", action="store_true",
                    help="also run the complete graph (Bonawitz et al. 2017) for each size")
+    p.add_argument("--prg-megabytes", type=int, default=64,
+                   help="keystream made to time the mask expansion (default 64)")
     p.add_argument("--prg-only", action="store_true",
                    help="only the mask-expansion and raw cipher speeds")
     args = p.parse_args(argv)
@@ -209,8 +211,10 @@ def main(argv: list[str] | None = None) -> None:
     print(f"# {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {platform.machine()}, "
           f"{os.cpu_count()} cores (load average {load}), Python {platform.python_version()}, "
           f"numpy {np.__version__}")
-    print(f"mask expansion (ChaCha20 keystream added into uint16): {measure_prg():.2f} GB/s")
-    print("raw keystream: " + ", ".join(f"{k} {v:.2f} GB/s" for k, v in measure_ciphers().items()))
+    rate = measure_prg(args.prg_megabytes)
+    print(f"mask expansion (ChaCha20 keystream added into uint16): {rate:.2f} GB/s")
+    rates = measure_ciphers(args.prg_megabytes)
+    print("raw keystream: " + ", ".join(f"{k} {v:.2f} GB/s" for k, v in rates.items()))
     if args.prg_only:
         return
     print(HEADER)
