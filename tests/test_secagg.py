@@ -443,3 +443,30 @@ def test_the_benchmark_runs_a_small_round_and_prints_its_row(capsys) -> None:
     out = capsys.readouterr().out
     assert "mask expansion" in out and "raw keystream: ChaCha20" in out
     assert "| 5 | 3,000 | 4 | 3 | 1 |" in out  # 5 clients: the default is the complete graph
+
+
+def test_the_32_bit_ring_gives_the_exact_sum_and_its_finer_bound() -> None:
+    cfg = _config(length=300, bits=32)
+    fp32 = FixedPoint(clip=1.0, bits=32, max_workers=256)
+    xs = _inputs(cfg, 4)
+    clients = _clients(cfg)
+    server = SecAggServer(cfg)
+    for c in clients.values():
+        server.receive_advert(c.advertise())
+    adverts = server.close_adverts()
+    for c in clients:
+        server.receive_shares(clients[c].share_keys(adverts[c]))
+    forwarded = server.close_shares()
+    for c in clients:
+        server.receive_masked(clients[c].mask(forwarded[c], fp32.encode(xs[c])))
+    request = server.close_masked()
+    for c in (1, 2, 3):  # 4 and 5 drop after their masked inputs
+        server.receive_unmask(clients[c].unmask(request))
+    result = server.finish()
+    assert result.ring_sum.dtype == np.uint32
+    expected = np.zeros(cfg.length, np.uint32)
+    for c in cfg.clients:
+        np.add(expected, fp32.encode(xs[c]), out=expected)
+    assert np.array_equal(result.ring_sum, expected)
+    error = np.max(np.abs(fp32.decode_sum(result.ring_sum, 5) - sum(xs.values())))
+    assert error <= fp32.sum_error_bound(5) < FP.sum_error_bound(5) / 1000
