@@ -470,3 +470,21 @@ def test_the_32_bit_ring_gives_the_exact_sum_and_its_finer_bound() -> None:
     assert np.array_equal(result.ring_sum, expected)
     error = np.max(np.abs(fp32.decode_sum(result.ring_sum, 5) - sum(xs.values())))
     assert error <= fp32.sum_error_bound(5) < FP.sum_error_bound(5) / 1000
+
+
+def test_the_server_says_whom_each_phase_still_waits_for() -> None:
+    cfg = _config()
+    clients = _clients(cfg)
+    server = SecAggServer(cfg)
+    assert server.phase == "adverts" and server.waiting_for == EVERYONE
+    for c in (1, 2, 3, 4):
+        server.receive_advert(clients[c].advertise())
+    assert server.waiting_for == {5}
+    adverts = server.close_adverts()  # the deadline: 5 never advertised
+    assert server.phase == "shares" and server.waiting_for == {1, 2, 3, 4}
+    for c in (1, 2, 3, 4):
+        server.receive_shares(clients[c].share_keys(adverts[c]))
+    assert server.waiting_for == frozenset()
+    forwarded = server.close_shares()
+    server.receive_masked(clients[1].mask(forwarded[1], FP.encode(np.zeros(cfg.length))))
+    assert server.phase == "masked" and server.waiting_for == {2, 3, 4}

@@ -59,6 +59,21 @@ class SecAggServer:
         return self.config.graph[client]
 
     @property
+    def phase(self) -> str:
+        """What the server is collecting: adverts, shares, masked, unmask, or done."""
+        return _PHASES[self._phase]
+
+    @property
+    def waiting_for(self) -> frozenset[int]:
+        """The clients the current phase still expects (empty: close it now rather than at
+        the deadline). Only those that took part in the previous phase are expected."""
+        sent = {"adverts": (set(self.config.clients), self._adverts),
+                "shares": (self._adverts, self._bundles),
+                "masked": (self._bundles, self._survivors),
+                "unmask": (self._survivors, self._replies)}.get(self.phase)
+        return frozenset() if sent is None else frozenset(set(sent[0]) - set(sent[1]))
+
+    @property
     def survivors(self) -> tuple[int, ...]:
         """U3: the clients whose masked input is in the sum (the unmasking request goes to
         them)."""
