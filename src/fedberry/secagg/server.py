@@ -12,8 +12,6 @@ input (the survivors; U2 minus U3 are the dropouts), U4 answered the unmasking r
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
 import numpy as np
 
 from . import keys, shamir
@@ -223,7 +221,3 @@ class SecAggServer:
         if count < self.config.threshold:
             raise TooFewSurvivors(f"only {count} client(s) {did}, fewer than the threshold "
                                   f"{self.config.threshold}: the round cannot finish")
-
-    def clients_answered(self) -> Iterable[int]:
-        """U4: the survivors that answered the unmasking request so far."""
-        return tuple(sorted(self._replies))
