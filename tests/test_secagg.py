@@ -141,6 +141,14 @@ def test_fewer_survivors_than_the_threshold_fails_the_round_with_a_sentence() ->
     with pytest.raises(TooFewSurvivors, match=r"cannot reconstruct client 1's self-mask seed: "
                                               r"2 share\(s\) arrived, the threshold is 3"):
         _run(cfg, xs, gone_at_unmask=(3, 4, 5))
+    # Late replies can still rescue a round whose first finish() found too few shares.
+    clients, server, request = _to_unmask(cfg)
+    for c in (1, 2):
+        server.receive_unmask(clients[c].unmask(request))
+    with pytest.raises(TooFewSurvivors, match="the threshold is 3"):
+        server.finish()
+    server.receive_unmask(clients[3].unmask(request))
+    assert server.finish().survivors == cfg.clients
     # The next round is a fresh pair of objects and proceeds.
     assert _run(cfg, xs).survivors == cfg.clients
 
@@ -252,6 +260,10 @@ def test_a_tampered_share_is_detected_with_a_sentence() -> None:
                                             "client 1 fails its authentication tag"):
         clients[1].mask(ForwardedShares(1, (bad, *forwarded.shares[1:])),
                         FP.encode(np.zeros(cfg.length)))
+    # The failed step ends client 1's round: it answers nothing more.
+    with pytest.raises(MessageError, match="client 1 refused or failed an earlier step of round "
+                                           "3: it takes no further part in it"):
+        clients[1].unmask(UnmaskRequest(EVERYONE, frozenset()))
 
 
 def test_wrong_lengths_dtypes_senders_and_phases_are_refused() -> None:

@@ -4,15 +4,18 @@ Bonawitz et al. 2017 Fig. 4 (the complete graph) and Bell et al. 2020 Fig. 3 (ne
 random Harary graph). Each method takes what the server sent and returns what to send back; it
 does no I/O, starts no thread and reads no clock (the caller owns deadlines). Methods must be
 called in order, once each; anything else, and every unsafe request, is refused with a
-sentence (a :class:`~fedberry.secagg.errors.SecAggError`). A refused call still uses up its
-step: a client never answers the same round step twice, so a refused round is not retried (the
-next round is a fresh object with fresh keys).
+sentence (a :class:`~fedberry.secagg.errors.SecAggError`). A step that refuses or fails ends the
+client's part in the round (it never answers a step twice, nor goes on from a half-done one);
+the next round is a fresh object with fresh keys.
 """
 
 from __future__ import annotations
 
+import functools
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from typing import Concatenate, ParamSpec, TypeVar
 
 import numpy as np
 
@@ -31,6 +34,21 @@ from .messages import (
 from .prg import add_masks
 
 _PHASES = ("advertise", "share_keys", "mask", "unmask", "done")
+_FAILED = -1
+_T = TypeVar("_T")
+_P = ParamSpec("_P")
+_Method = Callable[Concatenate["SecAggClient", _P], _T]
+
+
+def _round_step(phase: str) -> Callable[[_Method[_P, _T]], _Method[_P, _T]]:
+    """Make a method one round step: in order, once; one that raises ends the client's round."""
+    def decorate(method: _Method[_P, _T]) -> _Method[_P, _T]:
+        @functools.wraps(method)
+        def run(self: SecAggClient, *args: _P.args, **kwargs: _P.kwargs) -> _T:
+            with self._step(phase):
+                return method(self, *args, **kwargs)
+        return run
+    return decorate
 PLAINTEXT_BYTES = 2 * shamir.SHARE_BYTES
 SEALED_BYTES = aead.NONCE_BYTES + PLAINTEXT_BYTES + aead.TAG_BYTES
 
@@ -65,24 +83,33 @@ class SecAggClient:
         """This client's neighbours in the round's graph."""
         return self.config.graph[self.id]
 
-    def _enter(self, phase: str) -> None:
+    @contextmanager
+    def _step(self, phase: str) -> Iterator[None]:
+        if self._phase == _FAILED:
+            raise MessageError(f"client {self.id} refused or failed an earlier step of round "
+                               f"{self.config.round_number}: it takes no further part in it")
         expected = _PHASES[self._phase]
         if phase != expected:
             raise MessageError(f"client {self.id} is at '{expected}', not '{phase}': each round "
                                "step runs once, in order")
+        try:
+            yield
+        except BaseException:
+            self._phase = _FAILED
+            raise
         self._phase += 1
 
     # ------------------------------------------------------------------ round 0
+    @_round_step("advertise")
     def advertise(self) -> KeyAdvert:
         """Round 0: this client's two public keys."""
-        self._enter("advertise")
         return KeyAdvert(self.id, self._mask_keys.public, self._enc_keys.public)
 
     # ------------------------------------------------------------------ round 1
+    @_round_step("share_keys")
     def share_keys(self, adverts: Iterable[KeyAdvert]) -> ShareBundle:
         """Round 1: Shamir-share the self-mask seed b and the mask private key among this
         client and its neighbours that advertised, each share sealed for its holder."""
-        self._enter("share_keys")
         cfg = self.config
         seen = {self._mask_keys.public, self._enc_keys.public}
         for advert in adverts:
@@ -118,10 +145,10 @@ class SecAggClient:
         return ShareBundle(self.id, tuple(sealed))
 
     # ------------------------------------------------------------------ round 2
+    @_round_step("mask")
     def mask(self, forwarded: ForwardedShares, encoded: np.ndarray) -> MaskedInput:
         """Round 2: open the neighbours' shares, then mask the encoded input with the self
         mask and one pairwise mask per neighbour that sent shares."""
-        self._enter("mask")
         cfg = self.config
         if forwarded.receiver != self.id:
             raise MessageError(f"shares for client {forwarded.receiver} were sent to client "
@@ -167,6 +194,7 @@ class SecAggClient:
         return MaskedInput(self.id, masked)
 
     # ------------------------------------------------------------------ round 3
+    @_round_step("unmask")
     def unmask(self, request: UnmaskRequest) -> UnmaskReply:
         """Round 3: shares of survivors' self-mask seeds and of dropouts' mask keys.
 
@@ -175,7 +203,6 @@ class SecAggClient:
         or leaves it out, that leaves a peer it holds shares of unnamed, or that names fewer
         than ``threshold`` survivors in its group. Only one request is answered per round.
         """
-        self._enter("unmask")
         survivors, dropouts = request.survivors, request.dropouts
         both = survivors & dropouts
         if both:

@@ -184,12 +184,13 @@ class SecAggServer:
         mask from the sum, and return the exact ring sum of the survivors' inputs.
 
         Raises :class:`TooFewSurvivors` naming the first secret with fewer than ``threshold``
-        shares (the round fails; nothing about any single input is revealed).
+        shares; nothing is changed then, so more replies may still be received (before the
+        caller's deadline) and ``finish`` called again. Nothing about any single input is
+        revealed either way.
         """
         self._at("unmask")
         assert self._request is not None
         cfg = self.config
-        self._phase += 1
         masks: list[tuple[bytes, int]] = []
         for v in sorted(self._request.survivors):
             shares = {h: r.seed_shares[v] for h, r in self._replies.items() if v in r.seed_shares}
@@ -207,6 +208,7 @@ class SecAggServer:
                                       context=cfg.digest, pair=(d, v))
                 # v added pair_sign(v, d) * PRG(s_vd); take it out.
                 masks.append((pairwise, -pair_sign(v, d)))
+        self._phase += 1  # every secret is rebuilt: from here on the sum is being unmasked
         add_masks(self._sum, masks)
         return AggregateResult(self.survivors, self._sum)
 
