@@ -35,6 +35,10 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--delay-ms", type=float, default=d.delay_ms,
                    help="one-way latency; needs netem (reported when missing)")
     p.add_argument("--duplex", default=d.duplex, choices=["full", "half"])
+    p.add_argument("--device-cpu", type=float, default=None, metavar="CORES",
+                   help="emulated devices: each worker and the single node under a CPU quota "
+                        "of CORES (cgroups, root); default 0.25 cut to fit the machine's cores "
+                        "beside the chief; 0: no quota")
     p.add_argument("--check-shaper", action=argparse.BooleanOptionalAction, default=None,
                    help="also time dsgd steps through both emulations and compare them "
                         "(default: on when the link is network namespaces)")
@@ -72,6 +76,7 @@ def apply_overrides(cfg: BenchConfig, sets: list[str]) -> None:
 
 def config_from_args(args: argparse.Namespace) -> BenchConfig:
     cfg = BenchConfig(link=args.link, delay_ms=args.delay_ms, duplex=args.duplex,
+                      device_cpu=args.device_cpu,
                       check_shaper=args.check_shaper, stop_at_target=not args.run_to_cap,
                       seed=args.seed, data_dir=args.data_dir, out=args.out,
                       plots=not args.no_plots)
@@ -87,6 +92,8 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
             setattr(cfg, name, getattr(args, name))
     if cfg.workers < 1:
         raise ValueError("--workers must be at least 1")
+    if cfg.device_cpu is not None and not 0 <= cfg.device_cpu <= 64:
+        raise ValueError("--device-cpu is a share of cores in [0, 64] (0: no quota)")
     if not 0 < cfg.target <= 1:
         raise ValueError("--target is an accuracy in (0, 1]")
     apply_overrides(cfg, args.set)

@@ -84,6 +84,10 @@ class BenchConfig:
     rate_mbit: float = 20.0
     delay_ms: float = 2.0  # one way; needs netem, which some kernels lack (then not applied)
     duplex: str = "full"
+    # Emulated devices: each worker and the single node under this CPU quota, in cores
+    # (cpu_quota.py). None: 0.25, cut to what fits this machine beside the chief (fit_quota);
+    # 0: no quota (every process at the machine's full speed).
+    device_cpu: float | None = None
     stop_at_target: bool = True  # False: every mode trains until its cap
     # Also time dsgd steps through both link emulations (None: whenever namespaces are used).
     check_shaper: bool | None = None

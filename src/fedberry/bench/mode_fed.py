@@ -27,7 +27,7 @@ class _FedRun:
         self.netns = bench.link.iface is not None
         self.res = ModeResult(mode, n, unit, asdict(mc), bytes_source=(
             IFACE_SOURCE if self.netns else "chief's sockets (payload)"))
-        self.procs = ProcessGroup(bench.link, bench.logdir(tag))
+        self.procs = ProcessGroup(bench.link, bench.logdir(tag), bench.quotas)
         self.names = [f"worker{i}" for i in range(1, n + 1)]
         self.track = Tracker(self.res, Progress(tag, unit, bench.quiet), target=bench.cfg.target,
                              stop=stop, max_k=max_k or mc.max_steps, time_cap_s=mc.time_cap_s,
@@ -51,7 +51,7 @@ class _FedRun:
             for i, name in enumerate(self.names):
                 procs.start(name, i, "fed", bench.spec(
                     self.mode, mc, chief=url, index=i + 1, iface=link.iface,
-                    local_epochs=mc.local_epochs, codec=mc.codec))
+                    local_epochs=mc.local_epochs, codec=mc.codec), device=True)
             ready = procs.wait_for(["chief", *self.names], "ready")
             self.base = Baseline(ready, self.names)
             q0 = link.qdisc_bytes()
@@ -66,6 +66,7 @@ class _FedRun:
             res.iface_bytes_run = sum(self.base.crossed(w, self.last_sync[w])
                                       for w in self.names)
         finish(res, mc, bench.cfg.target)
+        res.device_cpu = bench.device_cores
         self._compute_and_crc()
         return res
 
@@ -116,6 +117,9 @@ class _FedRun:
         n = res.workers
         res.compute_cpu_s = sum(e["cpu"] for e in at.values()) / n
         res.compute_wall_s = sum(e["compute"] for e in at.values()) / n
+        speeds = [e["samples"] / e["compute"] for e in at.values()
+                  if e.get("samples") and e.get("compute")]
+        res.samples_per_s = sum(speeds) / len(speeds) if speeds else None
         w1 = at.get("worker1", {}).get("crc")
         chief_crc = self.rounds.get(k, {}).get("crc")
         if w1 is not None and chief_crc is not None:

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from fedberry.bench.cpu_quota import DeviceQuotas
 from fedberry.bench.link import BenchLink
 
 READY_TIMEOUT = 180.0  # seven processes importing torch on two cores take a while
@@ -25,8 +26,10 @@ Event = dict[str, Any]
 class ProcessGroup:
     """The processes of one mode; their JSON events arrive on one queue as (name, event)."""
 
-    def __init__(self, link: BenchLink, logdir: Path) -> None:
+    def __init__(self, link: BenchLink, logdir: Path,
+                 quotas: DeviceQuotas | None = None) -> None:
         self.link = link
+        self.quotas = quotas
         self.logdir = logdir
         self.events: queue.Queue[tuple[str, Event]] = queue.Queue()
         self.procs: dict[str, subprocess.Popen] = {}
@@ -34,7 +37,11 @@ class ProcessGroup:
         self._lock = threading.Lock()
         (logdir / "events.jsonl").write_text("")
 
-    def start(self, name: str, host: int | str | None, role: str, spec: dict[str, Any]) -> None:
+    def start(self, name: str, host: int | str | None, role: str, spec: dict[str, Any],
+              device: bool = False) -> None:
+        """Start ``role`` on ``host`` (a worker index, "chief", or None: here). ``device``:
+        an emulated device, under the run's CPU quota (if any). The quota is applied before the
+        process is told ``go``, so all of its training runs under it."""
         argv = [sys.executable, "-m", "fedberry.bench.procs", role, json.dumps(spec)]
         log = open(self.logdir / f"{name}.log", "w")  # noqa: SIM115 - closed in stop()
         self._logs.append(log)
@@ -43,6 +50,13 @@ class ProcessGroup:
         proc = (subprocess.Popen(argv, **kw) if host is None
                 else self.link.spawn(host, argv, **kw))
         self.procs[name] = proc
+        if device and self.quotas is not None:
+            try:
+                self.quotas.add(f"{self.logdir.name}-{name}", proc.pid)
+            except BaseException:
+                proc.kill()
+                proc.wait()
+                raise
         threading.Thread(target=self._read, args=(name, proc), daemon=True).start()
 
     def _read(self, name: str, proc: subprocess.Popen) -> None:

@@ -183,12 +183,13 @@ def run_fed(spec: dict[str, Any]) -> None:
     worker = Worker(spec["chief"], worker_id=f"bench-{spec['mode']}-{spec['index']}",
                     idle_timeout=120.0, codec=spec.get("codec", "none"))
     compute = cpu = 0.0  # seconds spent training, wall and this thread's CPU
+    seen = 0  # samples trained on: with ``compute``, the device's training speed
 
     def report(round_: int, loss: float | None, arrays: list[np.ndarray] | None = None) -> None:
         tx, rx = iface_bytes(iface)
         emit(ev="sync", round=round_, t=time.monotonic(), tx=tx, rx=rx, compute=compute,
-             cpu=cpu, sent=worker.bytes_sent, received=worker.bytes_received, loss=loss,
-             crc=crc(arrays) if arrays is not None and report_crc else None)
+             cpu=cpu, samples=seen, sent=worker.bytes_sent, received=worker.bytes_received,
+             loss=loss,             crc=crc(arrays) if arrays is not None and report_crc else None)
 
     if spec["mode"] == "dsgd":
         set_arrays(model, worker.join(get_arrays(model)))
@@ -201,6 +202,7 @@ def run_fed(spec: dict[str, Any]) -> None:
             opt.zero_grad()
             loss.backward()
             grads = [p.grad.numpy() for p in params]
+            seen += len(b)
             compute += time.perf_counter() - c0
             cpu += time.thread_time() - p0
             mean = worker.sync(grads, float(len(b)), {"loss": loss.item()})
@@ -225,6 +227,7 @@ def run_fed(spec: dict[str, Any]) -> None:
             loss.backward()
             fopt.record_loss(loss.item())
             losses.append(loss.item())
+            seen += len(b)
             syncing = (fopt.steps + 1) % steps == 0
             if syncing:  # the optimizer step is compute, the averaging that follows is not
                 compute += time.perf_counter() - c0
