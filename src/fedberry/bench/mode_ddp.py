@@ -48,6 +48,8 @@ class _DdpRun:
         self.res = ModeResult("ddp", n, "step", asdict(mc), link_shaped=self.netns,
                               bytes_source=(IFACE_SOURCE if self.netns
                                             else "host loopback counter (approximate)"))
+        if bench.cfg.latency == "relay" and bench.cfg.delay_ms > 0:
+            self.res.notes.append("no latency: gloo's ring does not pass the relay")
         if not self.netns:
             self.res.notes.append("unshaped: the in-process shaper lives in our transport, gloo "
                                   "does not go through it")

@@ -6,7 +6,7 @@ from dataclasses import asdict
 
 from fedberry.bench.config import ModeConfig
 from fedberry.bench.context import BenchContext
-from fedberry.bench.link import CHIEF_PORT
+from fedberry.bench.link import CHIEF_PORT, RELAY_PORT
 from fedberry.bench.process_group import Event, ProcessGroup
 from fedberry.bench.progress import Progress
 from fedberry.bench.results import ModeResult, Point, finish
@@ -47,6 +47,18 @@ class _FedRun:
                 max_rounds=self.track.max_k, shaper_mbit=link.shaper_mbit,
                 downlink=mc.downlink))
             port = procs.wait_for(["chief"], "listening")["chief"]["port"]
+            cfg = bench.cfg
+            if cfg.latency == "relay" and (cfg.delay_ms > 0 or cfg.reset_per_s > 0):
+                # The workers dial the relay beside the chief; it holds every byte for the
+                # delay. In the namespaces it hands on over the chief's own loopback, so the
+                # shaped link is still the workers' side of it.
+                procs.start("relay", "chief", "relay", {
+                    "host": link.chief_host, "port": RELAY_PORT if self.netns else 0,
+                    "upstream": f"{link.chief_host}:{port}", "delay_ms": cfg.delay_ms,
+                    "jitter_ms": cfg.jitter_ms, "reset_per_s": cfg.reset_per_s})
+                port = procs.wait_for(["relay"], "listening")["relay"]["port"]
+                res.notes.append(f"latency {cfg.delay_ms:g} +- {cfg.jitter_ms:g} ms one way "
+                                 "(relay)")
             url = f"tcp://{link.chief_host}:{port}"
             for i, name in enumerate(self.names):
                 procs.start(name, i, "fed", bench.spec(
@@ -73,6 +85,10 @@ class _FedRun:
     def _on_event(self, name: str, e: Event) -> bool:
         res = self.res
         if e["ev"] == "exit":
+            if name == "relay" and e["code"] not in (0, None) and self.track.done_k is None:
+                res.notes.append(f"the relay exited with code {e['code']}")
+                res.stop_reason = res.stop_reason or "the relay exited"
+                return True
             if name == "chief" or e["code"] != 0:
                 if self.track.done_k is None:
                     res.stop_reason = res.stop_reason or f"{name} exited ({e['code']})"

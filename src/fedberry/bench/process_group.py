@@ -35,6 +35,10 @@ class ProcessGroup:
         self.procs: dict[str, subprocess.Popen] = {}
         self._logs: list[Any] = []
         self._lock = threading.Lock()
+        # The first event of each kind from each process that a wait_for took off the queue:
+        # a later wait_for for it (the chief's ready, heard while waiting for the relay) still
+        # finds it.
+        self._first: dict[tuple[str, str], Event] = {}
         (logdir / "events.jsonl").write_text("")
 
     def start(self, name: str, host: int | str | None, role: str, spec: dict[str, Any],
@@ -76,7 +80,7 @@ class ProcessGroup:
     def wait_for(self, names: list[str], ev: str,
                  timeout: float = READY_TIMEOUT) -> dict[str, Event]:
         """Each named process's first ``ev`` event; raises if one exits or time runs out first."""
-        got: dict[str, Event] = {}
+        got = {n: self._first[(n, ev)] for n in names if (n, ev) in self._first}
         deadline = time.monotonic() + timeout
         while set(names) - set(got):
             left = deadline - time.monotonic()
@@ -87,11 +91,12 @@ class ProcessGroup:
                 name, e = self.events.get(timeout=min(left, 1.0))
             except queue.Empty:
                 continue
+            self._first.setdefault((name, e["ev"]), e)
             if e["ev"] == "exit":
                 raise RuntimeError(f"{name} exited with code {e['code']} before {ev}; see "
                                    f"{self.logdir / (name + '.log')}")
-            if e["ev"] == ev:
-                got[name] = e
+            if e["ev"] == ev and name in names:
+                got.setdefault(name, e)
         return got
 
     def go(self) -> float:

@@ -323,7 +323,19 @@ def run_single(spec: dict[str, Any]) -> None:
                 break
 
 
-ROLES = {"chief": run_chief, "fed": run_fed, "ddp": run_ddp, "single": run_single}
+# ============================================================================================
+def run_relay(spec: dict[str, Any]) -> None:
+    """The latency link between the workers and the chief (relay.py)."""
+    from fedberry.bench import relay
+
+    argv = ["--listen", f"{spec['host']}:{spec['port']}", "--upstream", spec["upstream"],
+            "--delay-ms", str(spec["delay_ms"]), "--jitter-ms", str(spec["jitter_ms"]),
+            "--reset-per-s", str(spec["reset_per_s"])]
+    sys.exit(relay.main(argv))
+
+
+ROLES = {"relay": run_relay, "chief": run_chief, "fed": run_fed, "ddp": run_ddp,
+         "single": run_single}
 
 
 def main(argv: list[str] | None = None) -> int:

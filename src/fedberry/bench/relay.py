@@ -70,7 +70,12 @@ class Toxics:
 
 
 def _bucket(rate: float | None) -> TokenBucket | None:
-    return None if rate is None else TokenBucket(rate, default_burst(rate))
+    # Deeper than the kernel's (shaper.default_burst, 1 ms): an event loop on a busy machine
+    # wakes late, and every late wake-up beyond the burst is bandwidth lost for good (the
+    # bucket is full meanwhile). 10 ms, and two reads, absorb that; over a transfer of
+    # megabytes the rate is the rate either way.
+    return None if rate is None else TokenBucket(rate, max(default_burst(rate), 2 * CHUNK,
+                                                           int(rate * 0.01)))
 
 
 class Relay:

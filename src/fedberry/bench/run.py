@@ -27,7 +27,8 @@ def run(cfg: BenchConfig, *, quiet: bool = False, command: str | None = None,
     if cfg.check_shaper and kind != "netns":
         raise ValueError("--check-shaper compares the namespaces with the in-process shaper: "
                          f"it needs network namespaces ({why})")
-    link = link_mod.BenchLink(kind, cfg.workers, cfg.rate_mbit, cfg.delay_ms, cfg.duplex)
+    netem_ms = cfg.delay_ms if cfg.latency == "netem" else 0.0
+    link = link_mod.BenchLink(kind, cfg.workers, cfg.rate_mbit, netem_ms, cfg.duplex)
     results: dict[str, ModeResult] = {}
     check: dict[str, Any] | None = None
     payload: dict[str, Any] = {
@@ -48,10 +49,18 @@ def run(cfg: BenchConfig, *, quiet: bool = False, command: str | None = None,
     with link, (quotas or contextlib.nullcontext()):
         payload["link"] = link.describe()
         d = payload["link"]
+        if cfg.latency == "relay":
+            d["latency"] = {"by": "relay (bench/relay.py) between workers and chief",
+                            "delay_ms": cfg.delay_ms, "jitter_ms": cfg.jitter_ms,
+                            "reset_per_s": cfg.reset_per_s, "modes": "single has no link; "
+                            "ddp's gloo ring does not pass the relay: no latency there"}
+            lat = (f"{cfg.delay_ms:g} +- {cfg.jitter_ms:g} ms one way by the relay (not on "
+                   "ddp's ring)" if cfg.delay_ms else "none")
+        else:
+            lat = (f"{cfg.delay_ms:g} ms by netem" if d["delay_applied"] else
+                   "none (netem missing)" if kind == "netns" and cfg.delay_ms else "none")
         say(f"link: {kind}, {cfg.rate_mbit:g} Mbit/s shared, {d['duplex']} duplex, latency "
-            + (f"{cfg.delay_ms:g} ms" if d["delay_applied"] else
-               "none (netem missing)" if kind == "netns" and cfg.delay_ms else "none")
-            + f" ({why})")
+            f"{lat} ({why})")
         bench = Bench(cfg, link, out, quiet, quotas)
         for mode in cfg.modes:
             say(f"\n== {mode} (cap {cfg.per_mode[mode].time_cap_s:.0f} s)")
