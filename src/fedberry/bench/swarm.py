@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from fedberry import codecs
-from fedberry.protocol.connection import WorkerConnection
+from fedberry.protocol.connection import WorkerConnection, WorkerState
 from fedberry.protocol.messages import (
     Auth,
     Bye,
@@ -54,6 +54,7 @@ TOKEN = "swarm-" + "s" * 26
 WRITE_CHUNK = 256 * 1024  # what one connection hands the kernel at a time
 HANDSHAKES_IN_FLIGHT = 32  # per process: the chief's listen backlog is not a queue to flood
 PING_EVERY_S = 10.0
+SOCKET_BUFFER = 256 * 1024  # SO_SNDBUF / SO_RCVBUF of each worker's socket
 STEP_TIMEOUT_S = 600.0  # one handshake, or one round, may take this long at most
 
 
@@ -89,6 +90,18 @@ def _rss_mb() -> float:
     return float("nan")
 
 
+def tcp_memory_mb() -> float | None:
+    """The machine's TCP buffer memory now (``/proc/net/sockstat``, pages), in MB."""
+    try:
+        for line in Path("/proc/net/sockstat").read_text().splitlines():
+            if line.startswith("TCP:"):
+                f = line.split()
+                return int(f[f.index("mem") + 1]) * os.sysconf("SC_PAGE_SIZE") / 1e6
+    except (OSError, ValueError):
+        pass
+    return None
+
+
 def run_chief(spec: dict[str, Any]) -> None:
     from fedberry.serve import serve
     from fedberry.transports.tcp import ListenOptions
@@ -100,13 +113,15 @@ def run_chief(spec: dict[str, Any]) -> None:
         ru = resource.getrusage(resource.RUSAGE_SELF)
         emit(ev="round", round=rec["round"], workers=rec["workers"], t=time.monotonic(),
              rss_mb=round(_rss_mb(), 1), fds=len(os.listdir("/proc/self/fd")),
-             cpu_s=ru.ru_utime + ru.ru_stime, up=rec["bytes_up"], down=rec["bytes_down"])
+             cpu_s=ru.ru_utime + ru.ru_stime, up=rec["bytes_up"], down=rec["bytes_down"],
+             tcp_mem_mb=tcp_memory_mb())
 
     handle = serve("127.0.0.1:0", workers=n, rounds=spec["rounds"],
                    initial=model(spec["params"], spec["tensors"]), on_round=on_round,
                    token=TOKEN, max_connections=n + 64, idle_timeout=120.0,
                    handshake_timeout=60.0, finish_grace=5.0,
-                   listen_options=ListenOptions(max_pending_per_address=16))
+                   listen_options=ListenOptions(max_pending_per_address=16,
+                                                receive_buffer=spec["receive_buffer"]))
     emit(ev="listening", port=handle.address[1], rss_mb=round(_rss_mb(), 1),
          fds=len(os.listdir("/proc/self/fd")))
     deadline = time.monotonic() + spec["timeout_s"]
@@ -130,11 +145,17 @@ class _Proto(asyncio.BufferedProtocol):
         self.transport: asyncio.Transport | None = None
         self.writable = asyncio.Event()
         self.writable.set()
+        # One frame at a time on the wire: a PONG or PING written while an UPDATE waits for the
+        # transport's buffer to drain would land inside it.
+        self._sending = asyncio.Lock()
+        self._soon: set[asyncio.Future[None]] = set()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
 
     def get_buffer(self, sizehint: int) -> memoryview:
+        if self.conn.state is WorkerState.CLOSED:  # aborted: what still comes is dropped
+            return memoryview(bytearray(65536))
         return self.conn.get_buffer()
 
     def buffer_updated(self, nbytes: int) -> None:
@@ -147,7 +168,7 @@ class _Proto(asyncio.BufferedProtocol):
             return
         for e in events:
             if isinstance(e, Ping):
-                self.send_now(Pong())
+                self.send_soon(Pong())
             elif not isinstance(e, Pong):
                 self.events.put_nowait(e)
 
@@ -161,22 +182,25 @@ class _Proto(asyncio.BufferedProtocol):
     def resume_writing(self) -> None:
         self.writable.set()
 
-    def send_now(self, msg: Any) -> None:
-        assert self.transport is not None
-        self.transport.writelines(self.conn.send(msg).parts)
+    def send_soon(self, msg: Any) -> None:
+        """``send`` from a callback: queued behind the frame being written, if any."""
+        fut = asyncio.ensure_future(self.send(msg))
+        self._soon.add(fut)
+        fut.add_done_callback(self._soon.discard)
 
     async def send(self, msg: Any) -> None:
         """Write a frame in chunks, waiting whenever the transport's buffer is full: 1000
         connections each buffering a whole model would be the load generator's memory."""
-        frame = self.conn.send(msg)
-        assert self.transport is not None
-        for part in frame.parts:
-            view = memoryview(part).cast("B")
-            for s in range(0, len(view), WRITE_CHUNK):
-                await self.writable.wait()
-                if self.transport.is_closing():
-                    raise ConnectionError("connection closed while sending")
-                self.transport.write(view[s:s + WRITE_CHUNK])
+        async with self._sending:
+            frame = self.conn.send(msg)  # in wire order: the connection tracks its state
+            assert self.transport is not None
+            for part in frame.parts:
+                view = memoryview(part).cast("B")
+                for s in range(0, len(view), WRITE_CHUNK):
+                    await self.writable.wait()
+                    if self.transport.is_closing():
+                        raise ConnectionError("connection closed while sending")
+                    self.transport.write(view[s:s + WRITE_CHUNK])
 
     async def next(self, kind: type) -> Any:
         e = await asyncio.wait_for(self.events.get(), STEP_TIMEOUT_S)
@@ -195,12 +219,25 @@ async def _worker(i: int, port: int, arrays: list[np.ndarray], recv: list[np.nda
     spec = spec_of(arrays)
     conn = WorkerConnection(TOKEN, spec)
     async with gate:
-        _, proto = await asyncio.wait_for(loop.create_connection(
-            lambda: _Proto(conn), "127.0.0.1", port, local_addr=(source_address(i), 0)),
-            STEP_TIMEOUT_S)
-        proto.send_now(Hello(f"swarm-{i}"))
+        sock = socket.socket()
+        # Each worker's kernel buffers bounded, as on a device of its own: on one machine,
+        # 1000 connections with buffers autotuned to 4 MB took the kernel's TCP memory past
+        # tcp_mem's pressure mark, and it dropped segments on loopback (RTO backoff, rounds of
+        # minutes). The chief's side of the connections is left as the kernel tunes it.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_BUFFER)
+        sock.bind((source_address(i), 0))
+        sock.setblocking(False)
+        try:
+            await asyncio.wait_for(loop.sock_connect(sock, ("127.0.0.1", port)),
+                                   STEP_TIMEOUT_S)
+            _, proto = await loop.create_connection(lambda: _Proto(conn), sock=sock)
+        except BaseException:
+            sock.close()
+            raise
+        await proto.send(Hello(f"swarm-{i}"))
         await proto.next(Challenge)
-        proto.send_now(Auth(spec, True, codecs.digest(arrays)))
+        await proto.send(Auth(spec, True, codecs.digest(arrays)))
         await proto.next(Welcome)
         # From here the chief's frames are our model's: read them into the process's buffer.
         conn.decoder.allocate = lambda specs: recv
@@ -209,7 +246,7 @@ async def _worker(i: int, port: int, arrays: list[np.ndarray], recv: list[np.nda
     async def heartbeat() -> None:
         while True:
             await asyncio.sleep(PING_EVERY_S)
-            proto.send_now(Ping())
+            await proto.send(Ping())
 
     hb = asyncio.ensure_future(heartbeat())
     try:
@@ -247,6 +284,14 @@ def run_workers(spec: dict[str, Any]) -> None:
              cpu_s=ru.ru_utime + ru.ru_stime)
 
     asyncio.run(main())
+
+
+def _tcp_mem_pressure_mb() -> float | None:
+    try:
+        pages = int(Path("/proc/sys/net/ipv4/tcp_mem").read_text().split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return pages * os.sysconf("SC_PAGE_SIZE") / 1e6
 
 
 # -- the floor ---------------------------------------------------------------------------------
@@ -309,7 +354,8 @@ def _reader(proc: subprocess.Popen[str], name: str, out: list[tuple[str, dict[st
 
 
 def run(workers: int, params: int, rounds: int, procs: int, tensors: int,
-        timeout_s: float, quiet: bool = False) -> dict[str, Any]:
+        timeout_s: float, quiet: bool = False,
+        receive_buffer: int | None = None) -> dict[str, Any]:
     soft, hard = raise_nofile()
     need = workers * 2 + 256  # both ends of every connection live on this machine
     if soft < need // max(1, min(procs, 2)):
@@ -343,7 +389,8 @@ def run(workers: int, params: int, rounds: int, procs: int, tensors: int,
     t_start = time.monotonic()
     try:
         start("chief", "chief", {"workers": workers, "params": params, "rounds": rounds,
-                                 "tensors": tensors, "timeout_s": timeout_s})
+                                 "tensors": tensors, "timeout_s": timeout_s,
+                                 "receive_buffer": receive_buffer})
         _, lis = next_event(120)
         if lis["ev"] != "listening":
             raise RuntimeError(f"the chief did not start: {lis}")
@@ -359,7 +406,7 @@ def run(workers: int, params: int, rounds: int, procs: int, tensors: int,
             name, e = next_event(timeout_s)
             if name == "chief" and e["ev"] == "round":
                 say(f"round {e['round']}: {e['workers']} workers, chief rss {e['rss_mb']} MB, "
-                    f"{e['fds']} fds")
+                    f"{e['fds']} fds, TCP buffers {e['tcp_mem_mb']:.0f} MB (machine)")
             elif name == "chief" and e["ev"] == "exit":
                 chief_alive = False
             elif e["ev"] == "exit":
@@ -390,7 +437,7 @@ def run(workers: int, params: int, rounds: int, procs: int, tensors: int,
             errors[k] = errors.get(k, 0) + v
     out = {
         "workers": workers, "params": params, "tensors": tensors, "rounds": rounds,
-        "procs": procs, "rounds_closed": len(rounds_ev),
+        "procs": procs, "rounds_closed": len(rounds_ev), "receive_buffer": receive_buffer,
         "full_rounds": sum(1 for e in rounds_ev if e["workers"] == workers),
         "joined": sum(w["joined"] for w in wdone), "errors": errors,
         "mb_per_round": per_round / 1e6,
@@ -399,6 +446,8 @@ def run(workers: int, params: int, rounds: int, procs: int, tensors: int,
         "round_over_floor": (float(np.median(times)) / floor_s) if times else None,
         "chief_rss_mb": [e["rss_mb"] for e in rounds_ev], "chief_rss_mb_start": lis["rss_mb"],
         "chief_fds": [e["fds"] for e in rounds_ev], "chief_fds_start": lis["fds"],
+        "tcp_mem_mb": [e["tcp_mem_mb"] for e in rounds_ev],
+        "tcp_mem_pressure_mb": _tcp_mem_pressure_mb(),
         "chief_cpu_ms_per_update": (1e3 * float(np.median(cpus)) / workers) if cpus else None,
         "chief_busy_fraction": (float(np.median(cpus)) / float(np.median(times))
                                 if times else None),
@@ -418,6 +467,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--procs", type=int, default=4, help="processes the workers share")
     p.add_argument("--tensors", type=int, default=4)
     p.add_argument("--timeout", type=float, default=900.0, help="the whole run, at most")
+    p.add_argument("--receive-buffer", type=int, default=None, metavar="BYTES",
+                   help="the chief's SO_RCVBUF per connection (ListenOptions.receive_buffer; "
+                        "default: the kernel's autotuning)")
     p.add_argument("--json", default=None, help="also write the figures here")
     p.add_argument("--role", default=None, help=argparse.SUPPRESS)
     p.add_argument("spec", nargs="?", help=argparse.SUPPRESS)
@@ -430,7 +482,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.workers < 1 or args.params < args.tensors or args.rounds < 2 or args.procs < 1:
         p.error("--workers >= 1, --params >= --tensors, --rounds >= 2, --procs >= 1")
-    res = run(args.workers, args.params, args.rounds, args.procs, args.tensors, args.timeout)
+    res = run(args.workers, args.params, args.rounds, args.procs, args.tensors, args.timeout,
+              receive_buffer=args.receive_buffer)
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=1))
     med = res["round_s_median"]
