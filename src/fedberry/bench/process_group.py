@@ -39,13 +39,14 @@ class ProcessGroup:
         # a later wait_for for it (the chief's ready, heard while waiting for the relay) still
         # finds it.
         self._first: dict[tuple[str, str], Event] = {}
+        self._devices: list[str] = []  # put under the CPU quota at go()
         (logdir / "events.jsonl").write_text("")
 
     def start(self, name: str, host: int | str | None, role: str, spec: dict[str, Any],
               device: bool = False) -> None:
         """Start ``role`` on ``host`` (a worker index, "chief", or None: here). ``device``:
-        an emulated device, under the run's CPU quota (if any). The quota is applied before the
-        process is told ``go``, so all of its training runs under it."""
+        an emulated device, under the run's CPU quota (if any) from ``go`` on: all of its
+        training runs under it, its imports and data loading (nobody's time) at full speed."""
         argv = [sys.executable, "-m", "fedberry.bench.procs", role, json.dumps(spec)]
         log = open(self.logdir / f"{name}.log", "w")  # noqa: SIM115 - closed in stop()
         self._logs.append(log)
@@ -54,13 +55,8 @@ class ProcessGroup:
         proc = (subprocess.Popen(argv, **kw) if host is None
                 else self.link.spawn(host, argv, **kw))
         self.procs[name] = proc
-        if device and self.quotas is not None:
-            try:
-                self.quotas.add(f"{self.logdir.name}-{name}", proc.pid)
-            except BaseException:
-                proc.kill()
-                proc.wait()
-                raise
+        if device:
+            self._devices.append(name)
         threading.Thread(target=self._read, args=(name, proc), daemon=True).start()
 
     def _read(self, name: str, proc: subprocess.Popen) -> None:
@@ -101,6 +97,9 @@ class ProcessGroup:
 
     def go(self) -> float:
         """Starts every process's clock; returns the harness's own start time."""
+        if self.quotas is not None:
+            for name in self._devices:
+                self.quotas.add(f"{self.logdir.name}-{name}", self.procs[name].pid)
         t = time.monotonic()
         for p in self.procs.values():
             assert p.stdin is not None
