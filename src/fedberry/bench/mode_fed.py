@@ -136,6 +136,12 @@ class _FedRun:
         speeds = [e["samples"] / e["compute"] for e in at.values()
                   if e.get("samples") and e.get("compute")]
         res.samples_per_s = sum(speeds) / len(speeds) if speeds else None
+        share = res.compute_cpu_s / res.compute_wall_s if res.compute_wall_s else None
+        if res.device_cpu and share is not None and share < 0.8 * res.device_cpu:
+            # The quota is a ceiling: on a busy machine a device gets less, and the mode's
+            # time is then not a device's.
+            res.notes.append(f"the devices trained at {share:.2f} of a core on average, below "
+                             f"their quota of {res.device_cpu:g}: the machine is busy")
         w1 = at.get("worker1", {}).get("crc")
         chief_crc = self.rounds.get(k, {}).get("crc")
         if w1 is not None and chief_crc is not None:
