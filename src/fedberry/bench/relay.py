@@ -10,7 +10,7 @@ Why: this kernel has no ``netem``, so the namespaces' htb link (netns.py) has ba
 latency, and per-step protocols are flattered by microsecond round trips. The default one-way
 delay of the bench, 12.5 ms (25 ms round trip), is Wi-Fi class: in a two-month study of 47
 campus access points more than half of the TCP packets spent over 20 ms on the Wi-Fi hop alone
-(Pei et al., "WiFi can be the weakest link of round trip network latency in the wild",
+(Sui et al., "WiFi can be the weakest link of round trip network latency in the wild",
 INFOCOM 2016).
 
 What it is not: the relay's own sockets acknowledge at once, so the sender's TCP sees a short
