@@ -124,12 +124,13 @@ def test_with_clipping_every_update_folded_in_is_within_the_bound(where, codec):
 
 
 def test_the_added_noise_has_the_configured_std():
-    """N = 200 rounds x 35 coordinates = 7000 draws of N(0, s^2), s = z C / n. The sample std's
-    standard error is s / sqrt(2 N) (1.2 % here): the test allows 5 of them, and 5 standard
-    errors (s / sqrt(N)) for the mean. A wrong factor (C instead of C/n, n^2) fails by far."""
+    """N = 200 rounds x 35 coordinates = 7000 draws of N(0, s^2), s = z C / n_fixed (noise
+    z C on the sum, divided by the fixed expected count). The sample std's standard error is
+    s / sqrt(2 N) (1.2 % here): the test allows 5 of them, and 5 standard errors (s / sqrt(N))
+    for the mean. A wrong factor (C instead of C/n, n^2) fails by far."""
     pytest.importorskip("dp_accounting")  # result() reports epsilon
     z, c, n, rounds = 1.1, 0.5, 4, 200
-    dp = DPFedAvg(DPConfig(clip=c, noise=z, seed=12345))
+    dp = DPFedAvg(DPConfig(clip=c, noise=z, seed=12345), expected=n)
     dp.keep_noise = True
     model = [np.zeros(s, np.float32) for s in SHAPES]
     draws = []
@@ -148,11 +149,83 @@ def test_the_added_noise_has_the_configured_std():
     assert abs(x.std(ddof=1) - want) < 5 * se, (x.std(ddof=1), want)
     assert abs(x.mean()) < 5 * want / math.sqrt(x.size)
     # A fixed seed gives the same noise again; no seed gives fresh noise.
-    again = DPFedAvg(DPConfig(clip=c, noise=z, seed=12345))
+    again = DPFedAvg(DPConfig(clip=c, noise=z, seed=12345), expected=n)
     again.begin_round(model)
     for _ in range(n):
         again.add([a.copy() for a in model], 1.0)
     np.testing.assert_array_equal(np.concatenate([a.ravel() for a in again.result()]), draws[0])
+
+
+def test_the_noise_does_not_depend_on_how_many_updates_arrived():
+    """Add/remove adjacency with a fixed, public denominator (McMahan et al. 2018): the noise
+    is z C on the sum over n_fixed whether 1, 3 or 4 of the 4 expected updates arrive, and a
+    round with k of them moves the model by k / n_fixed of their mean change (the estimator's
+    price). Dividing by the realised count (the bug) gives each count its own noise."""
+    pytest.importorskip("dp_accounting")
+    z, c, n_fixed = 1.1, 0.5, 4
+    model = [np.zeros(s, np.float32) for s in SHAPES]
+    step = [np.full(s, 0.01, np.float32) for s in SHAPES]  # norm 0.059: within C
+    seen = []
+    for k in (1, 3, 4):
+        dp = DPFedAvg(DPConfig(clip=c, noise=z, seed=99), expected=n_fixed)
+        dp.keep_noise = True
+        dp.begin_round(model)
+        for _ in range(k):
+            dp.add([a + d for a, d in zip(model, step)], 1.0)
+        out = dp.result()
+        assert dp.last_noise_std == pytest.approx(z * c / n_fixed)
+        noise = np.concatenate([d.ravel() for d in dp.last_noise])
+        seen.append(noise)
+        signal = np.concatenate([a.ravel() for a in out]) - noise
+        np.testing.assert_allclose(signal, 0.01 * k / n_fixed, atol=1e-6)
+    np.testing.assert_array_equal(seen[0], seen[1])
+    np.testing.assert_array_equal(seen[0], seen[2])
+
+
+def test_integer_tensors_stay_as_the_global_has_them_under_dp():
+    """A step counter is not noised, so it is not released: updates to it are ignored."""
+    pytest.importorskip("dp_accounting")
+    dp = DPFedAvg(DPConfig(clip=1.0, noise=1.0, seed=3), expected=2)
+    model = [np.zeros(3, np.float32), np.array(7, np.int64)]
+    dp.begin_round(model)
+    dp.add([np.zeros(3, np.float32), np.array(1000, np.int64)], 1.0)
+    dp.add([np.zeros(3, np.float32), np.array(9, np.int64)], 1.0)
+    out = dp.result()
+    assert out[1].dtype == np.int64 and int(out[1]) == 7
+
+
+def test_a_missing_fixed_denominator_is_refused():
+    dp = DPFedAvg(DPConfig(clip=1.0))
+    dp.begin_round([np.zeros(3, np.float32)])
+    dp.add([np.ones(3, np.float32)], 1.0)
+    with pytest.raises(ValueError, match="needs the expected number of updates"):
+        dp.result()
+
+
+def test_adaptive_clipping_centres_the_bits_and_divides_by_the_fixed_count():
+    """Andrew et al. 2021 with add/remove adjacency: b = (sum(b_i - 1/2) + noise) / m + 1/2.
+    With 1 of m = 4 expected updates, within the bound, and no count noise:
+    b = (1/2) / 4 + 1/2 = 0.625 (the uncentred count over the realised n would say 1)."""
+    cfg = DPConfig(clip=10.0, where="chief", adaptive=True, quantile=0.5, clip_lr=0.2)
+    dp = DPFedAvg(cfg, expected=4)
+
+    class Adm:  # the admission's record of the round (norms before clipping)
+        norms = [1.0]
+        policy = type("P", (), {"max_update_norm": None})()
+        norm_bound = None
+
+    dp.bind_admission(Adm())
+    dp.begin_round([np.zeros(3, np.float32)])
+    dp.add([np.full(3, 0.1, np.float32)], 1.0)
+    dp.result()
+    assert dp.clip == pytest.approx(10.0 * math.exp(-0.2 * (0.625 - 0.5)))
+
+
+def test_the_budget_split_of_adaptive_clipping():
+    """Model noise z_d and count noise sigma_b on a sum of sensitivity 1/2 compose to z:
+    z_d^-2 + (2 sigma_b)^-2 = z^-2 (Andrew et al. 2021, Theorem 1)."""
+    cfg = DPConfig(clip=1.0, noise=1.0, where="chief", adaptive=True, count_noise=2.0)
+    assert cfg.model_noise ** -2 + (2 * 2.0) ** -2 == pytest.approx(1.0)
 
 
 def test_epsilon_in_every_round_of_a_run_and_the_noise_std_recorded():
@@ -211,6 +284,7 @@ def test_adaptive_clipping_follows_the_quantile_of_the_norms():
 
 @pytest.mark.parametrize("text,sentence", [
     ("clip=1,nois=2", "--dp has no key 'nois'; its keys are clip, noise, delta, where"),
+    ("clip=1,sampling_rate=0.01", "--dp has no key 'sampling_rate'; its keys are clip"),
     ("noise=1.1", "--dp needs clip=C"),
     ("clip=-1", "dp: clip must be a positive number, not -1.0"),
     ("clip=1,noise=nan", "--dp: noise must be a finite number, not 'nan'"),

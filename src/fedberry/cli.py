@@ -242,7 +242,7 @@ def _dp_config(args: argparse.Namespace) -> DPConfig | None:
         dp = replace(dp, target_epsilon=args.target_epsilon)
     if dp.noise > 0:
         try:
-            epsilon(dp.noise, 1, dp.delta, dp.sampling_rate)  # the accountant is there
+            epsilon(dp.noise, 1, dp.delta)  # the accountant is there
         except ImportError as exc:  # one sentence, not a traceback
             raise ValueError(str(exc)) from None
     return dp

@@ -33,7 +33,7 @@ from fedberry.chief.round_config import RoundConfig
 from fedberry.chief.runtime import ChiefServer, Evaluate
 from fedberry.chief.state import Chief
 from fedberry.privacy import DPConfig, as_config
-from fedberry.privacy.chief import dp_chief
+from fedberry.privacy.chief import dp_chief, expected_count
 from fedberry.protocol.auth import resolve_token
 from fedberry.status import StatusBoard, StatusServer, check_exposure, require_extra
 from fedberry.strategies import Strategy
@@ -287,7 +287,8 @@ def serve(listen: str | None = "127.0.0.1:0", *, workers: int | None = None,
     adm = dataclasses.replace(admission or AdmissionPolicy(), **groups[AdmissionPolicy])
     dp = as_config(dp)
     if dp is not None:
-        strategy, adm, rounds_left = dp_chief(dp, strategy, adm, pol.rounds)
+        strategy, adm, rounds_left = dp_chief(
+            dp, strategy, adm, pol.rounds, expected_count(pol.workers, pol.sample, pol.fraction))
         pol = dataclasses.replace(pol, rounds=rounds_left)
     # Everything that can refuse to start comes before the runtime makes its output files: a
     # chief that cannot start (a port taken by another chief with the same --out, a missing
@@ -339,7 +340,7 @@ def serve(listen: str | None = "127.0.0.1:0", *, workers: int | None = None,
     io = LoopThread("fedberry-chief")
     handle = ChiefHandle(server, io)
     if status_sock is not None:  # before any worker can join: the board sees every event
-        board = StatusBoard(pol.rounds, server.chief.round, pol.workers)
+        board = StatusBoard(pol.rounds, server.chief.round, pol.workers, private=dp is not None)
         handle.status = StatusServer(status_sock, server.events, board, status_token,
                                      status_ctx)
         log.info("status page at %s", handle.status.url)

@@ -72,6 +72,8 @@ class Worker:
     from the global model to C before it is encoded. ``local_dp`` (a ``DPConfig`` or ``--dp``
     text: clip, noise, delta) adds this worker's own Gaussian noise to its clipped update, for
     a chief it does not trust; ``epsilon`` is then this worker's own budget spent so far.
+    Under local DP the worker sends weight 1, no metrics and no evaluation answers (they are
+    not noised).
 
     ``round_config`` is the configuration the chief sent with the model that ``join`` or
     ``sync`` returned last (``serve(round_config=...)``, ``--round-config``): a dict of scalars,
@@ -103,6 +105,7 @@ class Worker:
         self.round_config: dict[str, Any] = {}
         self._io: LoopThread | None = None
         self._privacy = LocalPrivacy(as_config(local_dp))
+        self._said_quiet = False
         self._global: list[np.ndarray] | None = None  # the model updates are clipped against
         check_name(codec, UPLINK_CODECS, "update")
         self._session = connect(chief, worker_id=self.worker_id, token=token,
@@ -150,6 +153,11 @@ class Worker:
         metrics = {k: float(v) for k, v in (metrics or {}).items() if math.isfinite(float(v))}
         if self._privacy.active:  # before the transport (and its codec) sees the update
             arrays = self._privacy.apply(arrays, self._global)
+        if self._privacy.local is not None:
+            # Local DP noises the update only: the sample count and the metrics (train loss)
+            # are this worker's data in the clear, so they are not sent at all.
+            self._quiet_once()
+            num_samples, metrics = 1.0, {}
         sent, received, t0 = self.bytes_sent, self.bytes_received, time.monotonic()
         round_ = self.round + 1
         self.round, out, self.done = self._call(
@@ -171,6 +179,13 @@ class Worker:
     def clip(self) -> float | None:
         """The bound this worker clips its updates to (the chief's C, or local DP's), if any."""
         return self._privacy.clip
+
+    def _quiet_once(self) -> None:
+        if not self._said_quiet:
+            self._said_quiet = True
+            log.info("worker %s: under local DP it sends weight 1, no metrics and no evaluation "
+                     "answers: those are not noised and would tell the chief about its data",
+                     self.worker_id)
 
     def _keep_global(self, arrays: Sequence[np.ndarray]) -> None:
         # A copy: the caller may train in the very arrays it got back.
@@ -211,6 +226,9 @@ class Worker:
         asked = getattr(self._session, "eval_requested", None)
         if self.evaluate is None or asked != self.round or not hasattr(self._session,
                                                                        "send_eval"):
+            return
+        if self._privacy.local is not None:  # its held-out results are not noised: not sent
+            self._quiet_once()
             return
         try:
             n, metrics = self.evaluate([np.array(a) for a in arrays])  # its own copies

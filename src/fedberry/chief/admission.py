@@ -157,16 +157,40 @@ def clip_update(update: list[np.ndarray], reference: Sequence[np.ndarray],
     """
     norm = update_norm(update, reference)
     if norm > max_norm:
-        scale = max_norm / norm
-        for i in _float_indices(reference):
-            d = update[i].astype(np.float64) - reference[i]
-            d *= scale
-            d += reference[i]
-            if update[i].flags.writeable:
-                update[i][...] = d  # rounded once into the update's dtype
-            else:
-                update[i] = d.astype(update[i].dtype)
+        # Rounding the clipped change back into a small dtype (float16: ~1e-3 relative) can
+        # land it above the bound: re-measure and shrink by the overshoot, a little more each
+        # time; as a last resort the change is dropped (the reference itself is within it).
+        scale, margin = max_norm / norm, 1.0
+        for _ in range(8):
+            _fold(update, reference, scale)
+            now = update_norm(update, reference)
+            if now <= max_norm:
+                break
+            margin *= 2  # the next fold shrinks the rounded change by its overshoot and more
+            scale = max_norm / now * (1 - margin * float(np.finfo(np.float16).eps))
+        else:
+            _fold(update, reference, 0.0)
     return norm
+
+
+def _fold(update: list[np.ndarray], reference: Sequence[np.ndarray], scale: float) -> None:
+    """``update = reference + (update - reference) * scale``, in place, over the floating-point
+    tensors (the change computed in float64, rounded once into the update's dtype)."""
+    for i in _float_indices(reference):
+        d = update[i].astype(np.float64) - reference[i]
+        d *= scale
+        d += reference[i]
+        if update[i].flags.writeable:
+            update[i][...] = d  # rounded once into the update's dtype
+        else:
+            update[i] = d.astype(update[i].dtype)
+
+
+def update_weight(num_samples: float, stands_for: int = 1, uniform: bool = False) -> float:
+    """The weight of an update: its sample count, or under ``uniform`` (differential privacy)
+    the number of workers it stands for. The one rule: the chief's admission and each MPI
+    rank (which weighs its own update before the collective sum) both call it."""
+    return float(stands_for) if uniform else float(num_samples)
 
 
 def _sum_limit(dtype: np.dtype) -> float:
@@ -193,9 +217,8 @@ class Admission:
         self.norms: list[float] = []
 
     def weight(self, num_samples: float, stands_for: int = 1) -> float:
-        """The weight an admitted update gets in the strategy: its sample count, or under
-        ``uniform_weights`` the number of workers it stands for."""
-        return float(stands_for) if self.policy.uniform_weights else num_samples
+        """The weight an admitted update gets in the strategy (``update_weight``)."""
+        return update_weight(num_samples, stands_for, self.policy.uniform_weights)
 
     def begin_round(self, global_arrays: Sequence[np.ndarray]) -> None:
         """A new round from this global model: the running-sum bounds start from zero."""

@@ -22,8 +22,12 @@ log = logging.getLogger("fedberry.privacy")
 
 
 def dp_chief(dp: DPConfig, strategy: str | Strategy, admission: AdmissionPolicy | None,
-             rounds: int | None) -> tuple[DPFedAvg, AdmissionPolicy, int | None]:
+             rounds: int | None, expected: int | None = None
+             ) -> tuple[DPFedAvg, AdmissionPolicy, int | None]:
     """The strategy, admission policy and round limit of a run under ``dp``.
+
+    ``expected``: n_fixed, the configured number of updates a round (the fixed, public
+    denominator of the noised mean; ``expected_count``).
 
     An admission norm bound the operator set below C stays (the tighter bound wins, and the
     noise is still scaled to C, which then overstates the sensitivity: safe). ``refuse`` mode
@@ -36,22 +40,34 @@ def dp_chief(dp: DPConfig, strategy: str | Strategy, admission: AdmissionPolicy 
     adm = dataclasses.replace(adm, max_update_norm=bound, update_norm_mode="clip",
                               uniform_weights=True)  # DPFedAvg.bind_admission keeps the min
     strat = wrap(dp, strategy)
+    if expected is not None:
+        strat.expected = expected
     if dp.noise > 0:
         # Loads the accountant now (a second or two), not on the chief's loop after round 1.
-        epsilon(dp.noise, 1, dp.delta, dp.sampling_rate)
+        epsilon(dp.noise, 1, dp.delta)
     if dp.target_epsilon is not None:
-        last = last_round_within(dp.target_epsilon, dp.noise, dp.delta, dp.sampling_rate,
+        last = last_round_within(dp.target_epsilon, dp.noise, dp.delta,
                                  limit=rounds)
         if last == 0:
             raise ValueError(f"--target-epsilon {dp.target_epsilon:g}: even one round with "
                              f"noise {dp.noise:g} spends more (epsilon "
-                             f"{epsilon(dp.noise, 1, dp.delta, dp.sampling_rate):.3g} at delta "
+                             f"{epsilon(dp.noise, 1, dp.delta):.3g} at delta "
                              f"{dp.delta:g}); raise the noise or the budget")
         if rounds is None or last < rounds:
             log.warning("--target-epsilon %g: the run stops after round %d, the last within "
                         "budget (epsilon %.4g at delta %g; round %d would reach %.4g)",
                         dp.target_epsilon, last,
-                        epsilon(dp.noise, last, dp.delta, dp.sampling_rate), dp.delta, last + 1,
-                        epsilon(dp.noise, last + 1, dp.delta, dp.sampling_rate))
+                        epsilon(dp.noise, last, dp.delta), dp.delta, last + 1,
+                        epsilon(dp.noise, last + 1, dp.delta))
             rounds = last
     return strat, adm, rounds
+
+
+def expected_count(workers: int, sample: int | None, fraction: float | None) -> int:
+    """n_fixed for a TCP chief: ``sample`` (K) under ``--sample K``, round(F N) under
+    ``--fraction F`` (Poisson or not: its expectation), else ``workers``."""
+    if sample:
+        return int(sample)
+    if fraction:
+        return max(1, round(fraction * workers))
+    return int(workers)

@@ -31,8 +31,10 @@ class DPConfig:
         C, the bound on the L2 norm of each update's change from the global model (with
         ``adaptive``, the initial bound).
     noise : float
-        z, the noise multiplier: the chief adds Gaussian noise of std ``z * C / n`` to the
-        mean of n clipped updates (for ``local_dp``: each worker adds std ``z * C`` to its own).
+        z, the noise multiplier: the chief adds Gaussian noise of std ``z * C`` to the SUM of
+        the round's clipped updates and divides by the fixed, public expected count n (add/remove
+        adjacency, McMahan et al. 2018), so std ``z * C / n`` on the mean however many updates
+        came in (for ``local_dp``: each worker adds std ``z * C`` to its own).
         0: clipping only, no guarantee (epsilon is infinite).
     delta : float
         The delta the accountant reports epsilon for (below 1 / the number of workers).
@@ -49,9 +51,6 @@ class DPConfig:
         sigma_b, the std of the noise on the clipped count (adaptive); must exceed noise / 2.
     target_epsilon : float or None
         Stop the run at the last round whose epsilon is within this budget.
-    sampling_rate : float
-        q, the fraction of workers in a round, for the accountant (1.0: every worker, every
-        round; client sampling would lower it).
     seed : int or None
         Seed of the noise generator (tests); None: 128 bits from ``secrets`` (os.urandom).
     """
@@ -65,7 +64,6 @@ class DPConfig:
     clip_lr: float = 0.2
     count_noise: float | None = None
     target_epsilon: float | None = None
-    sampling_rate: float = 1.0
     seed: int | None = None
 
     def __post_init__(self) -> None:
@@ -77,8 +75,6 @@ class DPConfig:
             raise ValueError(f"dp: delta must be a number in (0, 1), not {self.delta!r}")
         if self.where not in WHERE:
             raise ValueError(f"dp: where must be one of {', '.join(WHERE)}, not {self.where!r}")
-        if not (_positive(self.sampling_rate) and self.sampling_rate <= 1):
-            raise ValueError(f"dp: sampling_rate must be in (0, 1], not {self.sampling_rate!r}")
         if self.target_epsilon is not None and not _positive(self.target_epsilon):
             raise ValueError(f"dp: target_epsilon must be a positive number, not "
                              f"{self.target_epsilon!r}")

@@ -12,12 +12,15 @@ in-process workers and MPI rank 0's combined update all end in ``Chief.update`` 
   ``clip`` mode): every update is clipped to C there, before it reaches ``add``, whoever sent
   it, and the policy weighs every update the same (``uniform_weights``: one per worker, the
   sample counts ignored; a combined MPI update weighs the workers it stands for). So ``add``
-  sums clipped deltas with weight 1 each, and the round's total weight is n, the workers;
-* ``result`` takes their mean, adds N(0, (z C / n)^2) to every floating-point coordinate, and
-  hands the noised mean to the inner rule (FedAvg, or a server optimizer: FedAvgM, FedAdam,
+  sums clipped updates with weight 1 each, and the round's total weight is n, the updates;
+* ``result`` adds N(0, (z C)^2) to every floating-point coordinate of the SUM of the clipped
+  deltas and divides by n_fixed, the fixed public expected count (add/remove adjacency, McMahan
+  et al.'s fixed-denominator estimator; integer tensors keep the global's values), and hands
+  the noised model to the inner rule (FedAvg, or a server optimizer: FedAvgM, FedAdam,
   which is post-processing and keeps the guarantee) as the round's one update;
 * with ``adaptive``, the bound follows the ``quantile`` of the update norms: b = (sum of
-  [norm_i <= C] + N(0, count_noise^2)) / n, C <- C exp(-clip_lr (b - quantile)); the norms
+  ([norm_i <= C] - 1/2) + N(0, count_noise^2)) / n_fixed + 1/2,
+  C <- C exp(-clip_lr (b - quantile)); the norms
   are the admission's record of the round (norms before clipping).
 
 epsilon for the configured delta after each round comes from ``privacy.accountant``; the
@@ -59,12 +62,16 @@ class DPFedAvg:
         clip C, noise multiplier z, delta, adaptive clipping, seed.
     inner : str or Strategy
         What the noised mean becomes: ``fedavg`` (the default) is the noised mean itself.
+    expected : int or None
+        n_fixed, the configured number of updates a round (``dp_chief`` sets it).
     """
 
     needs_all_updates = False
 
-    def __init__(self, config: DPConfig, inner: str | Strategy = "fedavg") -> None:
+    def __init__(self, config: DPConfig, inner: str | Strategy = "fedavg", *,
+                 expected: int | None = None) -> None:
         self.config = config
+        self.expected = expected  # n_fixed: the fixed, public denominator (see result)
         self.inner = make_strategy(inner)
         if getattr(self.inner, "needs_all_updates", False):
             raise ValueError(f"dp: the {self.inner.name} strategy needs every update, but "
@@ -114,39 +121,65 @@ class DPFedAvg:
         return self._mean.add(update, weight)
 
     def result(self) -> list[np.ndarray]:
-        n = self._mean.weight  # workers (uniform weights)
+        """The fixed-denominator estimator of McMahan et al. 2018: global + (sum of the round's
+        clipped deltas + N(0, (z C)^2)) / n_fixed, n_fixed the public expected count
+        (``expected``). Under add/remove adjacency one worker changes the sum by at most C, so
+        the noise hides it; a round with fewer updates is scaled down by n / n_fixed, the price
+        of a denominator that does not depend on who took part."""
+        n = self._mean.weight  # the updates (uniform weights: 1 each)
+        m = self.fixed_count
         glob = self._mean.global_arrays
-        mean = self._mean.mean()
+        mean = self._mean.mean() if n > 0 else [np.array(g) for g in glob]
         c, z = self.clip, self.config.model_noise
-        std = z * c / n if n > 0 else 0.0
+        sum_std = z * c  # on the sum: the sensitivity C times the multiplier
+        std = sum_std / m  # on the mean
         noise: list[np.ndarray] = []
-        if std > 0:
-            for i, m in enumerate(mean):
-                if not np.issubdtype(m.dtype, np.floating):
-                    continue  # step counters are no one's data
-                draw = self._rng.normal(0.0, std, m.shape)
+        out: list[np.ndarray] = []
+        for i, (avg, g) in enumerate(zip(mean, glob)):
+            if not np.issubdtype(np.asarray(g).dtype, np.floating):
+                # Integer tensors (step counters) carry no noise, so they are not released:
+                # the global's stay as they were (said once, at the first round).
+                out.append(np.array(g))
+                continue
+            total = (avg.astype(np.float64) - g) * n  # the sum of the clipped deltas
+            if sum_std > 0:
+                draw = self._rng.normal(0.0, sum_std, g.shape)
                 if self.keep_noise:
-                    noise.append(draw)
-                mean[i] = np.asarray(m + draw.astype(m.dtype))
+                    noise.append(draw / m)  # as it lands on the mean
+                total += draw
+            out.append(np.asarray(g + total / m).astype(np.asarray(g).dtype))
+        if self.rounds == 0 and len(out) != sum(np.issubdtype(np.asarray(g).dtype, np.floating)
+                                                for g in glob):
+            log.info("dp: the model's integer tensors stay as the initial model has them: "
+                     "updates to them are ignored (they would be released without noise)")
         self.last_noise, self.last_noise_std = noise, std
         self.rounds += 1
-        self.epsilon = epsilon(self.config.noise, self.rounds, self.config.delta,
-                               self.config.sampling_rate) if self.config.noise > 0 else math.inf
+        self.epsilon = (epsilon(self.config.noise, self.rounds, self.config.delta)
+                        if self.config.noise > 0 else math.inf)  # q = 1: no amplification
         if self.config.adaptive:
-            self._adapt(n)
+            self._adapt(m)
         self.inner.begin_round(glob)
-        self.inner.add(mean, 1.0)
+        self.inner.add(out, 1.0)
         return self.inner.result()
 
-    def _adapt(self, n: float) -> None:
+    @property
+    def fixed_count(self) -> float:
+        """n_fixed, the public denominator: the configured workers a round (set by
+        ``privacy.chief.dp_chief``, or the MPI chief from its training ranks)."""
+        if self.expected is None or self.expected < 1:
+            raise ValueError("dp: DPFedAvg needs the expected number of updates a round "
+                             "(expected=), the fixed denominator of its noised mean")
+        return float(self.expected)
+
+    def _adapt(self, m: float) -> None:
         """Andrew et al. 2021, Algorithm 1: the geometric update of C from the noised fraction
-        of this round's updates that were within it."""
+        of this round's updates within it. Each bit is centred, b_i - 1/2, so that adding or
+        removing one worker moves the sum by at most 1/2 (the sensitivity the budget split
+        ``DPConfig.model_noise`` assumes); the noised sum is divided by the same fixed m."""
         norms = list(getattr(self._admission, "norms", []) or [])
-        if not norms or n <= 0:
-            return
-        within = sum(1.0 for x in norms if x <= self.clip)
+        centred = sum((1.0 if x <= self.clip else 0.0) - 0.5 for x in norms)
         sigma_b = self.config.count_noise or 0.0
-        b = (within + (self._rng.normal(0.0, sigma_b) if sigma_b > 0 else 0.0)) / n
+        b = (centred + (self._rng.normal(0.0, sigma_b) if sigma_b > 0 else 0.0)) / m + 0.5
         self.clip = float(self.clip * math.exp(-self.config.clip_lr * (b - self.config.quantile)))
 
     def round_record(self) -> dict[str, Any]:

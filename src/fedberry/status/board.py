@@ -82,8 +82,12 @@ class StatusBoard:
 
     def __init__(self, rounds: int | None = None, start_round: int = 0, workers: int = 1, *,
                  max_workers: int = MAX_WORKERS, max_events: int = MAX_EVENTS,
-                 max_history: int = MAX_HISTORY, clock: Callable[[], float] = time.time) -> None:
+                 max_history: int = MAX_HISTORY, clock: Callable[[], float] = time.time,
+                 private: bool = False) -> None:
         self._lock = threading.Lock()
+        # Under --dp the per-worker metrics (train loss) are not covered by the guarantee:
+        # the board does not show them (docs/privacy.md).
+        self.private = private
         self.rounds = rounds
         self.workers_needed = workers
         self.started = clock()
@@ -132,7 +136,8 @@ class StatusBoard:
             row = self._workers.get(e.worker_id)
             if row is not None:
                 row.last_seen, row.codec = e.at, e.codec
-                row.metrics = {k: _json_number(v) for k, v in e.metrics.items()}
+                if not self.private:
+                    row.metrics = {k: _json_number(v) for k, v in e.metrics.items()}
             if e.round > self._update_round:
                 self._update_round, self._updates_in = e.round, set()
             if e.round == self._update_round:

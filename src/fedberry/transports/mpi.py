@@ -74,7 +74,7 @@ from typing import Any
 
 import numpy as np
 
-from fedberry.chief.admission import AdmissionPolicy
+from fedberry.chief.admission import AdmissionPolicy, update_weight
 from fedberry.chief.state import non_finite
 from fedberry.errors import FederationError, ModelMismatchError
 from fedberry.protocol.frames import (
@@ -260,7 +260,7 @@ class MpiSession:
             raise ValueError(f"num_samples must be a positive number, got {num_samples!r}")
         loss = metrics.get("loss")
         # Under DP every rank weighs the same (DP-FedAvg's fixed-weight mean; docs/privacy.md).
-        return self._round(arrays, 1.0 if self.dp_clip is not None else float(num_samples),
+        return self._round(arrays, update_weight(num_samples, uniform=self.dp_clip is not None),
                            float(loss) if isinstance(loss, (int, float)) else None)
 
     def close(self) -> None:
@@ -304,7 +304,13 @@ class MpiSession:
         chief = self._chief
         if chief is not None:  # only rank 0 knows the round limit: it flags the last round
             src[n + T_LAST] = 1.0 if chief.is_last_round() else 0.0
-        self._allreduce(send, buf)
+        if self.dp_clip is not None:
+            # Under DP no training rank may see the un-noised sum (minus its own update it
+            # would be the others'): Reduce to rank 0 only, which noises it (DPFedAvg) and
+            # Bcasts the noised model below (local_mean is False for DPFedAvg).
+            self._reduce(send, buf)
+        else:
+            self._allreduce(send, buf)
         trailer = buf[n:]
         updates = int(round(float(trailer[T_UPDATES])))
         closed = updates > 0
@@ -342,6 +348,19 @@ class MpiSession:
         self.bytes_received += others * recv.nbytes
         self._wait(lambda: self.comm.Allreduce(send, recv, op=self.MPI.SUM),
                    lambda: self.comm.Iallreduce(send, recv, op=self.MPI.SUM), "Allreduce")
+
+    def _reduce(self, send: Any, recv: np.ndarray) -> None:
+        """The SUM on rank 0 only (under DP). Star model: each other rank sends its buffer once,
+        rank 0 receives one per other rank; nothing comes back but rank 0's Bcast."""
+        if self.rank == 0:
+            self.bytes_received += (self.size - 1) * recv.nbytes
+            self._wait(lambda: self.comm.Reduce(send, recv, op=self.MPI.SUM, root=0),
+                       lambda: self.comm.Ireduce(send, recv, op=self.MPI.SUM, root=0), "Reduce")
+            return
+        src = recv if send is self.MPI.IN_PLACE else send  # IN_PLACE is the root's alone
+        self.bytes_sent += recv.nbytes
+        self._wait(lambda: self.comm.Reduce(src, None, op=self.MPI.SUM, root=0),
+                   lambda: self.comm.Ireduce(src, None, op=self.MPI.SUM, root=0), "Reduce")
 
     def _bcast(self, buf: np.ndarray, root: int) -> None:
         if self.rank == root:

@@ -194,6 +194,9 @@ class RankZeroChief:
             tmp = path.with_name(path.name + ".tmp")
             tmp.write_text(json.dumps(table))
             os.replace(tmp, path)  # a launcher polling for it never reads half a file
+        if isinstance(self.server.chief.strategy, DPFedAvg):
+            # n_fixed: the training ranks, public from join on (a rank that leaves adds 0).
+            self.server.chief.strategy.expected = trainers
         self._count_bytes(0)
         needs_init = self.chief.global_arrays is None
         self.server.attach(self.peer, spec_of(model), True)
