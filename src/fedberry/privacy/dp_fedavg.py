@@ -87,6 +87,7 @@ class DPFedAvg:
         self._mean = RunningMean()
         self._admission: Any = None
         self._cap: float | None = None
+        self._said_integers = False
 
     # -- wiring ------------------------------------------------------------------------------
     @property
@@ -135,11 +136,13 @@ class DPFedAvg:
         std = sum_std / m  # on the mean
         noise: list[np.ndarray] = []
         out: list[np.ndarray] = []
-        for i, (avg, g) in enumerate(zip(mean, glob)):
+        kept = False
+        for avg, g in zip(mean, glob):
             if not np.issubdtype(np.asarray(g).dtype, np.floating):
                 # Integer tensors (step counters) carry no noise, so they are not released:
                 # the global's stay as they were (said once, at the first round).
                 out.append(np.array(g))
+                kept = True
                 continue
             total = (avg.astype(np.float64) - g) * n  # the sum of the clipped deltas
             if sum_std > 0:
@@ -148,9 +151,9 @@ class DPFedAvg:
                     noise.append(draw / m)  # as it lands on the mean
                 total += draw
             out.append(np.asarray(g + total / m).astype(np.asarray(g).dtype))
-        if self.rounds == 0 and len(out) != sum(np.issubdtype(np.asarray(g).dtype, np.floating)
-                                                for g in glob):
-            log.info("dp: the model's integer tensors stay as the initial model has them: "
+        if kept and not self._said_integers:
+            self._said_integers = True
+            log.warning("dp: the model's integer tensors stay as the initial model has them: "
                      "updates to them are ignored (they would be released without noise)")
         self.last_noise, self.last_noise_std = noise, std
         self.rounds += 1
