@@ -397,3 +397,49 @@ def test_a_tighter_operator_bound_stays_under_dp():
     finally:
         handle.stop()
     assert spy.folded and max(spy.folded) <= 0.2 * (1 + 1e-6)
+
+
+def test_local_dp_sends_no_sample_count_metrics_or_evaluations(caplog):
+    """Under local DP only the update is noised: the worker's sample count, its train loss and
+    its held-out results would reach the chief in the clear, so none of them is sent."""
+    pytest.importorskip("dp_accounting")
+    caplog.set_level("INFO", logger="fedberry.worker")
+    asked: list[int] = []
+
+    def evaluate(arrays):
+        asked.append(1)
+        return 500, {"accuracy": 0.9}
+
+    handle = fedberry.serve("127.0.0.1:0", workers=1, rounds=2, insecure=True,
+                            initial=_initial(), evaluate_every=1, finish_grace=1.0)
+    try:
+        w = fedberry.Worker(handle.url, worker_id="ldp", evaluate=evaluate, connect_timeout=30,
+                            local_dp=DPConfig(clip=0.5, noise=1.0, seed=2))
+        model = w.join([np.zeros(s, np.float32) for s in SHAPES])
+        while not w.done:
+            model = w.sync(_step(0, 0, model), 777, {"loss": 0.123})
+        w.close()
+        assert handle.wait(20)
+        metrics = handle.metrics
+    finally:
+        handle.stop()
+    assert [m["num_samples"] for m in metrics] == [1.0, 1.0]  # not 777
+    assert all(m.get("train_loss") is None for m in metrics)
+    assert not asked and all("federated_eval" not in m for m in metrics)
+    assert caplog.text.count("under local DP it sends weight 1") == 1
+
+
+def test_the_fixed_denominator_is_the_configured_count_a_round():
+    from fedberry.privacy.chief import expected_count
+
+    assert expected_count(50, None, None) == 50
+    assert expected_count(50, 8, None) == 8
+    assert expected_count(50, None, 0.1) == 5
+    assert expected_count(3, None, 0.01) == 1
+    pytest.importorskip("dp_accounting")
+    handle = fedberry.serve(None, workers=20, rounds=1, sample=4,
+                            dp=DPConfig(clip=1.0, noise=1.0))
+    try:
+        assert handle.chief.strategy.expected == 4
+    finally:
+        handle.stop()

@@ -236,3 +236,14 @@ def test_nonfinite_numbers_reach_the_page_as_null() -> None:
     text = json.dumps(board.snapshot(), allow_nan=False)  # strict JSON, as JSON.parse wants
     s = json.loads(text)
     assert s["history"][0]["test_loss"] is None and s["workers"][0]["metrics"] == {"loss": None}
+
+
+def test_under_dp_the_board_shows_no_per_worker_metrics() -> None:
+    """A worker's train loss is not covered by DP's guarantee: a --dp chief's board drops it."""
+    from fedberry.chief.events import UpdateIn
+
+    for private, want in ((False, {"loss": 0.5}), (True, {})):
+        board = StatusBoard(rounds=3, private=private)
+        board(WorkerJoined("w1", "10.0.0.1", 0))
+        board(UpdateIn("w1", 0, 10, {"loss": 0.5}, "none"))
+        assert board.snapshot()["workers"][0]["metrics"] == want

@@ -115,7 +115,9 @@ class Worker:
                                 idle_timeout=idle_timeout, handshake_timeout=handshake_timeout,
                                 codec=codec)
         self.evaluate = evaluate
-        if evaluate is not None:
+        if evaluate is not None and self._privacy.local is not None:
+            self._quiet_once()  # not offered in AUTH either: the chief does not wait for it
+        elif evaluate is not None:
             if not hasattr(self._session, "send_eval"):
                 log.warning("worker %s: this transport does not carry evaluations (MPI); "
                             "evaluate is never called", self.worker_id)
