@@ -1,6 +1,6 @@
 """DP-FedAvg under real mpiexec: ``fedberry chief --listen mpi:// --dp ...`` as rank 0, two
 training ranks that learn C at join, clip to it and weigh the same; --target-epsilon's stop,
-the table's epsilon column and the run's privacy line."""
+the table's epsilon column and the run's privacy line; no rank sees the un-noised sum."""
 
 from __future__ import annotations
 
@@ -40,13 +40,15 @@ if rank == 0:
 import fedberry
 w = fedberry.Worker("mpi://")
 m = w.join([np.zeros(D, np.float32)])
-got = [m[0]]
+got, held = [m[0]], []
 while not w.done:
     d = np.zeros(D, np.float32)
     d[(rank - 1) * (D // 2):rank * (D // 2)] = 100.0  # far beyond C: clipped to 0.5 by this rank
     m = w.sync([m[0] + d], 5.0 if rank == 1 else 120.0)  # the sample counts must not count
     got.append(m[0])
+    held.append(w.session._sendbuf[:D].copy())  # what the collective left in this rank's buffer
 np.save(f"{out}/rank{rank}.npy", np.stack(got))
+np.save(f"{out}/held{rank}.npy", np.stack(held))
 open(f"{out}/clip{rank}.txt", "w").write(repr(w.clip))
 """
 
@@ -88,3 +90,18 @@ def test_dp_under_mpiexec_clips_on_the_ranks_weighs_them_alike_and_stops_within_
     se = std / math.sqrt(2 * noise.size)  # 600 draws: the sample std's standard error
     assert abs(noise.std(ddof=1) - std) < 5 * se
     assert abs(noise.mean()) < 5 * std / math.sqrt(noise.size)
+
+    # No rank sees the un-noised sum (an Allreduce gave it to every rank, and sum minus its own
+    # update is the other rank's exact update): after the Reduce to rank 0, rank r's buffer
+    # holds only its own clipped model, and all it receives is rank 0's noised global.
+    step = c / math.sqrt(D // 2)
+    for r in (1, 2):
+        held = np.load(tmp_path / f"held{r}.npy")
+        own = slice((r - 1) * (D // 2), r * (D // 2))
+        other = slice((2 - r) * (D // 2), (3 - r) * (D // 2))
+        np.testing.assert_array_equal(held[:, other], models[:-1, other])  # moved by 0
+        np.testing.assert_allclose(held[:, own] - models[:-1, own], step, rtol=1e-3)
+        # The noised global minus its own contribution (n_fixed = 2): the other's change
+        # plus noise of std z C, nowhere near its exact change.
+        rest = 2 * np.diff(models, axis=0) - (held - models[:-1])
+        assert np.abs(rest[:, other] - step).std() > 0.5 * z * c
