@@ -178,11 +178,13 @@ class DPFedAvg:
         """Andrew et al. 2021, Algorithm 1: the geometric update of C from the noised fraction
         of this round's updates within it. Each bit is centred, b_i - 1/2, so that adding or
         removing one worker moves the sum by at most 1/2 (the sensitivity the budget split
-        ``DPConfig.model_noise`` assumes); the noised sum is divided by the same fixed m."""
+        ``DPConfig.model_noise`` assumes); the noised sum is divided by the same fixed m
+        (as TF Privacy's ``QuantileEstimatorQuery`` does: sum_stddev sigma_b, clip 0.5)."""
         norms = list(getattr(self._admission, "norms", []) or [])
         centred = sum((1.0 if x <= self.clip else 0.0) - 0.5 for x in norms)
         sigma_b = self.config.count_noise or 0.0
         b = (centred + (self._rng.normal(0.0, sigma_b) if sigma_b > 0 else 0.0)) / m + 0.5
+        b = min(1.0, max(0.0, b))  # a fraction (post-processing), as TF Privacy's estimator
         self.clip = float(self.clip * math.exp(-self.config.clip_lr * (b - self.config.quantile)))
 
     def round_record(self) -> dict[str, Any]:
