@@ -120,7 +120,8 @@ class ChiefHandle:
 
     @property
     def url(self) -> str:
-        assert self.address is not None, "this chief does not listen on TCP"
+        if self.address is None:  # AttributeError: getattr(handle, "url", handle) works
+            raise AttributeError("this chief does not listen on TCP")
         return f"tcp://{self.address[0]}:{self.address[1]}"
 
     @property
