@@ -154,7 +154,7 @@ class DPFedAvg:
         if kept and not self._said_integers:
             self._said_integers = True
             log.warning("dp: the model's integer tensors stay as the initial model has them: "
-                     "updates to them are ignored (they would be released without noise)")
+                        "updates to them are ignored (they would be released without noise)")
         self.last_noise, self.last_noise_std = noise, std
         self.rounds += 1
         self.epsilon = (epsilon(self.config.noise, self.rounds, self.config.delta)
