@@ -255,7 +255,8 @@ class FederatedOptimizer(torch.optim.Optimizer):
         """
         if self.joined:
             return
-        out = self.worker.join(get_arrays(self.model))
+        # The state_dict keys name the tensors of the chief's OUT/model.safetensors.
+        out = self.worker.join(get_arrays(self.model), names=array_names(self.model))
         set_arrays(self.model, out)
         if self.worker.done:
             self._final = out

@@ -50,6 +50,12 @@ MAX_NUM_SAMPLES = float(2 ** 53)
 MAX_ERROR_CODE = 64  # characters: codes are short words ("auth_failed")
 MAX_ERROR_MESSAGE = 8192  # characters of an ERROR's sentence kept (ours are under 500)
 DIGEST_CHARS = 64  # a SHA-256 in hex (codecs.digest)
+# The tensors' names a worker's AUTH may carry (torch state_dict keys, Keras weight paths), used
+# only to name the tensors of the chief's model file. A torch key is rarely past 100 characters;
+# all of them together stay far inside the pre-authentication metadata (PREAUTH_META_BYTES),
+# next to the spec: a model whose names are longer is sent without them.
+MAX_TENSOR_NAME = 256  # characters
+MAX_TENSOR_NAMES_CHARS = 64 << 10  # characters of all the names together
 
 # -- connections (the TCP chief's defaults; ``ListenOptions`` takes them) --------------------
 # Seconds a frame of tensors may take to arrive once the chief has let it into its receive

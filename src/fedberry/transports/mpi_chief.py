@@ -24,6 +24,7 @@ import numpy as np
 
 from fedberry.chief.admission import AdmissionPolicy
 from fedberry.chief.build import OutputOptions, RoundPolicy, build_chief_server
+from fedberry.chief.model_file import DEFAULT_SAVE_EVERY
 from fedberry.chief.runtime import ChiefServer, Evaluate
 from fedberry.chief.scheduler import BlockingScheduler
 from fedberry.errors import FederationError
@@ -56,17 +57,21 @@ class MpiChiefOptions:
     on_checkpoint_error: str = "stop"
     # Which updates are admitted (sample bound, update norm): the TCP chief's policy.
     admission: AdmissionPolicy | None = None
+    # Rounds between the model files written to out/model.safetensors (0: only at the end).
+    save_every: int = DEFAULT_SAVE_EVERY
 
     @classmethod
     def from_address(cls, address: str) -> MpiChiefOptions:
         """``mpi://?rounds=50&out=runs/x&strategy=fedavgm&checkpoint=ck.npz`` (all optional;
-        also ``on_checkpoint_error=warn``)."""
+        also ``on_checkpoint_error=warn`` and ``save_every=N``)."""
         q = query(address)
         rounds = q.get("rounds")
         return cls(rounds=int(rounds) if rounds else None, strategy=q.get("strategy", "fedavg"),
                    out_dir=q.get("out"), checkpoint=q.get("checkpoint"),
                    resume=q.get("resume", "") in ("1", "true", "yes"),
-                   on_checkpoint_error=q.get("on_checkpoint_error", "stop"))
+                   on_checkpoint_error=q.get("on_checkpoint_error", "stop"),
+                   save_every=int(q["save_every"]) if q.get("save_every") else
+                   DEFAULT_SAVE_EVERY)
 
 
 _configured: MpiChiefOptions | None = None
@@ -84,8 +89,8 @@ def configure_chief(**options: Any) -> None:
 # What an mpi:// address may carry: the chief's options (MpiChiefOptions.from_address) and the
 # session's collective timeout (MpiSession). A typo (``?round=3``) must not pass silently: it
 # once ran 1,691 rounds instead of 3.
-ADDRESS_KEYS = ("checkpoint", "on_checkpoint_error", "out", "resume", "rounds", "strategy",
-                "timeout")
+ADDRESS_KEYS = ("checkpoint", "on_checkpoint_error", "out", "resume", "rounds", "save_every",
+                "strategy", "timeout")
 
 
 def query(address: str) -> dict[str, str]:
@@ -150,7 +155,8 @@ class RankZeroChief:
         self.server = build_chief_server(
             RoundPolicy(workers=1, rounds=opts.rounds),
             OutputOptions(opts.out_dir, opts.checkpoint, opts.resume, dict(opts.run_config),
-                          on_checkpoint_error=opts.on_checkpoint_error),
+                          on_checkpoint_error=opts.on_checkpoint_error,
+                          save_every=opts.save_every),
             strategy=strategy, initial=opts.initial, evaluate=opts.evaluate,
             on_round=opts.on_round, scheduler=self.scheduler, admission=opts.admission)
         self.chief = self.server.chief
@@ -181,7 +187,8 @@ class RankZeroChief:
             os.replace(tmp, path)  # a launcher polling for it never reads half a file
         self._count_bytes(0)
         needs_init = self.chief.global_arrays is None
-        self.server.attach(self.peer, spec_of(model), True)
+        names = next((i["names"] for i in infos if i.get("names")), None)
+        self.server.attach(self.peer, spec_of(model), True, names=names)
         if needs_init:
             self.server.on_init(self.peer, [a.copy() for a in model])
         self._after()

@@ -452,7 +452,8 @@ class _ChiefConnection(_FrameWriter, asyncio.BufferedProtocol):
     def _join(self) -> None:
         self._joined = True
         self._expect_model()
-        self.server.attach(self, self.conn.announced, self.conn.want_model)
+        self.server.attach(self, self.conn.announced, self.conn.want_model,
+                           names=self.conn.names)
 
     # -- a worker id held by another connection ----------------------------------------------
     # Without client certificates the id is the worker's word, and a second connection with it
