@@ -227,3 +227,32 @@ def test_export_defaults_beside_the_checkpoint_and_refuses_what_is_not_one(tmp_p
     (tmp_path / "other.npz").write_bytes(b"not a zip")
     with pytest.raises(ValueError, match="other.npz is not a readable fedberry checkpoint"):
         export_checkpoint(tmp_path / "other.npz")
+
+
+def test_keras_load_weights_matches_by_path_else_by_the_files_order(tmp_path, monkeypatch):
+    monkeypatch.setenv("KERAS_BACKEND", "torch")
+    pytest.importorskip("keras", reason="the keras extra")
+    pytest.importorskip("torch", reason="the torch extra (the Keras backend here)")
+    import keras
+
+    import fedberry.keras
+    from fedberry.integrations.keras import get_arrays, weight_names
+
+    def build(seed):
+        init = keras.initializers.GlorotUniform(seed)
+        return keras.Sequential([keras.Input((5,)), keras.layers.Dense(4, kernel_initializer=init),
+                                 keras.layers.BatchNormalization(), keras.layers.Dense(2)])
+
+    src, dst = build(1), build(2)
+    arrays = [a + i for i, a in enumerate(get_arrays(src))]
+    named, unnamed = tmp_path / "named.safetensors", tmp_path / "unnamed.safetensors"
+    # Reversed in the file: matching by path must undo it.
+    model_file.save(named, arrays[::-1], weight_names(dst)[::-1])
+    model_file.save(unnamed, arrays)
+    for path in (named, unnamed):
+        fedberry.keras.load_weights(dst, path)
+        for a, b in zip(get_arrays(dst), arrays):
+            np.testing.assert_array_equal(a, b)
+    model_file.save(unnamed, arrays[:-1])
+    with pytest.raises(ValueError, match="holds 7 tensors, the model has 8"):
+        fedberry.keras.load_weights(dst, unnamed)
