@@ -11,15 +11,22 @@ if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
 FEDBERRY_VENV=0
 source scripts/python.sh
 
-APT="dataset-fashion-mnist iproute2"
+APT="dataset-fashion-mnist iproute2 chromium"  # chromium: the status page's browser test
 if [ "$FEDBERRY_VENV" = 1 ] && ! python3 -c 'import ensurepip' 2>/dev/null; then
   APT="$APT python3-venv"  # Debian's python3 makes venvs only with this package
 fi
 if [ ! -f /usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz ] || ! command -v tc >/dev/null \
-    || [[ "$APT" == *python3-venv* ]]; then
+    || ! command -v chromium >/dev/null || [[ "$APT" == *python3-venv* ]]; then
   $SUDO apt-get update -qq
   # shellcheck disable=SC2086
   $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $APT >/dev/null
+fi
+# The aarch64 test (tests/test_aarch64.py) runs a worker as on a Raspberry Pi 4 under qemu-user
+# in a debootstrapped arm64 root: best effort, the test skips with a reason where they are missing.
+if ! command -v qemu-aarch64-static >/dev/null || ! command -v debootstrap >/dev/null; then
+  { $SUDO apt-get update -qq \
+      && $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq qemu-user-static debootstrap \
+      >/dev/null; } || echo "qemu-user-static / debootstrap not installed: tests/test_aarch64.py will skip"
 fi
 if [ "$FEDBERRY_VENV" = 1 ] && [ ! -x "$PY" ]; then
   echo "python3 is externally managed (PEP 668): installing into $PWD/.venv"
@@ -35,7 +42,7 @@ case "$(uname -m)" in
   *) TORCH="torch==2.13.0" ;;
 esac
 "$PY" -m pip install -q --disable-pip-version-check "$TORCH"
-"$PY" -m pip install -q --disable-pip-version-check -e ".[torch,keras,lightning,mpi,tls,bench,test]"
+"$PY" -m pip install -q --disable-pip-version-check -e ".[torch,keras,lightning,mpi,tls,bench,status,config,dp,test,browser-test]"
 # JAX (CPU, ~5 s from PyPI) so that the Keras callback is also tested on a second backend.
 "$PY" -m pip install -q --disable-pip-version-check jax
 echo "fedberry set up: $("$PY" -c 'import fedberry, torch; print("fedberry", fedberry.__version__, "torch", torch.__version__)')"

@@ -13,8 +13,8 @@
 # version found in neither is skipped with a line saying so, so that this runs anywhere.
 # Budget: the whole CI (scripts/test.sh) must stay under ~20 min on 2 cores. Measured on the
 # 2-core CI machine shared with other jobs: the core suite took 125-147 s per Python, 45 s of it
-# tests/test_fuzz_chief.py's 10k bad frames at a live chief and 18 s the kernel-shaping slow-link
-# tests; those are marked `heavy` and left out here (the main run has them: they exercise
+# tests/test_fuzz_chief.py's 10k bad frames at a live chief, 18 s the kernel-shaping slow-link
+# tests and 45 s tests/test_connection_bounds.py's timers and descriptor floods; those are marked `heavy` and left out here (the main run has them: they exercise
 # processes and the kernel, not what differs between Pythons), which brings a version to
 # 50-70 s (all four: under 5 min). Building a venv costs about a minute the first time.
 # FEDBERRY_PYTHONS_ALL=1 runs everything on every version.

@@ -307,6 +307,7 @@ TCP_WORKER = textwrap.dedent("""
 TCP_ROUNDS = 10
 
 
+@pytest.mark.heavy  # three processes per policy; the main run has it
 @pytest.mark.parametrize("policy", ["stop", "warn"])
 def test_tcp_chief_and_two_worker_processes(tmp_path: Path, policy: str) -> None:
     ckdir = tmp_path / "ck"

@@ -31,6 +31,10 @@ from fedberry.serve import ChiefHandle, serve
 from fedberry.transports.tcp import ListenOptions, TcpChief
 from fedberry.transports.tcp.chief import RefusalLog
 
+# Timer- and descriptor-bound (about 45 s of waiting per run), the same on every Python: the
+# main run has them, scripts/test-pythons.sh leaves them out.
+pytestmark = pytest.mark.heavy
+
 MODEL = [np.zeros((64, 32), np.float32), np.zeros(32, np.float32)]
 MODEL_BYTES = sum(a.nbytes for a in MODEL)
 SPEC = spec_to_json(spec_of(MODEL))

@@ -8,8 +8,9 @@ from fedberry.errors import (  # noqa: E402  (after __version__, which cli reads
     FederationError,
     ModelMismatchError,
 )
+from fedberry.privacy import DPConfig
 from fedberry.serve import ChiefHandle, run_chief, serve
 from fedberry.worker import Worker
 
-__all__ = ["AuthenticationError", "ChiefHandle", "ChiefUnreachable", "FederationError",
+__all__ = ["AuthenticationError", "ChiefHandle", "ChiefUnreachable", "DPConfig", "FederationError",
            "ModelMismatchError", "Worker", "run_chief", "serve"]

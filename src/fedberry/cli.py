@@ -4,37 +4,96 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import fields
+from dataclasses import fields, replace
 from pathlib import Path
+from typing import Any
 
 from fedberry import __version__
 from fedberry.chief.admission import DEFAULT_MAX_SAMPLES, NORM_MODES, AdmissionPolicy
 from fedberry.chief.model_file import DEFAULT_SAVE_EVERY, FILE_NAME
+from fedberry.chief.round_config import parse_schedule
+from fedberry.cli_config import add_config_options, parse_args
 from fedberry.codecs import DOWNLINK_CODECS, UPLINK_CODECS
 from fedberry.demo.torch_demo import TrainConfig
 from fedberry.errors import FederationError
+from fedberry.privacy import DPConfig, parse_dp
+from fedberry.privacy.accountant import epsilon
 from fedberry.strategies import STRATEGIES, parse
+
+log = logging.getLogger("fedberry.cli")
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` with each option's default, except where there is none to show (None, off)
+    or the help text already says what the default means."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        default = action.default
+        if (default is None or default is False or default is argparse.SUPPRESS
+                or default == [] or "default" in text):
+            return text
+        return super()._get_help_string(action)
+
+
+def _common_options(top: bool) -> argparse.ArgumentParser:
+    """-v/-q/--log-file, for the top-level parser (``top``) and every subcommand (they are
+    given before the subcommand or after it). The subcommand's have other dests and no
+    defaults, so that a subparser does not overwrite what was given before it; ``main`` adds
+    the two up."""
+    suffix, default = ("0", 0) if top else ("", argparse.SUPPRESS)
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("-v", "--verbose", action="count", dest=f"verbose{suffix}",
+                   default=default,
+                   help="more log lines: -v debug lines from fedberry and an error's traceback, "
+                        "-vv debug lines from every library (default: INFO, what is happening)")
+    p.add_argument("-q", "--quiet", action="count", dest=f"quiet{suffix}", default=default,
+                   help="fewer log lines: -q warnings and errors only, -qq errors only")
+    p.add_argument("--log-file", metavar="PATH", dest=f"log_file{suffix}",
+                   default=None if top else argparse.SUPPRESS,
+                   help="also append the log lines to PATH (with dates)")
+    return p
+
+
+class _CommandParser(argparse.ArgumentParser):
+    """A subcommand's parser: the common options, the help formatter. Subcommands defined
+    elsewhere (certs, bench, ...) get both too, through ``add_subparsers(parser_class=)``; an
+    option of theirs with the same name as a common one takes its place (bench's --quiet)."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        # A parent of its own: "resolve" edits the parent's actions in place.
+        kwargs["parents"] = [*kwargs.get("parents", ()), _common_options(top=False)]
+        kwargs.setdefault("conflict_handler", "resolve")
+        super().__init__(**kwargs)
 
 
 def _add_train_options(p: argparse.ArgumentParser) -> None:
     d = TrainConfig()
-    p.add_argument("--model", default=d.model, choices=["mlp", "cnn"])
+    p.add_argument("--model", default=d.model, choices=["mlp", "cnn"],
+                   help="the demo's model")
     p.add_argument("--partition-scheme", default=d.partition_scheme,
                    help="iid, dirichlet:ALPHA (label skew) or shards[:K] (the FedAvg paper's)")
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--seed", type=int, default=d.seed,
+                   help="seeds the model, the partition and the batches")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="local batch size")
+    p.add_argument("--lr", type=float, default=d.lr, help="local SGD learning rate")
     p.add_argument("--sync-every", type=int, default=None,
                    help="local steps between averagings (default: one pass over local data)")
     p.add_argument("--data-dir", default=None,
                    help="Fashion-MNIST IDX files (default /usr/share/datasets/fashion-mnist, "
                         "Debian package dataset-fashion-mnist)")
-    p.add_argument("--framework", default=d.framework, choices=["torch", "keras"])
+    p.add_argument("--framework", default=d.framework, choices=["torch", "keras"],
+                   help="what the worker trains with (keras: set KERAS_BACKEND=torch or jax)")
     p.add_argument("--codec", default=d.codec, choices=list(UPLINK_CODECS),
                    help="how updates travel: none, fp16 (half the bytes) or q8 (the change since "
                         "the global model in 8 bits with error feedback: a quarter)")
@@ -64,7 +123,10 @@ def _add_chief_parser(sub: argparse._SubParsersAction) -> None:
                         "mpi:// as rank 0 of an mpiexec launch")
     p.add_argument("--workers", type=int, required=True,
                    help="workers to wait for before the first round closes")
-    p.add_argument("--rounds", type=int, default=None, help="stop after this many rounds")
+    p.add_argument("--rounds", type=int, default=None,
+                   help="stop after this many rounds (default: none, the chief runs until "
+                        "stopped: Ctrl-C or SIGTERM ends the run, telling the workers; "
+                        "--resume continues it from the checkpoint)")
     p.add_argument("--min-workers", type=int, default=1,
                    help="quorum: a round may close at its deadline with this many updates")
     p.add_argument("--round-timeout", type=float, default=None,
@@ -78,10 +140,12 @@ def _add_chief_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default="mlp", choices=["mlp", "cnn", "none"],
                    help="the chief's initial model and test-set evaluation ('none': a pure "
                         "aggregator that adopts the first worker's model and evaluates nothing)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seeds the chief's initial model")
     p.add_argument("--framework", default="torch", choices=["torch", "keras"],
                    help="the workers' framework: the model's tensor layout differs")
-    p.add_argument("--data-dir", default=None)
+    p.add_argument("--data-dir", default=None,
+                   help="Fashion-MNIST IDX files for the evaluation (default "
+                        "/usr/share/datasets/fashion-mnist)")
     p.add_argument("--out", default="runs/chief", help="metrics.jsonl and checkpoint go here")
     p.add_argument("--checkpoint", default=None, help="default: OUT/checkpoint.npz")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint")
@@ -98,15 +162,18 @@ def _add_chief_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--client-ca", help="require worker certificates signed by this CA (mTLS)")
     p.add_argument("--insecure", action="store_true",
                    help="allow plain TCP or no token on a non-loopback address")
-    p.add_argument("--max-connections", type=int, default=256)
-    p.add_argument("--idle-timeout", type=float, default=60.0)
+    p.add_argument("--max-connections", type=int, default=256,
+                   help="connections at once, handshaking or joined; more are refused")
+    p.add_argument("--idle-timeout", type=float, default=60.0, metavar="S",
+                   help="seconds of silence after which a worker is taken for lost")
     p.add_argument("--update-deadline", type=float, default=None, metavar="S",
                    help="seconds an update may take to arrive once the chief reads it; past "
                         "it the worker is dropped and the round goes on (default 600; an "
                         "update arriving below 8 KiB/s after 10 s is dropped sooner)")
-    p.add_argument("--receive-memory", type=float, default=64.0, metavar="MIB",
-                   help="MiB of updates read at once, all workers together (at least one "
-                        "update); others wait their turn in their sockets (default 64)")
+    p.add_argument("--receive-memory", type=_size_text, default="64MiB", metavar="SIZE",
+                   help="how much of the updates is read at once, all workers together (at "
+                        "least one update), with a unit: 64MiB, 1GiB (as serve()'s "
+                        "receive_memory); others wait their turn in their sockets")
     p.add_argument("--max-samples", type=float, default=DEFAULT_MAX_SAMPLES, metavar="N",
                    help="refuse updates claiming more samples than this (default 1e9, which "
                         "no real shard reaches; docs/security.md)")
@@ -117,7 +184,130 @@ def _add_chief_parser(sub: argparse._SubParsersAction) -> None:
                    help="an update beyond --max-update-norm is scaled down to it (clip) or "
                         "refused (refuse)")
     _add_downlink_option(p)
+    _add_dp_options(p)
+    add_config_options(p)  # --status, --config, --print-config (cli_config.py)
+    _add_fleet_options(p)
     p.set_defaults(func=_run_chief)
+
+
+def _size_text(text: str) -> str:
+    """``--receive-memory``: a size with a unit (``chief.buffers.parse_size``). A bare number
+    is the old spelling, MiB: still taken, with a warning when the chief starts."""
+    from fedberry.chief.buffers import parse_size
+
+    try:
+        float(text)
+        return text
+    except ValueError:
+        pass
+    try:
+        parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def _receive_memory(text: str) -> str:
+    try:
+        mib = float(text)
+    except ValueError:
+        return text
+    log.warning("--receive-memory %s: a bare number is read as MiB (the old spelling); write "
+                "the unit, --receive-memory %gMiB", text, mib)
+    return f"{mib:g}MiB"
+
+
+# -- differential privacy (docs/privacy.md) ----------------------------------------------------
+def _add_dp_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dp", type=_dp_text, default=None, metavar="K=V,...",
+                   help="differentially private FedAvg: clip=C (each update's L2 bound), "
+                        "noise=Z (multiplier), delta=D, where=worker|chief, adaptive=true, "
+                        "...; e.g. --dp clip=1.0,noise=1.1,delta=1e-5 (docs/privacy.md)")
+    p.add_argument("--target-epsilon", type=float, default=None, metavar="EPS",
+                   help="with --dp: stop at the last round whose epsilon is within EPS")
+
+
+def _dp_text(text: str) -> str:
+    """``--dp`` checked when the command line is read (unknown keys refused, listing them)."""
+    try:
+        parse_dp(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def _dp_config(args: argparse.Namespace) -> DPConfig | None:
+    """The run's DPConfig from --dp and --target-epsilon (None without --dp)."""
+    if args.dp is None:
+        if args.target_epsilon is not None:
+            raise ValueError("--target-epsilon needs --dp (the clip and noise that spend it)")
+        return None
+    dp = parse_dp(args.dp)
+    if args.target_epsilon is not None:
+        dp = replace(dp, target_epsilon=args.target_epsilon)
+    if dp.noise > 0:
+        try:
+            epsilon(dp.noise, 1, dp.delta, dp.sampling_rate)  # the accountant is there
+        except ImportError as exc:  # one sentence, not a traceback
+            raise ValueError(str(exc)) from None
+    return dp
+
+
+def _dp_summary(dp: DPConfig, records: list[dict]) -> str:
+    """The run's privacy in one line, for the end of ``fedberry chief``."""
+    last = records[-1] if records else {}
+    eps = last.get("epsilon")
+    shown = f"{eps:.4g}" if isinstance(eps, (int, float)) else "infinite (noise 0)"
+    budget = ("" if dp.target_epsilon is None else
+              f"; --target-epsilon {dp.target_epsilon:g} allowed no more rounds")
+    return (f"privacy: epsilon {shown} at delta {dp.delta:g} after {last.get('round', 0)} "
+            f"rounds (clip {dp.clip:g}, noise {dp.noise:g}){budget}")
+
+
+# -- per-round configuration, client sampling, evaluation on the workers (docs/fleet.md) -----
+def _add_fleet_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--round-config", action="append", default=[], metavar="KEY=V[@R],...",
+                   type=_round_config_text,
+                   help="sent to every worker with each round's model, e.g. lr=0.1@0,0.05@10 "
+                        "(0.1 from round 0, 0.05 from round 10); repeat for more keys; the "
+                        "torch and Keras drop-ins apply lr")
+    p.add_argument("--sample", type=int, default=None, metavar="K",
+                   help="K of the connected workers take part in each round, drawn from --seed "
+                        "and the round (reproducible); the others stay connected and idle")
+    p.add_argument("--fraction", type=float, default=None, metavar="F",
+                   help="a fraction F of the connected workers takes part in each round")
+    p.add_argument("--poisson", action="store_true",
+                   help="with --fraction: each worker takes part independently with "
+                        "probability F (the sampling a privacy accountant assumes)")
+    p.add_argument("--evaluate-every", type=int, default=None, metavar="R",
+                   help="every R rounds (and for the final model) ask the workers that offer "
+                        "an evaluation to evaluate the global model on their held-out data; "
+                        "metrics.jsonl gets federated_eval, each key weighted by examples")
+    p.add_argument("--evaluate-timeout", type=float, default=30.0, metavar="S",
+                   help="seconds after the model goes out within which evaluations count; "
+                        "later ones are dropped (default 30)")
+
+
+def _round_config_text(text: str) -> str:
+    """One ``--round-config`` item, checked when the command line (or --config) is read."""
+    try:
+        parse_schedule([text])
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def _fleet_options(args: argparse.Namespace) -> dict:
+    """serve()'s keywords for the options of ``_add_fleet_options``."""
+    out: dict = {}
+    if args.round_config:
+        out["round_config"] = parse_schedule(args.round_config)
+    if args.sample is not None or args.fraction is not None or args.poisson:
+        out.update(sample=args.sample, fraction=args.fraction, poisson=args.poisson,
+                   sample_seed=args.seed)
+    if args.evaluate_every is not None:
+        out.update(evaluate_every=args.evaluate_every, evaluate_timeout=args.evaluate_timeout)
+    return out
 
 
 def _strategy_text(text: str) -> str:
@@ -143,17 +333,33 @@ def _run_chief(args: argparse.Namespace) -> int:
     run_config = {k: v for k, v in vars(args).items()
                   if k not in ("func", "token") and not callable(v)}
     header = [TABLE_HEADER]  # printed with the first round, not before a refusal to start
+    dp = _dp_config(args)
+    if dp is not None:
+        header = [TABLE_HEADER + f" {'epsilon':>8}"]
+    records: list[dict] = []
 
     def show(record: dict) -> None:
         while header:
             print(header.pop(), flush=True)
-        print(format_row(record), flush=True)
+        row = format_row(record)
+        if dp is not None:
+            eps = record.get("epsilon")
+            row += f" {eps:>8.3f}" if isinstance(eps, (int, float)) else f" {'inf':>8}"
+        records.append(record)
+        print(row, flush=True)
 
+    fleet = _fleet_options(args)
     started = time.time()
     with _out_errors(args.out):
         if args.listen.startswith("mpi://"):  # rank 0 of an mpiexec launch (transports/mpi.py)
+            if fleet:
+                raise ValueError("--round-config, --sample, --fraction and --evaluate-every "
+                                 "work with TCP and in-process workers, not under MPI (its "
+                                 "rounds are one Allreduce of every rank); see docs/fleet.md")
             from fedberry.transports.mpi import run_mpi_chief
 
+            if args.status:
+                raise ValueError("--status serves a TCP chief; it is not available under mpi://")
             run_mpi_chief(rounds=args.rounds, strategy=args.strategy, initial=initial,
                           evaluate=evaluate, out_dir=args.out, checkpoint=checkpoint,
                           resume=args.resume, workers=args.workers, run_config=run_config,
@@ -161,7 +367,9 @@ def _run_chief(args: argparse.Namespace) -> int:
                           admission=AdmissionPolicy(max_samples=args.max_samples,
                                                     max_update_norm=args.max_update_norm,
                                                     update_norm_mode=args.update_norm_mode),
-                          save_every=args.save_every)
+                          dp=dp, save_every=args.save_every)
+            if dp is not None:
+                print(_dp_summary(dp, records), flush=True)
             print_model_line(args.out, started)
             return 0
         run_chief(listen=args.listen, workers=args.workers, rounds=args.rounds,
@@ -174,9 +382,12 @@ def _run_chief(args: argparse.Namespace) -> int:
                   max_connections=args.max_connections, idle_timeout=args.idle_timeout,
                   update_deadline=args.update_deadline,
                   run_config=run_config, on_round=show, downlink=args.downlink,
-                  receive_memory=int(args.receive_memory * 2**20), max_samples=args.max_samples,
+                  receive_memory=_receive_memory(args.receive_memory),
+                  max_samples=args.max_samples,
                   max_update_norm=args.max_update_norm, update_norm_mode=args.update_norm_mode,
-                  save_every=args.save_every)
+                  status=args.status, dp=dp, save_every=args.save_every, **fleet)
+        if dp is not None:
+            print(_dp_summary(dp, records), flush=True)
     print_model_line(args.out, started)
     return 0
 
@@ -220,7 +431,8 @@ def _add_worker_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("worker", aliases=["demo-worker"], help="a Fashion-MNIST training worker")
     p.add_argument("--chief", required=True, help="tcp://HOST:PORT (the public address) "
                                                   "or mpi://")
-    p.add_argument("--partition", default="1/1", help="INDEX/COUNT, 1-based, e.g. 3/6")
+    p.add_argument("--partition", default="1/1",
+                   help="this worker's share of the data: INDEX/COUNT, 1-based, e.g. 3/6")
     _add_train_options(p)
     _add_token_options(p)
     p.add_argument("--ca", help="CA certificate to verify the chief (enables TLS)")
@@ -231,6 +443,10 @@ def _add_worker_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--worker-id", help="stable name (default: host-pid-random; with --cert, the "
                                         "certificate's name, which a chief with --client-ca "
                                         "requires)")
+    p.add_argument("--local-dp", type=_dp_text, default=None, metavar="K=V,...",
+                   help="local differential privacy: clip this worker's updates to clip=C and "
+                        "add its own noise=Z (delta=D for its epsilon, logged with -v); "
+                        "docs/privacy.md")
     p.set_defaults(func=_run_worker)
 
 
@@ -241,20 +457,23 @@ def _run_worker(args: argparse.Namespace) -> int:
     _check_files(args, "ca", "cert", "key", "token_file")
     part = parse_partition_spec(args.partition)
     options = {k: getattr(args, k) for k in ("token", "token_file", "ca", "cert", "key",
-                                             "server_hostname", "worker_id")
+                                             "server_hostname", "worker_id", "local_dp")
                if getattr(args, k) is not None}
     result = run_worker(args.chief, part.index, part.count, _train_config(args), **options)
-    print(f"worker {part.index}/{part.count} finished: {result}", flush=True)
+    log.info("worker %d/%d finished: %s", part.index, part.count, result)
     return 0
 
 
 def _add_demo_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="chief + N workers on loopback, Fashion-MNIST")
-    p.add_argument("--workers", type=int, default=4)
-    p.add_argument("--rounds", type=int, default=10)
-    p.add_argument("--out", default="runs/demo")
-    p.add_argument("--transport", default="tcp", choices=["tcp", "mpi"])
-    p.add_argument("--timeout", type=float, default=1800.0)
+    p.add_argument("--workers", type=int, default=4, help="worker processes to start")
+    p.add_argument("--rounds", type=int, default=10, help="rounds to run")
+    p.add_argument("--out", default="runs/demo",
+                   help="metrics.jsonl, the checkpoint and the workers' logs go here")
+    p.add_argument("--transport", default="tcp", choices=["tcp", "mpi"],
+                   help="tcp: a chief and worker processes on loopback; mpi: one mpiexec job")
+    p.add_argument("--timeout", type=float, default=1800.0, metavar="S",
+                   help="give up after this many seconds")
     _add_train_options(p)
     _add_downlink_option(p)
     p.set_defaults(func=_run_demo)
@@ -294,11 +513,10 @@ def _run_export(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="fedberry", description="Federated averaging for small, badly connected machines.")
-    parser.add_argument("-v", "--verbose", action="count", default=0,
-                        help="more log lines (-vv: debug); an error is shown with its traceback")
+        prog="fedberry", description="Federated averaging for small, badly connected machines.",
+        formatter_class=HelpFormatter, parents=[_common_options(top=True)])
     parser.add_argument("--version", action="version", version=f"fedberry {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_CommandParser)
     _add_chief_parser(sub)
     _add_worker_parser(sub)
     _add_demo_parser(sub)
@@ -318,15 +536,52 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def verbosity(args: argparse.Namespace) -> int:
+    """-v minus -q, counting those before the subcommand and after it."""
+    return (args.verbose0 + getattr(args, "verbose", 0)
+            - args.quiet0 - int(getattr(args, "quiet", 0)))
+
+
+def setup_logging(args: argparse.Namespace) -> None:
+    """The CLI's log lines on stderr (and in --log-file): fedberry's at INFO unless -v/-q say
+    otherwise; other libraries' at WARNING (-vv: DEBUG)."""
+    v = verbosity(args)
+    if args.command == "bench":  # it prints its own progress; its chiefs' lines would bury it
+        v -= 1
+    level = {-2: logging.ERROR, -1: logging.WARNING, 0: logging.INFO}.get(v, logging.DEBUG)
+    if v < -2:
+        level = logging.CRITICAL
+    stderr = logging.StreamHandler()
+    stderr.setFormatter(logging.Formatter(LOG_FORMAT, datefmt="%H:%M:%S"))
+    handlers: list[logging.Handler] = [stderr]
+    path = getattr(args, "log_file", None) or args.log_file0
+    if path:
+        try:
+            handler = logging.FileHandler(path, encoding="utf-8")
+        except OSError as exc:
+            why = exc.strerror or str(exc)
+            raise ValueError(f"--log-file {path}: {why[:1].lower()}{why[1:]}") from None
+        handler.setFormatter(logging.Formatter(LOG_FORMAT))
+        handlers.append(handler)
+    logging.basicConfig(level=logging.DEBUG if v >= 2 else logging.WARNING, handlers=handlers,
+                        force=True)
+    logging.getLogger("fedberry").setLevel(level)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    level = logging.WARNING - 10 * args.verbose
-    if args.command == "chief":
-        level = min(level, logging.INFO)
-    logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    args = parse_args(build_parser(), argv)  # with chief's --config file (cli_config.py)
+    try:
+        setup_logging(args)
+    except ValueError as exc:
+        return _refused(args, str(exc), 2)
+    # SIGTERM (systemd, docker stop, kill) ends a run as Ctrl-C does: the chief tells its
+    # workers and keeps its checkpoint, a worker says goodbye.
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _interrupted)
     try:
         return args.func(args)
     except KeyboardInterrupt:
+        log.warning("fedberry %s: stopped", args.command)
         return 130
     except ValueError as exc:  # options that do not go together, a checkpoint of another run
         return _refused(args, str(exc), 2)
@@ -334,11 +589,17 @@ def main(argv: list[str] | None = None) -> int:
         return _refused(args, str(exc), 1)
     except OSError as exc:  # a port, a file or a directory that cannot be used
         return _refused(args, _os_sentence(exc), 2)
+    except ImportError as exc:  # an extra that is not installed, a Keras backend that is not
+        return _refused(args, str(exc), 2)
+
+
+def _interrupted(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def _refused(args: argparse.Namespace, sentence: str, code: int) -> int:
     """Print why the command stopped, as one line (with -v, the traceback before it)."""
-    if args.verbose:
+    if verbosity(args) > 0:
         traceback.print_exc()
     print(f"fedberry {args.command}: error: {sentence}", file=sys.stderr)
     return code

@@ -27,14 +27,20 @@ import numpy as np
 
 from fedberry.certs import server_context
 from fedberry.chief.admission import AdmissionPolicy
+from fedberry.chief.buffers import parse_size
 from fedberry.chief.build import OutputOptions, RoundPolicy, build_chief_server
+from fedberry.chief.round_config import RoundConfig
 from fedberry.chief.runtime import ChiefServer, Evaluate
 from fedberry.chief.state import Chief
+from fedberry.privacy import DPConfig, as_config
+from fedberry.privacy.chief import dp_chief
 from fedberry.protocol.auth import resolve_token
+from fedberry.status import StatusBoard, StatusServer, check_exposure, require_extra
 from fedberry.strategies import Strategy
 from fedberry.transports.local import LocalSession
 from fedberry.transports.loop import LoopThread
 from fedberry.transports.tcp import ListenOptions, TcpChief, parse_address
+from fedberry.transports.tcp.stream import is_loopback
 
 log = logging.getLogger("fedberry.chief")
 
@@ -62,10 +68,12 @@ class Listening:
         seconds).
     handshake_timeout : float
         Seconds from accept to the end of the handshake, TLS included.
-    receive_memory : int
-        Bytes of updates read at once, all workers together (at least one update); the others
-        wait their turn in their sockets, so that the chief's memory does not grow with the
-        number of workers sending at the same moment.
+    receive_memory : int or str
+        How much of the updates is read at once, all workers together (at least one update);
+        the others wait their turn in their sockets, so that the chief's memory does not grow
+        with the number of workers sending at the same moment. An int is bytes; a string has a
+        unit, ``"64MiB"``, ``"1GiB"`` (``chief.buffers.parse_size``, the same rule as
+        ``--receive-memory``).
     update_deadline : float or None
         Seconds an update may take to arrive once the chief starts reading it; past it the
         worker is dropped with a sentence and the round goes on. None: 600 s
@@ -82,7 +90,7 @@ class Listening:
     max_connections: int = 256
     idle_timeout: float = 60.0
     handshake_timeout: float = 15.0
-    receive_memory: int = 64 << 20
+    receive_memory: int | str = 64 << 20
     update_deadline: float | None = None
 
 
@@ -107,6 +115,7 @@ class ChiefHandle:
         self.io = io
         self.tcp = tcp
         self.address: tuple[str, int] | None = None
+        self.status: StatusServer | None = None  # serve(status=...): the status server
         self._task: Any = None
 
     @property
@@ -162,6 +171,8 @@ class ChiefHandle:
         except Exception as exc:
             log.debug("stop: %s", exc)
         self.io.stop()
+        if self.status is not None:
+            self.status.stop()
 
     def __enter__(self) -> ChiefHandle:
         return self
@@ -177,7 +188,9 @@ def serve(listen: str | None = "127.0.0.1:0", *, workers: int | None = None,
           listening: Listening | None = None, policy: RoundPolicy | None = None,
           output: OutputOptions | None = None,
           admission: AdmissionPolicy | None = None,
-          listen_options: ListenOptions | None = None,
+          listen_options: ListenOptions | None = None, status: str | None = None,
+          dp: DPConfig | str | None = None,
+          round_config: RoundConfig | None = None,
           **options: Any) -> ChiefHandle:
     """Start a chief in the background and return once it accepts connections.
 
@@ -220,6 +233,21 @@ def serve(listen: str | None = "127.0.0.1:0", *, workers: int | None = None,
         The TCP listener's other settings (per-address handshake and authentication-delay
         limits, ``bind_worker_id``, ``pacing``: a benchmark's emulated link, docs/slow-link.md);
         the fields that ``listening`` sets come from it.
+    status : str or None
+        ``HOST:PORT`` of the status server (the ``status`` extra; docs/operations.md): a live
+        page, ``/api/status`` and Prometheus ``/metrics``; ``ChiefHandle.status`` has its
+        address. Beyond loopback it needs the token (as a bearer header) and TLS or
+        ``insecure``; None (the default): no status server.
+    dp : DPConfig or str, optional
+        Differentially private FedAvg (``fedberry.DPConfig(clip=1.0, noise=1.1, delta=1e-5)``
+        or ``--dp`` text): updates clipped to C, weighted uniformly, Gaussian noise on their
+        mean, epsilon in every round's metrics; ``target_epsilon`` caps the rounds
+        (docs/privacy.md).
+    round_config : callable, optional
+        ``config(round) -> dict`` of scalars sent with the model of each round (``round``:
+        rounds completed, 0 first), e.g. ``Schedule({"lr": {0: 0.1, 10: 0.05}})`` from
+        ``fedberry.chief.round_config``; workers read it as ``Worker.round_config`` and the
+        torch and Keras drop-ins apply ``lr`` (docs/fleet.md).
     **options
         Any field of ``Listening``, ``RoundPolicy``, ``OutputOptions`` or ``AdmissionPolicy``
         by name (``token=``,
@@ -257,6 +285,10 @@ def serve(listen: str | None = "127.0.0.1:0", *, workers: int | None = None,
     pol = dataclasses.replace(policy or RoundPolicy(), **groups[RoundPolicy])
     out = dataclasses.replace(output or OutputOptions(), **groups[OutputOptions])
     adm = dataclasses.replace(admission or AdmissionPolicy(), **groups[AdmissionPolicy])
+    dp = as_config(dp)
+    if dp is not None:
+        strategy, adm, rounds_left = dp_chief(dp, strategy, adm, pol.rounds)
+        pol = dataclasses.replace(pol, rounds=rounds_left)
     # Everything that can refuse to start comes before the runtime makes its output files: a
     # chief that cannot start (a port taken by another chief with the same --out, a missing
     # certificate) must leave no files behind nor truncate another run's metrics.
@@ -269,12 +301,26 @@ def serve(listen: str | None = "127.0.0.1:0", *, workers: int | None = None,
             ctx.verify_mode = ssl.CERT_OPTIONAL
     elif listen and lis.client_ca:
         raise ValueError("--client-ca needs TLS: give --tls-cert and --tls-key too")
-    token = resolve_token(lis.token, lis.token_file) if listen else None
-    sock = listen_socket(*parse_address(listen)) if listen else None
+    token = resolve_token(lis.token, lis.token_file) if listen or status else None
+    status_sock = status_ctx = status_token = None
+    if status:  # refused here, with a sentence, before any port is taken or file made
+        require_extra()
+        s_host, s_port = parse_address(status)
+        # Loopback: open to this machine, like any local port (the page then needs no token).
+        status_token = None if is_loopback(s_host) else token
+        check_exposure(s_host, is_loopback(s_host), token, bool(lis.tls_cert), lis.insecure)
+        status_ctx = server_context(lis.tls_cert, lis.tls_key, None) if lis.tls_cert else None
+        status_sock = listen_socket(s_host, s_port)
+    try:
+        sock = listen_socket(*parse_address(listen)) if listen else None
+    except BaseException:
+        if status_sock is not None:
+            status_sock.close()
+        raise
     try:
         server = build_chief_server(pol, out, strategy=strategy, initial=initial,
                                     evaluate=evaluate, on_round=on_round, downlink=downlink,
-                                    admission=adm)
+                                    admission=adm, round_config=round_config)
         tcp = None
         if listen:
             host, port = parse_address(listen)
@@ -282,14 +328,21 @@ def serve(listen: str | None = "127.0.0.1:0", *, workers: int | None = None,
                 listen_options or ListenOptions(), token=token, ssl_context=ctx,
                 require_client_cert=bool(lis.tls_cert and lis.client_ca), insecure=lis.insecure,
                 max_connections=lis.max_connections, idle_timeout=lis.idle_timeout,
-                handshake_timeout=lis.handshake_timeout, receive_memory=lis.receive_memory,
+                handshake_timeout=lis.handshake_timeout,
+                receive_memory=parse_size(lis.receive_memory),
                 update_deadline=lis.update_deadline))
     except BaseException:
-        if sock is not None:
-            sock.close()
+        for s in (sock, status_sock):
+            if s is not None:
+                s.close()
         raise
     io = LoopThread("fedberry-chief")
     handle = ChiefHandle(server, io)
+    if status_sock is not None:  # before any worker can join: the board sees every event
+        board = StatusBoard(pol.rounds, server.chief.round, pol.workers)
+        handle.status = StatusServer(status_sock, server.events, board, status_token,
+                                     status_ctx)
+        log.info("status page at %s", handle.status.url)
     if tcp is not None:
         handle.tcp = tcp
         handle.address = io.run(tcp.start(), 30)

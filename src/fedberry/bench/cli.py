@@ -65,7 +65,9 @@ def apply_overrides(cfg: BenchConfig, sets: list[str]) -> None:
             continue
         target: Any = mc.optim if name in optim_fields else mc
         if not hasattr(target, name):
-            raise ValueError(f"--set {item!r}: no setting {name!r}")
+            known = sorted({f.name for f in dataclasses.fields(mc)} | optim_fields | {"optim"})
+            raise ValueError(f"--set {item!r}: no setting {name!r}; the settings are "
+                             f"{', '.join(known)}")
         current = getattr(target, name)
         setattr(target, name, type(current)(value))
 

@@ -85,10 +85,18 @@ def run_certs(args: argparse.Namespace) -> int:
             create_client_cert(args.out, ca, ca_key, name, args.days) for name in args.clients
         ]
     except (ValueError, OSError, MissingTLSExtraError) as exc:
-        print(f"fedberry certs: {exc}", file=sys.stderr)
+        print(f"fedberry certs: error: {_sentence(exc)}", file=sys.stderr)
         return 1
     print(_summary(ca, ca_key, ca_is_new, chief, clients, args.names))
     return 0
+
+
+def _sentence(exc: Exception) -> str:
+    """``[Errno 13] Permission denied: 'x'`` said as ``x: permission denied``."""
+    if isinstance(exc, OSError) and exc.filename is not None:
+        why = exc.strerror or str(exc)
+        return f"{exc.filename}: {why[:1].lower()}{why[1:]}"
+    return str(exc)
 
 
 def _check_request(names: Sequence[str], clients: Sequence[str]) -> None:
@@ -144,7 +152,7 @@ def _summary(
         f"On the workers (copy {ca.name}{', and each its own .pem/.key,' if clients else ''} "
         f"there; dial one of: {', '.join(names)}):",
     ]
-    worker = f"  fedberry demo-worker --chief {_dial_example(names[0])} --ca {q(str(ca))}"
+    worker = f"  fedberry worker --chief {_dial_example(names[0])} --ca {q(str(ca))}"
     if not clients:
         lines.append(worker)
     for cert, key in clients:

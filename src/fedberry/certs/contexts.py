@@ -8,13 +8,16 @@ from __future__ import annotations
 import os
 import socket
 import ssl
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from fedberry.certs.files import PathLike
 
 if TYPE_CHECKING:
     pass
+
+T = TypeVar("T")
 
 
 
@@ -59,6 +62,22 @@ def client_cert_name(cert: PathLike) -> str | None:
 # ssl contexts (standard library only)
 
 
+def _load(what: str, paths: list[PathLike | None], load: Callable[[], T]) -> T:
+    """Run ``load`` (an ssl context's loader); its errors name the files: ssl's name none."""
+    named = " / ".join(os.fspath(p) for p in paths if p is not None)
+    try:
+        return load()
+    except ssl.SSLError as exc:
+        why = exc.reason or "not PEM, or a key that is not the certificate's"
+        raise ValueError(f"{named}: cannot load {what} ({why}): give the PEM files 'fedberry "
+                         "certs' made") from exc
+    except OSError as exc:
+        if exc.filename is not None:
+            raise
+        why = (exc.strerror or str(exc)).lower()
+        raise type(exc)(exc.errno, f"{named}: {why}") from exc
+
+
 def server_context(
     cert: PathLike, key: PathLike, client_ca: PathLike | None = None
 ) -> ssl.SSLContext:
@@ -70,10 +89,11 @@ def server_context(
     """
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.load_cert_chain(cert, key)
+    _load("the chief's certificate and key", [cert, key], lambda: ctx.load_cert_chain(cert, key))
     if client_ca is not None:
         ctx.verify_mode = ssl.CERT_REQUIRED
-        ctx.load_verify_locations(cafile=client_ca)
+        _load("the CA certificate", [client_ca],
+              lambda: ctx.load_verify_locations(cafile=client_ca))
     return ctx
 
 
@@ -88,12 +108,14 @@ def client_context(
     if key is not None and cert is None:
         raise ValueError("a client key was given without its certificate")
     # cafile given: create_default_context loads that CA and skips the system store.
-    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=ca)
+    ctx = _load("the CA certificate", [ca],
+                lambda: ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=ca))
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.check_hostname = True
     ctx.verify_mode = ssl.CERT_REQUIRED
     if cert is not None:
-        ctx.load_cert_chain(cert, key)
+        _load("this worker's certificate and key", [cert, key],
+              lambda: ctx.load_cert_chain(cert, key))
     return ctx
 
 

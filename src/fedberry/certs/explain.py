@@ -161,7 +161,11 @@ def _describe_mismatch(verify_message: str, cert_names: Sequence[str] | None) ->
     # the dialed name appears in the exception.
     found = re.search(r"'([^']*)'", verify_message)
     dialed = found.group(1) if found else "that name"
-    fix = f"dial a name the certificate has, or remake it with --name {dialed}"
+    example = cert_names[0] if cert_names else "NAME"
+    fix = (f"dial a name the certificate has; or, dialing {dialed} on purpose (a forwarded "
+           f"port, an address it does not list), pass --server-hostname {example} (Python: "
+           f"server_hostname=) to check it against one of its names; or remake it with "
+           f"'fedberry certs --name {dialed}'")
     if cert_names:
         return f"the certificate is for {', '.join(cert_names)}, you dialed {dialed}: {fix}"
     return f"the chief's certificate does not cover {dialed}, the name you dialed: {fix}"

@@ -18,6 +18,7 @@ it already (and get ``unchanged``), and every worker's first reference must be e
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -39,6 +40,9 @@ class Broadcast:
         self._residual: list[np.ndarray] | None = None  # q8: what rounding has not sent yet
         self._frames: dict[tuple[int, bool, bool], EncodedFrame] = {}
         self._digest: str | None = None
+        # The round's metadata beyond the model (``messages.round_extras``: its config, whether
+        # it asks for evaluations), given by the runtime: (round, done) -> metadata entries.
+        self.extras: Callable[[int, bool], dict[str, Any]] = lambda r, done: {}
 
     def prepare(self, chief: Chief) -> None:
         """Bring the chief's model to what the workers will decode; once per round, before it is
@@ -71,7 +75,8 @@ class Broadcast:
         key = (chief.round, chief.done, delta)
         frame = self._frames.get(key)
         if frame is None:
-            meta: dict[str, Any] = {"round": chief.round, "done": chief.done}
+            meta: dict[str, Any] = {"round": chief.round, "done": chief.done,
+                                    **self.extras(chief.round, chief.done)}
             arrays: list[np.ndarray] = chief.global_arrays or []
             if delta:
                 meta.update(codec="q8", base=chief.round - 1)
@@ -85,7 +90,8 @@ class Broadcast:
     def unchanged(self, chief: Chief) -> EncodedFrame:
         """GLOBAL for a worker that holds the model already (its digest matched)."""
         return encode(MsgType.GLOBAL, {"round": chief.round, "done": chief.done,
-                                       "codec": "unchanged"})
+                                       "codec": "unchanged",
+                                       **self.extras(chief.round, chief.done)})
 
     def digest(self, chief: Chief) -> str | None:
         """SHA-256 of the current model (codecs.digest), once per round."""

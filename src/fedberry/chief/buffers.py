@@ -14,6 +14,7 @@ Without it, N workers sending together make the chief hold N updates in flight.
 
 from __future__ import annotations
 
+import re
 from collections import deque
 from collections.abc import Callable, Iterable
 
@@ -56,6 +57,30 @@ class BufferPool:
     def clear(self) -> None:
         self._free.clear()
         self.nbytes = 0
+
+
+_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1 << 10, "m": 1000**2, "mb": 1000**2,
+          "mib": 1 << 20, "g": 1000**3, "gb": 1000**3, "gib": 1 << 30}
+
+
+def parse_size(size: int | str) -> int:
+    """A size in bytes: an int is bytes, a string has a unit, ``"64MiB"``, ``"1GiB"``,
+    ``"512KiB"``, ``"1.5GB"`` (KiB/MiB/GiB: powers of 1024; KB/MB/GB: of 1000; none: bytes).
+    The one rule for ``receive_memory`` in ``serve()`` and ``--receive-memory`` on the CLI."""
+    if isinstance(size, bool) or not isinstance(size, int | str):
+        raise TypeError(f"a size is an int (bytes) or a string like '64MiB', not {size!r}")
+    if isinstance(size, int):
+        value = size
+    else:
+        found = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][0-9]+)?)\s*([A-Za-z]*)\s*", size)
+        unit = found.group(2).lower() if found else None
+        if found is None or unit not in _UNITS:
+            raise ValueError(f"{size!r} is not a size: give a number and a unit, e.g. 64MiB, "
+                             "1GiB, 512KiB (or a number of bytes)")
+        value = int(float(found.group(1)) * _UNITS[unit])
+    if value <= 0:
+        raise ValueError(f"a size must be more than 0 bytes, not {size!r}")
+    return value
 
 
 class ReceiveBudget:

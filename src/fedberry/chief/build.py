@@ -19,9 +19,12 @@ import numpy as np
 
 from fedberry.chief import checkpoint as ckpt_io
 from fedberry.chief.admission import AdmissionPolicy
+from fedberry.chief.evaluation import FederatedEvaluation
 from fedberry.chief.model_file import DEFAULT_SAVE_EVERY, FILE_NAME, ModelFile
 from fedberry.chief.resume import check_resumable
+from fedberry.chief.round_config import RoundConfig
 from fedberry.chief.runtime import CHECKPOINT_ERROR_POLICIES, ChiefServer, Evaluate
+from fedberry.chief.sampling import SamplingPolicy
 from fedberry.chief.scheduler import Scheduler
 from fedberry.chief.state import Chief, ChiefConfig
 from fedberry.protocol.frames import spec_of
@@ -49,6 +52,18 @@ class RoundPolicy:
     finish_grace : float
         Seconds a finished chief waits for workers whose connection broke lately to reconnect
         and take the final model.
+    sample, fraction, poisson, sample_seed
+        Client sampling (``chief.sampling``): ``sample`` workers, or ``fraction`` of the
+        connected ones, take part in each round (``poisson``: each independently with
+        probability ``fraction``), drawn from ``sample_seed`` and the round; the others stay
+        connected and idle. ``min_workers`` and the deadline apply to the drawn workers.
+    evaluate_every : int or None
+        Ask the workers that offer an evaluation (``Worker(evaluate=...)``) to evaluate the
+        global model every this many rounds (and the final one); None: never
+        (``chief.evaluation``).
+    evaluate_timeout : float
+        Seconds after a model goes out within which its evaluations must arrive; a later one
+        is dropped, and the round's metrics line is written without it.
     """
 
     workers: int = 1
@@ -56,11 +71,32 @@ class RoundPolicy:
     min_workers: int = 1
     round_timeout: float | None = None
     finish_grace: float = 30.0
+    sample: int | None = None
+    fraction: float | None = None
+    poisson: bool = False
+    sample_seed: int = 0
+    evaluate_every: int | None = None
+    evaluate_timeout: float = 30.0
+
+    def __post_init__(self) -> None:
+        if self.evaluate_every is not None and (type(self.evaluate_every) is not int
+                                                or self.evaluate_every < 1):
+            raise ValueError(f"evaluate_every must be a whole number of rounds >= 1, not "
+                             f"{self.evaluate_every!r}")
+        if not self.evaluate_timeout > 0:
+            raise ValueError(f"evaluate_timeout must be positive, not {self.evaluate_timeout!r}")
+
+    @property
+    def sampling(self) -> SamplingPolicy | None:
+        """The client sampling policy, or None when every connected worker takes part."""
+        policy = SamplingPolicy(self.sample, self.fraction, self.poisson, self.sample_seed)
+        return policy if policy.active else None
 
     def config(self) -> ChiefConfig:
         """The state machine's part of the policy (checks the numbers)."""
         return ChiefConfig(workers=self.workers, rounds=self.rounds,
-                           min_workers=self.min_workers, round_timeout=self.round_timeout)
+                           min_workers=self.min_workers, round_timeout=self.round_timeout,
+                           sampling=self.sampling)
 
 
 @dataclass
@@ -119,7 +155,8 @@ def build_chief_server(policy: RoundPolicy, output: OutputOptions, *,
                        on_round: Callable[[dict[str, Any]], None] | None = None,
                        downlink: str = "none",
                        scheduler: Scheduler | None = None,
-                       admission: AdmissionPolicy | None = None) -> ChiefServer:
+                       admission: AdmissionPolicy | None = None,
+                       round_config: RoundConfig | None = None) -> ChiefServer:
     """The chief runtime for a run, resumed from its checkpoint if asked.
 
     Parameters
@@ -141,6 +178,8 @@ def build_chief_server(policy: RoundPolicy, output: OutputOptions, *,
     admission : AdmissionPolicy, optional
         Which updates are admitted (``chief.admission``); None: the defaults (sample counts up
         to 1e9, no norm bound). Recorded in ``run_config`` under ``"admission"``.
+    round_config : callable, optional
+        ``config(round) -> dict`` sent with each round's model (``chief.round_config``).
 
     Returns
     -------
@@ -172,7 +211,14 @@ def build_chief_server(policy: RoundPolicy, output: OutputOptions, *,
     admission = admission if admission is not None else AdmissionPolicy()
     run_config = {**output.run_config, "strategy": strat.name,
                   "admission": admission.record()}
+    if config.sampling is not None:
+        run_config["sampling"] = config.sampling.record()
     chief = Chief(config, strat, initial=initial, start_round=start_round, admission=admission)
+    # Differential privacy's strategy (privacy.dp_fedavg) sets the admission's norm bound each
+    # round and reads its record of the norms: it is given the chief's one Admission.
+    bind = getattr(strat, "bind_admission", None)
+    if bind is not None:
+        bind(chief.admission)
     return ChiefServer(chief, evaluate=evaluate,
                        out_dir=str(output.out_dir) if output.out_dir else None,
                        checkpoint_path=str(checkpoint) if checkpoint else None,
@@ -180,4 +226,8 @@ def build_chief_server(policy: RoundPolicy, output: OutputOptions, *,
                        append_metrics=output.resume, on_round=on_round, downlink=downlink,
                        scheduler=scheduler, on_checkpoint_error=output.on_checkpoint_error,
                        model_file=(ModelFile(output.model_path, output.save_every)
-                                   if output.model_path else None))
+                                   if output.model_path else None),
+                       round_config=round_config,
+                       worker_evaluation=FederatedEvaluation(policy.evaluate_every,
+                                                             policy.evaluate_timeout)
+                       if policy.evaluate_every else None)

@@ -22,6 +22,7 @@ fatal ERROR (``chief_failed``) and ends the run, and ``wait_finished``/``shutdow
 from __future__ import annotations
 
 import asyncio
+import collections
 import functools
 import logging
 import time
@@ -34,8 +35,18 @@ from fedberry import codecs
 from fedberry.chief import checkpoint as ckpt_io
 from fedberry.chief.broadcast import Broadcast
 from fedberry.chief.buffers import BufferPool
+from fedberry.chief.evaluation import FederatedEvaluation
+from fedberry.chief.events import (
+    EventStream,
+    Refused,
+    RoundDone,
+    UpdateIn,
+    WorkerJoined,
+    WorkerLeft,
+)
 from fedberry.chief.metrics import MetricsLog
 from fedberry.chief.model_file import ModelFile
+from fedberry.chief.round_config import RoundConfig
 from fedberry.chief.run_info import write_run_info
 from fedberry.chief.scheduler import AsyncioScheduler, BlockingScheduler, Scheduler, Timer
 from fedberry.chief.state import (
@@ -48,7 +59,8 @@ from fedberry.chief.state import (
     SendGlobal,
 )
 from fedberry.errors import FederationError
-from fedberry.protocol.frames import ErrorCode, Spec
+from fedberry.protocol.frames import ErrorCode, ProtocolError, Spec
+from fedberry.protocol.messages import round_extras
 from fedberry.strategies import StrategyState
 
 log = logging.getLogger("fedberry.chief")
@@ -56,6 +68,12 @@ log = logging.getLogger("fedberry.chief")
 Evaluate = Callable[[list[np.ndarray]], dict[str, float]]
 
 CHECKPOINT_ERROR_POLICIES = ("stop", "warn")
+
+# While a round waits, the chief says who it waits for at most this often (seconds); while
+# nothing changes, half as often each time, down to once per PROGRESS_EVERY_MAX.
+PROGRESS_EVERY = 10.0
+PROGRESS_EVERY_MAX = 300.0
+_MAX_NAMED = 8  # worker ids named in one progress line; the rest are counted
 
 
 class Peer(Protocol):
@@ -103,6 +121,22 @@ class ChiefServer:
         Where the model is written for people to load (``OUT/model.safetensors``), every
         ``save_every`` rounds and when the run finishes, off the chief's thread like the
         checkpoint; None: no model file.
+    round_config : callable, optional
+        ``round_config(round) -> dict`` of scalars sent with the model of ``round`` (rounds
+        completed, 0 first) to every worker, encoded once per round (``chief.round_config``).
+        One that raises or returns what the protocol refuses is logged, and that round's
+        model goes out without a config (the side-effect policy).
+    worker_evaluation : FederatedEvaluation, optional
+        Ask the workers that offer one to evaluate the global model every so many rounds; the
+        round's metrics line waits (within its timeout) and carries ``federated_eval``
+        (``chief.evaluation``).
+    progress_every : float
+        While a round waits (some updates in, not all) or workers are still to join, log who
+        it waits for at most once per this many seconds (over asyncio transports).
+
+    What happens is logged here, once for every transport (logger ``fedberry.chief``): each
+    worker joining, coming back, leaving or lost (with why, when its transport says), and the
+    progress line while a round waits.
     """
 
     def __init__(self, chief: Chief, *, evaluate: Evaluate | None = None,
@@ -112,13 +146,24 @@ class ChiefServer:
                  on_round: Callable[[dict[str, Any]], None] | None = None,
                  downlink: str = "none", scheduler: Scheduler | None = None,
                  on_checkpoint_error: str = "stop",
-                 model_file: ModelFile | None = None) -> None:
+                 model_file: ModelFile | None = None,
+                 round_config: RoundConfig | None = None,
+                 worker_evaluation: FederatedEvaluation | None = None,
+                 progress_every: float = PROGRESS_EVERY) -> None:
         if on_checkpoint_error not in CHECKPOINT_ERROR_POLICIES:
             raise ValueError(f"on_checkpoint_error must be 'stop' or 'warn', not "
                              f"{on_checkpoint_error!r}")
         self.chief = chief
         self.out_dir = out_dir
         self.broadcast = Broadcast(downlink)  # the global model, encoded once per round
+        self.round_config = round_config
+        self._extras: tuple[tuple[int, bool], dict[str, Any]] | None = None
+        self.broadcast.extras = self.extras
+        self.worker_evaluation = worker_evaluation
+        self._evaluators: set[str] = set()  # joined workers that answer evaluation requests
+        # Metrics lines waiting for their round's worker evaluations, in round order.
+        self._held: collections.deque[dict[str, Any]] = collections.deque()
+        self._held_timer: Timer | None = None
         self.evaluate = evaluate
         self.metrics = MetricsLog(out_dir, append=append_metrics)
         self.checkpoint_path = checkpoint_path
@@ -133,6 +178,8 @@ class ChiefServer:
         self.finish_grace = finish_grace
         self.on_round = on_round
         self.peers: dict[str, Peer] = {}
+        self.events = EventStream()  # what happens, for observers (the status page)
+        self._round_ids: dict[int, tuple[str, ...]] = {}  # round -> its workers, until its line
         # Updates are read into buffers of updates before (transports' FrameDecoder.allocate).
         self.buffers = BufferPool()
         self.bytes_up = 0
@@ -149,6 +196,40 @@ class ChiefServer:
         self.scheduler = scheduler
         self.loop: asyncio.AbstractEventLoop | None = None
         self.finished: asyncio.Event | None = None
+        self.progress_every = progress_every
+        self._progress_at = time.monotonic()  # the last progress line, or the round's start
+        self._progress_timer: Timer | None = None
+        self._progress_backoff = 1  # doubles while the line would say the same
+        self._progress_key: tuple[Any, ...] | None = None  # what the last line said
+        # Workers that left or were lost (id -> when), to say "back" when one reconnects;
+        # bounded: only authenticated workers get here, but ids are theirs to choose.
+        self._gone_at: dict[str, float] = {}
+        self._codec_of: dict[str, str] = {}  # the codec each worker's updates came in, lately
+
+    def extras(self, round_: int, done: bool) -> dict[str, Any]:
+        """The GLOBAL metadata of ``round_`` beyond the model: its config (computed once per
+        round, checked by the protocol's rule) and whether it asks for evaluations."""
+        if self._extras is not None and self._extras[0] == (round_, done):
+            return self._extras[1]
+        config: Any = {}
+        if self.round_config is not None:
+            try:
+                config = dict(self.round_config(round_))
+                round_extras(config, False)  # the protocol's check, before any worker sees it
+            except Exception as exc:  # the user's callable: logged, the round goes on
+                why = exc.message if isinstance(exc, ProtocolError) else f"{exc!r}"
+                log.error("round %d: the round config failed (%s); this round's model goes out "
+                          "without one", round_, why)
+                config = {}
+        asks = (self.worker_evaluation is not None
+                and self.worker_evaluation.asks(round_, done))
+        extras = round_extras(config, asks)
+        self._extras = ((round_, done), extras)
+        return extras
+
+    def current_config(self) -> dict[str, Any]:
+        """The config going out with the current round's model (what a local worker gets)."""
+        return dict(self.extras(self.chief.round, self.chief.done).get("config", {}))
 
     @property
     def started_at(self) -> float | None:
@@ -161,21 +242,52 @@ class ChiefServer:
         self.finished = asyncio.Event()
         if self.scheduler is None:
             self.scheduler = AsyncioScheduler(self.loop)
+        self._progress_timer = self.scheduler.call_later(1.0, self._progress)
 
     # -- events from transports --------------------------------------------------------------
-    def attach(self, peer: Peer, spec: Spec, want_model: bool,
+    def attach(self, peer: Peer, spec: Spec, want_model: bool, evaluates: bool = False,
                names: Sequence[str] | None = None) -> None:
-        """A worker has joined with a model of ``spec``; ``names``: its tensors' names (checked
-        by the protocol), which only name the tensors of the model file."""
-        old = self.peers.get(peer.worker_id)
-        self.peers[peer.worker_id] = peer  # first: closing the old one must not count as leaving
+        """``evaluates``: the worker answers evaluation requests (its AUTH said so); ``names``:
+        its tensors' names (checked by the protocol), which only name the tensors of the model
+        file."""
+        wid = peer.worker_id
+        if evaluates:
+            self._evaluators.add(wid)
+        else:
+            self._evaluators.discard(wid)
+        old = self.peers.get(wid)
+        self.peers[wid] = peer  # first: closing the old one must not count as leaving
         if old is not None and old is not peer:
             old.close()  # a reconnect replaces the half-dead connection; no leave for it
         if self._t0 is None:
             self._t0 = time.monotonic()
-        self._run(self.chief.join(peer.worker_id, spec, time.monotonic(), want_model))
-        if self.model_file is not None and self.peers.get(peer.worker_id) is peer:
+        started = self.chief.started
+        self.events.emit(_joined(peer, self.chief.round))
+        self._run(self.chief.join(wid, spec, time.monotonic(), want_model))
+        if wid in self.chief.members:  # not refused (a model of another shape)
+            self._log_join(peer, old, started)
+        if self.model_file is not None and self.peers.get(wid) is peer:
             self.model_file.offer_names(names, spec)
+
+    def _log_join(self, peer: Peer, old: Peer | None, started: bool) -> None:
+        wid, chief = peer.worker_id, self.chief
+        where = f" from {peer.address}" if getattr(peer, "address", None) else ""
+        gone = self._gone_at.pop(wid, None)
+        if old is not None and old is not peer:
+            log.info("worker %s is back%s: its old connection, which had stopped answering, "
+                     "is replaced", wid, where)
+        elif gone is not None:
+            log.info("worker %s is back%s (reconnected %.1f s after it went)", wid, where,
+                     time.monotonic() - gone)
+        else:
+            log.info("worker %s joined%s (%d of %d workers%s)", wid, where, len(chief.members),
+                     max(chief.config.workers, len(chief.members)),
+                     f"; it joins round {chief.round + 1}" if started else "")
+        if chief.started and not started:
+            n = len(chief.members)
+            log.info("round %d starts: %d worker%s in", chief.round + 1, n,
+                     " is" if n == 1 else "s are")
+            self._progress_at = time.monotonic()
 
     def on_init(self, peer: Peer, arrays: list[np.ndarray]) -> None:
         self._run(self.chief.init(peer.worker_id, arrays, time.monotonic()))
@@ -185,6 +297,10 @@ class ChiefServer:
                   bad: str | None = None) -> None:
         """``checked``/``bad``: the transport's own NaN/Inf check of ``arrays`` (Chief.update);
         it counts only for updates sent as they are, not for what a codec decodes."""
+        if self._codec_of.get(peer.worker_id) != codec:
+            if peer.worker_id in self._codec_of or codec != "none":
+                log.info("worker %s sends its updates as %s", peer.worker_id, codec)
+            self._codec_of[peer.worker_id] = codec
         if codec != "none":
             checked, bad = False, None
             chief = self.chief
@@ -197,6 +313,7 @@ class ChiefServer:
                 arrays = []
             else:
                 arrays = codecs.get(codec).decode(arrays, chief.spec or (), None)
+        self.events.emit(UpdateIn(peer.worker_id, round_, num_samples, dict(metrics), codec))
         self._run(self.chief.update(peer.worker_id, round_, num_samples, arrays, metrics,
                                     time.monotonic(), checked=checked, bad=bad))
 
@@ -216,13 +333,84 @@ class ChiefServer:
                 action.fatal = True  # no rank can be left out of a collective: the job stops
         self._run(actions)
 
-    def detach(self, peer: Peer, lost: bool = False) -> None:
-        if self.peers.get(peer.worker_id) is not peer:
+    def on_eval(self, peer: Peer, round_: int, num_examples: float,
+                metrics: dict[str, float]) -> None:
+        """A worker's evaluation of the model of ``round_`` (its fields checked by the
+        protocol's ``EvalResult``)."""
+        if self.worker_evaluation is None or self.peers.get(peer.worker_id) is not peer:
+            return
+        if self.worker_evaluation.report(peer.worker_id, round_, num_examples, metrics,
+                                         time.monotonic()):
+            self._flush_held()
+
+    def detach(self, peer: Peer, lost: bool = False, why: str | None = None) -> None:
+        """``peer`` is gone: it left (said BYE) or, ``lost``, its connection broke or was
+        closed, ``why`` (the transport's sentence, when it has one)."""
+        wid = peer.worker_id
+        if self.peers.get(wid) is not peer:
             return  # an old connection of a worker that has reconnected
-        del self.peers[peer.worker_id]
+        del self.peers[wid]
+        self.events.emit(WorkerLeft(wid, lost, why or ""))
+        self._evaluators.discard(wid)
+        if self.worker_evaluation is not None:
+            self.worker_evaluation.left(wid)
+            self._flush_held()
         if lost and not self.chief.done:
-            self._lost[peer.worker_id] = time.monotonic()
-        self._run(self.chief.leave(peer.worker_id, time.monotonic()))
+            self._lost[wid] = time.monotonic()
+        was_member = wid in self.chief.members
+        ending = self.finished is not None and self.finished.is_set()  # closed by the chief
+        self._run(self.chief.leave(wid, time.monotonic()))
+        self._codec_of.pop(wid, None)
+        if not was_member:
+            return
+        self._gone_at[wid] = time.monotonic()
+        while len(self._gone_at) > 10_000:
+            self._gone_at.pop(next(iter(self._gone_at)))
+        left = len(self.chief.members)
+        if ending:
+            log.debug("worker %s: closed as the chief finishes", wid)
+        elif lost and not self.chief.done:
+            log.warning("worker %s lost: %s; %d worker%s still in (it may reconnect with the "
+                        "same id)", wid, why or "its connection closed", left,
+                        "" if left == 1 else "s")
+        else:
+            log.info("worker %s left%s; %d worker%s still in", wid,
+                     f" ({why})" if why and lost else "", left, "" if left == 1 else "s")
+
+    def _progress(self) -> None:
+        """Every second while the run goes on: at most once per ``progress_every``, while a
+        round waits for some of its workers (or for workers to join), say who it waits for."""
+        chief = self.chief
+        if self._finishing or chief.done or self.failure is not None or self.scheduler is None:
+            self._progress_timer = None
+            return
+        self._progress_timer = self.scheduler.call_later(1.0, self._progress)
+        now = time.monotonic()
+        wait = min(self.progress_every * self._progress_backoff, PROGRESS_EVERY_MAX)
+        if now - self._progress_at < wait:
+            return
+        done, waiting = chief.pending()
+        if not chief.started:
+            members = sorted(chief.members)
+            line = (f"waiting for workers to join: {len(members)} of {chief.config.workers} "
+                    f"in{' (' + _names(members) + ')' if members else ''}")
+        elif done and waiting:
+            deadline = chief.deadline
+            when = (f"deadline in {deadline - now:.0f} s" if deadline is not None and
+                    deadline > now else
+                    f"its deadline has passed: it closes at {chief.config.min_workers} "
+                    "updates" if deadline is not None else
+                    "no deadline: it waits for every worker; --round-timeout sets one")
+            line = (f"round {chief.round + 1}: {done} of {done + len(waiting)} updates in, "
+                    f"waiting for {_names(waiting)} ({when})")
+        else:
+            return
+        key = (chief.round, chief.started, done, tuple(waiting), tuple(sorted(chief.members)))
+        same = key == self._progress_key
+        self._progress_backoff = min(self._progress_backoff * 2, 1 << 10) if same else 1
+        self._progress_key = key
+        self._progress_at = now
+        log.info("%s", line)
 
     # -- actions -----------------------------------------------------------------------------
     def _run(self, actions: list[Any]) -> None:
@@ -233,18 +421,26 @@ class ChiefServer:
             return
         for action in actions:
             if isinstance(action, SendGlobal):
+                asks = self.extras(self.chief.round, self.chief.done).get("evaluate", False)
                 for wid in action.worker_ids:
                     if wid in self.peers:
                         self.peers[wid].send_global(self)
                         if self.chief.done:
                             self._lost.pop(wid, None)
+                if asks and self.worker_evaluation is not None:
+                    self.worker_evaluation.sent(
+                        self.chief.round, [w for w in action.worker_ids
+                                           if w in self.peers and w in self._evaluators],
+                        time.monotonic())
             elif isinstance(action, SendError):
                 peer = self.peers.get(action.worker_id)
                 if peer is not None:
                     log.warning("worker %s: %s", action.worker_id, action.message)
                     peer.send_error(action.code, action.message, action.fatal)
+                    self.events.emit(Refused(action.code.value, action.message, action.worker_id))
                     if action.fatal:
                         self.peers.pop(action.worker_id, None)
+                        self.events.emit(WorkerLeft(action.worker_id, False, action.message))
                         peer.close()
                         self._run(self.chief.leave(action.worker_id, time.monotonic()))
             elif isinstance(action, RequestInit):
@@ -287,13 +483,23 @@ class ChiefServer:
         # the resumed chief's model (Chief.update: "is ahead of the chief"), and that round is
         # done again. At most the round in flight is lost, never a model of another run.
         ckpt = None
-        if self.checkpoint_path:
+        # Rounds that a Poisson draw of nobody closed at once come in one batch with the round
+        # the chief is at now: its checkpoint covers them (same model, the latest round).
+        if self.checkpoint_path and rc.round == self.chief.round:
             ckpt = ckpt_io.Checkpoint(self.chief.round, list(self.chief.global_arrays or []),
                                       _snapshot(self.chief.strategy.state_dict()),
                                       self.run_config)
+        self._progress_at = time.monotonic()  # the next round's wait is timed from here
         wall = time.monotonic() - (self._t0 or time.monotonic())
+        self._round_ids[rc.round] = tuple(rc.worker_ids)
         record: dict[str, Any] = {"round": rc.round, "workers": rc.workers,
                                   "num_samples": rc.num_samples, "train_loss": rc.train_loss}
+        # What the strategy says of the round (differential privacy: epsilon so far).
+        extra = getattr(self.chief.strategy, "round_record", None)
+        if extra is not None:
+            record.update(extra())
+        if rc.sampled is not None:  # client sampling (chief.sampling): the round's draw
+            record.update(sampled=rc.sampled, sample_rate=rc.sample_rate)
         # The bytes of this round's broadcast are counted when the sends are issued, which
         # happens right after this (SendGlobal follows RoundClosed): finish the record then.
         # Decided now, with the round: a Finished action right after this one must not write
@@ -401,10 +607,42 @@ class ChiefServer:
         if out["round"] in self._unsaved:
             self._unsaved.discard(out["round"])
             out["checkpoint"] = False
+        if self.worker_evaluation is not None:
+            # The line waits for the workers' evaluations of this round's model (bounded by
+            # their timeout); the lines after it wait behind it, so the file stays in order.
+            self._held.append(out)
+            self._flush_held()
+            return
+        self._emit(out)
+
+    def _flush_held(self, force: bool = False) -> None:
+        """Write the held lines whose evaluations are in (or timed out), in round order."""
+        ev = self.worker_evaluation
+        if ev is None:
+            return
+        now = time.monotonic()
+        while self._held and (force or not ev.pending(self._held[0]["round"], now)):
+            out = self._held.popleft()
+            summary = ev.take(out["round"])
+            if summary is not None:
+                out["federated_eval"] = summary
+            self._emit(out)
+        if self._held_timer is not None:
+            self._held_timer.cancel()
+            self._held_timer = None
+        # The first held line's deadline: the lines after it wait behind it anyway.
+        deadline = ev.deadline(self._held[0]["round"]) if self._held else None
+        if deadline is not None and self.scheduler is not None:
+            self._held_timer = self.scheduler.call_later(max(0.0, deadline - now) + 0.01,
+                                                         self._flush_held)
+
+    def _emit(self, out: dict[str, Any]) -> None:
+        """One round's metrics line, then ``on_round`` (what fails is logged)."""
         try:
             out = self.metrics.write(out)
         except (OSError, TypeError, ValueError) as exc:
             log.error("round %d: cannot write the metrics line: %s", out["round"], exc)
+        self.events.emit(RoundDone(out, self._round_ids.pop(out["round"], ())))
         if self.on_round:
             try:
                 self.on_round(out)
@@ -432,6 +670,9 @@ class ChiefServer:
         self._finish()
 
     def _finish(self) -> None:
+        if self._progress_timer is not None:
+            self._progress_timer.cancel()
+            self._progress_timer = None
         if self.finished is not None and not self.finished.is_set():
             self.finished.set()
 
@@ -441,6 +682,7 @@ class ChiefServer:
         assert self.finished is not None and isinstance(self.scheduler, AsyncioScheduler)
         await self.finished.wait()
         await self.scheduler.drain()
+        self._flush_held(force=True)  # the run is over: no answer is coming any more
         self._close_peers()
         self._raise_failure()
 
@@ -449,6 +691,7 @@ class ChiefServer:
         (waiting for their evaluation) and close the peers left."""
         assert isinstance(self.scheduler, BlockingScheduler)
         self.scheduler.drain()
+        self._flush_held(force=True)
         self._close_peers()
         self._raise_failure()
 
@@ -462,6 +705,17 @@ class ChiefServer:
         for peer in list(self.peers.values()):
             peer.send_error(ErrorCode.SHUTDOWN, "the chief has finished", True)
             peer.close()
+
+
+def _names(ids: list[str]) -> str:
+    """Worker ids for a log line: the first few, then how many more."""
+    shown = ", ".join(ids[:_MAX_NAMED])
+    return shown if len(ids) <= _MAX_NAMED else f"{shown} and {len(ids) - _MAX_NAMED} more"
+def _joined(peer: Peer, round_: int) -> WorkerJoined:
+    """The event for observers: where a peer is (a TCP connection's IP address, else "local")
+    and what it says it runs, which only a TCP connection knows (HELLO's agent)."""
+    return WorkerJoined(peer.worker_id, str(getattr(peer, "peer_ip", "local")), round_,
+                        str(getattr(peer, "agent", "")))
 
 
 def _snapshot(state: StrategyState) -> StrategyState:

@@ -17,6 +17,13 @@ not waiting (still training, or joined late) gets the newest model when it next 
 for a closed round is dropped and it is told so. A worker is identified by its id, not its
 connection, so a repeated update for a round (after a reconnect) counts once.
 
+Client sampling (``chief.sampling``): with a ``SamplingPolicy``, each round draws its workers
+among the connected ones when it opens (the first round once the start barrier is met). Only
+they get the round's model; the others are parked, connected and idle, until a round draws them
+(or the run is done: everyone gets the final model). "Every worker has sent" and the quorum then
+count the sampled workers still connected; a round whose sampled workers have all left before
+reporting is drawn again. A Poisson draw of nobody closes the round at once, model unchanged.
+
 Every update that would count passes the admission policy (``chief.admission``) first, and the
 round's new model is committed only if it is finite: both live here because every transport's
 updates end in ``Chief.update``. A refused update does not count, but its worker has reported
@@ -35,6 +42,7 @@ import numpy as np
 
 from fedberry.chief.admission import Admission, AdmissionPolicy
 from fedberry.chief.admission import non_finite as non_finite  # its home before admission.py
+from fedberry.chief.sampling import SamplingPolicy
 from fedberry.protocol.frames import ErrorCode, Spec, spec_mismatch, spec_of
 from fedberry.strategies import FedAvg, Strategy
 
@@ -45,12 +53,19 @@ class ChiefConfig:
     rounds: int | None = None  # stop after this many rounds; None: until every worker has left
     min_workers: int = 1  # quorum for closing a round at its deadline
     round_timeout: float | None = None  # seconds; None: wait for every connected worker
+    sampling: SamplingPolicy | None = None  # None: every connected worker takes part
 
     def __post_init__(self) -> None:
         if self.workers < 1 or self.min_workers < 1:
             raise ValueError("workers and min_workers must be at least 1")
         if self.min_workers > self.workers:
             raise ValueError("min_workers cannot exceed workers")
+        if self.sampling is not None and not self.sampling.active:
+            self.sampling = None
+        if (self.sampling is not None and self.sampling.sample is not None
+                and self.min_workers > self.sampling.sample):
+            raise ValueError(f"min_workers ({self.min_workers}) cannot exceed --sample "
+                             f"({self.sampling.sample}): no round could reach its quorum")
         if self.rounds is not None and self.rounds < 1:
             raise ValueError("rounds must be at least 1")
 
@@ -85,6 +100,8 @@ class RoundClosed:
     num_samples: float
     train_loss: float | None
     worker_ids: list[str] = field(default_factory=list)
+    sampled: int | None = None  # workers the round drew (None: no sampling)
+    sample_rate: float | None = None  # the fraction of the connected workers it drew
 
 
 @dataclass
@@ -130,15 +147,32 @@ class Chief:
         self._samples = 0.0
         self._opened_at: float | None = None
         self._finished = False
+        # Sampling (ChiefConfig.sampling): the workers of the open round (None: not drawn yet,
+        # or no sampling), its rate, the workers held back from it, and redraws of the round.
+        self.sampled: frozenset[str] | None = None
+        self.sample_rate: float | None = None
+        self._parked: set[str] = set()
+        self._attempt = 0
         if initial is not None:
             self._adopt(list(initial))
 
     # -- queries -----------------------------------------------------------------------------
     @property
+    def idle(self) -> frozenset[str]:
+        """Connected workers that client sampling left out: they wait, connected, for the
+        model of a round that draws them (empty without sampling)."""
+        return frozenset(self._parked & self.members)
+
+    @property
     def deadline(self) -> float | None:
         if self.config.round_timeout is None or self._opened_at is None or self.done:
             return None
         return self._opened_at + self.config.round_timeout
+
+    def pending(self) -> tuple[int, list[str]]:
+        """This round so far: how many updates count, and the members it still waits for (the
+        chief's progress line)."""
+        return len(self._in_round), sorted(self._expected() - self._in_round - self._refused)
 
     # -- events ------------------------------------------------------------------------------
     def join(self, worker_id: str, spec: Spec, now: float, want_model: bool = True) -> list[Action]:
@@ -156,7 +190,9 @@ class Chief:
         if worker_id in self._in_round:
             self._waiting.add(worker_id)  # reconnected while waiting for this round's result
             return []
-        return [SendGlobal([worker_id])] if want_model or self.done else []
+        if not (want_model or self.done):
+            return []
+        return [*self._give([worker_id]), *self._draw_if_due(now)]
 
     def init(self, worker_id: str, arrays: list[np.ndarray], now: float) -> list[Action]:
         if worker_id not in self.members:
@@ -169,7 +205,8 @@ class Chief:
                                   f"initial weights refused: {bad}", True)]
             self._adopt(arrays)
             # Everyone who joined while the chief had no model asked for one: answer them all.
-            return [SendGlobal(sorted(self.members - self._in_round))]
+            return [*self._give(sorted(self.members - self._in_round)),
+                    *self._draw_if_due(now)]
         why = spec_mismatch(self.spec, spec_of(arrays))  # type: ignore[arg-type]
         if why:
             return [SendError(worker_id, ErrorCode.SPEC_MISMATCH,
@@ -196,14 +233,23 @@ class Chief:
             if round_ == self.round:
                 self._waiting.add(worker_id)
                 return []
-            return [SendGlobal([worker_id])]
+            return self._give([worker_id])
         if round_ != self.round:
             when = ("arrived after it closed" if round_ < self.round else
                     "is ahead of the chief (did it restart from an older checkpoint?)")
             return [SendError(worker_id, ErrorCode.STALE,
                               f"update for round {round_} {when} (now round {self.round}); it "
                               "was dropped, the newest model follows", False),
-                    SendGlobal([worker_id])]
+                    *self._give([worker_id])]
+        if not self._takes_part(worker_id):
+            # Not drawn for this round (it was redrawn after its workers left, while this one
+            # was reconnecting): counting it would break the sampling a privacy accountant
+            # relies on. It waits, like the other idle workers, for a round that draws it.
+            return [SendError(worker_id, ErrorCode.STALE,
+                              f"update for round {round_} dropped: this worker is not among "
+                              "the round's sampled workers; it gets the model of a round that "
+                              "samples it", False),
+                    *self._give([worker_id])]
         refusal = self.admission.admit(worker_id, num_samples, arrays, stands_for=stands_for)
         if refusal:
             self._refused.add(worker_id)
@@ -211,7 +257,7 @@ class Chief:
             return [SendError(worker_id, refusal.code, refusal.message, refusal.fatal),
                     *self._maybe_close(now)]
         self._refused.discard(worker_id)
-        spare = self.strategy.add(arrays, num_samples)
+        spare = self.strategy.add(arrays, self.admission.weight(num_samples, stands_for))
         self._in_round.add(worker_id)
         self._waiting.add(worker_id)
         self._last_round_of[worker_id] = round_
@@ -228,6 +274,7 @@ class Chief:
     def leave(self, worker_id: str, now: float) -> list[Action]:
         self.members.discard(worker_id)
         self._waiting.discard(worker_id)
+        self._parked.discard(worker_id)
         actions = self._maybe_close(now)
         if not self.members and self.started and not self._finished:
             if self.done or self.config.rounds is None:
@@ -238,6 +285,57 @@ class Chief:
     def tick(self, now: float) -> list[Action]:
         return self._maybe_close(now)
 
+    # -- sampling ----------------------------------------------------------------------------
+    def _takes_part(self, worker_id: str) -> bool:
+        """Whether ``worker_id`` may have the open round's model: always without sampling and
+        once the run is done; else when the round's draw chose it."""
+        if self.config.sampling is None or self.done:
+            return True
+        return self.sampled is not None and worker_id in self.sampled
+
+    def _give(self, worker_ids: list[str]) -> list[Action]:
+        """The open round's model to those of ``worker_ids`` that take part; the others wait
+        for the model of a round that draws them (parked, connected and idle)."""
+        now_ids = [w for w in worker_ids if self._takes_part(w)]
+        self._parked.update(w for w in worker_ids if w not in now_ids)
+        return [SendGlobal(now_ids)] if now_ids else []
+
+    def _draw_if_due(self, now: float) -> list[Action]:
+        """Draw the open round's workers once the start barrier is met (the first round; or a
+        round left with nobody connected to draw from) and send them its model."""
+        if (self.config.sampling is None or self.sampled is not None or not self.started
+                or self.done or self.global_arrays is None or not self.members):
+            return []
+        return self._draw(now)
+
+    def _draw(self, now: float) -> list[Action]:
+        assert self.config.sampling is not None
+        actions: list[Action] = []
+        while True:
+            self.sampled, self.sample_rate = self.config.sampling.draw(
+                self.members, self.round, self._attempt)
+            self._opened_at = now  # the deadline runs from the draw
+            log.info("round %d: sampled %d of %d connected workers", self.round + 1,
+                     len(self.sampled), len(self.members))
+            if self.sampled:
+                break
+            # Poisson drew nobody: the round closes at once, model unchanged (a loop, not a
+            # recursion: a small rate may draw nobody many rounds in a row).
+            actions += self._close(now, draw_next=False)
+            if self.done:
+                return actions
+        chosen = sorted(self._parked & self.sampled)
+        self._parked -= self.sampled
+        if chosen:
+            actions.append(SendGlobal(chosen))
+        return actions
+
+    def _expected(self) -> set[str]:
+        """The connected workers the open round waits for."""
+        if self.config.sampling is None:
+            return self.members
+        return self.members & (self.sampled or frozenset())
+
     # -- internals ---------------------------------------------------------------------------
     def _adopt(self, arrays: list[np.ndarray]) -> None:
         self.global_arrays = arrays
@@ -247,17 +345,32 @@ class Chief:
 
     def _maybe_close(self, now: float) -> list[Action]:
         n = len(self._in_round)
-        if self.done or not (self._in_round or self._refused):
+        sampling = self.config.sampling is not None
+        if self.done:
+            return []
+        if not (self._in_round or self._refused):
+            if (sampling and self.started and self.sampled and self.members
+                    and not self._expected()):
+                # Every sampled worker left before reporting: draw the round again among the
+                # workers still here, so that it does not wait for nobody.
+                self._attempt += 1
+                return self._draw(now)
             return []
         # Refused workers have reported: the round waits for them no more than for the others.
-        everyone = self.started and self.members <= (self._in_round | self._refused)
-        late = self.deadline is not None and now >= self.deadline and n >= self.config.min_workers
+        everyone = self.started and self._expected() <= (self._in_round | self._refused)
+        quorum = self.config.min_workers
+        if sampling and self.sampled is not None:
+            quorum = min(quorum, max(1, len(self.sampled)))
+        late = self.deadline is not None and now >= self.deadline and n >= quorum
         if not (everyone or late):
             return []
         return self._close(now)
 
-    def _close(self, now: float) -> list[Action]:
-        if not self._in_round:
+    def _close(self, now: float, draw_next: bool = True) -> list[Action]:
+        if not self._in_round and self.sampled is not None and not self.sampled:
+            log.info("round %d: no worker was sampled; the global model stays as it was",
+                     self.round + 1)
+        elif not self._in_round:
             log.warning("round %d: every update was refused; the global model stays as it was",
                         self.round + 1)
         else:
@@ -275,7 +388,9 @@ class Chief:
         self.round += 1
         record = RoundClosed(self.round, len(self._in_round), self._samples,
                              self._loss_sum / self._loss_weight if self._loss_weight else None,
-                             sorted(self._in_round))
+                             sorted(self._in_round),
+                             None if self.sampled is None else len(self.sampled),
+                             self.sample_rate)
         waiting = sorted(self._waiting & self.members)
         self.done = self.config.rounds is not None and self.round >= self.config.rounds
         self.strategy.begin_round(self.global_arrays)
@@ -283,8 +398,20 @@ class Chief:
         self._in_round, self._waiting, self._refused = set(), set(), set()
         self._loss_sum = self._loss_weight = self._samples = 0.0
         self._opened_at = now
-        actions: list[Action] = [record, SendGlobal(waiting)]
+        if self.config.sampling is None:
+            actions: list[Action] = [record, SendGlobal(waiting)]
+        elif self.done:  # the final model goes to everyone, idle or not
+            everyone = sorted((self._parked | set(waiting)) & self.members)
+            self._parked.clear()
+            actions = [record, SendGlobal(everyone)]
+        else:
+            # The next round's workers: the waiting ones it did not draw join the idle.
+            self._parked.update(waiting)
+            self.sampled, self.sample_rate, self._attempt = None, None, 0
+            actions = [record]
         if self.done and not self._finished:
             self._finished = True
             actions.append(Finished(f"{self.round} rounds done"))
+        elif self.config.sampling is not None and draw_next:
+            actions += self._draw_if_due(now)
         return actions

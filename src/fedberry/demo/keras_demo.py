@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import math
 import os
 from collections.abc import Iterator
@@ -24,6 +25,8 @@ import numpy as np
 
 from fedberry.data.fashion_mnist import load_fashion_mnist
 from fedberry.demo.common import TrainConfig, local_data
+
+log = logging.getLogger("fedberry.demo")
 
 BACKENDS = ("torch", "jax", "tensorflow")
 _INPUT_SHAPES = {"mlp": (784,), "cnn": (28, 28, 1)}  # channels_last, Keras's default
@@ -156,6 +159,8 @@ def run_keras_worker(chief: Any, index: int, count: int, cfg: TrainConfig,
 
     from fedberry.integrations.keras import FederatedCallback
 
+    log.info("worker %d/%d: Keras on %s, loading its part of Fashion-MNIST (%s)", index, count,
+             os.environ.get("KERAS_BACKEND"), cfg.partition_scheme)
     x_np, y_np = local_data(cfg, index, count)
     x, y = keras_model_input(cfg.model, x_np), np.asarray(y_np, dtype=np.int64)
     model = build_keras_model(cfg.model, seed=cfg.seed)

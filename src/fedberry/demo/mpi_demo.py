@@ -74,6 +74,8 @@ def run_mpi_demo(workers: int = 4, rounds: int = 10, out: str = "runs/demo-mpi",
         # Its own session, so that stop_launch finds every rank it started.
         proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env,
                                 start_new_session=True)
+        say(f"mpiexec started {workers + 1} ranks; each loads its framework and data before the "
+            f"first round (their output: {out_dir})")
         shown = 0
         deadline = time.monotonic() + timeout
         ranks_file = out_dir / RANKS_FILE

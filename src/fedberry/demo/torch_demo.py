@@ -11,6 +11,7 @@ federation on another backend does not need it.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import signal
@@ -30,6 +31,8 @@ from fedberry.demo.table import TABLE_HEADER, format_row
 from fedberry.protocol.auth import TOKEN_ENV, new_token
 from fedberry.serve import serve
 
+log = logging.getLogger("fedberry.demo")
+
 
 def run_torch_worker(chief: Any, index: int, count: int, cfg: TrainConfig,
                      **worker_options: Any) -> dict[str, Any]:
@@ -41,10 +44,15 @@ def run_torch_worker(chief: Any, index: int, count: int, cfg: TrainConfig,
     from fedberry.torch import FederatedOptimizer
 
     torch.set_num_threads(1)  # one thread per worker process: more collapses on shared cores
+    log.info("worker %d/%d: loading its part of Fashion-MNIST (%s)", index, count,
+             cfg.partition_scheme)
     x_np, y_np = local_data(cfg, index, count)
     x, y = model_input(cfg.model, x_np), torch.from_numpy(y_np)
     model = build_model(cfg.model, seed=cfg.seed)
     sync_every = cfg.sync_every or math.ceil(len(x) / cfg.batch_size)
+    log.info("worker %d/%d: %d samples, %s %s, averaging every %d steps; joining %s at the "
+             "first", index, count, len(x), "torch", cfg.model, sync_every,
+             getattr(chief, "url", chief))
     if not worker_options.get("cert"):  # with one, the id is the certificate's name
         worker_options.setdefault("worker_id", f"worker-{index}of{count}-{os.getpid()}")
     worker_options.setdefault("codec", cfg.codec)
@@ -120,6 +128,7 @@ def run_demo(workers: int = 4, rounds: int = 10, out: str = "runs/demo",
     token = new_token()
     say(f"fedberry demo: {workers} workers x {rounds} rounds, {cfg.model} on Fashion-MNIST "
         f"({cfg.partition_scheme}), chief on loopback, metrics in {out_dir / 'metrics.jsonl'}")
+    say(f"loading {cfg.framework} and the Fashion-MNIST test set for the chief ...")
     handle = serve("127.0.0.1:0", workers=workers, rounds=rounds,
                    initial=initial_model(cfg.model, cfg.seed, cfg.framework),
                    evaluate=make_evaluator(cfg.model, cfg.data_dir, cfg.framework),
@@ -127,6 +136,8 @@ def run_demo(workers: int = 4, rounds: int = 10, out: str = "runs/demo",
                    token=token, run_config={"demo": asdict(cfg), "workers": workers},
                    on_round=lambda r: say(format_row(r)), downlink=downlink)
     env = dict(os.environ, **{TOKEN_ENV: token})
+    say(f"starting {workers} worker processes (each loads its data first; their lines go to "
+        f"{out_dir}/worker-N.log); the chief says as each joins")
     procs = []
     logs = []
     try:

@@ -22,6 +22,9 @@ the model's variables are only attached to the model between steps when a callba
 (``Callback.model`` syncs them), which is why this module reads ``self.model`` exactly at the sync
 points and nowhere else: syncing on every batch would cost a device-to-host copy per step.
 
+A round configuration from the chief with an ``lr`` sets the optimizer's ``learning_rate`` when
+the round's model arrives (``Worker.round_config`` holds the whole dict).
+
 If ``fit`` raises, Keras does not call ``on_train_end``: call ``close()`` (or use the callback as
 a context manager) to leave the federation promptly; otherwise the chief notices the silence.
 """
@@ -34,8 +37,20 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-import keras
 import numpy as np
+
+try:
+    import keras
+except ModuleNotFoundError as exc:  # say which backend is missing and how to pick another
+    if exc.name and exc.name.split(".")[0] in ("tensorflow", "jax", "torch"):
+        raise ImportError(
+            f"Keras is set to its {exc.name.split('.')[0]} backend, which is not installed: "
+            "set KERAS_BACKEND=torch or KERAS_BACKEND=jax (whichever is installed) before "
+            "Python starts, or before the first 'import keras'") from exc
+    if exc.name == "keras":
+        raise ImportError("fedberry.keras needs Keras 3: pip install 'fedberry[keras]' (and "
+                          "a backend: torch or jax)") from exc
+    raise
 
 from fedberry.chief import model_file
 from fedberry.errors import ModelMismatchError
@@ -130,13 +145,24 @@ class FederatedCallback(keras.callbacks.Callback):
     ``leave_at_end=False`` keeps the worker in the federation across ``fit`` calls (for a loop of
     ``fit(epochs=1)`` calls): nothing is sent at train end and ``close()`` leaves. ``worker``
     takes a ready ``fedberry.Worker``; other keyword arguments (``token_file``, ``ca``,
-    ``worker_id``, ...) go to the ``Worker`` this callback creates.
+    ``worker_id``, ``local_dp``, ...) go to the ``Worker`` this callback creates. Under a chief run
+    with ``--dp`` the worker learns the clipping bound at join and clips every update to it
+    (docs/privacy.md).
+
+    ``evaluate(model) -> (num_examples, metrics)`` offers an evaluation on this worker's
+    held-out data (docs/fleet.md); when the chief asks (``--evaluate-every``) it is called with
+    the model holding the global weights, e.g.
+    ``lambda m: (len(x_val), m.evaluate(x_val, y_val, return_dict=True, verbose=0))``.
+    Keras's ``evaluate`` resets the model's running training metrics, as its own validation at
+    an epoch's end does: the ``train_loss`` this callback reports for that round is then
+    approximate.
     """
 
     def __init__(self, chief: Any = "tcp://127.0.0.1:7777", *, sync_every: int = 100,
                  num_samples: float | None = None, token: str | None = None,
                  worker: Worker | None = None, stop_when_done: bool = True,
-                 leave_at_end: bool = True, **worker_options: Any) -> None:
+                 leave_at_end: bool = True, evaluate: Any = None,
+                 **worker_options: Any) -> None:
         super().__init__()
         if sync_every < 1:
             raise ValueError("sync_every must be at least 1")
@@ -148,6 +174,9 @@ class FederatedCallback(keras.callbacks.Callback):
         self.stop_when_done = stop_when_done
         self.leave_at_end = leave_at_end
         self._worker_options = dict(worker_options, token=token)
+        self.evaluate = evaluate
+        if evaluate is not None:
+            self._worker_options["evaluate"] = self._evaluate_arrays
         self.worker = worker
         self._own_worker = worker is None
         self._open = False
@@ -221,6 +250,11 @@ class FederatedCallback(keras.callbacks.Callback):
         self._since_sync = 0
         self._after_sync(global_arrays)
 
+    def _evaluate_arrays(self, arrays: list[np.ndarray]) -> Any:
+        """The Worker's ``evaluate``: the user's, on the model holding the global weights."""
+        set_arrays(self.model, arrays)
+        return self.evaluate(self.model)
+
     def close(self) -> None:
         """Leave the federation (``on_train_end`` calls this unless ``leave_at_end=False``)."""
         if self.worker is not None and self._open:
@@ -235,6 +269,14 @@ class FederatedCallback(keras.callbacks.Callback):
         self.close()
 
     def _after_sync(self, global_arrays: list[np.ndarray]) -> None:
+        lr = self.worker.round_config.get("lr") if self.worker is not None else None
+        optimizer = getattr(self.model, "optimizer", None)
+        if (isinstance(lr, (int, float)) and not isinstance(lr, bool)
+                and optimizer is not None):
+            try:
+                optimizer.learning_rate = float(lr)  # Keras 3 assigns into its variable
+            except TypeError as exc:  # built with a LearningRateSchedule: not settable
+                log.warning("the chief's lr %g is not applied: %s", lr, exc)
         if self.worker is not None and self.worker.done:
             log.info("the federation has finished (round %d)", self.worker.round)
             if self.stop_when_done:

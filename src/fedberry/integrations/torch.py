@@ -83,11 +83,20 @@ class ModelFederation:
         A worker built elsewhere.
     worker_options : dict
         Passed to ``fedberry.Worker``.
+    evaluate : callable, optional
+        ``evaluate(model) -> (num_examples, metrics)`` on held-out data, called with ``model``
+        holding the global model when the chief asks (not used when ``worker`` is given).
+    on_model : callable, optional
+        Called with no arguments each time the federation's model has been loaded into
+        ``model`` (after ``join`` and each average): ``FederatedOptimizer`` applies the
+        round's configuration there.
     """
 
     def __init__(self, model: torch.nn.Module, chief: str | InProcessChief | None,
                  num_samples: float, worker: Worker | None = None,
-                 worker_options: dict[str, Any] | None = None) -> None:
+                 worker_options: dict[str, Any] | None = None, *,
+                 evaluate: Callable[[torch.nn.Module], Any] | None = None,
+                 on_model: Callable[[], None] | None = None) -> None:
         if chief is None and worker is None:
             raise TypeError("a federated torch model needs chief=, the chief's address (for "
                             "example 'tcp://203.0.113.5:7777') or the handle fedberry.serve() "
@@ -102,13 +111,30 @@ class ModelFederation:
         self._final: list[np.ndarray] | None = None
         self._loss_sum = 0.0
         self._loss_count = 0
+        self._evaluate = evaluate
+        self._on_model = on_model
 
     @property
     def worker(self) -> Worker:
         """The ``fedberry.Worker`` (made on first use; it connects at ``join()``)."""
         if self._worker is None:
-            self._worker = Worker(self._chief, **self._worker_options)
+            options = dict(self._worker_options)
+            if self._evaluate is not None:
+                options["evaluate"] = self._evaluate_arrays
+            self._worker = Worker(self._chief, **options)
         return self._worker
+
+    def _evaluate_arrays(self, arrays: list[np.ndarray]) -> Any:
+        """The Worker's ``evaluate``: the user's, on ``model`` holding the global model (which
+        it then keeps: ``join``/``synchronize`` load that model next anyway)."""
+        assert self._evaluate is not None
+        set_arrays(self.model, arrays)
+        training = self.model.training  # the user's evaluate may switch to eval(): undo it
+        try:
+            with torch.no_grad():
+                return self._evaluate(self.model)
+        finally:
+            self.model.train(training)
 
     @property
     def joined(self) -> bool:
@@ -130,6 +156,8 @@ class ModelFederation:
         # The state_dict keys name the tensors of the chief's OUT/model.safetensors.
         out = self.worker.join(get_arrays(self.model), names=array_names(self.model))
         set_arrays(self.model, out)
+        if self._on_model is not None:
+            self._on_model()
         if self.worker.done:
             self._final = out
 
@@ -149,6 +177,8 @@ class ModelFederation:
         self._loss_sum, self._loss_count = 0.0, 0
         out = self.worker.sync(get_arrays(self.model), self.num_samples, metrics)
         set_arrays(self.model, out)
+        if self._on_model is not None:
+            self._on_model()
         if self.worker.done:
             self._final = out
 
@@ -189,6 +219,11 @@ class FederatedOptimizer(torch.optim.Optimizer):
     ``opt.step(closure)`` when the closure returns the loss, or ``opt.record_loss(loss)`` once per
     step in a loop that calls ``opt.step()`` without a closure.
 
+    A round configuration from the chief (``serve(round_config=...)``, ``--round-config``) with
+    an ``lr`` sets the learning rate of every param group when its model arrives (after
+    ``join`` and each average): the chief's schedule then replaces a local scheduler's value
+    for that round. The whole dict is ``opt.worker.round_config``.
+
     ``close()`` (or leaving a ``with`` block) leaves the federation; once the chief has run all
     its rounds (``done``) it also puts the federation's final model back into ``model``, so any
     steps taken after the last round do not linger.
@@ -208,10 +243,17 @@ class FederatedOptimizer(torch.optim.Optimizer):
         This worker's weight in the average, usually the size of its training set. By default
         ``sync_every`` (every worker syncs after the same number of steps: equal weights).
     worker : fedberry.Worker, optional
-        A worker built elsewhere; ``chief`` and ``worker_options`` are then not used.
+        A worker built elsewhere; ``chief``, ``evaluate`` and ``worker_options`` are then not
+        used (give that Worker its own ``evaluate``).
+    evaluate : callable, optional
+        ``evaluate(model) -> (num_examples, {"accuracy": .., "loss": ..})`` on this worker's
+        held-out data; when the chief asks (``--evaluate-every``) it is called with ``model``
+        holding the global model, before training goes on (docs/fleet.md).
     **worker_options
         Passed to ``fedberry.Worker``: ``token``, ``token_file``, ``ca``, ``cert``, ``key``,
-        ``worker_id``, ``codec``, timeouts.
+        ``worker_id``, ``codec``, timeouts, ``local_dp`` (this worker's own noise,
+        docs/privacy.md). Under a chief run with ``--dp`` nothing is needed here: the worker
+        learns the clipping bound at join and clips every update to it.
 
     Attributes
     ----------
@@ -269,6 +311,7 @@ class FederatedOptimizer(torch.optim.Optimizer):
     def __init__(self, optimizer: torch.optim.Optimizer, model: torch.nn.Module, *,
                  chief: str | InProcessChief | None = None, sync_every: int = 100,
                  num_samples: float | None = None, worker: Worker | None = None,
+                 evaluate: Callable[[torch.nn.Module], Any] | None = None,
                  **worker_options: Any) -> None:
         if chief is None and worker is None:
             raise TypeError("FederatedOptimizer needs chief=, the chief's address (for example "
@@ -290,7 +333,8 @@ class FederatedOptimizer(torch.optim.Optimizer):
         self.optimizer = optimizer
         self._fed = ModelFederation(model, chief,
                                     float(num_samples) if num_samples else float(sync_every),
-                                    worker, worker_options)
+                                    worker, worker_options, evaluate=evaluate,
+                                    on_model=self._apply_round_config)
         self.model = model
         self.sync_every = sync_every
         self.steps = 0
@@ -375,6 +419,13 @@ class FederatedOptimizer(torch.optim.Optimizer):
         Does nothing once the federation is done.
         """
         self._fed.synchronize()
+
+    def _apply_round_config(self) -> None:
+        """The chief's ``lr`` for this round, into every param group (when it sent one)."""
+        lr = self.worker.round_config.get("lr")
+        if isinstance(lr, (int, float)) and not isinstance(lr, bool):
+            for group in self.param_groups:
+                group["lr"] = float(lr)
 
     def close(self) -> None:
         """Leave the federation; once it is done, put its final model back into ``model``.

@@ -14,6 +14,8 @@ The handshake (the protocol version is in every frame's header)::
                                     <-  WELCOME(proof, round, need_init, downlink)
     INIT(model), if need_init       ->
     ... UPDATE ->  <- GLOBAL ...  (PING/PONG either way, at any time; BYE; ERROR)
+    EVAL_RESULT, after a GLOBAL that asked for an evaluation (only from a worker whose AUTH
+    said ``evaluates``; at most one per GLOBAL of that kind)
 
 Both proofs are HMACs of both nonces under the shared token (``auth``); the chief checks the
 worker's when it answers AUTH (``send(Welcome(...))`` raises AUTH_FAILED on a wrong one), the
@@ -48,6 +50,7 @@ from fedberry.protocol.messages import (
     Bye,
     Challenge,
     Error,
+    EvalResult,
     Global,
     Hello,
     Init,
@@ -245,6 +248,10 @@ class ChiefConnection(_Connection):
         self.names: tuple[str, ...] | None = None  # its tensors' names, if the AUTH gave them
         self.want_model = True
         self.sent_round: int | None = None  # the round of the last GLOBAL sent
+        self.evaluates = False  # the worker's AUTH said it answers evaluation requests
+        # Rounds whose GLOBAL asked this worker for an evaluation and have no answer yet: an
+        # EVAL_RESULT for any other round is refused (bounded: a worker answers as it syncs).
+        self._eval_asked: set[int] = set()
         self._have: str | None = None  # the digest of the model the worker joined with
         self._may_init = False
         self._worker_nonce = ""
@@ -263,6 +270,8 @@ class ChiefConnection(_Connection):
             return s is ChiefState.JOINED
         if t == MsgType.INIT:  # once, and only when WELCOME asked for it
             return s is ChiefState.JOINED and self._may_init
+        if t == MsgType.EVAL_RESULT:  # only in answer to a GLOBAL that asked (checked below)
+            return s is ChiefState.JOINED and self.evaluates
         return False
 
     def _receive(self, frame: Frame) -> Message:
@@ -283,11 +292,20 @@ class ChiefConnection(_Connection):
             assert isinstance(msg, Auth)
             self._proof, self.announced, self.names = msg.proof, msg.spec, msg.names
             self.want_model, self._have = msg.want_model, msg.have if msg.want_model else None
+            self.evaluates = msg.evaluates
             self.state = ChiefState.WELCOME
             return msg
         if t == MsgType.INIT:
             self._may_init = False
             return from_frame(frame)
+        if t == MsgType.EVAL_RESULT:
+            msg = from_frame(frame)
+            assert isinstance(msg, EvalResult)
+            if msg.round not in self._eval_asked:
+                raise ProtocolError(ErrorCode.PROTOCOL, f"an evaluation of round {msg.round}, "
+                                                        "which the chief did not ask for")
+            self._eval_asked.discard(msg.round)
+            return msg
         if t == MsgType.BYE:
             self.state = ChiefState.CLOSED
             return from_frame(frame)
@@ -322,7 +340,8 @@ class ChiefConnection(_Connection):
                 self.state = ChiefState.CLOSED
                 raise ProtocolError(ErrorCode.AUTH_FAILED, AUTH_FAILED_SENTENCE)
             return Welcome(msg.round, msg.need_init, msg.downlink,
-                           auth.chief_proof(self.token, self._chief_nonce, self._worker_nonce))
+                           auth.chief_proof(self.token, self._chief_nonce, self._worker_nonce),
+                           msg.dp_clip)
         return msg
 
     def _sending(self, t: MsgType, meta: dict) -> None:
@@ -343,6 +362,11 @@ class ChiefConnection(_Connection):
             self.expect_model(self.announced)
         elif t == MsgType.GLOBAL and s is ChiefState.JOINED:
             self.sent_round = meta.get("round")
+            if meta.get("evaluate") and self.evaluates and isinstance(self.sent_round, int):
+                # Kept small: a worker that never answers has at most a few rounds pending.
+                if len(self._eval_asked) >= 8:
+                    self._eval_asked.discard(min(self._eval_asked))
+                self._eval_asked.add(self.sent_round)
         else:
             raise self._not_now(t)
 
@@ -368,6 +392,7 @@ class WorkerConnection(_Connection):
         self.cap = cap or Limits()
         self.need_init = False  # WELCOME asked for our model, and we have not sent it yet
         self.received_round: int | None = None  # the round of the last GLOBAL received
+        self.eval_asked: int | None = None  # the round of a GLOBAL that asked for EVAL_RESULT
         self._offered = False  # our AUTH offered a digest: "unchanged" may come, once
         self._worker_nonce = ""
         self._chief_nonce = ""
@@ -428,6 +453,7 @@ class WorkerConnection(_Connection):
                                     f"connection holds round {self.received_round}")
             self._offered = False
             self.received_round = msg.round
+            self.eval_asked = msg.round if msg.evaluate else None
             return msg
         raise self._refuse(t)  # not reached: _allowed lets no other type through
 
@@ -458,6 +484,9 @@ class WorkerConnection(_Connection):
             self.need_init = False
         elif t == MsgType.UPDATE and s is WorkerState.JOINED:
             pass
+        elif (t == MsgType.EVAL_RESULT and s is WorkerState.JOINED
+              and meta.get("round") == self.eval_asked and self.eval_asked is not None):
+            self.eval_asked = None  # one answer per request
         elif t == MsgType.BYE:
             self.state = WorkerState.CLOSED
         else:
@@ -482,5 +511,5 @@ def _id_not_in_cert(wid: str, names: list[str]) -> str:
 
 
 __all__ = ["AUTH_FAILED_SENTENCE", "Auth", "Bye", "ChiefConnection", "ChiefState", "Challenge",
-           "Error", "Global", "Hello", "Init", "LocalProtocolError", "Ping", "Pong", "Update",
-           "Welcome", "WorkerConnection", "WorkerState", "error_for"]
+           "Error", "EvalResult", "Global", "Hello", "Init", "LocalProtocolError", "Ping", "Pong",
+           "Update", "Welcome", "WorkerConnection", "WorkerState", "error_for"]

@@ -42,6 +42,8 @@ PREAUTH_META_BYTES = 256 << 10
 
 # -- fields ----------------------------------------------------------------------------------
 MAX_WORKER_ID = 128  # characters; a host name is at most 253, a certificate CN at most 64
+# HELLO's agent ("fedberry/0.1.0 python/3.11.7"): shown on the chief's status page, no more.
+MAX_AGENT = 64
 MAX_METRICS = 32  # metrics an UPDATE may carry: a few numbers (loss, accuracy); the rest dropped
 MAX_METRIC_NAME = 64  # characters of a metric's name kept
 # A sample count is a count: at most 2**53, the largest integer a float64 holds exactly. Past
@@ -56,6 +58,11 @@ DIGEST_CHARS = 64  # a SHA-256 in hex (codecs.digest)
 # next to the spec: a model whose names are longer is sent without them.
 MAX_TENSOR_NAME = 256  # characters
 MAX_TENSOR_NAMES_CHARS = 64 << 10  # characters of all the names together
+# A GLOBAL's round configuration (``config``): a few hyperparameters for the round (a learning
+# rate, local epochs), not a data channel. 32 keys of 64-character names and 256-character
+# strings keep a GLOBAL's metadata under ~12 KiB, well inside the frame's metadata limit.
+MAX_CONFIG_KEYS = 32
+MAX_CONFIG_STRING = 256
 
 # -- connections (the TCP chief's defaults; ``ListenOptions`` takes them) --------------------
 # Seconds a frame of tensors may take to arrive once the chief has let it into its receive

@@ -26,6 +26,9 @@ from fedberry.protocol import auth, encodings
 from fedberry.protocol.frames import EncodedFrame, Frame, encode
 from fedberry.protocol.limits import (
     DIGEST_CHARS,
+    MAX_AGENT,
+    MAX_CONFIG_KEYS,
+    MAX_CONFIG_STRING,
     MAX_ERROR_CODE,
     MAX_ERROR_MESSAGE,
     MAX_METRIC_NAME,
@@ -99,6 +102,9 @@ class Hello:
     TYPE: ClassVar[MsgType] = MsgType.HELLO
     worker_id: str
     nonce: str = field(default_factory=auth.new_nonce)
+    # The worker's software ("fedberry/0.1.0 python/3.11.7"), for the operator's eyes only
+    # (the status page): optional, so that a worker that does not say is served the same.
+    agent: str = ""
 
     def __post_init__(self) -> None:
         w = self.worker_id
@@ -107,13 +113,17 @@ class Hello:
             raise _bad(f"worker_id must be 1-{MAX_WORKER_ID} printable characters")
         if not _is_hex(self.nonce, NONCE_CHARS):
             raise _bad(f"HELLO needs a nonce of {NONCE_CHARS} hex digits")
+        a = self.agent
+        if not isinstance(a, str) or len(a) > MAX_AGENT or not a.isprintable():
+            raise _bad(f"HELLO's agent must be at most {MAX_AGENT} printable characters")
 
     def meta(self) -> dict[str, Any]:
-        return {"worker_id": self.worker_id, "nonce": self.nonce}
+        meta = {"worker_id": self.worker_id, "nonce": self.nonce}
+        return {**meta, "agent": self.agent} if self.agent else meta
 
     @classmethod
     def from_meta(cls, m: dict[str, Any], frame: Frame) -> Hello:
-        return cls(m.get("worker_id"), m.get("nonce"))  # type: ignore[arg-type]
+        return cls(m.get("worker_id"), m.get("nonce"), m.get("agent", ""))  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True)
@@ -150,11 +160,16 @@ class Auth:
     want_model: bool = True
     have: str | None = None
     proof: str = ""
+    # The worker answers a GLOBAL that asks for an evaluation (EVAL_RESULT); one that says
+    # false (or an older worker, which says nothing) is never waited for.
+    evaluates: bool = False
     names: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.proof, str) or len(self.proof) > 2 * DIGEST_CHARS:
             raise _bad("AUTH needs a proof (a string of hex digits)")
+        if type(self.evaluates) is not bool:
+            raise _bad(f"evaluates must be true or false, not {self.evaluates!r:.40}")
         if not isinstance(self.spec, tuple) or not all(isinstance(t, TensorSpec)
                                                        for t in self.spec):
             raise _bad("AUTH needs the model's spec")
@@ -170,6 +185,8 @@ class Auth:
                              "want_model": self.want_model}
         if self.have is not None:
             m["have"] = self.have
+        if self.evaluates:
+            m["evaluates"] = True
         if self.names is not None:
             m["names"] = list(self.names)
         return m
@@ -184,7 +201,7 @@ class Auth:
         if not isinstance(proof, str):
             raise _bad("AUTH needs a proof (a string of hex digits)")
         return cls(spec_from_json(m.get("spec"), PREAUTH_LIMITS), m.get("want_model", True),
-                   m.get("have"), proof, names=m.get("names"))
+                   m.get("have"), proof, m.get("evaluates", False), names=m.get("names"))
 
 
 @dataclass(frozen=True)
@@ -192,7 +209,9 @@ class Welcome:
     """chief -> worker: the chief's proof of the token, the round, whether the chief needs the
     worker's model (INIT), and how it broadcasts the global model.
 
-    ``proof`` is filled in by ``ChiefConnection.send``.
+    ``proof`` is filled in by ``ChiefConnection.send``. ``dp_clip`` (optional): differential
+    privacy's clipping bound C, to which the worker clips each update's change from the global
+    model before sending it (docs/privacy.md); absent (None) when the worker need not clip.
     """
 
     TYPE: ClassVar[MsgType] = MsgType.WELCOME
@@ -200,6 +219,7 @@ class Welcome:
     need_init: bool = False
     downlink: str = "none"
     proof: str = ""
+    dp_clip: float | None = None
 
     def __post_init__(self) -> None:
         _check_round("WELCOME", self.round)
@@ -210,15 +230,22 @@ class Welcome:
                        f"{', '.join(encodings.DOWNLINK_CODECS)}")
         if not isinstance(self.proof, str) or len(self.proof) > 2 * DIGEST_CHARS:
             raise _bad("WELCOME needs a proof (a string of hex digits)")
+        c = self.dp_clip
+        if c is not None and not (isinstance(c, (int, float)) and not isinstance(c, bool)
+                                  and math.isfinite(c) and c > 0):
+            raise _bad(f"dp_clip must be a positive number, not {c!r:.40}")
 
     def meta(self) -> dict[str, Any]:
-        return {"proof": self.proof, "round": self.round, "need_init": self.need_init,
-                "downlink": self.downlink}
+        m = {"proof": self.proof, "round": self.round, "need_init": self.need_init,
+             "downlink": self.downlink}
+        if self.dp_clip is not None:  # absent otherwise: a chief without DP sends what it did
+            m["dp_clip"] = self.dp_clip
+        return m
 
     @classmethod
     def from_meta(cls, m: dict[str, Any], frame: Frame) -> Welcome:
         return cls(m.get("round"), m.get("need_init", False), m.get("downlink", "none"),  # type: ignore[arg-type]
-                   m.get("proof"))  # type: ignore[arg-type]
+                   m.get("proof"), m.get("dp_clip"))  # type: ignore[arg-type]
 
 
 # -- tensors ---------------------------------------------------------------------------------
@@ -306,12 +333,47 @@ class Update:
                    frame.non_finite)
 
 
+def check_round_config(raw: object) -> dict[str, str | int | float | bool]:
+    """A GLOBAL's round configuration, checked (the one place of the rule, for what a chief
+    sends and what a worker accepts): at most MAX_CONFIG_KEYS entries under names of at most
+    MAX_METRIC_NAME characters, each value a scalar (a string of at most MAX_CONFIG_STRING
+    characters, an integer, a finite float, a boolean). Raises ProtocolError otherwise."""
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise _bad(f"a round's config must be an object of scalars, not {type(raw).__name__}")
+    if len(raw) > MAX_CONFIG_KEYS:
+        raise _bad(f"a round's config has {len(raw)} keys, more than {MAX_CONFIG_KEYS}")
+    out: dict[str, str | int | float | bool] = {}
+    for k, v in raw.items():
+        if not isinstance(k, str) or not 0 < len(k) <= MAX_METRIC_NAME or not k.isprintable():
+            raise _bad(f"a round's config key must be 1-{MAX_METRIC_NAME} printable "
+                       f"characters, not {k!r:.40}")
+        if type(v) is str:
+            if len(v) > MAX_CONFIG_STRING:
+                raise _bad(f"round config {k!r}: a string of at most {MAX_CONFIG_STRING} "
+                           "characters")
+        elif type(v) is float:
+            if not math.isfinite(v):
+                raise _bad(f"round config {k!r} must be a finite number, not {v!r}")
+        elif type(v) is int:
+            if abs(v) > 2 ** 53:
+                raise _bad(f"round config {k!r}: an integer of at most 2**53 in size")
+        elif type(v) is not bool:
+            raise _bad(f"round config {k!r} must be a string, an integer, a float or a "
+                       f"boolean, not {type(v).__name__}")
+        out[k] = v
+    return out
+
+
 @dataclass(frozen=True, eq=False)
 class Global:
     """chief -> worker: the global model of ``round`` (``done``: the last one).
 
     ``codec``: "none", "fp16", "q8" (the change since the model of round ``base``, which the
     worker must hold) or "unchanged" (no tensors: the worker holds this model already).
+    ``config``: the round's configuration (``check_round_config``), the same for every worker.
+    ``evaluate``: the chief asks the workers that evaluate for an EVAL_RESULT of this model.
     """
 
     TYPE: ClassVar[MsgType] = MsgType.GLOBAL
@@ -320,9 +382,14 @@ class Global:
     done: bool = False
     codec: str = "none"
     base: int | None = None
+    config: dict[str, Any] = field(default_factory=dict)
+    evaluate: bool = False
 
     def __post_init__(self) -> None:
         _check_round("GLOBAL", self.round)
+        object.__setattr__(self, "config", check_round_config(self.config))
+        if type(self.evaluate) is not bool:
+            raise _bad(f"evaluate must be true or false, not {self.evaluate!r:.40}")
         if type(self.done) is not bool:
             raise _bad(f"done must be true or false, not {self.done!r:.40}")
         if self.codec not in encodings.FRAME_CODECS["GLOBAL"]:
@@ -341,12 +408,85 @@ class Global:
             m["codec"] = self.codec
         if self.base is not None:
             m["base"] = self.base
+        m.update(round_extras(self.config, self.evaluate))
         return m
 
     @classmethod
     def from_meta(cls, m: dict[str, Any], frame: Frame) -> Global:
         return cls(m.get("round"), frame.tensors, m.get("done", False),  # type: ignore[arg-type]
-                   m.get("codec", "none"), m.get("base"))
+                   m.get("codec", "none"), m.get("base"), m.get("config"),
+                   m.get("evaluate", False))
+
+
+def round_extras(config: dict[str, Any], evaluate: bool) -> dict[str, Any]:
+    """The part of a GLOBAL's metadata beyond the model (for a chief that encodes GLOBAL frames
+    once per round itself: ``chief.broadcast``): ``config`` is checked here, as it is in
+    ``Global``; absent entries say nothing, so that older workers read the frame as before."""
+    m: dict[str, Any] = {}
+    config = check_round_config(config)
+    if config:
+        m["config"] = config
+    if evaluate:
+        m["evaluate"] = True
+    return m
+
+
+def check_eval_metrics(raw: object) -> dict[str, float]:
+    """An EVAL_RESULT's metrics: an object of at most MAX_METRICS finite numbers under names of
+    at most MAX_METRIC_NAME characters. Unlike an UPDATE's, nothing is dropped quietly: the
+    chief averages these, and a worker's ``Worker`` cleans them before sending."""
+    if not isinstance(raw, dict):
+        raise _bad(f"an evaluation's metrics must be an object of numbers, not "
+                   f"{type(raw).__name__}")
+    if len(raw) > MAX_METRICS:
+        raise _bad(f"an evaluation has {len(raw)} metrics, more than {MAX_METRICS}")
+    out: dict[str, float] = {}
+    for k, v in raw.items():
+        if not isinstance(k, str) or not 0 < len(k) <= MAX_METRIC_NAME or not k.isprintable():
+            raise _bad(f"an evaluation's metric name must be 1-{MAX_METRIC_NAME} printable "
+                       f"characters, not {k!r:.40}")
+        if type(v) not in (int, float):
+            raise _bad(f"evaluation metric {k!r} must be a number, not {type(v).__name__}")
+        try:
+            f = float(v)
+        except OverflowError:
+            f = math.inf
+        if not math.isfinite(f):
+            raise _bad(f"evaluation metric {k!r} must be finite, not {v!r:.40}")
+        out[k] = f
+    return out
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """worker -> chief: its evaluation of the GLOBAL of ``round`` on ``num_examples`` of its
+    own held-out examples (answering a GLOBAL with ``evaluate``)."""
+
+    TYPE: ClassVar[MsgType] = MsgType.EVAL_RESULT
+    round: int
+    num_examples: float
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _check_round("EVAL_RESULT", self.round)
+        n = self.num_examples
+        if type(n) not in (int, float):
+            raise _bad(f"num_examples must be a number, not {type(n).__name__}")
+        try:
+            f = float(n)
+        except OverflowError:
+            f = math.inf
+        if not (math.isfinite(f) and 0 < f <= MAX_NUM_SAMPLES):
+            raise _bad(f"num_examples must be a positive number of at most 2**53, not {n!r:.40}")
+        object.__setattr__(self, "num_examples", f)
+        object.__setattr__(self, "metrics", check_eval_metrics(self.metrics))
+
+    def meta(self) -> dict[str, Any]:
+        return {"round": self.round, "num_examples": self.num_examples, "metrics": self.metrics}
+
+    @classmethod
+    def from_meta(cls, m: dict[str, Any], frame: Frame) -> EvalResult:
+        return cls(m.get("round"), m.get("num_examples"), m.get("metrics"))  # type: ignore[arg-type]
 
 
 # -- control ---------------------------------------------------------------------------------
@@ -424,11 +564,12 @@ class Pong:
 
 
 Message = (Hello | Challenge | Auth | Welcome | Init | Update | Global | Error | Bye | Ping
-           | Pong)
+           | Pong | EvalResult)
 
 _BY_TYPE: dict[MsgType, Callable[[dict[str, Any], Frame], Message]] = {
     cls.TYPE: cls.from_meta  # type: ignore[attr-defined]
-    for cls in (Hello, Challenge, Auth, Welcome, Init, Update, Global, Error, Bye, Ping, Pong)}
+    for cls in (Hello, Challenge, Auth, Welcome, Init, Update, Global, Error, Bye, Ping, Pong,
+                EvalResult)}
 
 
 def from_frame(frame: Frame) -> Message:

@@ -33,6 +33,7 @@ class MsgType(enum.IntEnum):
     BYE = 9  # worker -> chief: leaving on purpose
     PING = 10  # either way: heartbeat
     PONG = 11
+    EVAL_RESULT = 12  # worker -> chief: its evaluation of a GLOBAL that asked for one
 
 
 # Frames that carry tensors. Any other frame type with a non-empty payload is malformed.

@@ -34,11 +34,16 @@ class _LocalPeer:
         self.future: concurrent.futures.Future[Result] = concurrent.futures.Future()
         self.init_arrays: list[np.ndarray] = []
         self.warnings: list[str] = []
+        self.round_config: dict[str, Any] = {}  # what came with the last model
+        self.eval_requested: int | None = None  # the last model asked for an evaluation
 
     def send_global(self, server: Any) -> None:
         chief = server.chief
         server.broadcast.prepare(chief)  # the model as the TCP workers get it, bit for bit
         if not self.future.done():
+            self.round_config = server.current_config()
+            asks = server.extras(chief.round, chief.done).get("evaluate", False)
+            self.eval_requested = chief.round if asks else None
             self.future.set_result((chief.round, [a.copy() for a in chief.global_arrays],
                                     chief.done))
 
@@ -66,6 +71,30 @@ class LocalSession:
         self.server = server
         self.loop = loop
         self.peer = _LocalPeer(worker_id)
+
+    @property
+    def dp_clip(self) -> float | None:
+        """Differential privacy's clipping bound for this worker (the chief's WELCOME says it
+        over TCP)."""
+        return getattr(self.server.chief.strategy, "worker_clip", None)
+
+    evaluates = False  # answers evaluation requests (Worker(evaluate=...)); set before join
+
+    @property
+    def round_config(self) -> dict[str, Any]:
+        """The round configuration that came with the last model (``Worker.round_config``)."""
+        return self.peer.round_config
+
+    @property
+    def eval_requested(self) -> int | None:
+        return self.peer.eval_requested
+
+    def send_eval(self, result: Any) -> None:
+        """Answer the last model's evaluation request (an ``EvalResult``, checked)."""
+        if self.loop.is_running() and result.round == self.peer.eval_requested:
+            self.peer.eval_requested = None
+            self.loop.call_soon_threadsafe(self.server.on_eval, self.peer, result.round,
+                                           result.num_examples, result.metrics)
 
     def _submit(self, fn: Any, *args: Any) -> Result:
         self.peer.future = future = concurrent.futures.Future()
@@ -104,7 +133,7 @@ class LocalSession:
 
         def attach() -> None:
             needs_init = self.server.chief.global_arrays is None
-            self.server.attach(self.peer, spec_of(own), True, names=names)
+            self.server.attach(self.peer, spec_of(own), True, self.evaluates, names=names)
             if needs_init and not self.peer.future.done():
                 self.server.on_init(self.peer, own)
 

@@ -151,6 +151,7 @@ class MpiSession:
         self.left = False
         self.trainers = 0  # ranks that train (from join): the run ends when all have left
         self.local_mean = True  # FedAvg: every rank averages; else rank 0 decides and Bcasts
+        self.dp_clip: float | None = None  # differential privacy's bound (Worker.sync clips)
         self.host = socket.gethostname()
         self.layout: Layout | None = None
         self._sendbuf: np.ndarray | None = None
@@ -229,6 +230,12 @@ class MpiSession:
         self._bcast(header, 0)
         self.round, self.done, self.local_mean = (int(header[0]), bool(header[1]),
                                                   bool(header[2]))
+        # Differential privacy's clipping bound (0: none), which only rank 0 was told.
+        clip = np.zeros(1, np.float64)
+        if chief is not None and chief.dp_clip is not None:
+            clip[0] = chief.dp_clip
+        self._bcast(clip, 0)
+        self.dp_clip = float(clip[0]) if clip[0] > 0 else None
         self.trainers = trainers
         self._sendbuf = np.empty(layout.elements + TRAILER, layout.sum_dtype)
         self.joined = True
@@ -256,7 +263,8 @@ class MpiSession:
         if not (num_samples > 0 and math.isfinite(num_samples)):
             raise ValueError(f"num_samples must be a positive number, got {num_samples!r}")
         loss = metrics.get("loss")
-        return self._round(arrays, float(num_samples),
+        # Under DP every rank weighs the same (DP-FedAvg's fixed-weight mean; docs/privacy.md).
+        return self._round(arrays, 1.0 if self.dp_clip is not None else float(num_samples),
                            float(loss) if isinstance(loss, (int, float)) else None)
 
     def close(self) -> None:
@@ -405,7 +413,7 @@ def run_mpi_chief(*, rounds: int | None = None, strategy: str | Strategy = "feda
                   workers: int | None = None, timeout: float | None = None,
                   comm: Any = None, on_checkpoint_error: str = "stop",
                   admission: AdmissionPolicy | None = None,
-                  save_every: int = DEFAULT_SAVE_EVERY) -> list[dict[str, Any]]:
+                  dp: Any = None, save_every: int = DEFAULT_SAVE_EVERY) -> list[dict[str, Any]]:
     """Rank 0 as a pure aggregator (weight 0) until the run is done.
 
     Call it on rank 0 only; the other ranks run ``Worker(chief="mpi://")``. The parameters are
@@ -421,7 +429,7 @@ def run_mpi_chief(*, rounds: int | None = None, strategy: str | Strategy = "feda
                            checkpoint=str(checkpoint) if checkpoint else None, resume=resume,
                            initial=initial, run_config=run_config or {}, on_round=on_round,
                            workers=workers, on_checkpoint_error=on_checkpoint_error,
-                           admission=admission, save_every=save_every)
+                           admission=admission, dp=dp, save_every=save_every)
     session = MpiSession(comm=comm, chief=opts, trains=False, timeout=timeout)
     if session.rank != 0:
         raise FederationError("run_mpi_chief() is for rank 0; other ranks are workers")

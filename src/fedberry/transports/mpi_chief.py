@@ -28,6 +28,8 @@ from fedberry.chief.model_file import DEFAULT_SAVE_EVERY
 from fedberry.chief.runtime import ChiefServer, Evaluate
 from fedberry.chief.scheduler import BlockingScheduler
 from fedberry.errors import FederationError
+from fedberry.privacy import DPConfig, DPFedAvg, as_config
+from fedberry.privacy.chief import dp_chief
 from fedberry.protocol.frames import ErrorCode, spec_of
 from fedberry.strategies import FedAvg, Strategy, make_strategy
 from fedberry.transports.mpi_buffers import T_LOSS_SUM, T_LOSS_WEIGHT, T_UPDATES, T_WEIGHT
@@ -57,19 +59,23 @@ class MpiChiefOptions:
     on_checkpoint_error: str = "stop"
     # Which updates are admitted (sample bound, update norm): the TCP chief's policy.
     admission: AdmissionPolicy | None = None
+    # Differential privacy (docs/privacy.md): every training rank clips to C and weighs 1.
+    dp: DPConfig | str | None = None
     # Rounds between the model files written to out/model.safetensors (0: only at the end).
     save_every: int = DEFAULT_SAVE_EVERY
 
     @classmethod
     def from_address(cls, address: str) -> MpiChiefOptions:
         """``mpi://?rounds=50&out=runs/x&strategy=fedavgm&checkpoint=ck.npz`` (all optional;
-        also ``on_checkpoint_error=warn`` and ``save_every=N``)."""
+        also ``on_checkpoint_error=warn``, ``dp=clip=1.0,noise=1.1,delta=1e-5`` and
+        ``save_every=N``)."""
         q = query(address)
         rounds = q.get("rounds")
         return cls(rounds=int(rounds) if rounds else None, strategy=q.get("strategy", "fedavg"),
                    out_dir=q.get("out"), checkpoint=q.get("checkpoint"),
                    resume=q.get("resume", "") in ("1", "true", "yes"),
                    on_checkpoint_error=q.get("on_checkpoint_error", "stop"),
+                   dp=q.get("dp") or None,
                    save_every=int(q["save_every"]) if q.get("save_every") else
                    DEFAULT_SAVE_EVERY)
 
@@ -89,8 +95,8 @@ def configure_chief(**options: Any) -> None:
 # What an mpi:// address may carry: the chief's options (MpiChiefOptions.from_address) and the
 # session's collective timeout (MpiSession). A typo (``?round=3``) must not pass silently: it
 # once ran 1,691 rounds instead of 3.
-ADDRESS_KEYS = ("checkpoint", "on_checkpoint_error", "out", "resume", "rounds", "save_every",
-                "strategy", "timeout")
+ADDRESS_KEYS = ("checkpoint", "dp", "on_checkpoint_error", "out", "resume", "rounds",
+                "save_every", "strategy", "timeout")
 
 
 def query(address: str) -> dict[str, str]:
@@ -145,6 +151,16 @@ class RankZeroChief:
     def __init__(self, opts: MpiChiefOptions, session: Any) -> None:
         self.session = session
         strategy = make_strategy(opts.strategy)
+        dp = as_config(opts.dp)
+        rounds, admission = opts.rounds, opts.admission
+        if dp is not None:
+            if dp.where == "chief" or dp.adaptive:
+                raise ValueError("dp: under MPI the chief sees only the ranks' combined mean, "
+                                 "so it cannot clip each rank's update: use where=worker "
+                                 "(every rank clips), without adaptive clipping")
+            strategy, admission, rounds = dp_chief(dp, strategy, admission, rounds)
+        # The bound every training rank clips to (MpiSession.join broadcasts it), or None.
+        self.dp_clip = strategy.clip if isinstance(strategy, DPFedAvg) else None
         if getattr(strategy, "needs_all_updates", False):
             raise ValueError(f"the {strategy.name} strategy needs every update, but MPI rounds "
                              "sum them in one collective; use it over TCP")
@@ -153,12 +169,12 @@ class RankZeroChief:
         self.scheduler = BlockingScheduler()
         # One peer (the collective) and lockstep rounds: it is the whole federation.
         self.server = build_chief_server(
-            RoundPolicy(workers=1, rounds=opts.rounds),
+            RoundPolicy(workers=1, rounds=rounds),
             OutputOptions(opts.out_dir, opts.checkpoint, opts.resume, dict(opts.run_config),
                           on_checkpoint_error=opts.on_checkpoint_error,
                           save_every=opts.save_every),
             strategy=strategy, initial=opts.initial, evaluate=opts.evaluate,
-            on_round=opts.on_round, scheduler=self.scheduler, admission=opts.admission)
+            on_round=opts.on_round, scheduler=self.scheduler, admission=admission)
         self.chief = self.server.chief
         self.expected = opts.workers
         self.peer = _CollectivePeer()

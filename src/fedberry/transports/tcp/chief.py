@@ -19,6 +19,7 @@ from typing import Any
 
 from fedberry.certs import cert_names, describe_tls_error
 from fedberry.chief.buffers import ReceiveBudget
+from fedberry.chief.events import Refused, Traffic
 from fedberry.chief.runtime import ChiefServer
 from fedberry.protocol.connection import ChiefConnection, ChiefState
 from fedberry.protocol.frames import EncodedFrame, ErrorCode, Limits, ProtocolError, Spec
@@ -38,6 +39,7 @@ from fedberry.protocol.messages import (
     Bye,
     Challenge,
     Error,
+    EvalResult,
     Hello,
     Init,
     Message,
@@ -47,6 +49,7 @@ from fedberry.protocol.messages import (
     Welcome,
 )
 from fedberry.transports.pacing import Pacer, Pacing
+from fedberry.transports.tcp.announce import listening_line
 from fedberry.transports.tcp.stream import _FrameWriter, is_loopback
 
 log = logging.getLogger("fedberry.tcp")
@@ -151,7 +154,11 @@ class _ChiefConnection(_FrameWriter, asyncio.BufferedProtocol):
         self._joined = False
         self._probing = False  # its worker id is held: waiting to hear whether the holder lives
         self.worker_id = ""
+        self.agent = ""
         self.peer_ip = "?"
+        self.address = "?"  # ip:port, for the chief's log lines
+        # Why the connection is being closed, for the "lost" line (fail, connection_lost).
+        self._why: str | None = None
         self.opened = self.last_seen = self.last_ping = time.monotonic()
         self.closing_since: float | None = None
         self._bye = False  # the worker left on purpose (else it may come back)
@@ -166,6 +173,7 @@ class _ChiefConnection(_FrameWriter, asyncio.BufferedProtocol):
         self._waiting_for = 0  # bytes queued for in the budget (0: not queued)
         self._granted = False
         self._left = False  # detached from the server (it no longer counts as a member)
+        self._traffic = [0, 0]  # bytes up, down not yet reported in a Traffic event
         self.closed = False
         pacing = listener.options.pacing
         self._uplink: Pacer | None = pacing.uplink if pacing is not None else None
@@ -191,6 +199,8 @@ class _ChiefConnection(_FrameWriter, asyncio.BufferedProtocol):
         self._raw = transport
         peer = transport.get_extra_info("peername")
         self.peer_ip = peer[0] if peer else "?"
+        if peer:
+            self.address = f"[{peer[0]}]:{peer[1]}" if ":" in peer[0] else f"{peer[0]}:{peer[1]}"
         tls = self.listener.options.ssl_context is not None
         if not tls:
             self.transport = transport  # type: ignore[assignment]
@@ -215,6 +225,7 @@ class _ChiefConnection(_FrameWriter, asyncio.BufferedProtocol):
             why = _chief_tls_message(exc)
             self.listener.refusals.note(f"tls: {why}",
                                         f"TLS handshake with {self.peer_ip} failed: {why}")
+            self.server.events.emit(Refused("tls", why, "", self.peer_ip))
             raw.abort()
             self._gone()
             return
@@ -290,6 +301,7 @@ class _ChiefConnection(_FrameWriter, asyncio.BufferedProtocol):
             return  # what a connection sends after we decided to close it does not matter
         self.last_seen = time.monotonic()
         self.server.bytes_up += nbytes
+        self._traffic[0] += nbytes
         if self._receiving_since is not None:
             self._receiving_bytes += nbytes
         try:
@@ -376,6 +388,9 @@ class _ChiefConnection(_FrameWriter, asyncio.BufferedProtocol):
             budget.cancel(self._memory_granted)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._why is None:
+            self._why = (f"its connection broke ({exc})" if exc else
+                         "it closed the connection without saying goodbye")
         self._gone()
 
     def _gone(self) -> None:
@@ -391,7 +406,15 @@ class _ChiefConnection(_FrameWriter, asyncio.BufferedProtocol):
         # take CLOSE_GRACE, and a round must not wait for a worker that is already out.
         if self._joined and not self._left:
             self._left = True
-            self.server.detach(self, lost=not self._bye)
+            self.report_traffic()
+            self.server.detach(self, lost=not self._bye, why=self._why)
+
+    def report_traffic(self) -> None:
+        """Tell the observers (chief.events) the bytes moved for this worker since last time:
+        at each update, each model sent, when it leaves, and from the sweep (heartbeats)."""
+        if self._traffic != [0, 0]:
+            self.server.events.emit(Traffic(self.worker_id, *self._traffic))
+            self._traffic = [0, 0]
 
     # -- events ------------------------------------------------------------------------------
     def handle(self, event: Message) -> None:
@@ -399,15 +422,19 @@ class _ChiefConnection(_FrameWriter, asyncio.BufferedProtocol):
             self.send(Pong())
         elif isinstance(event, Hello):
             self.worker_id = event.worker_id
+            self.agent = event.agent  # for the status page (chief.events.WorkerJoined)
             self.send(Challenge())
         elif isinstance(event, Auth):
             self._auth()
         elif isinstance(event, Update):
+            self.report_traffic()
             self.server.on_update(self, event.round, event.num_samples, list(event.tensors),
                                   event.metrics, event.codec, event.checked, event.non_finite)
         elif isinstance(event, Init):
             self.server.on_init(self, list(event.tensors))
             self._expect_model()
+        elif isinstance(event, EvalResult):
+            self.server.on_eval(self, event.round, event.num_examples, event.metrics)
         elif isinstance(event, Bye):
             self._bye = True
             self.close()
@@ -434,7 +461,8 @@ class _ChiefConnection(_FrameWriter, asyncio.BufferedProtocol):
         try:
             # The connection checks the worker's proof as it answers.
             self.send(Welcome(chief.round, chief.global_arrays is None,
-                              self.server.broadcast.codec.name))
+                              self.server.broadcast.codec.name,
+                              dp_clip=getattr(chief.strategy, "worker_clip", None)))
         except ProtocolError as exc:
             if exc.code == ErrorCode.AUTH_FAILED:
                 self._auth_failed(exc.message)
@@ -453,7 +481,7 @@ class _ChiefConnection(_FrameWriter, asyncio.BufferedProtocol):
         self._joined = True
         self._expect_model()
         self.server.attach(self, self.conn.announced, self.conn.want_model,
-                           names=self.conn.names)
+                           self.conn.evaluates, names=self.conn.names)
 
     # -- a worker id held by another connection ----------------------------------------------
     # Without client certificates the id is the worker's word, and a second connection with it
@@ -482,9 +510,10 @@ class _ChiefConnection(_FrameWriter, asyncio.BufferedProtocol):
                       f"{holder.peer_ip}: give each worker its own --worker-id (or use client "
                       "certificates, --client-ca, which bind ids to names)")
             return
-        log.info("worker %r is back from %s; its old connection from %s did not answer a ping "
-                 "in %g s and is replaced", self.worker_id, self.peer_ip, holder.peer_ip,
-                 self.listener.options.takeover_probe)
+        # The runtime says "back" when it attaches this one; this is the how.
+        log.debug("worker %r is back from %s; its old connection from %s did not answer a ping "
+                  "in %g s and is replaced", self.worker_id, self.peer_ip, holder.peer_ip,
+                  self.listener.options.takeover_probe)
         self._join()  # attach() closes the holder
         self._unpause("probe")
 
@@ -501,14 +530,17 @@ class _ChiefConnection(_FrameWriter, asyncio.BufferedProtocol):
 
     def _auth_failed(self, sentence: str) -> None:
         failures = self.listener.auth_failed(self.peer_ip)
-        log.warning("authentication failed for worker %r from %s (%d lately)",
-                    self.worker_id, self.peer_ip, failures)
         slowed = ""
         if failures >= self.listener.options.auth_failures_free:
             slowed = (f" ({failures} failed attempts from {self.peer_ip} lately: the chief "
                       f"now waits {self.listener.auth_delay(self.peer_ip):.2f} s before "
                       "answering each attempt from this address)")
-        self.fail(ErrorCode.AUTH_FAILED, sentence + slowed)
+        # Through the rate limit, per address: a storm of wrong tokens is one line a second,
+        # not a flood, and does not hide another address's failure.
+        self.listener.refusals.note(
+            f"auth-failed {self.peer_ip}", f"authentication failed for worker "
+            f"{self.worker_id!r} from {self.peer_ip} ({failures} lately): {sentence}")
+        self.fail(ErrorCode.AUTH_FAILED, sentence + slowed, log_as="")
 
     def _expect_model(self) -> None:
         self.conn.expect_model(self.server.chief.spec or self.conn.announced)
@@ -527,12 +559,14 @@ class _ChiefConnection(_FrameWriter, asyncio.BufferedProtocol):
                 "send-queue", f"closing {self.describe()}: it does not read what the chief "
                 f"sends ({queued + frame.nbytes} bytes would be queued for it, the limit is "
                 f"{limit})")
+            self._why = "it does not read what the chief sends"
             self.closing_since = time.monotonic()
             self._free_memory()
             self._leave()
             self.abort()
             return
         self.server.bytes_down += frame.nbytes
+        self._traffic[1] += frame.nbytes
         self._queue(frame)
 
     def send_queue_limit(self) -> int:
@@ -550,6 +584,7 @@ class _ChiefConnection(_FrameWriter, asyncio.BufferedProtocol):
         # model goes out only in answer to a join or an update, so more than two models still
         # queued means the worker sends but does not read: send() drops it.
         self.send(server.broadcast.frame(chief, self.conn.sent_round))
+        self.report_traffic()
 
     def send_error(self, code: ErrorCode, message: str, fatal: bool) -> None:
         self.send(Error(code, message, fatal))
@@ -563,13 +598,22 @@ class _ChiefConnection(_FrameWriter, asyncio.BufferedProtocol):
 
     def fail(self, code: ErrorCode, message: str, log_as: str | None = None) -> None:
         """Tell the peer why (when it can still be told) and close. ``log_as``: a reason that
-        many connections may share (a flood): logged through the listener's rate limit."""
+        many connections may share (a flood): logged through the listener's rate limit ("":
+        not logged, the caller has); None: by code and address, through the rate limit too. A
+        joined worker's is logged as it leaves (the runtime's "lost" line)."""
         if self.closed or self.closing_since is not None:
             return
         line = f"closing {self.describe()}: {message}"
-        if log_as is None:
-            log.warning("%s", line)
-        else:
+        if not self._joined:  # a joined worker that fails is a worker lost, not a refusal
+            self.server.events.emit(Refused(code.value, message, self.worker_id, self.peer_ip))
+        if self._joined and not self._left:
+            self._why = message  # the runtime's "lost" line says it, once
+        elif log_as is None:
+            # Not (yet) a worker: anyone can send bytes that end here, so rate-limited too, per
+            # address and sentence (a flood of garbage is a line a second; another mistake, or
+            # another address's, still shows; RefusalLog bounds how many reasons it keeps).
+            self.listener.refusals.note(f"{code.value} {self.peer_ip} {message}", line)
+        elif log_as:  # "": the caller has said it already
             self.listener.refusals.note(log_as, line)
         if self.transport is None:  # still in the TLS handshake: nothing can be said
             self.abort()
@@ -688,6 +732,9 @@ class TcpChief:
                 reuse_address=True, backlog=512)
         sock = self._aserver.sockets[0].getsockname()
         self.port = sock[1]
+        o = self.options
+        log.info("%s", listening_line(sock[0], sock[1], tls=o.ssl_context is not None,
+                                      token=bool(o.token), client_certs=o.require_client_cert))
         self._sweeper = asyncio.ensure_future(self._sweep())
         return sock[0], sock[1]
 
@@ -739,6 +786,7 @@ class TcpChief:
             conn.refuse(ErrorCode.BUSY, why, kind)  # plain TCP: the worker retries with backoff
         else:
             self.refusals.note(kind, f"refusing a connection from {conn.peer_ip}: {why}")
+            self.server.events.emit(Refused(ErrorCode.BUSY.value, why, "", conn.peer_ip))
             conn.abort()  # TLS: no handshake for a refused peer; the worker retries
         return False
 
@@ -810,6 +858,8 @@ class TcpChief:
             await asyncio.sleep(0.5)
             now = time.monotonic()
             for conn in list(self.connections):
+                if conn._joined and not conn._left:
+                    conn.report_traffic()  # pings and pongs too: observers see it alive
                 if conn.closing_since is not None:
                     if now - conn.closing_since > CLOSE_GRACE:
                         conn.abort()  # it does not take its last frame: stop waiting

@@ -7,9 +7,12 @@ module moves its bytes, runs the timers and turns its events into the session's 
 from __future__ import annotations
 
 import asyncio
+import functools
+import importlib.metadata
 import logging
 import random
 import ssl
+import sys
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -34,6 +37,7 @@ from fedberry.protocol.messages import (
     Bye,
     Challenge,
     Error,
+    EvalResult,
     Global,
     Hello,
     Init,
@@ -46,7 +50,23 @@ from fedberry.protocol.messages import (
 )
 from fedberry.transports.tcp.stream import _FrameWriter
 
+
+@functools.cache
+def agent() -> str:
+    """What this worker says it runs, in HELLO (the chief's status page shows it): the
+    installed distribution's version (the package's ``__version__`` is above this layer)."""
+    try:
+        version = importlib.metadata.version("fedberry")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree, not installed
+        version = "unknown"
+    return f"fedberry/{version} python/{sys.version.split()[0]}"
+
+
 log = logging.getLogger("fedberry.tcp")
+
+# While a worker waits for the round's model, it says so after this many seconds, then at
+# doubling intervals (at most every 300 s).
+WAITING_NOTE_EVERY = 10.0
 
 
 # ============================================================================================
@@ -151,6 +171,7 @@ class TcpSession:
         # Above the chief's longest hold of an answer to AUTH (ListenOptions.auth_delay_max, 8 s),
         # so that a worker behind the address of someone guessing tokens still gets in.
         self.handshake_timeout = handshake_timeout
+        self.waiting_note_every = WAITING_NOTE_EVERY
         self._deadline = float("inf")  # the end of the current attempt's budget (_with_retries)
         self.limits = limits or Limits()
         self.bytes_sent = 0
@@ -165,9 +186,13 @@ class TcpSession:
         # The global model as the chief holds it, kept for delta codecs (q8) both ways.
         self._reference: list[np.ndarray] | None = None
         self._downlink = "none"  # how the chief sends the model (its WELCOME says)
+        self.dp_clip: float | None = None
         self._residual: list[np.ndarray] | None = None  # error feedback of a lossy codec
         self._hb_task: asyncio.Task[None] | None = None
         self._have: str | None = None
+        self.round_config: dict[str, Any] = {}  # what came with the last GLOBAL
+        self.evaluates = False  # answer evaluation requests (Worker(evaluate=...)); set first
+        self.eval_requested: int | None = None  # the last GLOBAL asked for an evaluation
 
     # -- public coroutines -------------------------------------------------------------------
     async def join(self, arrays: Sequence[np.ndarray], names: Sequence[str] | None = None
@@ -203,7 +228,22 @@ class TcpSession:
             self._proto.send(frame)
             return await self._await_global()
 
-        return await self._with_retries(once, self.reconnect_timeout)
+        note = asyncio.ensure_future(self._note_waiting(round_))
+        try:
+            return await self._with_retries(once, self.reconnect_timeout)
+        finally:
+            note.cancel()
+
+    async def _note_waiting(self, round_: int) -> None:
+        """While ``sync`` waits for round ``round_``'s model, say so every so often: the round
+        closes when the chief has every worker's update (or its quorum, at its deadline)."""
+        started, wait = time.monotonic(), self.waiting_note_every
+        while True:
+            await asyncio.sleep(wait)
+            wait = min(wait * 2, max(self.waiting_note_every, 300.0))  # a long wait: fewer lines
+            log.info("worker %s: waiting for the chief to close round %d (%.0f s so far): it "
+                     "waits for the other workers' updates", self.worker_id, round_ + 1,
+                     time.monotonic() - started)
 
     async def close(self) -> None:
         if self._hb_task:
@@ -253,7 +293,8 @@ class TcpSession:
                 # by every worker at the same instant.
                 delay = random.uniform(0, min(10.0, 0.2 * 2 ** attempt))
                 delay = min(delay, max(0.0, deadline - time.monotonic()))
-                log.info("worker %s: %s; retrying in %.1f s", self.worker_id, exc, delay)
+                log.info("worker %s: %s; reconnecting in %.1f s (attempt %d; giving up %.0f s "
+                         "from the first)", self.worker_id, exc, delay, attempt + 2, budget)
                 await asyncio.sleep(delay)
                 attempt += 1
                 self.reconnects += 1
@@ -288,7 +329,7 @@ class TcpSession:
             raise _Retryable(f"connect failed ({exc or 'timeout'})") from None
         self._proto = proto
         try:
-            hello = Hello(self.worker_id)
+            hello = Hello(self.worker_id, agent=agent())
         except ProtocolError as exc:
             proto.transport.abort()  # type: ignore[union-attr]
             raise FederationError(f"this worker cannot join: {exc.message}",
@@ -310,9 +351,17 @@ class TcpSession:
                                           f"{_TLS_CLOSED_HINT}", "tls") from None
             else:
                 # A TLS chief takes our HELLO for a broken TLS handshake and closes without a
-                # word (it cannot answer in plain frames from inside ssl); a plain chief that
-                # refuses says why in an ERROR frame, so silence three times in a row is TLS.
+                # word (it cannot answer in plain frames from inside ssl; asyncio sends no
+                # alert, gh-98078); a plain chief that refuses says why in an ERROR frame. So
+                # ask the port for a TLS handshake: if it answers, that is the reason, said at
+                # once. Else silence three times in a row still says it may be TLS.
                 self._tls_closes += 1
+                if await self._speaks_tls():
+                    raise FederationError(
+                        f"the chief at {self.host}:{self.port} speaks TLS (it closed this plain "
+                        "connection right after HELLO, and answers a TLS handshake): give this "
+                        "worker --ca (Python: ca=), the chief's CA certificate: ca.pem from "
+                        "'fedberry certs'", "tls") from None
                 if self._tls_closes >= 3:
                     raise FederationError(
                         f"the chief at {self.host}:{self.port} closed the connection right after "
@@ -323,9 +372,10 @@ class TcpSession:
         self._tls_closes = 0
         # With the digest of the model we hold, the chief need not send it (codec "unchanged").
         proto.send(Auth(self._spec, want_model, self._have if want_model else None,
-                        names=self._names))
+                        evaluates=self.evaluates, names=self._names))
         welcome = await self._expect_soon(Welcome, "AUTH")  # its proof checked by the connection
         self._downlink = welcome.downlink
+        self.dp_clip = welcome.dp_clip  # differential privacy's bound: Worker.sync clips to it
         if welcome.need_init:
             if not self._init_arrays:  # we are past join(): the chief lost its model
                 proto.transport.abort()  # type: ignore[union-attr]
@@ -334,6 +384,21 @@ class TcpSession:
             proto.send(Init(self._init_arrays))
         if self._hb_task is None or self._hb_task.done():
             self._hb_task = asyncio.ensure_future(self._heartbeat())
+
+    async def _speaks_tls(self) -> bool:
+        """Whether the chief's port completes a TLS handshake. Nothing is verified or sent over
+        it: it only tells a worker without ``--ca`` why its plain connection was closed."""
+        probe = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        probe.check_hostname = False
+        probe.verify_mode = ssl.CERT_NONE
+        try:
+            transport, _ = await asyncio.wait_for(asyncio.get_running_loop().create_connection(
+                asyncio.Protocol, self.host, self.port, ssl=probe,
+                server_hostname=self.host), self._time_left(5))
+        except (OSError, asyncio.TimeoutError):  # ssl.SSLError is an OSError
+            return False
+        transport.abort()
+        return True
 
     async def _explain_verify(self, exc: ssl.SSLCertVerificationError) -> str:
         """The sentence for a refused chief certificate; for a name mismatch, with the names
@@ -396,7 +461,11 @@ class TcpSession:
             if item.fatal:
                 if item.code in ("timeout", "busy"):
                     raise _ChiefSaid(f"chief said: {item.message}")
-                raise from_code(item.code, f"the chief refused: {item.message}")
+                if item.code == ErrorCode.SHUTDOWN.value:  # not a refusal: the run is over
+                    raise from_code(item.code, f"{item.message} before this round closed (it "
+                                    "was stopped, or ran its last round without this worker)")
+                hint = _MISMATCH_HINT if item.code == ErrorCode.SPEC_MISMATCH.value else ""
+                raise from_code(item.code, f"the chief refused: {item.message}{hint}")
             self.warnings.append(item.message)
             log.warning("worker %s: chief says: %s", self.worker_id, item.message)
             return await self._next_event()
@@ -421,7 +490,16 @@ class TcpSession:
                                   "protocol") from None
         if self.codec.needs_reference or self._downlink == "q8":
             self._reference = [np.array(a) for a in arrays]  # the caller may change its own
+        self.round_config = dict(g.config)
+        self.eval_requested = g.round if g.evaluate else None
         return g.round, arrays, g.done
+
+    async def send_eval(self, result: EvalResult) -> None:
+        """Answer the evaluation request of the GLOBAL received last, on the connection it
+        came by (after a reconnect the chief asks afresh: nothing is sent)."""
+        proto = self._proto
+        if proto is not None and proto.conn.eval_asked == result.round:
+            proto.send(result)
 
     async def _heartbeat(self) -> None:
         while True:
@@ -436,6 +514,12 @@ class TcpSession:
                 continue
             proto.send(Ping())
 
+
+# A chief started with a model of its own (the CLI's default: the demo's mlp, in torch layout)
+# refuses every other: say what to change on the chief.
+_MISMATCH_HINT = (". The chief was started with another model: start it with --model none "
+                  "(serve(initial=None)) to take the first worker's model, or with the "
+                  "--model and --framework these workers train")
 
 _TLS_CLOSED_HINT = ("if the chief requires client certificates, it did not accept yours: it must "
                     "be signed by the chief's --client-ca and not expired (--cert/--key, made "
