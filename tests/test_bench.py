@@ -182,6 +182,19 @@ def test_quick_every_mode(tmp_path: Path) -> None:
             r = res["modes"][name]
             assert r["socket_bytes_to_target"] <= r["bytes_to_target"]
             assert r["bytes_to_target"] < 1.15 * r["socket_bytes_to_target"]
+    # Emulated devices: every process but the chief under the quota (when cgroups allow), and
+    # each mode's training speed per device reported.
+    dev = res["devices"]
+    for name in ("single", "dsgd", "fedavg"):
+        r = res["modes"][name]
+        assert r["samples_per_s"] > 0
+        assert r["device_cpu"] == (dev["cores"] if dev["applied"] else None)
+    # Latency: the relay sits between the workers and our chief, not on ddp's ring.
+    if res["config"]["latency"] == "relay":
+        assert res["link"]["latency"]["delay_ms"] == res["config"]["delay_ms"] > 0
+        for name in ("dsgd", "fedavg"):
+            assert any("relay" in n for n in res["modes"][name]["notes"])
+        assert any("relay" in n for n in res["modes"]["ddp"]["notes"])
     for png in res["plots"]:
         assert Path(png).read_bytes()[:8] == PNG_MAGIC
     assert {Path(p).name for p in res["plots"]} == {"accuracy_vs_time.png",

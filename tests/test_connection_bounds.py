@@ -225,8 +225,11 @@ def test_idle_connections_cost_no_descriptors_and_honest_workers_join(tmp_path: 
             s.connect_ex(("127.0.0.1", port))
             idle.append(s)
         time.sleep(2)  # the chief accepts and refuses them all meanwhile
-        held = _fds(chief.pid)
-        assert held < base + 100, (base, held)  # 16 handshaking from that address, not 1,100
+        # 16 handshaking from that address, not 1,100. Polled, not read once: on a loaded
+        # machine the chief may be mid-way through accepting and closing a burst at 2 s.
+        wait_until(lambda: _fds(chief.pid) < base + 100, 30,
+                   "the chief to hold fewer than 100 of the idle connections",
+                   every=0.2, logs=lambda: f"base {base} fds, now {_fds(chief.pid)}")
         assert _rss_mib(chief.pid) < rss + 32, (rss, _rss_mib(chief.pid))
 
         def worker(i: int, done: list[float]) -> None:
@@ -244,7 +247,10 @@ def test_idle_connections_cost_no_descriptors_and_honest_workers_join(tmp_path: 
             t.start()
         for t in threads:
             t.join(30)
-        assert len(joined) == 2 and max(joined) < 10, joined
+        # Joining takes well under a second when idle; 12 s leaves room for a loaded machine
+        # and still fails a chief whose slots the idle connections hold (a worker kept out
+        # waits at least the 15 s handshake timeout that frees them).
+        assert len(joined) == 2 and max(joined) < 12, joined
         assert chief.wait(30) == 0, log_path.read_text()[-3000:]
         log_text = log_path.read_text()
         assert "Too many open files" not in log_text

@@ -33,8 +33,20 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--rate-mbit", type=float, default=None,
                    help=f"shared link rate per direction (default {d.rate_mbit})")
     p.add_argument("--delay-ms", type=float, default=d.delay_ms,
-                   help="one-way latency; needs netem (reported when missing)")
+                   help=f"one-way latency per direction (default {d.delay_ms:g}: a "
+                        f"{2 * d.delay_ms:g} ms round trip)")
+    p.add_argument("--jitter-ms", type=float, default=d.jitter_ms,
+                   help="+- this much around the delay, never reordering (relay only)")
+    p.add_argument("--latency", default=d.latency, choices=["relay", "netem"],
+                   help="relay: a userspace TCP relay between workers and chief (any kernel; "
+                        "not for ddp's ring); netem: the kernel's, on the namespace link")
+    p.add_argument("--reset-per-s", type=float, default=d.reset_per_s,
+                   help="relay: mean connection resets per second per connection (default 0)")
     p.add_argument("--duplex", default=d.duplex, choices=["full", "half"])
+    p.add_argument("--device-cpu", type=float, default=None, metavar="CORES",
+                   help="emulated devices: each worker and the single node under a CPU quota "
+                        "of CORES (cgroups, root); default 0.25 cut to fit the machine's cores "
+                        "beside the chief; 0: no quota")
     p.add_argument("--check-shaper", action=argparse.BooleanOptionalAction, default=None,
                    help="also time dsgd steps through both emulations and compare them "
                         "(default: on when the link is network namespaces)")
@@ -74,6 +86,9 @@ def apply_overrides(cfg: BenchConfig, sets: list[str]) -> None:
 
 def config_from_args(args: argparse.Namespace) -> BenchConfig:
     cfg = BenchConfig(link=args.link, delay_ms=args.delay_ms, duplex=args.duplex,
+                      jitter_ms=args.jitter_ms, latency=args.latency,
+                      reset_per_s=args.reset_per_s,
+                      device_cpu=args.device_cpu,
                       check_shaper=args.check_shaper, stop_at_target=not args.run_to_cap,
                       seed=args.seed, data_dir=args.data_dir, out=args.out,
                       plots=not args.no_plots)
@@ -89,6 +104,11 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
             setattr(cfg, name, getattr(args, name))
     if cfg.workers < 1:
         raise ValueError("--workers must be at least 1")
+    if cfg.device_cpu is not None and not 0 <= cfg.device_cpu <= 64:
+        raise ValueError("--device-cpu is a share of cores in [0, 64] (0: no quota)")
+    if args.delay_ms < 0 or not 0 <= args.jitter_ms <= args.delay_ms or args.reset_per_s < 0:
+        raise ValueError("--delay-ms and --reset-per-s are non-negative, --jitter-ms at most "
+                         "--delay-ms")
     if not 0 < cfg.target <= 1:
         raise ValueError("--target is an accuracy in (0, 1]")
     apply_overrides(cfg, args.set)

@@ -82,8 +82,19 @@ class BenchConfig:
     # both directions together (half, like Wi-Fi airtime).
     link: str = "auto"  # auto | netns | shaper
     rate_mbit: float = 20.0
-    delay_ms: float = 2.0  # one way; needs netem, which some kernels lack (then not applied)
+    # Latency, one way per direction: 12.5 ms (a 25 ms round trip, Wi-Fi class: relay.py says
+    # why), jittered by +-2.5 ms. "relay": our userspace link between the workers and the chief
+    # (relay.py; it does not reach ddp's gloo ring, which then runs without latency and says
+    # so); "netem": the kernel's, on the namespace link (many kernels, this one too, lack it).
+    delay_ms: float = 12.5
+    jitter_ms: float = 2.5
+    latency: str = "relay"  # relay | netem
+    reset_per_s: float = 0.0  # relay: mean connection resets per second per connection
     duplex: str = "full"
+    # Emulated devices: each worker and the single node under this CPU quota, in cores
+    # (cpu_quota.py). None: 0.25, cut to what fits this machine beside the chief (fit_quota);
+    # 0: no quota (every process at the machine's full speed).
+    device_cpu: float | None = None
     stop_at_target: bool = True  # False: every mode trains until its cap
     # Also time dsgd steps through both link emulations (None: whenever namespaces are used).
     check_shaper: bool | None = None

@@ -11,17 +11,26 @@ from pathlib import Path
 from typing import Any
 
 from fedberry.bench.config import BenchConfig, ModeConfig
+from fedberry.bench.cpu_quota import DeviceQuotas
 from fedberry.bench.link import BenchLink
 
 
 class BenchContext:
     """One benchmark on one link: its configuration, the link, the output directory."""
 
-    def __init__(self, cfg: BenchConfig, link: BenchLink, out: Path, quiet: bool = False) -> None:
+    def __init__(self, cfg: BenchConfig, link: BenchLink, out: Path, quiet: bool = False,
+                 quotas: DeviceQuotas | None = None) -> None:
         self.cfg = cfg
         self.link = link
+        self.quotas = quotas  # emulated devices: the workers' and single's CPU quota
         self.out = out
         self.quiet = quiet
+
+    @property
+    def device_cores(self) -> float | None:
+        """The CPU quota each device runs under, or None (full speed)."""
+        q = self.quotas
+        return q.cores if q is not None and q.available else None
 
     def spec(self, mode: str, mc: ModeConfig, **extra: Any) -> dict[str, Any]:
         """What a mode's process is told on its command line (procs.py)."""

@@ -24,6 +24,7 @@ from typing import Any
 from fedberry.bench import netns
 
 CHIEF_PORT = 7777  # inside the chief's namespace only: a fixed port cannot collide there
+RELAY_PORT = 7778  # the latency relay's, beside the chief (relay.py)
 DDP_PORT = 29500
 
 

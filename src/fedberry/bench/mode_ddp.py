@@ -48,10 +48,12 @@ class _DdpRun:
         self.res = ModeResult("ddp", n, "step", asdict(mc), link_shaped=self.netns,
                               bytes_source=(IFACE_SOURCE if self.netns
                                             else "host loopback counter (approximate)"))
+        if bench.cfg.latency == "relay" and bench.cfg.delay_ms > 0:
+            self.res.notes.append("no latency: gloo's ring does not pass the relay")
         if not self.netns:
             self.res.notes.append("unshaped: the in-process shaper lives in our transport, gloo "
                                   "does not go through it")
-        self.procs = ProcessGroup(bench.link, bench.logdir(tag))
+        self.procs = ProcessGroup(bench.link, bench.logdir(tag), bench.quotas)
         self.names = [f"rank{i}" for i in range(n)]
         self.track = Tracker(self.res, Progress(tag, "step", bench.quiet),
                              target=bench.cfg.target, stop=stop, max_k=max_k or mc.max_steps,
@@ -74,7 +76,8 @@ class _DdpRun:
             for i, name in enumerate(self.names):
                 procs.start(name, i, "ddp", bench.spec(
                     "ddp", mc, index=i + 1, iface=link.iface, master=link.worker_host(0),
-                    port=port, snapshots=str(snapdir), max_steps=self.track.max_k))
+                    port=port, snapshots=str(snapdir), max_steps=self.track.max_k),
+                    device=True)
             ready = procs.wait_for(self.names, "ready")
             self.base = Baseline(ready, self.names)
             q0 = link.qdisc_bytes()
@@ -94,6 +97,7 @@ class _DdpRun:
         if self.netns and all(last.values()):
             res.iface_bytes_run = sum(self.base.sent(w, last[w]) for w in self.names)  # type: ignore[arg-type]
         finish(res, mc, bench.cfg.target)
+        res.device_cpu = bench.device_cores
         at_result = self.track.result_reports()
         if at_result is not None:
             res.compute_cpu_s = sum(e["cpu"] for e in at_result[1].values()) / res.workers

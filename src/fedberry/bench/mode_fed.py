@@ -6,7 +6,7 @@ from dataclasses import asdict
 
 from fedberry.bench.config import ModeConfig
 from fedberry.bench.context import BenchContext
-from fedberry.bench.link import CHIEF_PORT
+from fedberry.bench.link import CHIEF_PORT, RELAY_PORT
 from fedberry.bench.process_group import Event, ProcessGroup
 from fedberry.bench.progress import Progress
 from fedberry.bench.results import ModeResult, Point, finish
@@ -27,7 +27,7 @@ class _FedRun:
         self.netns = bench.link.iface is not None
         self.res = ModeResult(mode, n, unit, asdict(mc), bytes_source=(
             IFACE_SOURCE if self.netns else "chief's sockets (payload)"))
-        self.procs = ProcessGroup(bench.link, bench.logdir(tag))
+        self.procs = ProcessGroup(bench.link, bench.logdir(tag), bench.quotas)
         self.names = [f"worker{i}" for i in range(1, n + 1)]
         self.track = Tracker(self.res, Progress(tag, unit, bench.quiet), target=bench.cfg.target,
                              stop=stop, max_k=max_k or mc.max_steps, time_cap_s=mc.time_cap_s,
@@ -47,11 +47,23 @@ class _FedRun:
                 max_rounds=self.track.max_k, shaper_mbit=link.shaper_mbit,
                 downlink=mc.downlink))
             port = procs.wait_for(["chief"], "listening")["chief"]["port"]
+            cfg = bench.cfg
+            if cfg.latency == "relay" and (cfg.delay_ms > 0 or cfg.reset_per_s > 0):
+                # The workers dial the relay beside the chief; it holds every byte for the
+                # delay. In the namespaces it hands on over the chief's own loopback, so the
+                # shaped link is still the workers' side of it.
+                procs.start("relay", "chief", "relay", {
+                    "host": link.chief_host, "port": RELAY_PORT if self.netns else 0,
+                    "upstream": f"{link.chief_host}:{port}", "delay_ms": cfg.delay_ms,
+                    "jitter_ms": cfg.jitter_ms, "reset_per_s": cfg.reset_per_s})
+                port = procs.wait_for(["relay"], "listening")["relay"]["port"]
+                res.notes.append(f"latency {cfg.delay_ms:g} +- {cfg.jitter_ms:g} ms one way "
+                                 "(relay)")
             url = f"tcp://{link.chief_host}:{port}"
             for i, name in enumerate(self.names):
                 procs.start(name, i, "fed", bench.spec(
                     self.mode, mc, chief=url, index=i + 1, iface=link.iface,
-                    local_epochs=mc.local_epochs, codec=mc.codec))
+                    local_epochs=mc.local_epochs, codec=mc.codec), device=True)
             ready = procs.wait_for(["chief", *self.names], "ready")
             self.base = Baseline(ready, self.names)
             q0 = link.qdisc_bytes()
@@ -66,12 +78,17 @@ class _FedRun:
             res.iface_bytes_run = sum(self.base.crossed(w, self.last_sync[w])
                                       for w in self.names)
         finish(res, mc, bench.cfg.target)
+        res.device_cpu = bench.device_cores
         self._compute_and_crc()
         return res
 
     def _on_event(self, name: str, e: Event) -> bool:
         res = self.res
         if e["ev"] == "exit":
+            if name == "relay" and e["code"] not in (0, None) and self.track.done_k is None:
+                res.notes.append(f"the relay exited with code {e['code']}")
+                res.stop_reason = res.stop_reason or "the relay exited"
+                return True
             if name == "chief" or e["code"] != 0:
                 if self.track.done_k is None:
                     res.stop_reason = res.stop_reason or f"{name} exited ({e['code']})"
@@ -116,6 +133,15 @@ class _FedRun:
         n = res.workers
         res.compute_cpu_s = sum(e["cpu"] for e in at.values()) / n
         res.compute_wall_s = sum(e["compute"] for e in at.values()) / n
+        speeds = [e["samples"] / e["compute"] for e in at.values()
+                  if e.get("samples") and e.get("compute")]
+        res.samples_per_s = sum(speeds) / len(speeds) if speeds else None
+        share = res.compute_cpu_s / res.compute_wall_s if res.compute_wall_s else None
+        if res.device_cpu and share is not None and share < 0.8 * res.device_cpu:
+            # The quota is a ceiling: on a busy machine a device gets less, and the mode's
+            # time is then not a device's.
+            res.notes.append(f"the devices trained at {share:.2f} of a core on average, below "
+                             f"their quota of {res.device_cpu:g}: the machine is busy")
         w1 = at.get("worker1", {}).get("crc")
         chief_crc = self.rounds.get(k, {}).get("crc")
         if w1 is not None and chief_crc is not None:

@@ -183,12 +183,13 @@ def run_fed(spec: dict[str, Any]) -> None:
     worker = Worker(spec["chief"], worker_id=f"bench-{spec['mode']}-{spec['index']}",
                     idle_timeout=120.0, codec=spec.get("codec", "none"))
     compute = cpu = 0.0  # seconds spent training, wall and this thread's CPU
+    seen = 0  # samples trained on: with ``compute``, the device's training speed
 
     def report(round_: int, loss: float | None, arrays: list[np.ndarray] | None = None) -> None:
         tx, rx = iface_bytes(iface)
         emit(ev="sync", round=round_, t=time.monotonic(), tx=tx, rx=rx, compute=compute,
-             cpu=cpu, sent=worker.bytes_sent, received=worker.bytes_received, loss=loss,
-             crc=crc(arrays) if arrays is not None and report_crc else None)
+             cpu=cpu, samples=seen, sent=worker.bytes_sent, received=worker.bytes_received,
+             loss=loss,             crc=crc(arrays) if arrays is not None and report_crc else None)
 
     if spec["mode"] == "dsgd":
         set_arrays(model, worker.join(get_arrays(model)))
@@ -201,6 +202,7 @@ def run_fed(spec: dict[str, Any]) -> None:
             opt.zero_grad()
             loss.backward()
             grads = [p.grad.numpy() for p in params]
+            seen += len(b)
             compute += time.perf_counter() - c0
             cpu += time.thread_time() - p0
             mean = worker.sync(grads, float(len(b)), {"loss": loss.item()})
@@ -225,6 +227,7 @@ def run_fed(spec: dict[str, Any]) -> None:
             loss.backward()
             fopt.record_loss(loss.item())
             losses.append(loss.item())
+            seen += len(b)
             syncing = (fopt.steps + 1) % steps == 0
             if syncing:  # the optimizer step is compute, the averaging that follows is not
                 compute += time.perf_counter() - c0
@@ -320,7 +323,19 @@ def run_single(spec: dict[str, Any]) -> None:
                 break
 
 
-ROLES = {"chief": run_chief, "fed": run_fed, "ddp": run_ddp, "single": run_single}
+# ============================================================================================
+def run_relay(spec: dict[str, Any]) -> None:
+    """The latency link between the workers and the chief (relay.py)."""
+    from fedberry.bench import relay
+
+    argv = ["--listen", f"{spec['host']}:{spec['port']}", "--upstream", spec["upstream"],
+            "--delay-ms", str(spec["delay_ms"]), "--jitter-ms", str(spec["jitter_ms"]),
+            "--reset-per-s", str(spec["reset_per_s"])]
+    sys.exit(relay.main(argv))
+
+
+ROLES = {"relay": run_relay, "chief": run_chief, "fed": run_fed, "ddp": run_ddp,
+         "single": run_single}
 
 
 def main(argv: list[str] | None = None) -> int:

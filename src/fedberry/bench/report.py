@@ -94,7 +94,7 @@ def _mb(n: float | None, lower: bool = False) -> str:
 # -- the table ---------------------------------------------------------------------------------
 COLUMNS = ["mode", "workers", "wire (up/down)", "time to target [s]", "steps / rounds",
            "final acc", "MB to target", "MB per worker", "faster than dsgd",
-           "fewer bytes than dsgd", "faster than single"]
+           "fewer bytes than dsgd", "faster than single", "samples/s per device"]
 
 
 def _wire(mode: str, config: dict[str, Any]) -> str:
@@ -125,7 +125,9 @@ def rows(results: dict[str, ModeResult], target: float) -> list[list[str]]:
         out.append([name, str(r.workers), _wire(name, r.config), t, k, acc, mb, per,
                     _fmt_ratio(rat[name].get("speedup_vs_dsgd")),
                     _fmt_ratio(rat[name].get("fewer_bytes_vs_dsgd")),
-                    _fmt_ratio(rat[name].get("speedup_vs_single"))])
+                    _fmt_ratio(rat[name].get("speedup_vs_single")),
+                    "-" if r.samples_per_s is None else f"{r.samples_per_s:,.0f}"
+                    + ("" if r.device_cpu is None else f" @{r.device_cpu:g} core")])
     return out
 
 

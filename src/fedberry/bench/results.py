@@ -56,6 +56,10 @@ class ModeResult:
     link_shaped: bool = True
     compute_cpu_s: float | None = None  # mean worker CPU seconds spent training, to target
     compute_wall_s: float | None = None  # the same in wall time on the shared cores
+    # Training speed of one device: samples per second of training wall time, mean over the
+    # workers, to target (under --device-cpu this is the emulated device's speed).
+    samples_per_s: float | None = None
+    device_cpu: float | None = None  # the CPU quota each process of this mode ran under
     qdisc_bytes: dict[str, int] | None = None  # whole run, from the shaping queues
     iface_bytes_run: int | None = None  # whole run, total by interface counters
     socket_bytes_run: int | None = None

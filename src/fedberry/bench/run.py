@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
 from typing import Any
@@ -9,6 +10,7 @@ from typing import Any
 from fedberry.bench import link as link_mod
 from fedberry.bench import report
 from fedberry.bench.config import BenchConfig
+from fedberry.bench.cpu_quota import DeviceQuotas, fit_quota
 from fedberry.bench.harness import Bench, ModeResult
 from fedberry.bench.shaper import mbit_to_bytes_per_s, tcp_payload_fraction
 
@@ -25,7 +27,8 @@ def run(cfg: BenchConfig, *, quiet: bool = False, command: str | None = None,
     if cfg.check_shaper and kind != "netns":
         raise ValueError("--check-shaper compares the namespaces with the in-process shaper: "
                          f"it needs network namespaces ({why})")
-    link = link_mod.BenchLink(kind, cfg.workers, cfg.rate_mbit, cfg.delay_ms, cfg.duplex)
+    netem_ms = cfg.delay_ms if cfg.latency == "netem" else 0.0
+    link = link_mod.BenchLink(kind, cfg.workers, cfg.rate_mbit, netem_ms, cfg.duplex)
     results: dict[str, ModeResult] = {}
     check: dict[str, Any] | None = None
     payload: dict[str, Any] = {
@@ -33,14 +36,32 @@ def run(cfg: BenchConfig, *, quiet: bool = False, command: str | None = None,
         "config": cfg.to_json(), "modes": {}, "status": "running"}
     say(f"fedberry bench: {', '.join(cfg.modes)}; {cfg.workers} workers; target "
         f"{cfg.target}; {cfg.model} on Fashion-MNIST; out {out}")
-    with link:
+    cores = fit_quota(cfg.workers) if cfg.device_cpu is None else cfg.device_cpu
+    quotas = DeviceQuotas(cores) if cores > 0 else None
+    if quotas is not None and not quotas.available:
+        say(f"devices: no CPU quota ({quotas.why}): every process runs at this machine's "
+            "full speed")
+    elif quotas is not None:
+        say(f"devices: each worker and the single node under a CPU quota of {cores:g} core "
+            f"(cgroup v{quotas.cgroups.version}), the chief unlimited")  # type: ignore[union-attr]
+    payload["devices"] = quotas.describe() if quotas is not None else {"applied": False,
+                                                                        "cores": None}
+    with link, (quotas or contextlib.nullcontext()):
         payload["link"] = link.describe()
         d = payload["link"]
+        if cfg.latency == "relay":
+            d["latency"] = {"by": "relay (bench/relay.py) between workers and chief",
+                            "delay_ms": cfg.delay_ms, "jitter_ms": cfg.jitter_ms,
+                            "reset_per_s": cfg.reset_per_s, "modes": "single has no link; "
+                            "ddp's gloo ring does not pass the relay: no latency there"}
+            lat = (f"{cfg.delay_ms:g} +- {cfg.jitter_ms:g} ms one way by the relay (not on "
+                   "ddp's ring)" if cfg.delay_ms else "none")
+        else:
+            lat = (f"{cfg.delay_ms:g} ms by netem" if d["delay_applied"] else
+                   "none (netem missing)" if kind == "netns" and cfg.delay_ms else "none")
         say(f"link: {kind}, {cfg.rate_mbit:g} Mbit/s shared, {d['duplex']} duplex, latency "
-            + (f"{cfg.delay_ms:g} ms" if d["delay_applied"] else
-               "none (netem missing)" if kind == "netns" and cfg.delay_ms else "none")
-            + f" ({why})")
-        bench = Bench(cfg, link, out, quiet)
+            f"{lat} ({why})")
+        bench = Bench(cfg, link, out, quiet, quotas)
         for mode in cfg.modes:
             say(f"\n== {mode} (cap {cfg.per_mode[mode].time_cap_s:.0f} s)")
             t0 = time.monotonic()
@@ -99,7 +120,7 @@ def check_shaper(cfg: BenchConfig, bench: Bench, out: Path, say: Any) -> dict[st
     runs: dict[str, ModeResult] = {"netns": bench.run("dsgd", tag="check-netns", max_k=k,
                                                       stop_at_target=False)}
     with link_mod.BenchLink("shaper", cfg.workers, cfg.rate_mbit) as loop_link:
-        other = Bench(cfg, loop_link, out, bench.quiet)
+        other = Bench(cfg, loop_link, out, bench.quiet, bench.quotas)
         runs["shaper"] = other.run("dsgd", tag="check-shaper", max_k=k, stop_at_target=False)
     per_step: dict[str, float | None] = {}
     for name, r in runs.items():

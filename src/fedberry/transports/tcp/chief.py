@@ -125,6 +125,12 @@ class ListenOptions:
     # O(model) whatever the number of workers. One update is always let in. The default lets
     # dozens of small-model workers upload in parallel, which a slow per-worker link needs.
     receive_memory: int = 64 << 20
+    # SO_RCVBUF of every accepted connection, bytes; None: the kernel's autotuning. While a
+    # worker waits its turn (receive_memory) its update still fills the chief's socket buffer:
+    # with a thousand workers of a large model, autotuned buffers held 1.2 GB of waiting
+    # updates in the chief's kernel and passed tcp_mem's pressure mark, and the kernel dropped
+    # segments (bench/swarm.py, docs/benchmarks.md). A bound caps that at workers x this.
+    receive_buffer: int | None = None
     # Paces every connection's bytes through the caller's pacers (transports/pacing.py): the
     # benchmark without root emulates a slow shared link so (docs/slow-link.md). None: full speed.
     pacing: Pacing | None = None
@@ -201,6 +207,10 @@ class _ChiefConnection(_FrameWriter, asyncio.BufferedProtocol):
         self.peer_ip = peer[0] if peer else "?"
         if peer:
             self.address = f"[{peer[0]}]:{peer[1]}" if ":" in peer[0] else f"{peer[0]}:{peer[1]}"
+        rcvbuf = self.listener.options.receive_buffer
+        sock = transport.get_extra_info("socket")
+        if rcvbuf is not None and sock is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
         tls = self.listener.options.ssl_context is not None
         if not tls:
             self.transport = transport  # type: ignore[assignment]

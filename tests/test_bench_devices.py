@@ -1,0 +1,79 @@
+"""Emulated devices (bench/cpu_quota.py): the quota holds a busy process to its share of a
+core, and a run leaves no cgroup behind, also when it fails."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from fedberry.bench.cpu_quota import DeviceQuotas, detect, fit_quota
+
+found, why = detect()
+needs_cgroups = pytest.mark.skipif(found is None, reason=f"no writable cpu cgroup: {why}")
+
+BUSY = "import sys\nsys.stdin.readline()\nwhile True: pass\n"
+
+
+def test_fit_quota_leaves_room_for_the_chief() -> None:
+    assert fit_quota(6, cores=2) == 0.25  # 1.5 cores of devices + the chief
+    assert fit_quota(12, cores=2) == 0.125  # cut: 12 x 0.125 = 1.5
+    assert fit_quota(1, cores=2, want=4.0) == 1.5
+    with pytest.raises(ValueError):
+        fit_quota(0)
+    with pytest.raises(ValueError):
+        DeviceQuotas(0.0)
+
+
+def _cpu_s(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / 100.0  # utime + stime, in clock ticks
+
+
+@needs_cgroups
+def test_quota_caps_a_busy_process_and_is_removed() -> None:
+    assert found is not None
+    proc = subprocess.Popen([sys.executable, "-c", BUSY], stdin=subprocess.PIPE, text=True)
+    quotas = DeviceQuotas(0.2, name="fedberry-bench-test-cap")
+    try:
+        with quotas:
+            quotas.add("busy", proc.pid)
+            assert str(proc.pid) in (quotas.members["busy"] / "cgroup.procs").read_text()
+            assert proc.stdin is not None
+            proc.stdin.write("\n")
+            proc.stdin.flush()
+            c0, t0 = _cpu_s(proc.pid), time.monotonic()
+            time.sleep(1.5)
+            used, wall = _cpu_s(proc.pid) - c0, time.monotonic() - t0
+            # An upper bound only (a busy machine gives it less): 0.2 core, plus one period of
+            # slack and the clock ticks' rounding.
+            assert used <= 0.2 * wall + 0.12, (used, wall)
+            assert quotas.throttled()["busy"] > 0
+            parent = quotas.parent
+            assert parent is not None and parent.is_dir()
+        # Closed with the process still running inside: it went back to the root, the
+        # cgroups are gone.
+        assert not parent.exists()
+        assert proc.poll() is None
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+@needs_cgroups
+def test_cgroups_removed_when_the_run_fails() -> None:
+    assert found is not None
+    proc = subprocess.Popen([sys.executable, "-c", BUSY], stdin=subprocess.PIPE, text=True)
+    try:
+        with pytest.raises(RuntimeError), DeviceQuotas(0.5, name="fedberry-bench-test-fail") as q:
+            q.add("a", proc.pid)
+            q.add("b", proc.pid)  # moves it: one process, one device
+            raise RuntimeError("the mode failed")
+        assert not (found.root / "fedberry-bench-test-fail").exists()
+        assert not [d for d in found.root.iterdir() if d.name.startswith("fedberry-bench-test")]
+    finally:
+        proc.kill()
+        proc.wait()
