@@ -5,7 +5,8 @@ of the ``dp-accounting`` package (the ``dp`` extra), imported when first asked, 
 core stays numpy-only. One round of DP-FedAvg is one Gaussian mechanism on the sum of the
 round's clipped updates; R rounds compose. fedberry always accounts q = 1 (no amplification by
 sampling: the chief's client sampling is not secret Poisson sampling, docs/privacy.md); the
-``sampling_rate`` parameter is kept for a future honest Poisson path. tests/test_privacy_accountant.py checks the figures against Opacus's RDP analysis.
+``sampling_rate`` parameter is kept for a future honest Poisson path.
+tests/test_privacy_accountant.py checks the figures against Opacus's RDP analysis.
 """
 
 from __future__ import annotations
