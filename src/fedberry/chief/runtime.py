@@ -327,6 +327,13 @@ class ChiefServer:
         protocol's ``EvalResult``)."""
         if self.worker_evaluation is None or self.peers.get(peer.worker_id) is not peer:
             return
+        too_many = self.chief.admission.too_many_samples(num_examples)  # the updates' bound
+        if too_many:
+            log.warning("worker %s: its evaluation of round %d is refused and not counted: %s",
+                        peer.worker_id, round_, too_many)
+            self.worker_evaluation.refused(peer.worker_id, round_)
+            self._flush_held()  # the line waits for this worker no more
+            return
         if self.worker_evaluation.report(peer.worker_id, round_, num_examples, metrics,
                                          time.monotonic()):
             self._flush_held()
