@@ -11,8 +11,10 @@ stream open, and each connection carries one request (HTTP/1.0), so an open brow
 no thread between its polls.
 
 Who may read: on a loopback address, anyone on the machine (as with any local port). Beyond
-loopback the chief's token is required as ``Authorization: Bearer TOKEN`` on ``/api/status`` and
-``/metrics`` (the page itself is a static shell holding no data; it sends the token it is given
+loopback the status token is required as ``Authorization: Bearer TOKEN`` on ``/api/status`` and
+``/metrics``: a read-only token of its own (``--status-token``), never the workers' token, so
+that who may watch the run (a dashboard, a Prometheus scrape) cannot join it and train (the
+page itself is a static shell holding no data; it sends the token it is given
 in the address's ``#token=`` fragment, which browsers never send to the server), over HTTPS
 with the chief's certificate, or over plain HTTP only with ``insecure`` (the token would cross
 the network readable). ``check_exposure`` says why in one sentence when that is not so.
@@ -44,26 +46,33 @@ MAX_REQUESTS = 16  # requests served at once; more are closed without an answer
 # slow-loris client) can hold at most a quarter of MAX_REQUESTS.
 MAX_PER_ADDRESS = 4
 REQUEST_TIMEOUT = 10.0  # seconds for a whole request: TLS handshake, request, answer
+STATUS_TOKEN_ENV = "FEDBERRY_STATUS_TOKEN"  # the status token, when not given as an option
 
 
 def check_exposure(host: str, loopback: bool, token: str | None, tls: bool,
-                   insecure: bool) -> None:
+                   insecure: bool, worker_token: str | None = None) -> None:
     """Refuse, with one sentence, a status address that would show the run to anyone.
-    ``loopback``: whether ``host`` is a loopback address (the TCP transport's rule decides).
+    ``loopback``: whether ``host`` is a loopback address (the TCP transport's rule decides);
+    ``token``: the status token; ``worker_token``: the token workers join with.
 
     Raises
     ------
     ValueError
-        ``host`` is not loopback and there is no token, or the token would travel in plain
-        HTTP without ``insecure``.
+        ``host`` is not loopback and there is no status token, or it is the workers' token,
+        or it would travel in plain HTTP without ``insecure``.
     """
     if loopback:
         return
     if not token:
-        raise ValueError(f"refusing to serve the status page on {host} without a token: anyone "
-                         "who can reach it could read the run; give --token, --token-file or "
-                         "FEDBERRY_TOKEN (readers then send 'Authorization: Bearer TOKEN'), or "
-                         "use --status 127.0.0.1:PORT and an SSH tunnel")
+        raise ValueError(f"refusing to serve the status page on {host} without a status token: "
+                         "anyone who can reach it could read the run; give --status-token, "
+                         "--status-token-file or FEDBERRY_STATUS_TOKEN (a read-only token, not "
+                         "the workers' --token; readers then send 'Authorization: Bearer "
+                         "TOKEN'), or use --status 127.0.0.1:PORT and an SSH tunnel")
+    if worker_token and hmac.compare_digest(token.encode(), worker_token.encode()):
+        raise ValueError("refusing a status token equal to the workers' token: whoever reads "
+                         "the status page could then join the run and train; give "
+                         "--status-token a secret of its own")
     if not tls and not insecure:
         raise ValueError(f"refusing to serve the status page on {host} over plain HTTP: the "
                          "bearer token would cross the network readable; give --tls-cert and "
@@ -192,7 +201,7 @@ class _Handler(BaseHTTPRequestHandler):
             return
         if not app.authorized(self.headers.get("Authorization")):
             self._send(HTTPStatus.UNAUTHORIZED, b"this status server needs 'Authorization: "
-                       b"Bearer TOKEN' (the chief's token)\n", "text/plain",
+                       b"Bearer TOKEN' (the chief's --status-token)\n", "text/plain",
                        {"WWW-Authenticate": 'Bearer realm="fedberry"'})
             return
         if url.path == "/metrics":
