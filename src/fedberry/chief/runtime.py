@@ -615,7 +615,7 @@ class ChiefServer:
         if self._deadline_handle is not None:
             self._deadline_handle.cancel()
             self._deadline_handle = None
-        deadline = self.chief.deadline
+        deadline = self.chief.wake_at  # the round's deadline, or its next draw (sampling)
         now = time.monotonic()
         # Once the deadline has passed without a quorum, no timer: the update that completes
         # the quorum closes the round itself (re-arming at a past deadline would spin).
