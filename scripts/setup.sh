@@ -42,7 +42,7 @@ case "$(uname -m)" in
   *) TORCH="torch==2.13.0" ;;
 esac
 "$PY" -m pip install -q --disable-pip-version-check "$TORCH"
-"$PY" -m pip install -q --disable-pip-version-check -e ".[torch,keras,mpi,tls,secagg,bench,status,config,dp,test,browser-test]"
+"$PY" -m pip install -q --disable-pip-version-check -e ".[torch,keras,lightning,mpi,tls,secagg,bench,status,config,dp,test,browser-test]"
 # JAX (CPU, ~5 s from PyPI) so that the Keras callback is also tested on a second backend.
 "$PY" -m pip install -q --disable-pip-version-check jax
 echo "fedberry set up: $("$PY" -c 'import fedberry, torch; print("fedberry", fedberry.__version__, "torch", torch.__version__)')"

@@ -33,3 +33,15 @@ def test_demo_reaches_085_in_10_rounds_with_4_workers(tmp_path):
     assert records[-1]["train_loss"] < records[0]["train_loss"]
     assert all(a["wall_s"] <= b["wall_s"] for a, b in zip(records, records[1:]))
     assert "test_acc" in proc.stdout and "done: round 10" in proc.stdout
+    # The trained model, as the chief's last line says: one line loads it into the demo's torch
+    # model (names are its state_dict keys), which scores the accuracy the chief logged.
+    path = out / "model.safetensors"
+    assert proc.stdout.strip().splitlines()[-1] == f"model: {path}"
+    safetensors_torch = pytest.importorskip("safetensors.torch", reason="the torch extra")
+    from fedberry.demo.models import build_model, get_arrays
+    from fedberry.demo.torch_demo import make_evaluator
+
+    model = build_model("mlp", seed=123)  # other weights than any the run had
+    model.load_state_dict(safetensors_torch.load_file(path))
+    score = make_evaluator("mlp")(get_arrays(model))
+    assert score["accuracy"] == pytest.approx(records[-1]["test_accuracy"], abs=1e-6)

@@ -42,3 +42,21 @@ def test_keras_demo_reaches_085_in_10_rounds_with_4_workers(tmp_path):
     assert "done: round 10" in proc.stdout
     log = (out / "worker-1.log").read_text()
     assert "finished" in log and "'backend'" in log and "'round': 10" in log
+    # The trained model, as the chief's last line says: one line loads it into the demo's Keras
+    # model (names are its weight paths), which scores the accuracy the chief logged.
+    path = out / "model.safetensors"
+    assert proc.stdout.strip().splitlines()[-1] == f"model: {path}"
+    import fedberry.keras
+    from fedberry.chief.model_file import load
+    from fedberry.demo.keras_demo import build_keras_model, make_keras_evaluator
+    from fedberry.integrations.keras import get_arrays, weight_names
+
+    model = build_keras_model("mlp", seed=123)  # other weights than any the run had
+    fedberry.keras.load_weights(model, path)
+    # The workers' weight paths (Keras numbers its layers per process: "dense_1" here may be
+    # "dense_4" there, so load_weights falls back to the file's order, the model's).
+    names = list(load(path))
+    assert len(names) == len(weight_names(model))
+    assert [n.rsplit("/", 1)[-1] for n in names] == ["kernel", "bias"] * 3
+    score = make_keras_evaluator("mlp")(get_arrays(model))
+    assert score["accuracy"] == pytest.approx(records[-1]["test_accuracy"], abs=1e-6)

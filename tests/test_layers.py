@@ -25,11 +25,13 @@ from fedberry.transports.local import LocalSession
 from fedberry.transports.pacing import Pacer, Pacing
 from fedberry.worker import Worker
 
-EXTRAS = ("torch", "keras", "jax", "tensorflow", "mpi4py", "matplotlib", "cryptography")
+EXTRAS = ("torch", "keras", "jax", "tensorflow", "mpi4py", "matplotlib", "cryptography",
+          "lightning", "safetensors")
 # These exist to bridge a framework and import it at load, as a user's `import fedberry.torch`
 # should: everything else imports without any extra.
 FRAMEWORK_MODULES = {"fedberry.torch", "fedberry.keras", "fedberry.integrations.torch",
-                     "fedberry.integrations.keras", "fedberry.demo.models"}
+                     "fedberry.integrations.keras", "fedberry.demo.models",
+                     "fedberry.lightning", "fedberry.integrations.lightning"}
 
 
 def _all_modules() -> list[str]:

@@ -738,6 +738,8 @@ def test_an_unknown_key_in_an_mpi_address_is_refused_with_the_known_ones():
     from fedberry.transports.mpi_chief import MpiChiefOptions, query
 
     with pytest.raises(ValueError, match=r"unknown option round in 'mpi://\?round=3': an mpi:// "
-                                         r"address takes checkpoint, .*rounds, strategy, timeout"):
+                                         r"address takes checkpoint, .*rounds, save_every, "
+                                         r"strategy, timeout"):
         MpiChiefOptions.from_address("mpi://?round=3")
     assert query("mpi://?rounds=3&timeout=5") == {"rounds": "3", "timeout": "5"}
+    assert MpiChiefOptions.from_address("mpi://?save_every=3&out=o").save_every == 3

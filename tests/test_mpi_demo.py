@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from helpers import fedberry_env, python
 
-from fedberry.chief import checkpoint
+from fedberry.chief import checkpoint, model_file
 from fedberry.chief.metrics import read
 
 pytest.importorskip("mpi4py")
@@ -99,6 +99,15 @@ def test_mpi_demo_matches_the_tcp_demo(tmp_path, monkeypatch):
         assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-4)
     # The same table as the TCP demo, printed as rounds close.
     assert "round workers test_acc" in out and f"done: round {ROUNDS}" in out, out
+    # Rank 0 wrote the final model, named by the torch workers' state_dict keys (they reach it
+    # through the ranks' join), as the TCP chief did.
+    mpi_file = model_file.load(tmp_path / "mpi" / model_file.FILE_NAME)
+    tcp_file = model_file.load(tmp_path / "tcp" / model_file.FILE_NAME)
+    assert list(mpi_file) == list(tcp_file) == ["1.weight", "1.bias", "3.weight", "3.bias",
+                                                "5.weight", "5.bias"]
+    for a, m in zip(mpi_file.values(), mpi_model):
+        np.testing.assert_array_equal(a, m)
+    assert out.strip().splitlines()[-1] == f"model: {tmp_path / 'mpi' / model_file.FILE_NAME}"
 
 
 def pidfds(pid: int) -> int:

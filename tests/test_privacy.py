@@ -15,6 +15,7 @@ import pytest
 
 import fedberry
 from fedberry.chief.admission import update_norm
+from fedberry.chief.model_file import load as load_model_file
 from fedberry.privacy import DPConfig, DPFedAvg, parse_dp
 from fedberry.protocol.messages import ProtocolError, Welcome, from_frame, to_frame
 
@@ -288,7 +289,8 @@ def test_a_resumed_run_keeps_counting_its_privacy_budget(tmp_path):
 
     dp = DPConfig(clip=0.5, noise=1.5, where="chief", adaptive=True, count_noise=1.0, seed=2)
     ck = tmp_path / "ck.npz"
-    handle = fedberry.serve(None, workers=1, rounds=2, dp=dp, initial=_initial(), checkpoint=ck)
+    handle = fedberry.serve(None, workers=1, rounds=2, dp=dp, initial=_initial(), checkpoint=ck,
+                            out_dir=tmp_path / "out")
     w = fedberry.Worker(handle, worker_id="w0")
     model = w.join(_initial())
     while not w.done:
@@ -296,6 +298,10 @@ def test_a_resumed_run_keeps_counting_its_privacy_budget(tmp_path):
     w.close()
     handle.stop()
     clip_after_2 = handle.metrics[-1]["dp_clip"]
+    # A DP run writes its model file too: the noised global model, as the worker received it.
+    saved = list(load_model_file(tmp_path / "out" / "model.safetensors").values())
+    for a, b in zip(saved, model, strict=True):
+        np.testing.assert_array_equal(a, b)
     handle = fedberry.serve(None, workers=1, rounds=3, dp=dp, checkpoint=ck, resume=True,
                             initial=_initial())
     try:

@@ -1,4 +1,4 @@
-"""The ``fedberry`` command: chief, worker, demo, certs, bench."""
+"""The ``fedberry`` command: chief, worker, demo, export, certs, bench."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import logging
 import signal
 import sys
 import threading
+import time
 import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -16,6 +17,7 @@ from typing import Any
 
 from fedberry import __version__
 from fedberry.chief.admission import DEFAULT_MAX_SAMPLES, NORM_MODES, AdmissionPolicy
+from fedberry.chief.model_file import DEFAULT_SAVE_EVERY, FILE_NAME
 from fedberry.chief.round_config import parse_schedule
 from fedberry.cli_config import add_config_options, parse_args
 from fedberry.codecs import DOWNLINK_CODECS, UPLINK_CODECS
@@ -147,6 +149,9 @@ def _add_chief_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default="runs/chief", help="metrics.jsonl and checkpoint go here")
     p.add_argument("--checkpoint", default=None, help="default: OUT/checkpoint.npz")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint")
+    p.add_argument("--save-every", type=int, default=DEFAULT_SAVE_EVERY, metavar="N",
+                   help="write the model to OUT/model.safetensors every N rounds (default "
+                        f"{DEFAULT_SAVE_EVERY}; 0: only at the end) and when the run finishes")
     p.add_argument("--on-checkpoint-error", choices=["stop", "warn"], default="stop",
                    help="when the checkpoint cannot be written: stop the run, telling every "
                         "worker why, and exit nonzero (default), or warn each round and go on "
@@ -344,6 +349,7 @@ def _run_chief(args: argparse.Namespace) -> int:
         print(row, flush=True)
 
     fleet = _fleet_options(args)
+    started = time.time()
     with _out_errors(args.out):
         if args.listen.startswith("mpi://"):  # rank 0 of an mpiexec launch (transports/mpi.py)
             if fleet:
@@ -361,9 +367,10 @@ def _run_chief(args: argparse.Namespace) -> int:
                           admission=AdmissionPolicy(max_samples=args.max_samples,
                                                     max_update_norm=args.max_update_norm,
                                                     update_norm_mode=args.update_norm_mode),
-                          dp=dp)
+                          dp=dp, save_every=args.save_every)
             if dp is not None:
                 print(_dp_summary(dp, records), flush=True)
+            print_model_line(args.out, started)
             return 0
         run_chief(listen=args.listen, workers=args.workers, rounds=args.rounds,
                   min_workers=args.min_workers, round_timeout=args.round_timeout,
@@ -379,10 +386,22 @@ def _run_chief(args: argparse.Namespace) -> int:
                   max_samples=args.max_samples,
                   max_update_norm=args.max_update_norm, update_norm_mode=args.update_norm_mode,
                   status=args.status, status_token=args.status_token,
-                  status_token_file=args.status_token_file, dp=dp, **fleet)
+                  status_token_file=args.status_token_file, dp=dp, save_every=args.save_every,
+                  **fleet)
         if dp is not None:
             print(_dp_summary(dp, records), flush=True)
+    print_model_line(args.out, started)
     return 0
+
+
+def print_model_line(out: str | Path, since: float) -> None:
+    """The chief's last line: where the trained model is (when this run wrote one)."""
+    path = Path(out) / FILE_NAME
+    try:
+        if path.stat().st_mtime >= since - 1:  # written by this run, not left by another
+            print(f"model: {path}", flush=True)
+    except OSError:
+        pass
 
 
 def _check_files(args: argparse.Namespace, *names: str) -> None:
@@ -476,6 +495,24 @@ def _run_demo(args: argparse.Namespace) -> int:
                         downlink=args.downlink)
 
 
+def _add_export_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="write a checkpoint's model as model.safetensors",
+                       description="Convert a chief's checkpoint.npz (tensors global.0..N) to "
+                                   "the safetensors model file that chiefs now write "
+                                   "themselves (OUT/model.safetensors).")
+    p.add_argument("checkpoint", help="a checkpoint.npz written by a fedberry chief")
+    p.add_argument("-o", "--output", default=None, metavar="OUT.safetensors",
+                   help="where to write it (default: model.safetensors beside the checkpoint)")
+    p.set_defaults(func=_run_export)
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    from fedberry.chief.export import export_checkpoint
+
+    print(f"model: {export_checkpoint(args.checkpoint, args.output)}", flush=True)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fedberry", description="Federated averaging for small, badly connected machines.",
@@ -485,6 +522,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_chief_parser(sub)
     _add_worker_parser(sub)
     _add_demo_parser(sub)
+    _add_export_parser(sub)
     try:
         from fedberry.certs import add_certs_parser
 

@@ -1,5 +1,5 @@
-"""``fedberry.keras.FederatedCallback``: see ``fedberry.integrations.keras``."""
+"""``fedberry.keras.FederatedCallback`` and ``load_weights``: see ``integrations.keras``."""
 
-from fedberry.integrations.keras import FederatedCallback
+from fedberry.integrations.keras import FederatedCallback, load_weights
 
-__all__ = ["FederatedCallback"]
+__all__ = ["FederatedCallback", "load_weights"]

@@ -25,7 +25,7 @@ from fedberry.chief.state import non_finite
 from fedberry.codecs import UPLINK_CODECS, check_name
 from fedberry.privacy import DPConfig, LocalPrivacy, as_config
 from fedberry.protocol.limits import MAX_METRIC_NAME, MAX_METRICS
-from fedberry.protocol.messages import EvalResult
+from fedberry.protocol.messages import EvalResult, check_tensor_names
 from fedberry.protocol.spec import ProtocolError
 from fedberry.transports.connect import InProcessChief, connect
 from fedberry.transports.loop import LoopThread
@@ -119,9 +119,20 @@ class Worker:
             self._session.evaluates = True  # its AUTH says so: the chief then asks
 
     # -- the API -----------------------------------------------------------------------------
-    def join(self, arrays: Sequence[np.ndarray]) -> list[np.ndarray]:
+    def join(self, arrays: Sequence[np.ndarray],
+             names: Sequence[str] | None = None) -> list[np.ndarray]:
+        """Offer ``arrays`` (the local initial model) and return the federation's model.
+
+        ``names``: optionally the tensors' names (torch ``state_dict`` keys, Keras weight
+        paths), which name the tensors of the chief's model file (``OUT/model.safetensors``);
+        names that cannot be used (not one distinct printable name per array) are left out,
+        with a warning.
+        """
         arrays = _check_arrays(arrays)
-        self.round, out, self.done = self._call(self._session.join(arrays))
+        names = _usable_names(names, len(arrays))
+        call = (self._session.join(arrays, names=names) if names is not None
+                else self._session.join(arrays))  # a session of another transport may not
+        self.round, out, self.done = self._call(call)
         self.joined = True
         self._privacy.chief_clip = getattr(self._session, "dp_clip", None)
         self._keep_global(out)
@@ -134,10 +145,15 @@ class Worker:
         return out
 
     def sync(self, arrays: Sequence[np.ndarray], num_samples: float,
-             metrics: dict[str, float] | None = None) -> list[np.ndarray]:
+             metrics: dict[str, float] | None = None, *,
+             names: Sequence[str] | None = None) -> list[np.ndarray]:
+        """Send this worker's weights after local training; return the new global model.
+
+        Joins first if ``join`` was not called (with ``names``, as ``join`` takes them).
+        """
         arrays = _check_arrays(arrays)
         if not self.joined:
-            self.join(arrays)
+            self.join(arrays, names)
         if self.done:
             log.info("the federation has finished; sync() returns the final model unchanged")
             return list(arrays)
@@ -233,11 +249,26 @@ class Worker:
         return coro_or_value
 
 
+def _usable_names(names: Sequence[str] | None, count: int) -> tuple[str, ...] | None:
+    """``names`` if the protocol accepts them for ``count`` tensors; else None, said once (they
+    only name the chief's model file: not worth refusing the join for)."""
+    if names is None:
+        return None
+    try:
+        return check_tensor_names(list(names), count)
+    except ProtocolError as exc:
+        log.warning("the tensor names are not sent (the chief's model file names its tensors "
+                    "global.0, global.1, ...): %s", exc.message)
+        return None
+
+
 def _size(nbytes: int) -> str:
     for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
         if nbytes >= scale:
             return f"{nbytes / scale:.1f} {unit}"
     return f"{nbytes} B"
+
+
 def _clean_eval_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
     """What ``evaluate`` returned, as the protocol takes it: finite numbers (numpy scalars and
     one-element tensors too) under short names, at most MAX_METRICS; the rest dropped, said."""

@@ -20,6 +20,7 @@ import numpy as np
 from fedberry.chief import checkpoint as ckpt_io
 from fedberry.chief.admission import AdmissionPolicy
 from fedberry.chief.evaluation import FederatedEvaluation
+from fedberry.chief.model_file import DEFAULT_SAVE_EVERY, FILE_NAME, ModelFile
 from fedberry.chief.resume import check_resumable
 from fedberry.chief.round_config import RoundConfig
 from fedberry.chief.runtime import CHECKPOINT_ERROR_POLICIES, ChiefServer, Evaluate
@@ -118,7 +119,12 @@ class OutputOptions:
         A checkpoint that cannot be written (read-only or full disk, no file descriptor left):
         ``"stop"`` (default) ends the run with that sentence, sent to every worker in a fatal
         ERROR, and the chief fails with it; ``"warn"`` warns every round it happens, marks the
-        round's metrics line ``"checkpoint": false`` and goes on (``chief.runtime``).
+        round's metrics line ``"checkpoint": false`` and goes on (``chief.runtime``). A model
+        file that cannot be written follows the same policy.
+    save_every : int
+        With ``out_dir``: the global model is written to ``out_dir/model.safetensors`` when the
+        run finishes and every ``save_every`` rounds (default 10; 0: only at the end), named by
+        the workers' tensor names (``chief.model_file``).
     """
 
     out_dir: str | os.PathLike | None = None
@@ -126,11 +132,20 @@ class OutputOptions:
     resume: bool = False
     run_config: dict[str, Any] = field(default_factory=dict)
     on_checkpoint_error: str = "stop"
+    save_every: int = DEFAULT_SAVE_EVERY
 
     def __post_init__(self) -> None:
         if self.on_checkpoint_error not in CHECKPOINT_ERROR_POLICIES:
             raise ValueError(f"on_checkpoint_error must be 'stop' or 'warn', not "
                              f"{self.on_checkpoint_error!r}")
+        if type(self.save_every) is not int or self.save_every < 0:
+            raise ValueError(f"save_every must be a whole number of rounds >= 0 (0: only at the "
+                             f"end), not {self.save_every!r}")
+
+    @property
+    def model_path(self) -> Path | None:
+        """Where the model file goes: ``out_dir/model.safetensors`` (None without ``out_dir``)."""
+        return Path(self.out_dir) / FILE_NAME if self.out_dir else None
 
 
 def build_chief_server(policy: RoundPolicy, output: OutputOptions, *,
@@ -210,6 +225,8 @@ def build_chief_server(policy: RoundPolicy, output: OutputOptions, *,
                        run_config=run_config, finish_grace=policy.finish_grace,
                        append_metrics=output.resume, on_round=on_round, downlink=downlink,
                        scheduler=scheduler, on_checkpoint_error=output.on_checkpoint_error,
+                       model_file=(ModelFile(output.model_path, output.save_every)
+                                   if output.model_path else None),
                        round_config=round_config,
                        worker_evaluation=FederatedEvaluation(policy.evaluate_every,
                                                              policy.evaluate_timeout)

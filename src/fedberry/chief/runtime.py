@@ -26,7 +26,7 @@ import collections
 import functools
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import numpy as np
@@ -45,6 +45,7 @@ from fedberry.chief.events import (
     WorkerLeft,
 )
 from fedberry.chief.metrics import MetricsLog
+from fedberry.chief.model_file import ModelFile
 from fedberry.chief.round_config import RoundConfig
 from fedberry.chief.run_info import write_run_info
 from fedberry.chief.scheduler import AsyncioScheduler, BlockingScheduler, Scheduler, Timer
@@ -115,7 +116,11 @@ class ChiefServer:
         How the runtime waits; None: an ``AsyncioScheduler`` on the loop of ``bind_loop()``.
     on_checkpoint_error : str
         ``"stop"`` or ``"warn"``: what a checkpoint that cannot be written does (module
-        docstring).
+        docstring). A model file that cannot be written follows the same policy.
+    model_file : ModelFile, optional
+        Where the model is written for people to load (``OUT/model.safetensors``), every
+        ``save_every`` rounds and when the run finishes, off the chief's thread like the
+        checkpoint; None: no model file.
     round_config : callable, optional
         ``round_config(round) -> dict`` of scalars sent with the model of ``round`` (rounds
         completed, 0 first) to every worker, encoded once per round (``chief.round_config``).
@@ -141,6 +146,7 @@ class ChiefServer:
                  on_round: Callable[[dict[str, Any]], None] | None = None,
                  downlink: str = "none", scheduler: Scheduler | None = None,
                  on_checkpoint_error: str = "stop",
+                 model_file: ModelFile | None = None,
                  round_config: RoundConfig | None = None,
                  worker_evaluation: FederatedEvaluation | None = None,
                  progress_every: float = PROGRESS_EVERY) -> None:
@@ -161,6 +167,7 @@ class ChiefServer:
         self.evaluate = evaluate
         self.metrics = MetricsLog(out_dir, append=append_metrics)
         self.checkpoint_path = checkpoint_path
+        self.model_file = model_file
         self.run_config = run_config or {}
         self.on_checkpoint_error = on_checkpoint_error
         # The sentence that stopped the run (a checkpoint that could not be written), or None.
@@ -238,8 +245,11 @@ class ChiefServer:
         self._progress_timer = self.scheduler.call_later(1.0, self._progress)
 
     # -- events from transports --------------------------------------------------------------
-    def attach(self, peer: Peer, spec: Spec, want_model: bool, evaluates: bool = False) -> None:
-        """``evaluates``: the worker answers evaluation requests (its AUTH said so)."""
+    def attach(self, peer: Peer, spec: Spec, want_model: bool, evaluates: bool = False,
+               names: Sequence[str] | None = None) -> None:
+        """``evaluates``: the worker answers evaluation requests (its AUTH said so); ``names``:
+        its tensors' names (checked by the protocol), which only name the tensors of the model
+        file."""
         wid = peer.worker_id
         if evaluates:
             self._evaluators.add(wid)
@@ -256,6 +266,8 @@ class ChiefServer:
         self._run(self.chief.join(wid, spec, time.monotonic(), want_model))
         if wid in self.chief.members:  # not refused (a model of another shape)
             self._log_join(peer, old, started)
+        if self.model_file is not None and self.peers.get(wid) is peer:
+            self.model_file.offer_names(names, spec)
 
     def _log_join(self, peer: Peer, old: Peer | None, started: bool) -> None:
         wid, chief = peer.worker_id, self.chief
@@ -452,6 +464,7 @@ class ChiefServer:
                 self.buffers.give(action.arrays)
             elif isinstance(action, Finished):
                 log.info("finishing: %s", action.reason)
+                self._write_final_model()
                 self._finishing = True
                 if (self.peers or self._awaited()) and self.scheduler is not None:
                     self._grace_handle = self.scheduler.call_later(self.finish_grace,
@@ -496,12 +509,20 @@ class ChiefServer:
             record.update(sampled=rc.sampled, sample_rate=rc.sample_rate)
         # The bytes of this round's broadcast are counted when the sends are issued, which
         # happens right after this (SendGlobal follows RoundClosed): finish the record then.
+        # Decided now, with the round: a Finished action right after this one must not write
+        # the last model a second time.
+        model = (self.model_file is not None and self.chief.global_arrays is not None
+                 and self.model_file.due(rc.round, self.chief.done))
+        if model:
+            assert self.model_file is not None
+            self.model_file.scheduled = rc.round
         assert self.scheduler is not None
         self.scheduler.call_soon(functools.partial(self._finish_record, record, wall,
-                                                   self.chief.global_arrays or [], ckpt))
+                                                   self.chief.global_arrays or [], ckpt, model))
 
     def _finish_record(self, record: dict[str, Any], wall: float,
-                       arrays: list[np.ndarray], ckpt: ckpt_io.Checkpoint | None) -> None:
+                       arrays: list[np.ndarray], ckpt: ckpt_io.Checkpoint | None,
+                       model: bool = False) -> None:
         up, down = self.bytes_up - self._bytes_mark[0], self.bytes_down - self._bytes_mark[1]
         self._bytes_mark = (self.bytes_up, self.bytes_down)
         record.update(bytes_up=up, bytes_down=down, wall_s=round(wall, 3))
@@ -515,20 +536,45 @@ class ChiefServer:
             self.scheduler.in_order(
                 functools.partial(ckpt_io.save, self.checkpoint_path, ckpt),
                 functools.partial(self._checkpointed, ckpt.round))
+        if model and self.failure is None:
+            self._write_model(record["round"], arrays)
         work = None if self.evaluate is None else functools.partial(self.evaluate, arrays)
         self.scheduler.in_order(work, functools.partial(self._write_record, record))
 
-    def _checkpointed(self, round_: int, result: Any) -> None:
-        """After a checkpoint write (on the scheduler's thread for ``then``): the policy for one
-        that failed (module docstring)."""
+    def _write_model(self, round_: int, arrays: list[np.ndarray]) -> None:
+        """Write the model file of ``round_`` off the chief's thread, in round order (the
+        arrays are a round's own: ``_finish_record`` says why they need no copy)."""
+        assert self.scheduler is not None and self.model_file is not None
+        self.scheduler.in_order(
+            functools.partial(self.model_file.write, round_, arrays),
+            functools.partial(self._checkpointed, round_, what="model file",
+                              path=str(self.model_file.path)))
+
+    def _write_final_model(self) -> None:
+        """The run is over: write its model if the last round's is not on its way already
+        (a run without ``rounds`` ends when every worker has left, at any round)."""
+        mf, chief = self.model_file, self.chief
+        if (mf is None or chief.global_arrays is None or self.failure is not None
+                or mf.scheduled == chief.round or self.scheduler is None):
+            return
+        mf.scheduled = chief.round
+        self._write_model(chief.round, list(chief.global_arrays))
+
+    def _checkpointed(self, round_: int, result: Any, what: str = "checkpoint",
+                      path: str | None = None) -> None:
+        """After a checkpoint (or model file) write (on the scheduler's thread for ``then``):
+        the policy for one that failed (module docstring)."""
         if not isinstance(result, Exception):
             return
-        self._unsaved.add(round_)
+        if what == "checkpoint":
+            self._unsaved.add(round_)
         why = str(result) if isinstance(result, OSError) else f"{type(result).__name__}: {result}"
-        where = f"the chief cannot write its checkpoint {self.checkpoint_path} after round {round_}"
+        where = (f"the chief cannot write its {what} {path or self.checkpoint_path} after "
+                 f"round {round_}")
         if self.on_checkpoint_error == "warn":
-            log.warning("%s (%s); the run goes on without it, as --on-checkpoint-error warn asks: "
-                        "a restart would resume from an older round", where, why)
+            log.warning("%s (%s); the run goes on without it, as --on-checkpoint-error warn asks%s",
+                        where, why, ": a restart would resume from an older round"
+                        if what == "checkpoint" else "")
             return
         if self.failure is None:
             self.failure = (f"{where} ({why}), so it stops the run (--on-checkpoint-error "
@@ -624,7 +670,10 @@ class ChiefServer:
                 deadline - now + 0.01, lambda: self._run(self.chief.tick(time.monotonic())))
 
     def finish(self) -> None:
-        """End the run now (on the chief's thread): ``wait_finished`` returns."""
+        """End the run now (on the chief's thread): ``wait_finished`` returns (once the model
+        file of the last round is written)."""
+        if self.finished is not None and not self.finished.is_set():
+            self._write_final_model()
         self._finish()
 
     def _finish(self) -> None:

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from fedberry.chief.model_file import FILE_NAME
 from fedberry.demo.torch_demo import TABLE_HEADER, TrainConfig, format_row
 from fedberry.launch import DeathWatch, explain_failure, find_mpiexec, launcher_kind, stop_launch
 from fedberry.launch.mpiexec import launcher_flags
@@ -55,7 +56,7 @@ def run_mpi_demo(workers: int = 4, rounds: int = 10, out: str = "runs/demo-mpi",
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     metrics_path = out_dir / "metrics.jsonl"
-    for stale in (metrics_path, out_dir / RANKS_FILE):
+    for stale in (metrics_path, out_dir / RANKS_FILE, out_dir / FILE_NAME):
         stale.unlink(missing_ok=True)
     say = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
     mpiexec = find_mpiexec()
@@ -112,6 +113,8 @@ def run_mpi_demo(workers: int = 4, rounds: int = 10, out: str = "runs/demo-mpi",
             f"{acc if acc is None else format(acc, '.4f')}, "
             f"{sum(r['bytes_up'] + r['bytes_down'] for r in records) / 2**20:.1f} MiB moved by "
             f"the collectives, {last['wall_s']:.1f} s")
+    if (out_dir / FILE_NAME).exists():  # rank 0 wrote it as the run finished
+        say(f"model: {out_dir / FILE_NAME}")
     return 0
 
 

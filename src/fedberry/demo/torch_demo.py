@@ -174,6 +174,9 @@ def run_demo(workers: int = 4, rounds: int = 10, out: str = "runs/demo",
             say(f"done: round {last['round']}, test accuracy {last['test_accuracy']:.4f}, "
                 f"{sum(r['bytes_up'] + r['bytes_down'] for r in records) / 2**20:.1f} MiB on "
                 f"the wire, {last['wall_s']:.1f} s")
+        model_file = handle.server.model_file
+        if model_file is not None and model_file.written is not None:
+            say(f"model: {model_file.path}")
         if failed:
             say(f"workers {failed} exited with an error; see {out_dir}/worker-N.log")
             return 1

@@ -32,6 +32,7 @@ a context manager) to leave the federation promptly; otherwise the chief notices
 from __future__ import annotations
 
 import logging
+import os
 import re
 from collections.abc import Sequence
 from typing import Any
@@ -51,12 +52,13 @@ except ModuleNotFoundError as exc:  # say which backend is missing and how to pi
                           "a backend: torch or jax)") from exc
     raise
 
+from fedberry.chief import model_file
 from fedberry.errors import ModelMismatchError
 from fedberry.worker import Worker
 
 log = logging.getLogger("fedberry.keras")
 
-__all__ = ["FederatedCallback", "get_arrays", "set_arrays", "weight_names"]
+__all__ = ["FederatedCallback", "get_arrays", "load_weights", "set_arrays", "weight_names"]
 
 
 def weight_names(model: keras.Model) -> list[str]:
@@ -92,6 +94,21 @@ def set_arrays(model: keras.Model, arrays: Sequence[np.ndarray]) -> None:
                 f"{name}: this Keras model has shape {tuple(v.shape)}, the federation's "
                 f"{tuple(np.shape(a))}", "spec_mismatch")
     model.set_weights([np.asarray(a) for a in arrays])
+
+
+def load_weights(model: keras.Model, path: str | os.PathLike) -> None:
+    """Load a model file of the chief (``OUT/model.safetensors``) into ``model``.
+
+    Tensors are matched by weight path when the file has this model's paths; otherwise (paths
+    differ when a layer was named by Keras's counter in another process, or the file has
+    ``global.<i>`` names) in the file's order, which is the model's ``model.weights`` order in
+    every file fedberry writes. Shapes are checked before anything is loaded.
+
+    Raises ModelMismatchError naming the first tensor that does not fit, ValueError when the
+    file is not safetensors.
+    """
+    tensors = model_file.load(path)
+    set_arrays(model, model_file.ordered(tensors, weight_names(model)))
 
 
 def explain_mismatch(exc: ModelMismatchError, model: keras.Model) -> ModelMismatchError:
@@ -200,7 +217,8 @@ class FederatedCallback(keras.callbacks.Callback):
             raise ValueError("the model has no weights yet: build it before fit")
         self._open = True
         try:
-            global_arrays = self.worker.join(arrays)
+            # The weight paths name the tensors of the chief's OUT/model.safetensors.
+            global_arrays = self.worker.join(arrays, names=weight_names(model))
         except ModelMismatchError as exc:
             self.close()
             raise explain_mismatch(exc, model) from None

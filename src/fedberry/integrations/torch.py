@@ -64,6 +64,139 @@ def set_arrays(model: torch.nn.Module, arrays: Sequence[np.ndarray]) -> None:
             tensor.copy_(torch.tensor(a))
 
 
+class ModelFederation:
+    """A torch model's membership of a federation: join, record the loss, average, leave.
+
+    What ``FederatedOptimizer`` and the Lightning callback (``integrations.lightning``) share;
+    each decides *when* to average, this does the averaging. No network until ``join()``.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The model whose ``state_dict`` (parameters and buffers) is averaged; its keys name the
+        tensors of the chief's model file.
+    chief : str or ChiefHandle or None
+        The chief's address or in-process handle (not used when ``worker`` is given).
+    num_samples : float
+        This worker's weight in the average.
+    worker : fedberry.Worker, optional
+        A worker built elsewhere.
+    worker_options : dict
+        Passed to ``fedberry.Worker``.
+    evaluate : callable, optional
+        ``evaluate(model) -> (num_examples, metrics)`` on held-out data, called with ``model``
+        holding the global model when the chief asks (not used when ``worker`` is given).
+    on_model : callable, optional
+        Called with no arguments each time the federation's model has been loaded into
+        ``model`` (after ``join`` and each average): ``FederatedOptimizer`` applies the
+        round's configuration there.
+    """
+
+    def __init__(self, model: torch.nn.Module, chief: str | InProcessChief | None,
+                 num_samples: float, worker: Worker | None = None,
+                 worker_options: dict[str, Any] | None = None, *,
+                 evaluate: Callable[[torch.nn.Module], Any] | None = None,
+                 on_model: Callable[[], None] | None = None) -> None:
+        if chief is None and worker is None:
+            raise TypeError("a federated torch model needs chief=, the chief's address (for "
+                            "example 'tcp://203.0.113.5:7777') or the handle fedberry.serve() "
+                            "returns")
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, not {type(model).__name__}")
+        self.model = model
+        self.num_samples = num_samples
+        self._chief = chief
+        self._worker_options = worker_options or {}
+        self._worker = worker
+        self._final: list[np.ndarray] | None = None
+        self._loss_sum = 0.0
+        self._loss_count = 0
+        self._evaluate = evaluate
+        self._on_model = on_model
+
+    @property
+    def worker(self) -> Worker:
+        """The ``fedberry.Worker`` (made on first use; it connects at ``join()``)."""
+        if self._worker is None:
+            options = dict(self._worker_options)
+            if self._evaluate is not None:
+                options["evaluate"] = self._evaluate_arrays
+            self._worker = Worker(self._chief, **options)
+        return self._worker
+
+    def _evaluate_arrays(self, arrays: list[np.ndarray]) -> Any:
+        """The Worker's ``evaluate``: the user's, on ``model`` holding the global model (which
+        it then keeps: ``join``/``synchronize`` load that model next anyway)."""
+        assert self._evaluate is not None
+        set_arrays(self.model, arrays)
+        training = self.model.training  # the user's evaluate may switch to eval(): undo it
+        try:
+            with torch.no_grad():
+                return self._evaluate(self.model)
+        finally:
+            self.model.train(training)
+
+    @property
+    def joined(self) -> bool:
+        """True once joined."""
+        return self._worker is not None and self._worker.joined
+
+    @property
+    def done(self) -> bool:
+        """True once the chief has run all its rounds."""
+        return self._worker is not None and self._worker.done
+
+    def join(self) -> None:
+        """Join now and load the federation's model into ``model`` (a no-op once joined).
+
+        Raises ValueError when the federation's model has other tensors than ``model``.
+        """
+        if self.joined:
+            return
+        # The state_dict keys name the tensors of the chief's OUT/model.safetensors.
+        out = self.worker.join(get_arrays(self.model), names=array_names(self.model))
+        set_arrays(self.model, out)
+        if self._on_model is not None:
+            self._on_model()
+        if self.worker.done:
+            self._final = out
+
+    def record_loss(self, loss: float | torch.Tensor) -> None:
+        """One step's training loss; the mean since the last average goes to the chief."""
+        value = float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss)
+        self._loss_sum += value
+        self._loss_count += 1
+
+    def synchronize(self) -> None:
+        """Average with the federation now (joining first); nothing once it is done."""
+        if not self.joined:
+            self.join()
+        if self.done:
+            return
+        metrics = {"loss": self._loss_sum / self._loss_count} if self._loss_count else {}
+        self._loss_sum, self._loss_count = 0.0, 0
+        out = self.worker.sync(get_arrays(self.model), self.num_samples, metrics)
+        set_arrays(self.model, out)
+        if self._on_model is not None:
+            self._on_model()
+        if self.worker.done:
+            self._final = out
+
+    def close(self) -> None:
+        """Leave; once the federation is done, put its final model back into ``model``.
+
+        Leaving before the chief has run all its rounds keeps the local model as it is (the
+        federation's final model does not exist yet) and says so in the log.
+        """
+        if self._final is not None:
+            set_arrays(self.model, self._final)
+        elif self.joined:
+            log.warning("leaving before the federation finished (round %d): the model keeps "
+                        "its local training", self.worker.round)
+        if self._worker is not None:
+            self._worker.close()
+
+
 class FederatedOptimizer(torch.optim.Optimizer):
     """A torch optimizer that averages the model with a federation every ``sync_every`` steps.
 
@@ -151,9 +284,7 @@ class FederatedOptimizer(torch.optim.Optimizer):
 
     # Federation state lives in slots, outside the ``__dict__`` shared with the wrapped optimizer,
     # so the wrapped optimizer's namespace gains nothing.
-    __slots__ = ("optimizer", "model", "sync_every", "num_samples", "steps", "_chief",
-                 "_worker_options", "_worker", "_final", "_loss_sum", "_loss_count",
-                 "_evaluate")
+    __slots__ = ("optimizer", "model", "sync_every", "steps", "_fed")
 
     # One subclass per optimizer class, so wrapping many optimizers builds no class per call.
     _subclasses: ClassVar[dict[type, type]] = {}
@@ -185,8 +316,6 @@ class FederatedOptimizer(torch.optim.Optimizer):
         if chief is None and worker is None:
             raise TypeError("FederatedOptimizer needs chief=, the chief's address (for example "
                             "'tcp://203.0.113.5:7777') or the handle fedberry.serve() returns")
-        if not isinstance(model, torch.nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module, not {type(model).__name__}")
         if not isinstance(sync_every, int) or sync_every < 1:
             raise ValueError(f"sync_every must be a whole number of at least 1, got {sync_every!r}")
         # Share, rather than copy, the wrapped optimizer's namespace: param_groups, state,
@@ -202,17 +331,13 @@ class FederatedOptimizer(torch.optim.Optimizer):
         if self.__dict__.pop("step", None) is not None:
             self.__dict__["step"] = _tracked_by_schedulers(self)
         self.optimizer = optimizer
+        self._fed = ModelFederation(model, chief,
+                                    float(num_samples) if num_samples else float(sync_every),
+                                    worker, worker_options, evaluate=evaluate,
+                                    on_model=self._apply_round_config)
         self.model = model
         self.sync_every = sync_every
-        self.num_samples = float(num_samples) if num_samples else float(sync_every)
         self.steps = 0
-        self._chief = chief
-        self._worker_options = worker_options
-        self._worker = worker
-        self._final: list[np.ndarray] | None = None
-        self._loss_sum = 0.0
-        self._loss_count = 0
-        self._evaluate = evaluate
 
     # -- the optimizer interface -------------------------------------------------------------
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
@@ -245,51 +370,37 @@ class FederatedOptimizer(torch.optim.Optimizer):
     # _patch_step_function) does not wrap ours a second time and run every hook twice.
     step.hooked = True  # type: ignore[attr-defined]
 
-    # -- federation --------------------------------------------------------------------------
+    # -- federation (ModelFederation does it; this optimizer decides when) ------------------
+    @property
+    def num_samples(self) -> float:
+        """This worker's weight in the average."""
+        return self._fed.num_samples
+
+    @num_samples.setter
+    def num_samples(self, value: float) -> None:
+        self._fed.num_samples = float(value)
+
     @property
     def worker(self) -> Worker:
         """The ``fedberry.Worker`` (made on first use; it connects at ``join()``)."""
-        if self._worker is None:
-            options = dict(self._worker_options)
-            if self._evaluate is not None:
-                options["evaluate"] = self._evaluate_arrays
-            self._worker = Worker(self._chief, **options)
-        return self._worker
-
-    def _evaluate_arrays(self, arrays: list[np.ndarray]) -> Any:
-        """The Worker's ``evaluate``: the user's, on ``model`` holding the global model (which
-        it then keeps: ``join``/``synchronize`` load that model next anyway)."""
-        assert self._evaluate is not None
-        set_arrays(self.model, arrays)
-        training = self.model.training  # the user's evaluate may switch to eval(): undo it
-        try:
-            with torch.no_grad():
-                return self._evaluate(self.model)
-        finally:
-            self.model.train(training)
+        return self._fed.worker
 
     @property
     def joined(self) -> bool:
         """True once this optimizer has joined the federation."""
-        return self._worker is not None and self._worker.joined
+        return self._fed.joined
 
     @property
     def done(self) -> bool:
         """True once the chief has run all its rounds: stop training."""
-        return self._worker is not None and self._worker.done
+        return self._fed.done
 
     def join(self) -> None:
         """Join the federation now and load its model into ``model`` (``step`` does this first).
 
         Raises ValueError when the federation's model has other tensors than ``model``.
         """
-        if self.joined:
-            return
-        out = self.worker.join(get_arrays(self.model))
-        set_arrays(self.model, out)
-        self._apply_round_config()
-        if self.worker.done:
-            self._final = out
+        self._fed.join()
 
     def record_loss(self, loss: float | torch.Tensor) -> None:
         """Report one step's training loss; the chief logs the mean per round (``train_loss``).
@@ -300,26 +411,14 @@ class FederatedOptimizer(torch.optim.Optimizer):
             The loss the loop computed (a one-element tensor is read with ``float``).
             ``step(closure)`` records the closure's loss itself: do not record it twice.
         """
-        value = float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss)
-        self._loss_sum += value
-        self._loss_count += 1
+        self._fed.record_loss(loss)
 
     def synchronize(self) -> None:
         """Average with the federation now (``step`` calls this every ``sync_every`` steps).
 
         Does nothing once the federation is done.
         """
-        if not self.joined:
-            self.join()
-        if self.done:
-            return
-        metrics = {"loss": self._loss_sum / self._loss_count} if self._loss_count else {}
-        self._loss_sum, self._loss_count = 0.0, 0
-        out = self.worker.sync(get_arrays(self.model), self.num_samples, metrics)
-        set_arrays(self.model, out)
-        self._apply_round_config()
-        if self.worker.done:
-            self._final = out
+        self._fed.synchronize()
 
     def _apply_round_config(self) -> None:
         """The chief's ``lr`` for this round, into every param group (when it sent one)."""
@@ -334,13 +433,7 @@ class FederatedOptimizer(torch.optim.Optimizer):
         Closing before the chief has run all its rounds keeps the local model as it is (the
         federation's final model does not exist yet) and says so in the log.
         """
-        if self._final is not None:
-            set_arrays(self.model, self._final)
-        elif self.joined:
-            log.warning("leaving before the federation finished (round %d): the model keeps "
-                        "its local training", self.worker.round)
-        if self._worker is not None:
-            self._worker.close()
+        self._fed.close()
 
     def __enter__(self) -> FederatedOptimizer:
         return self

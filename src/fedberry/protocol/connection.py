@@ -245,6 +245,7 @@ class ChiefConnection(_Connection):
         self.cap = cap or Limits()
         self.worker_id = ""
         self.announced: Spec = ()  # the model spec of the worker's AUTH
+        self.names: tuple[str, ...] | None = None  # its tensors' names, if the AUTH gave them
         self.want_model = True
         self.sent_round: int | None = None  # the round of the last GLOBAL sent
         self.evaluates = False  # the worker's AUTH said it answers evaluation requests
@@ -289,7 +290,7 @@ class ChiefConnection(_Connection):
         if t == MsgType.AUTH:
             msg = from_frame(frame)
             assert isinstance(msg, Auth)
-            self._proof, self.announced = msg.proof, msg.spec
+            self._proof, self.announced, self.names = msg.proof, msg.spec, msg.names
             self.want_model, self._have = msg.want_model, msg.have if msg.want_model else None
             self.evaluates = msg.evaluates
             self.state = ChiefState.WELCOME
@@ -460,9 +461,8 @@ class WorkerConnection(_Connection):
         if isinstance(msg, Auth) and self.state is WorkerState.AUTH:
             if msg.spec != self.spec:  # the chief's frames are checked against self.spec
                 raise LocalProtocolError("AUTH must announce the model this connection expects")
-            return Auth(msg.spec, msg.want_model, msg.have,
-                        auth.worker_proof(self.token, self._chief_nonce, self._worker_nonce),
-                        msg.evaluates)
+            return msg.with_proof(auth.worker_proof(self.token, self._chief_nonce,
+                                                    self._worker_nonce))
         return msg
 
     def _sending(self, t: MsgType, meta: dict) -> None:

@@ -52,6 +52,12 @@ MAX_NUM_SAMPLES = float(2 ** 53)
 MAX_ERROR_CODE = 64  # characters: codes are short words ("auth_failed")
 MAX_ERROR_MESSAGE = 8192  # characters of an ERROR's sentence kept (ours are under 500)
 DIGEST_CHARS = 64  # a SHA-256 in hex (codecs.digest)
+# The tensors' names a worker's AUTH may carry (torch state_dict keys, Keras weight paths), used
+# only to name the tensors of the chief's model file. A torch key is rarely past 100 characters;
+# all of them together stay far inside the pre-authentication metadata (PREAUTH_META_BYTES),
+# next to the spec: a model whose names are longer is sent without them.
+MAX_TENSOR_NAME = 256  # characters
+MAX_TENSOR_NAMES_CHARS = 64 << 10  # characters of all the names together
 # A GLOBAL's round configuration (``config``): a few hyperparameters for the round (a learning
 # rate, local epochs), not a data channel. 32 keys of 64-character names and 256-character
 # strings keep a GLOBAL's metadata under ~12 KiB, well inside the frame's metadata limit.

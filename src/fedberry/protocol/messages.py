@@ -14,6 +14,7 @@ shapes against the model, sizes, the codec's place); their messages carry the ar
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -33,6 +34,8 @@ from fedberry.protocol.limits import (
     MAX_METRIC_NAME,
     MAX_METRICS,
     MAX_NUM_SAMPLES,
+    MAX_TENSOR_NAME,
+    MAX_TENSOR_NAMES_CHARS,
     MAX_WORKER_ID,
     PREAUTH_LIMITS,
 )
@@ -65,6 +68,30 @@ def _is_hex(v: object, chars: int) -> bool:
 def _check_round(what: str, v: object) -> None:
     if not _is_int(v) or v < 0:  # type: ignore[operator]
         raise _bad(f"{what} needs a round that is an integer >= 0, not {v!r:.40}")
+
+
+def check_tensor_names(names: object, count: int) -> tuple[str, ...]:
+    """The names of a model's ``count`` tensors (an AUTH's ``names``), checked: a list of
+    ``count`` distinct printable strings of 1-MAX_TENSOR_NAME characters, at most
+    MAX_TENSOR_NAMES_CHARS together. They only ever name the tensors of the chief's model file.
+    Raises ProtocolError with the sentence."""
+    if not isinstance(names, (list, tuple)) or len(names) != count:
+        raise _bad(f"names must be a list of the model's {count} tensor names")
+    total = 0
+    seen: set[str] = set()
+    for n in names:
+        if (not isinstance(n, str) or not 0 < len(n) <= MAX_TENSOR_NAME
+                or not n.isprintable()):
+            raise _bad(f"a tensor name must be 1-{MAX_TENSOR_NAME} printable characters, "
+                       f"not {n!r:.60}")
+        total += len(n)
+        if total > MAX_TENSOR_NAMES_CHARS:
+            raise _bad(f"the tensor names are more than {MAX_TENSOR_NAMES_CHARS} characters "
+                       "together")
+        if n in seen:
+            raise _bad(f"the tensor name {n!r:.60} is given twice")
+        seen.add(n)
+    return tuple(names)
 
 
 # -- handshake -------------------------------------------------------------------------------
@@ -124,6 +151,8 @@ class Auth:
     ``want_model``) the digest of the model it holds, so that the chief need not send it.
 
     ``proof`` is filled in by ``WorkerConnection.send`` (it holds the token and both nonces).
+    ``names``: optionally, the names of the model's tensors (``check_tensor_names``), which the
+    chief uses to name the tensors of its model file and for nothing else.
     """
 
     TYPE: ClassVar[MsgType] = MsgType.AUTH
@@ -134,6 +163,7 @@ class Auth:
     # The worker answers a GLOBAL that asks for an evaluation (EVAL_RESULT); one that says
     # false (or an older worker, which says nothing) is never waited for.
     evaluates: bool = False
+    names: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.proof, str) or len(self.proof) > 2 * DIGEST_CHARS:
@@ -147,6 +177,8 @@ class Auth:
             raise _bad(f"want_model must be true or false, not {self.want_model!r:.40}")
         if self.have is not None and not _is_hex(self.have, DIGEST_CHARS):
             raise _bad(f"have must be a SHA-256 digest ({DIGEST_CHARS} hex digits)")
+        if self.names is not None:
+            object.__setattr__(self, "names", check_tensor_names(self.names, len(self.spec)))
 
     def meta(self) -> dict[str, Any]:
         m: dict[str, Any] = {"proof": self.proof, "spec": spec_to_json(self.spec),
@@ -155,7 +187,13 @@ class Auth:
             m["have"] = self.have
         if self.evaluates:
             m["evaluates"] = True
+        if self.names is not None:
+            m["names"] = list(self.names)
         return m
+
+    def with_proof(self, proof: str) -> Auth:
+        """This AUTH with ``proof`` filled in (every other field kept)."""
+        return dataclasses.replace(self, proof=proof)
 
     @classmethod
     def from_meta(cls, m: dict[str, Any], frame: Frame) -> Auth:
@@ -163,7 +201,7 @@ class Auth:
         if not isinstance(proof, str):
             raise _bad("AUTH needs a proof (a string of hex digits)")
         return cls(spec_from_json(m.get("spec"), PREAUTH_LIMITS), m.get("want_model", True),
-                   m.get("have"), proof, m.get("evaluates", False))
+                   m.get("have"), proof, m.get("evaluates", False), names=m.get("names"))
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,8 @@ a local session through its ``local_session`` method. ``fedberry.Worker`` calls 
 depends on neither ``serve`` nor any concrete transport; another scheme plugs in with
 ``register``.
 
-A session has ``join(arrays)``, ``sync(round, arrays, num_samples, metrics)`` and ``close()``,
+A session has ``join(arrays, names=None)`` (``names``: the tensors' names, optional),
+``sync(round, arrays, num_samples, metrics)`` and ``close()``,
 each returning ``(round, global arrays, done)`` (``close``: nothing) or a coroutine of it that the
 caller runs on its event-loop thread (``transports.loop``), and counts ``bytes_sent`` and
 ``bytes_received``.
@@ -36,7 +37,7 @@ class Session(Protocol):
     bytes_sent: int
     bytes_received: int
 
-    def join(self, arrays: Sequence[np.ndarray]) -> Any: ...
+    def join(self, arrays: Sequence[np.ndarray], names: Sequence[str] | None = None) -> Any: ...
 
     def sync(self, round_: int, arrays: Sequence[np.ndarray], num_samples: float,
              metrics: dict[str, Any]) -> Any: ...

@@ -128,12 +128,12 @@ class LocalSession:
             if not self.loop.is_running() and not future.done():
                 raise ChiefUnreachable("the in-process chief stopped before it answered")
 
-    def join(self, arrays: Sequence[np.ndarray]) -> Result:
+    def join(self, arrays: Sequence[np.ndarray], names: Sequence[str] | None = None) -> Result:
         own = [np.array(a) for a in arrays]
 
         def attach() -> None:
             needs_init = self.server.chief.global_arrays is None
-            self.server.attach(self.peer, spec_of(own), True, self.evaluates)
+            self.server.attach(self.peer, spec_of(own), True, self.evaluates, names=names)
             if needs_init and not self.peer.future.done():
                 self.server.on_init(self.peer, own)
 

@@ -75,6 +75,7 @@ from typing import Any
 import numpy as np
 
 from fedberry.chief.admission import AdmissionPolicy
+from fedberry.chief.model_file import DEFAULT_SAVE_EVERY
 from fedberry.chief.state import non_finite
 from fedberry.errors import FederationError, ModelMismatchError
 from fedberry.protocol.frames import (
@@ -178,7 +179,8 @@ class MpiSession:
         return f"rank {self.rank} ({role}, pid {os.getpid()} on {self.host})"
 
     # -- the session interface --------------------------------------------------------------
-    def join(self, arrays: Sequence[np.ndarray] | None) -> Result:
+    def join(self, arrays: Sequence[np.ndarray] | None,
+             names: Sequence[str] | None = None) -> Result:
         """Check that every rank has the same model spec, then start everyone from rank 0's
         model (or, for a chief without one, from the lowest rank that has one)."""
         if self.joined:
@@ -189,7 +191,9 @@ class MpiSession:
         if chief is not None and chief.initial is not None:  # its own, or a checkpoint's
             own, spec = chief.initial, spec_of(chief.initial)
         info = {"pid": os.getpid(), "host": self.host, "trains": self.trains,
-                "spec": spec_to_json(spec) if spec is not None else None}
+                "spec": spec_to_json(spec) if spec is not None else None,
+                # The tensors' names (the chief's model file is named by the first given).
+                "names": list(names) if names is not None and arrays is not None else None}
         infos = self._allgather_json(info)
         root = next((r for r, i in enumerate(infos) if i["spec"] is not None), None)
         if root is None:
@@ -409,7 +413,7 @@ def run_mpi_chief(*, rounds: int | None = None, strategy: str | Strategy = "feda
                   workers: int | None = None, timeout: float | None = None,
                   comm: Any = None, on_checkpoint_error: str = "stop",
                   admission: AdmissionPolicy | None = None,
-                  dp: Any = None) -> list[dict[str, Any]]:
+                  dp: Any = None, save_every: int = DEFAULT_SAVE_EVERY) -> list[dict[str, Any]]:
     """Rank 0 as a pure aggregator (weight 0) until the run is done.
 
     Call it on rank 0 only; the other ranks run ``Worker(chief="mpi://")``. The parameters are
@@ -425,7 +429,7 @@ def run_mpi_chief(*, rounds: int | None = None, strategy: str | Strategy = "feda
                            checkpoint=str(checkpoint) if checkpoint else None, resume=resume,
                            initial=initial, run_config=run_config or {}, on_round=on_round,
                            workers=workers, on_checkpoint_error=on_checkpoint_error,
-                           admission=admission, dp=dp)
+                           admission=admission, dp=dp, save_every=save_every)
     session = MpiSession(comm=comm, chief=opts, trains=False, timeout=timeout)
     if session.rank != 0:
         raise FederationError("run_mpi_chief() is for rank 0; other ranks are workers")

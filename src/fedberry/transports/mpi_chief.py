@@ -24,6 +24,7 @@ import numpy as np
 
 from fedberry.chief.admission import AdmissionPolicy
 from fedberry.chief.build import OutputOptions, RoundPolicy, build_chief_server
+from fedberry.chief.model_file import DEFAULT_SAVE_EVERY
 from fedberry.chief.runtime import ChiefServer, Evaluate
 from fedberry.chief.scheduler import BlockingScheduler
 from fedberry.errors import FederationError
@@ -60,18 +61,23 @@ class MpiChiefOptions:
     admission: AdmissionPolicy | None = None
     # Differential privacy (docs/privacy.md): every training rank clips to C and weighs 1.
     dp: DPConfig | str | None = None
+    # Rounds between the model files written to out/model.safetensors (0: only at the end).
+    save_every: int = DEFAULT_SAVE_EVERY
 
     @classmethod
     def from_address(cls, address: str) -> MpiChiefOptions:
         """``mpi://?rounds=50&out=runs/x&strategy=fedavgm&checkpoint=ck.npz`` (all optional;
-        also ``on_checkpoint_error=warn`` and ``dp=clip=1.0,noise=1.1,delta=1e-5``)."""
+        also ``on_checkpoint_error=warn``, ``dp=clip=1.0,noise=1.1,delta=1e-5`` and
+        ``save_every=N``)."""
         q = query(address)
         rounds = q.get("rounds")
         return cls(rounds=int(rounds) if rounds else None, strategy=q.get("strategy", "fedavg"),
                    out_dir=q.get("out"), checkpoint=q.get("checkpoint"),
                    resume=q.get("resume", "") in ("1", "true", "yes"),
                    on_checkpoint_error=q.get("on_checkpoint_error", "stop"),
-                   dp=q.get("dp") or None)
+                   dp=q.get("dp") or None,
+                   save_every=int(q["save_every"]) if q.get("save_every") else
+                   DEFAULT_SAVE_EVERY)
 
 
 _configured: MpiChiefOptions | None = None
@@ -89,8 +95,8 @@ def configure_chief(**options: Any) -> None:
 # What an mpi:// address may carry: the chief's options (MpiChiefOptions.from_address) and the
 # session's collective timeout (MpiSession). A typo (``?round=3``) must not pass silently: it
 # once ran 1,691 rounds instead of 3.
-ADDRESS_KEYS = ("checkpoint", "dp", "on_checkpoint_error", "out", "resume", "rounds", "strategy",
-                "timeout")
+ADDRESS_KEYS = ("checkpoint", "dp", "on_checkpoint_error", "out", "resume", "rounds",
+                "save_every", "strategy", "timeout")
 
 
 def query(address: str) -> dict[str, str]:
@@ -165,7 +171,8 @@ class RankZeroChief:
         self.server = build_chief_server(
             RoundPolicy(workers=1, rounds=rounds),
             OutputOptions(opts.out_dir, opts.checkpoint, opts.resume, dict(opts.run_config),
-                          on_checkpoint_error=opts.on_checkpoint_error),
+                          on_checkpoint_error=opts.on_checkpoint_error,
+                          save_every=opts.save_every),
             strategy=strategy, initial=opts.initial, evaluate=opts.evaluate,
             on_round=opts.on_round, scheduler=self.scheduler, admission=admission)
         self.chief = self.server.chief
@@ -196,7 +203,8 @@ class RankZeroChief:
             os.replace(tmp, path)  # a launcher polling for it never reads half a file
         self._count_bytes(0)
         needs_init = self.chief.global_arrays is None
-        self.server.attach(self.peer, spec_of(model), True)
+        names = next((i["names"] for i in infos if i.get("names")), None)
+        self.server.attach(self.peer, spec_of(model), True, names=names)
         if needs_init:
             self.server.on_init(self.peer, [a.copy() for a in model])
         self._after()

@@ -491,7 +491,7 @@ class _ChiefConnection(_FrameWriter, asyncio.BufferedProtocol):
         self._joined = True
         self._expect_model()
         self.server.attach(self, self.conn.announced, self.conn.want_model,
-                           self.conn.evaluates)
+                           self.conn.evaluates, names=self.conn.names)
 
     # -- a worker id held by another connection ----------------------------------------------
     # Without client certificates the id is the worker's word, and a second connection with it

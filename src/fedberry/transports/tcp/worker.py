@@ -181,6 +181,7 @@ class TcpSession:
         self._proto: _WorkerProtocol | None = None
         self._tls_closes = 0  # consecutive connections closed before CHALLENGE
         self._spec: Spec = ()
+        self._names: tuple[str, ...] | None = None  # the tensors' names, for the chief's file
         self._init_arrays: Sequence[np.ndarray] = ()
         # The global model as the chief holds it, kept for delta codecs (q8) both ways.
         self._reference: list[np.ndarray] | None = None
@@ -194,8 +195,10 @@ class TcpSession:
         self.eval_requested: int | None = None  # the last GLOBAL asked for an evaluation
 
     # -- public coroutines -------------------------------------------------------------------
-    async def join(self, arrays: Sequence[np.ndarray]) -> tuple[int, list[np.ndarray], bool]:
+    async def join(self, arrays: Sequence[np.ndarray], names: Sequence[str] | None = None
+                   ) -> tuple[int, list[np.ndarray], bool]:
         self._spec = spec_of(arrays)
+        self._names = tuple(names) if names is not None else None
         self._init_arrays = arrays
         self._have = codecs.digest(arrays)
         return await self._with_retries(self._join_once, self.connect_timeout)
@@ -369,7 +372,7 @@ class TcpSession:
         self._tls_closes = 0
         # With the digest of the model we hold, the chief need not send it (codec "unchanged").
         proto.send(Auth(self._spec, want_model, self._have if want_model else None,
-                        evaluates=self.evaluates))
+                        evaluates=self.evaluates, names=self._names))
         welcome = await self._expect_soon(Welcome, "AUTH")  # its proof checked by the connection
         self._downlink = welcome.downlink
         self.dp_clip = welcome.dp_clip  # differential privacy's bound: Worker.sync clips to it

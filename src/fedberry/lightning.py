@@ -1,0 +1,5 @@
+"""``fedberry.lightning.FederatedCallback``: see ``fedberry.integrations.lightning``."""
+
+from fedberry.integrations.lightning import FederatedCallback
+
+__all__ = ["FederatedCallback"]
