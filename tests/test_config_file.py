@@ -95,20 +95,21 @@ def test_a_missing_file_is_one_sentence(tmp_path, capsys):
 
 def test_print_config_writes_what_config_reads_back(tmp_path, capsys):
     path = _write(tmp_path, 'workers = 2\nmax-update-norm = 3.5\ntoken = "s3cret"\n'
-                            'out = "runs/a \\"b\\" ü"\n')
+                            'status-token = "r3ader"\nout = "runs/a \\"b\\" ü"\n')
     argv = ["chief", "--config", path, "--rounds", "6", "--insecure", "--print-config"]
     with pytest.raises(SystemExit) as exc:
         parse_args(build_parser(), argv)
     assert exc.value.code == 0
     printed = capsys.readouterr().out
-    assert "s3cret" not in printed  # the secret is named, not written
+    assert "s3cret" not in printed and "r3ader" not in printed  # secrets named, not written
+    assert "# status-token = (hidden: give it with --status-token-file" in printed
     assert "# token = (hidden" in printed and "# round-timeout = (not set)" in printed
     data = tomllib.loads(printed)
     assert data["rounds"] == 6 and data["workers"] == 2 and data["insecure"] is True
     # Read back, the printed file gives the same options (but the token, kept out of it).
     again = parse_args(build_parser(), ["chief", "--config", _write(tmp_path, printed, "e.toml")])
     first = parse_args(build_parser(), argv[:-1])
-    skip = {"config", "token", "func"}
+    skip = {"config", "token", "status_token", "func"}
     assert ({k: v for k, v in vars(again).items() if k not in skip}
             == {k: v for k, v in vars(first).items() if k not in skip})
 

@@ -96,8 +96,44 @@ def test_a_poisson_draw_of_nobody_closes_the_round_unchanged():
     first = next(r for r in range(30) if policy.draw(["w0", "w1"], r)[0])
     assert first > 0  # the premise: some rounds draw nobody
     chief, sent = _chief(2, workers=2, rounds=30, sampling=policy)
-    assert chief.round == first and sent == set(chief.sampled)
+    # The first draw, of nobody, closed round 1; the next draw waits for a tick a second on
+    # (no round timeout): the machine asks for it with wake_at, and an early tick does nothing.
+    assert chief.round == 1 and chief.sampled is None and chief.wake_at == 1.0
+    assert chief.tick(0.5) == [] and chief.round == 1
+    now = 0.0
+    while chief.sampled is None:
+        now = chief.wake_at
+        sent |= _sent(chief.tick(now))
+    assert chief.round == first and now == first and sent == set(chief.sampled)
     np.testing.assert_array_equal(chief.global_arrays[0], MODEL[0])
+    # With a round timeout, an empty round lasts as long as a round may.
+    timed, _ = _chief(2, workers=2, rounds=30, round_timeout=7.0, sampling=policy)
+    assert timed.round == 1 and timed.wake_at == 7.0
+
+
+def test_a_run_that_draws_nobody_writes_a_line_a_second_not_a_flood(tmp_path):
+    # A rate so small that no round draws the one worker: before the wait between empty
+    # draws, the rounds closed in a tight loop on the chief's thread (a line each, thousands
+    # a second; without rounds, for ever). A bound on rounds lets the old behaviour end.
+    handle = serve("127.0.0.1:0", workers=1, rounds=10 ** 5, token="t", fraction=1e-12,
+                   poisson=True, initial=[np.zeros(DIM, np.float32)], out_dir=str(tmp_path))
+    w = Worker(handle.url, token="t", worker_id="w0")
+    ended: list = []
+
+    def idle() -> None:  # never drawn: it waits, idle, until the chief stops
+        try:
+            w.join([np.zeros(DIM, np.float32)])
+        except Exception as exc:
+            ended.append(exc)
+    t = threading.Thread(target=idle, daemon=True)
+    t.start()
+    try:
+        time.sleep(2.0)
+        assert 1 <= len(handle.metrics) <= 4  # one empty round a second, and the loop free
+    finally:
+        handle.stop()
+        t.join(10)
+        w.close()
 
 
 # -- real runs: 10 worker threads over loopback TCP ------------------------------------------

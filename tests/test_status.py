@@ -25,7 +25,8 @@ from fedberry.serve import serve  # noqa: E402
 from fedberry.status import StatusBoard  # noqa: E402
 from fedberry.transports.tcp.worker import agent  # noqa: E402
 
-TOKEN = "status-test-token"
+TOKEN = "status-test-token"  # the workers' token
+READER = "status-reader-token"  # the status page's read-only token
 
 
 def _get(url: str, token: str | None = None) -> tuple[int, bytes]:
@@ -112,26 +113,48 @@ def test_metrics_agree_with_metrics_jsonl(tmp_path: Path) -> None:
     assert handle.status is not None
 
 
-def test_beyond_loopback_without_a_token_is_refused(tmp_path: Path) -> None:
+def test_beyond_loopback_without_a_status_token_is_refused(tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch
+                                                           ) -> None:
+    monkeypatch.delenv("FEDBERRY_STATUS_TOKEN", raising=False)
     out = tmp_path / "out"
-    with pytest.raises(ValueError, match="refusing to serve the status page on 0.0.0.0 "
-                                         "without a token"):
-        serve("127.0.0.1:0", status="0.0.0.0:0", out_dir=str(out))
+    # The workers' token does not open the page: the page needs a read-only token of its own.
+    for token in (None, TOKEN):
+        with pytest.raises(ValueError, match="refusing to serve the status page on 0.0.0.0 "
+                                             "without a status token: .* give --status-token"):
+            serve("127.0.0.1:0", status="0.0.0.0:0", token=token, out_dir=str(out))
+    with pytest.raises(ValueError, match="status token equal to the workers' token"):
+        serve("127.0.0.1:0", status="0.0.0.0:0", token=TOKEN, status_token=TOKEN,
+              out_dir=str(out))
     assert not out.exists()  # refused before anything was made
     with pytest.raises(ValueError, match="over plain HTTP: the bearer token would cross"):
-        serve("127.0.0.1:0", status="0.0.0.0:0", token=TOKEN, out_dir=str(out))
+        serve("127.0.0.1:0", status="0.0.0.0:0", token=TOKEN, status_token=READER,
+              out_dir=str(out))
 
 
-def test_beyond_loopback_the_token_is_needed_as_a_bearer_header() -> None:
-    with serve("127.0.0.1:0", status="0.0.0.0:0", token=TOKEN, insecure=True) as handle:
+def test_beyond_loopback_the_status_token_is_needed_as_a_bearer_header(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    token_file = tmp_path / "reader"
+    token_file.write_text(READER + "\n")
+    with serve("127.0.0.1:0", status="0.0.0.0:0", token=TOKEN, status_token_file=str(token_file),
+               insecure=True) as handle:
         port = handle.status.address[1]
         base = f"http://127.0.0.1:{port}/"
         for path in ("metrics", "api/status"):
             assert _get(base + path)[0] == 401
             assert _get(base + path, token="not-it")[0] == 401
-            assert _get(base + path, token=TOKEN)[0] == 200
+            assert _get(base + path, token=TOKEN)[0] == 401  # the workers' token reads nothing
+            assert _get(base + path, token=READER)[0] == 200
         status, page = _get(base)  # the page is a shell with no data: it asks with the token
         assert status == 200 and b"#token=" in page
+        # ... and the reader's token joins nothing.
+        with pytest.raises(FederationError):
+            fedberry.Worker(chief=handle.url, worker_id="reader", token=READER).sync(
+                [np.zeros(4, np.float32)], 1)
+    monkeypatch.setenv("FEDBERRY_STATUS_TOKEN", READER)  # or from the environment
+    with serve("127.0.0.1:0", status="0.0.0.0:0", token=TOKEN, insecure=True) as handle:
+        url = f"http://127.0.0.1:{handle.status.address[1]}/api/status"
+        assert _get(url, token=READER)[0] == 200 and _get(url, token=TOKEN)[0] == 401
 
 
 def test_beyond_loopback_over_tls(tmp_path: Path) -> None:
@@ -142,12 +165,12 @@ def test_beyond_loopback_over_tls(tmp_path: Path) -> None:
 
     ca, ca_key = certs.create_ca(tmp_path)
     cert, key = certs.create_chief_cert(tmp_path, ca, ca_key, ["127.0.0.1"])
-    with serve("127.0.0.1:0", status="0.0.0.0:0", token=TOKEN, tls_cert=str(cert),
-               tls_key=str(key)) as handle:
+    with serve("127.0.0.1:0", status="0.0.0.0:0", token=TOKEN, status_token=READER,
+               tls_cert=str(cert), tls_key=str(key)) as handle:
         assert handle.status.url.startswith("https://")
         url = f"https://127.0.0.1:{handle.status.address[1]}/api/status"
         ctx = ssl.create_default_context(cafile=str(ca))
-        req = urllib.request.Request(url, headers={"Authorization": f"Bearer {TOKEN}"})
+        req = urllib.request.Request(url, headers={"Authorization": f"Bearer {READER}"})
         with urllib.request.urlopen(req, timeout=10, context=ctx) as r:
             assert json.loads(r.read())["round"] == 0
         with pytest.raises(urllib.error.HTTPError) as exc:
@@ -155,14 +178,19 @@ def test_beyond_loopback_over_tls(tmp_path: Path) -> None:
         assert exc.value.code == 401
 
 
-def test_the_command_refuses_a_status_address_beyond_loopback_without_a_token(
+def test_the_command_refuses_a_status_address_beyond_loopback_without_a_status_token(
         tmp_path: Path) -> None:
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != "FEDBERRY_STATUS_TOKEN"}
     out = subprocess.run([sys.executable, "-m", "fedberry", "chief", "--listen", "127.0.0.1:0",
                           "--workers", "1", "--model", "none", "--out", str(tmp_path / "o"),
-                          "--status", "0.0.0.0:0"], capture_output=True, text=True, timeout=60)
+                          "--token", TOKEN, "--status", "0.0.0.0:0"], capture_output=True,
+                         text=True, timeout=60, env=env)
     assert out.returncode == 2
     assert out.stderr.strip().splitlines()[-1].startswith(
-        "fedberry chief: error: refusing to serve the status page on 0.0.0.0 without a token")
+        "fedberry chief: error: refusing to serve the status page on 0.0.0.0 without a status "
+        "token")
 
 
 def test_hellos_agent_is_optional_and_bounded() -> None:

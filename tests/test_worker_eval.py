@@ -235,3 +235,31 @@ def test_the_chief_takes_one_evaluation_per_request_and_only_from_evaluators():
     c, w, _ = _joined(evaluates=False)  # said at join that it does not evaluate
     with pytest.raises(ProtocolError, match="not allowed"):
         c.receive_data(to_frame(EvalResult(0, 10, {})).tobytes())
+
+
+def test_an_evaluation_claiming_more_examples_than_the_sample_bound_is_refused(caplog):
+    from fedberry.chief.admission import AdmissionPolicy
+
+    # The bound on an update's samples (max_samples) holds for an evaluation's examples too:
+    # a worker claiming more would own the federated mean.
+    # Two rounds: the first line is not held for the refused answer (30 s timeout).
+    written: list[float] = []
+    handle = serve("127.0.0.1:0", workers=2, rounds=2, token="t", evaluate_every=1,
+                   evaluate_timeout=30.0, admission=AdmissionPolicy(max_samples=1000),
+                   on_round=lambda line: written.append(time.monotonic()))
+    started = time.monotonic()
+
+    def poison(arrays):
+        return 5000, {"mse": 1e9}
+    honest = Worker(handle.url, token="t", worker_id="honest", evaluate=_evaluator(1, 40, []))
+    liar = Worker(handle.url, token="t", worker_id="liar", evaluate=poison)
+    with caplog.at_level("WARNING", logger="fedberry.chief"):
+        metrics = _run(handle, [(honest, 0), (liar, 1)])
+    assert written[0] - started < 20
+    for line in metrics:
+        fe = line["federated_eval"]
+        assert fe["workers"] == 1 and fe["num_examples"] == 40 and fe["mse"] < 1e3
+    refused = [r.getMessage() for r in caplog.records if "liar" in r.getMessage()]
+    assert refused[0] == ("worker liar: its evaluation of round 1 is refused and not counted: "
+                          "it claims 5000 samples, more than the chief admits (max_samples "
+                          "1000)") and len(refused) == 2

@@ -324,14 +324,14 @@ def _run_chief(args: argparse.Namespace) -> int:
     from fedberry.demo.torch_demo import TABLE_HEADER, format_row, initial_model, make_evaluator
     from fedberry.serve import run_chief
 
-    _check_files(args, "tls_cert", "tls_key", "client_ca", "token_file")
+    _check_files(args, "tls_cert", "tls_key", "client_ca", "token_file", "status_token_file")
     initial = evaluate = None
     if args.model != "none":
         initial = initial_model(args.model, args.seed, args.framework)
         evaluate = make_evaluator(args.model, args.data_dir, args.framework)
     checkpoint = args.checkpoint or str(Path(args.out) / "checkpoint.npz")
     run_config = {k: v for k, v in vars(args).items()
-                  if k not in ("func", "token") and not callable(v)}
+                  if k not in ("func", "token", "status_token") and not callable(v)}
     header = [TABLE_HEADER]  # printed with the first round, not before a refusal to start
     dp = _dp_config(args)
     if dp is not None:
@@ -385,7 +385,9 @@ def _run_chief(args: argparse.Namespace) -> int:
                   receive_memory=_receive_memory(args.receive_memory),
                   max_samples=args.max_samples,
                   max_update_norm=args.max_update_norm, update_norm_mode=args.update_norm_mode,
-                  status=args.status, dp=dp, save_every=args.save_every, **fleet)
+                  status=args.status, status_token=args.status_token,
+                  status_token_file=args.status_token_file, dp=dp, save_every=args.save_every,
+                  **fleet)
         if dp is not None:
             print(_dp_summary(dp, records), flush=True)
     print_model_line(args.out, started)

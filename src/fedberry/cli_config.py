@@ -28,7 +28,9 @@ else:  # the config extra: tomli, the same parser before it joined the standard 
 _NOT_IN_FILE = {"help", "config", "print_config"}
 # Printed by --print-config as a comment only: a secret belongs in --token-file or the
 # environment, not in a file that gets shared.
-_SECRET = {"token"}
+# dest -> where to give it instead.
+_SECRET = {"token": "--token-file or FEDBERRY_TOKEN",
+           "status_token": "--status-token-file or FEDBERRY_STATUS_TOKEN"}
 
 
 def add_config_options(p: argparse.ArgumentParser) -> None:
@@ -36,7 +38,14 @@ def add_config_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--status", metavar="HOST:PORT", default=None,
                    help="serve a live status page, /api/status (JSON) and Prometheus /metrics "
                         "here, e.g. 127.0.0.1:9090 (the status extra; beyond loopback it needs "
-                        "the token and TLS or --insecure; docs/operations.md)")
+                        "--status-token and TLS or --insecure; docs/operations.md)")
+    p.add_argument("--status-token", default=None,
+                   help="the status page's read-only token, required beyond loopback: readers "
+                        "send 'Authorization: Bearer TOKEN'; never the workers' --token (prefer "
+                        "--status-token-file or FEDBERRY_STATUS_TOKEN: arguments are visible "
+                        "in ps)")
+    p.add_argument("--status-token-file", default=None,
+                   help="file holding the status page's read-only token")
     p.add_argument("--config", metavar="FILE", default=None,
                    help="read the chief's options from this TOML file (keys: the options' "
                         "names, e.g. min-workers = 2); flags on the command line win")
@@ -165,7 +174,7 @@ def effective_toml(args: argparse.Namespace, chief: argparse.ArgumentParser) -> 
         value = getattr(args, action.dest, None)
         if action.dest in _SECRET:
             if value is not None:
-                lines.append(f"# {key} = (hidden: give it with --token-file or FEDBERRY_TOKEN)")
+                lines.append(f"# {key} = (hidden: give it with {_SECRET[action.dest]})")
             continue
         if value is None or value == []:
             lines.append(f"# {key} = (not set)")

@@ -36,6 +36,7 @@ from fedberry.privacy import DPConfig, as_config
 from fedberry.privacy.chief import dp_chief, expected_count
 from fedberry.protocol.auth import resolve_token
 from fedberry.status import StatusBoard, StatusServer, check_exposure, require_extra
+from fedberry.status.server import STATUS_TOKEN_ENV
 from fedberry.strategies import Strategy
 from fedberry.transports.local import LocalSession
 from fedberry.transports.loop import LoopThread
@@ -190,6 +191,7 @@ def serve(listen: str | None = "127.0.0.1:0", *, workers: int | None = None,
           output: OutputOptions | None = None,
           admission: AdmissionPolicy | None = None,
           listen_options: ListenOptions | None = None, status: str | None = None,
+          status_token: str | None = None, status_token_file: str | None = None,
           dp: DPConfig | str | None = None,
           round_config: RoundConfig | None = None,
           **options: Any) -> ChiefHandle:
@@ -237,8 +239,12 @@ def serve(listen: str | None = "127.0.0.1:0", *, workers: int | None = None,
     status : str or None
         ``HOST:PORT`` of the status server (the ``status`` extra; docs/operations.md): a live
         page, ``/api/status`` and Prometheus ``/metrics``; ``ChiefHandle.status`` has its
-        address. Beyond loopback it needs the token (as a bearer header) and TLS or
+        address. Beyond loopback it needs ``status_token`` (as a bearer header) and TLS or
         ``insecure``; None (the default): no status server.
+    status_token, status_token_file : str or None
+        The status server's read-only token (or a file holding it; else
+        ``FEDBERRY_STATUS_TOKEN``), required beyond loopback. It must differ from ``token``:
+        it lets a reader watch the run, never join it.
     dp : DPConfig or str, optional
         Differentially private FedAvg (``fedberry.DPConfig(clip=1.0, noise=1.1, delta=1e-5)``
         or ``--dp`` text): updates clipped to C, weighted uniformly, Gaussian noise on their
@@ -304,13 +310,15 @@ def serve(listen: str | None = "127.0.0.1:0", *, workers: int | None = None,
     elif listen and lis.client_ca:
         raise ValueError("--client-ca needs TLS: give --tls-cert and --tls-key too")
     token = resolve_token(lis.token, lis.token_file) if listen or status else None
-    status_sock = status_ctx = status_token = None
+    status_sock = status_ctx = reader_token = None
     if status:  # refused here, with a sentence, before any port is taken or file made
         require_extra()
         s_host, s_port = parse_address(status)
         # Loopback: open to this machine, like any local port (the page then needs no token).
-        status_token = None if is_loopback(s_host) else token
-        check_exposure(s_host, is_loopback(s_host), token, bool(lis.tls_cert), lis.insecure)
+        reader_token = None if is_loopback(s_host) else resolve_token(
+            status_token, status_token_file, env=STATUS_TOKEN_ENV)
+        check_exposure(s_host, is_loopback(s_host), reader_token, bool(lis.tls_cert),
+                       lis.insecure, worker_token=token)
         status_ctx = server_context(lis.tls_cert, lis.tls_key, None) if lis.tls_cert else None
         status_sock = listen_socket(s_host, s_port)
     try:
@@ -342,7 +350,7 @@ def serve(listen: str | None = "127.0.0.1:0", *, workers: int | None = None,
     handle = ChiefHandle(server, io)
     if status_sock is not None:  # before any worker can join: the board sees every event
         board = StatusBoard(pol.rounds, server.chief.round, pol.workers, private=dp is not None)
-        handle.status = StatusServer(status_sock, server.events, board, status_token,
+        handle.status = StatusServer(status_sock, server.events, board, reader_token,
                                      status_ctx)
         log.info("status page at %s", handle.status.url)
     if tcp is not None:

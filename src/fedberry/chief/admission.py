@@ -229,6 +229,16 @@ class Admission:
         self._limit = [_sum_limit(g.dtype) for g in self._reference]
         self.norms = []
 
+    def too_many_samples(self, count: float, stands_for: int = 1) -> str | None:
+        """Why a claimed count of samples is above the policy's ``max_samples`` (None: it is
+        not). The one sample bound: an update's ``num_samples`` and an evaluation's
+        ``num_examples`` both weight a mean, so one worker's huge claim would own either."""
+        cap = self.policy.max_samples * stands_for
+        if count > cap:
+            return (f"it claims {count:g} samples, more than the chief admits "
+                    f"(max_samples {cap:g})")
+        return None
+
     def check_numbers(self, num_samples: float, arrays: Sequence[np.ndarray], *,
                       checked: bool = False, bad: str | None = None) -> Refusal | None:
         """Refuse what no update may carry, whatever its round: a sample count that is not a
@@ -249,12 +259,10 @@ class Admission:
         """Admit an update that would count in this round (clipping it in place if the policy
         says so), or say why not. ``stands_for``: the workers a combined update (MPI) sums."""
         p = self.policy
-        cap = p.max_samples * stands_for
-        if num_samples > cap:
-            return Refusal(ErrorCode.LIMIT,
-                           f"update of worker {worker_id} refused: it claims {num_samples:g} "
-                           f"samples, more than the chief admits (max_samples {cap:g}); the "
-                           "round goes on without it", False)
+        too_many = self.too_many_samples(num_samples, stands_for)
+        if too_many:
+            return Refusal(ErrorCode.LIMIT, f"update of worker {worker_id} refused: {too_many}; "
+                           "the round goes on without it", False)
         max_norm = self.norm_bound
         norm = None
         if max_norm is not None and self._reference:

@@ -106,6 +106,13 @@ class FederatedEvaluation:
         ev.asked.add(worker_id)  # a worker that joined after the broadcast may answer too
         return True
 
+    def refused(self, worker_id: str, round_: int) -> None:
+        """The answer of ``worker_id`` for ``round_`` was refused: not counted, not waited for."""
+        ev = self.open.get(round_)
+        if ev is not None:
+            ev.reports.pop(worker_id, None)
+            ev.asked.discard(worker_id)
+
     def left(self, worker_id: str) -> None:
         """A worker left: the rounds it was asked for wait for it no more (what it sent
         counts)."""

@@ -339,6 +339,13 @@ class ChiefServer:
         protocol's ``EvalResult``)."""
         if self.worker_evaluation is None or self.peers.get(peer.worker_id) is not peer:
             return
+        too_many = self.chief.admission.too_many_samples(num_examples)  # the updates' bound
+        if too_many:
+            log.warning("worker %s: its evaluation of round %d is refused and not counted: %s",
+                        peer.worker_id, round_, too_many)
+            self.worker_evaluation.refused(peer.worker_id, round_)
+            self._flush_held()  # the line waits for this worker no more
+            return
         if self.worker_evaluation.report(peer.worker_id, round_, num_examples, metrics,
                                          time.monotonic()):
             self._flush_held()
@@ -654,7 +661,7 @@ class ChiefServer:
         if self._deadline_handle is not None:
             self._deadline_handle.cancel()
             self._deadline_handle = None
-        deadline = self.chief.deadline
+        deadline = self.chief.wake_at  # the round's deadline, or its next draw (sampling)
         now = time.monotonic()
         # Once the deadline has passed without a quorum, no timer: the update that completes
         # the quorum closes the round itself (re-arming at a past deadline would spin).

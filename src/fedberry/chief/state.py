@@ -22,7 +22,9 @@ among the connected ones when it opens (the first round once the start barrier i
 they get the round's model; the others are parked, connected and idle, until a round draws them
 (or the run is done: everyone gets the final model). "Every worker has sent" and the quorum then
 count the sampled workers still connected; a round whose sampled workers have all left before
-reporting is drawn again. A Poisson draw of nobody closes the round at once, model unchanged.
+reporting is drawn again. A Poisson draw of nobody closes the round at once, model unchanged;
+the next draw then waits (``empty_draw_wait``): the machine asks for a tick at that time
+(``wake_at``), never sleeps.
 
 Every update that would count passes the admission policy (``chief.admission``) first, and the
 round's new model is committed only if it is finite: both live here because every transport's
@@ -45,6 +47,13 @@ from fedberry.chief.admission import non_finite as non_finite  # its home before
 from fedberry.chief.sampling import SamplingPolicy
 from fedberry.protocol.frames import ErrorCode, Spec, spec_mismatch, spec_of
 from fedberry.strategies import FedAvg, Strategy
+
+# After a Poisson draw of nobody, the next draw waits the round timeout, else this many seconds.
+# Without a wait, a tiny rate closes empty rounds in a tight loop: a run without --rounds wrote
+# metrics lines as fast as the loop turned and held the event loop. An empty round takes as long
+# as a round may (the round timeout), so that rounds come at the pace of real ones; with no
+# timeout, a second keeps a run that draws nobody for a while to a line a second.
+EMPTY_DRAW_WAIT = 1.0
 
 
 @dataclass
@@ -153,6 +162,7 @@ class Chief:
         self.sample_rate: float | None = None
         self._parked: set[str] = set()
         self._attempt = 0
+        self._draw_at: float | None = None  # after an empty draw: when the next one may be
         if initial is not None:
             self._adopt(list(initial))
 
@@ -168,6 +178,20 @@ class Chief:
         if self.config.round_timeout is None or self._opened_at is None or self.done:
             return None
         return self._opened_at + self.config.round_timeout
+
+    @property
+    def empty_draw_wait(self) -> float:
+        """Seconds from a Poisson draw of nobody to the next draw (``EMPTY_DRAW_WAIT``)."""
+        t = self.config.round_timeout
+        return t if t is not None else EMPTY_DRAW_WAIT
+
+    @property
+    def wake_at(self) -> float | None:
+        """When the machine next needs a ``tick`` (None: only on events): the next draw after
+        an empty one, else the round's deadline."""
+        if self._draw_at is not None and not self.done:
+            return self._draw_at
+        return self.deadline
 
     def pending(self) -> tuple[int, list[str]]:
         """This round so far: how many updates count, and the members it still waits for (the
@@ -283,6 +307,9 @@ class Chief:
         return actions
 
     def tick(self, now: float) -> list[Action]:
+        if self._draw_at is not None and now >= self._draw_at:
+            self._draw_at = None
+            return self._draw_if_due(now)
         return self._maybe_close(now)
 
     # -- sampling ----------------------------------------------------------------------------
@@ -304,26 +331,27 @@ class Chief:
         """Draw the open round's workers once the start barrier is met (the first round; or a
         round left with nobody connected to draw from) and send them its model."""
         if (self.config.sampling is None or self.sampled is not None or not self.started
-                or self.done or self.global_arrays is None or not self.members):
+                or self.done or self.global_arrays is None or not self.members
+                or self._draw_at is not None):  # after an empty draw: a tick draws next
             return []
         return self._draw(now)
 
     def _draw(self, now: float) -> list[Action]:
         assert self.config.sampling is not None
         actions: list[Action] = []
-        while True:
-            self.sampled, self.sample_rate = self.config.sampling.draw(
-                self.members, self.round, self._attempt)
-            self._opened_at = now  # the deadline runs from the draw
-            log.info("round %d: sampled %d of %d connected workers", self.round + 1,
-                     len(self.sampled), len(self.members))
-            if self.sampled:
-                break
-            # Poisson drew nobody: the round closes at once, model unchanged (a loop, not a
-            # recursion: a small rate may draw nobody many rounds in a row).
+        self._draw_at = None
+        self.sampled, self.sample_rate = self.config.sampling.draw(
+            self.members, self.round, self._attempt)
+        self._opened_at = now  # the deadline runs from the draw
+        log.info("round %d: sampled %d of %d connected workers", self.round + 1,
+                 len(self.sampled), len(self.members))
+        if not self.sampled:
+            # Poisson drew nobody: the round closes at once, model unchanged, and the next
+            # draw waits for a tick at ``wake_at`` (EMPTY_DRAW_WAIT says why).
             actions += self._close(now, draw_next=False)
-            if self.done:
-                return actions
+            if not self.done:
+                self._draw_at = now + self.empty_draw_wait
+            return actions
         chosen = sorted(self._parked & self.sampled)
         self._parked -= self.sampled
         if chosen:

@@ -43,8 +43,10 @@ def verify(expected: str, got: object) -> bool:
     return isinstance(got, str) and got.isascii() and hmac.compare_digest(expected, got)
 
 
-def resolve_token(token: str | None = None, token_file: str | os.PathLike | None = None) -> str:
-    """The token from the argument, else the file, else $FEDBERRY_TOKEN, else "" (no token).
+def resolve_token(token: str | None = None, token_file: str | os.PathLike | None = None,
+                  env: str = TOKEN_ENV) -> str:
+    """The token from the argument, else the file, else ``$env`` ($FEDBERRY_TOKEN), else ""
+    (no token).
 
     An empty token still runs the handshake (so the protocol has one path), but gives no
     protection: the chief refuses to run without one except on loopback or with --insecure.
@@ -56,4 +58,4 @@ def resolve_token(token: str | None = None, token_file: str | os.PathLike | None
         if not text:
             raise ValueError(f"token file {token_file} is empty")
         return text
-    return os.environ.get(TOKEN_ENV, "")
+    return os.environ.get(env, "")

@@ -3,14 +3,18 @@ and ``/metrics`` (Prometheus), on the standard library's ``ThreadingHTTPServer``
 its own, so that no request ever runs on the chief's event loop.
 
 Why this web layer: three read-only routes need no framework, and a thread per request, capped
-(``MAX_REQUESTS`` at once; more are closed at once) and with a socket timeout, keeps a slow or
-hostile client from holding the chief. The page polls rather than holding a server-sent-events
+(``MAX_REQUESTS`` at once, ``MAX_PER_ADDRESS`` of them from one address; more are closed at
+once) and with a deadline for the whole request (``REQUEST_TIMEOUT``: a client trickling a byte
+at a time is cut off there, not merely at a pause), keeps a slow or hostile client from holding
+the chief or every slot. The page polls rather than holding a server-sent-events
 stream open, and each connection carries one request (HTTP/1.0), so an open browser tab holds
 no thread between its polls.
 
 Who may read: on a loopback address, anyone on the machine (as with any local port). Beyond
-loopback the chief's token is required as ``Authorization: Bearer TOKEN`` on ``/api/status`` and
-``/metrics`` (the page itself is a static shell holding no data; it sends the token it is given
+loopback the status token is required as ``Authorization: Bearer TOKEN`` on ``/api/status`` and
+``/metrics``: a read-only token of its own (``--status-token``), never the workers' token, so
+that who may watch the run (a dashboard, a Prometheus scrape) cannot join it and train (the
+page itself is a static shell holding no data; it sends the token it is given
 in the address's ``#token=`` fragment, which browsers never send to the server), over HTTPS
 with the chief's certificate, or over plain HTTP only with ``insecure`` (the token would cross
 the network readable). ``check_exposure`` says why in one sentence when that is not so.
@@ -37,27 +41,38 @@ from fedberry.status.board import StatusBoard
 log = logging.getLogger("fedberry.status")
 
 MAX_REQUESTS = 16  # requests served at once; more are closed without an answer
-REQUEST_TIMEOUT = 10.0  # seconds a client may take to send its request (and TLS handshake)
+# Requests served at once for one client address: a page polls one request at a time, a
+# Prometheus scrape is one more, so 4 leaves room for a few tabs while one address (a
+# slow-loris client) can hold at most a quarter of MAX_REQUESTS.
+MAX_PER_ADDRESS = 4
+REQUEST_TIMEOUT = 10.0  # seconds for a whole request: TLS handshake, request, answer
+STATUS_TOKEN_ENV = "FEDBERRY_STATUS_TOKEN"  # the status token, when not given as an option
 
 
 def check_exposure(host: str, loopback: bool, token: str | None, tls: bool,
-                   insecure: bool) -> None:
+                   insecure: bool, worker_token: str | None = None) -> None:
     """Refuse, with one sentence, a status address that would show the run to anyone.
-    ``loopback``: whether ``host`` is a loopback address (the TCP transport's rule decides).
+    ``loopback``: whether ``host`` is a loopback address (the TCP transport's rule decides);
+    ``token``: the status token; ``worker_token``: the token workers join with.
 
     Raises
     ------
     ValueError
-        ``host`` is not loopback and there is no token, or the token would travel in plain
-        HTTP without ``insecure``.
+        ``host`` is not loopback and there is no status token, or it is the workers' token,
+        or it would travel in plain HTTP without ``insecure``.
     """
     if loopback:
         return
     if not token:
-        raise ValueError(f"refusing to serve the status page on {host} without a token: anyone "
-                         "who can reach it could read the run; give --token, --token-file or "
-                         "FEDBERRY_TOKEN (readers then send 'Authorization: Bearer TOKEN'), or "
-                         "use --status 127.0.0.1:PORT and an SSH tunnel")
+        raise ValueError(f"refusing to serve the status page on {host} without a status token: "
+                         "anyone who can reach it could read the run; give --status-token, "
+                         "--status-token-file or FEDBERRY_STATUS_TOKEN (a read-only token, not "
+                         "the workers' --token; readers then send 'Authorization: Bearer "
+                         "TOKEN'), or use --status 127.0.0.1:PORT and an SSH tunnel")
+    if worker_token and hmac.compare_digest(token.encode(), worker_token.encode()):
+        raise ValueError("refusing a status token equal to the workers' token: whoever reads "
+                         "the status page could then join the run and train; give "
+                         "--status-token a secret of its own")
     if not tls and not insecure:
         raise ValueError(f"refusing to serve the status page on {host} over plain HTTP: the "
                          "bearer token would cross the network readable; give --tls-cert and "
@@ -79,20 +94,42 @@ class _HTTPServer(ThreadingHTTPServer):
     def __init__(self, sock: socket.socket, app: StatusServer) -> None:
         self.app = app
         self._slots = threading.BoundedSemaphore(MAX_REQUESTS)
+        self._per_address: dict[str, int] = {}  # requests being served, by client address
+        self._per_address_lock = threading.Lock()
         super().__init__(sock.getsockname()[:2], _Handler, bind_and_activate=False)
         self.socket.close()
         self.socket = sock
         self.server_address = sock.getsockname()[:2]
         sock.listen(self.request_queue_size)
 
+    def _take_address(self, host: str) -> bool:
+        with self._per_address_lock:
+            n = self._per_address.get(host, 0)
+            if n >= MAX_PER_ADDRESS:
+                return False
+            self._per_address[host] = n + 1
+            return True
+
+    def _give_address(self, host: str) -> None:
+        with self._per_address_lock:
+            n = self._per_address.pop(host) - 1
+            if n:
+                self._per_address[host] = n
+
     def process_request(self, request: Any, client_address: Any) -> None:
+        host = client_address[0]
+        if not self._take_address(host):
+            self.shutdown_request(request)  # this address is at its cap: closed at once
+            return
         if not self._slots.acquire(blocking=False):
+            self._give_address(host)
             self.shutdown_request(request)  # at the cap: closed at once, the client retries
             return
         try:
             super().process_request(request, client_address)
         except BaseException:
             self._slots.release()
+            self._give_address(host)
             raise
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
@@ -100,11 +137,28 @@ class _HTTPServer(ThreadingHTTPServer):
             super().process_request_thread(request, client_address)
         finally:
             self._slots.release()
+            self._give_address(client_address[0])
 
     def finish_request(self, request: Any, client_address: Any) -> None:
-        # TLS is set up here, on the request's own thread under the cap and the timeout,
-        # not in the accept loop, where one slow handshake would hold every other client.
+        # The socket timeout bounds one read; the whole request is bounded by a timer that
+        # shuts the connection down at the deadline, which wakes any read or write blocked on
+        # it. It shuts down a duplicate of the descriptor (the same connection), because
+        # wrapping in TLS detaches ``request``, and the duplicate stays ours until the timer
+        # is cancelled, so it can never name another connection.
         request.settimeout(REQUEST_TIMEOUT)
+        guard = request.dup()
+        timer = threading.Timer(REQUEST_TIMEOUT, _cut, (guard,))
+        timer.daemon = True
+        timer.start()
+        try:
+            self._finish(request, client_address)
+        finally:
+            timer.cancel()
+            guard.close()
+
+    def _finish(self, request: Any, client_address: Any) -> None:
+        # TLS is set up here, on the request's own thread under the cap and the deadline,
+        # not in the accept loop, where one slow handshake would hold every other client.
         ctx = self.app.ssl_context
         if ctx is None:
             super().finish_request(request, client_address)
@@ -118,6 +172,14 @@ class _HTTPServer(ThreadingHTTPServer):
             super().finish_request(tls, client_address)
         finally:
             tls.close()
+
+
+def _cut(sock: socket.socket) -> None:
+    """Shut a connection down at its request's deadline (a timer's thread)."""
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass  # already closed by the client
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -139,7 +201,7 @@ class _Handler(BaseHTTPRequestHandler):
             return
         if not app.authorized(self.headers.get("Authorization")):
             self._send(HTTPStatus.UNAUTHORIZED, b"this status server needs 'Authorization: "
-                       b"Bearer TOKEN' (the chief's token)\n", "text/plain",
+                       b"Bearer TOKEN' (the chief's --status-token)\n", "text/plain",
                        {"WWW-Authenticate": 'Bearer realm="fedberry"'})
             return
         if url.path == "/metrics":
