@@ -214,3 +214,26 @@ def test_a_deadline_passed_without_quorum_leaves_the_loop_idle() -> None:
         assert len(ticks) <= 3, len(ticks)  # one per armed deadline, not one per 10 ms
     finally:
         handle.stop()
+
+
+def test_a_finished_chief_does_not_wait_for_a_worker_it_refused_for_good() -> None:
+    # A worker closed with a fatal error it does not retry after (here a protocol error) will
+    # not dial again for the final model: the finished run ends at once, not after the 30 s
+    # finish grace it keeps for workers whose connections broke (they do come back).
+    handle = serve("127.0.0.1:0", workers=2, min_workers=1, round_timeout=0.5, rounds=2,
+                   initial=MODEL, token=TOKEN)
+    try:
+        with RawClient(port(handle)) as bad:
+            assert bad.handshake(TOKEN, SPEC, worker_id="bad").type == MsgType.WELCOME
+            bad.send(encode(MsgType.HELLO, {"worker_id": "bad", "nonce": "ab" * 32}).tobytes())
+            assert refused(bad, "protocol")
+        with Worker(handle.url, token=TOKEN, worker_id="honest") as w:
+            g = w.join(MODEL)
+            while not w.done:
+                g = w.sync([a + 1 for a in g], 1)
+        t0 = time.monotonic()
+        assert handle.wait(15), "the chief waited for the refused worker"
+        assert time.monotonic() - t0 < 10
+        assert handle.chief.round == 2
+    finally:
+        handle.stop()

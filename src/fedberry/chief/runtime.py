@@ -350,9 +350,12 @@ class ChiefServer:
                                          time.monotonic()):
             self._flush_held()
 
-    def detach(self, peer: Peer, lost: bool = False, why: str | None = None) -> None:
+    def detach(self, peer: Peer, lost: bool = False, why: str | None = None,
+               returning: bool = True) -> None:
         """``peer`` is gone: it left (said BYE) or, ``lost``, its connection broke or was
-        closed, ``why`` (the transport's sentence, when it has one)."""
+        closed, ``why`` (the transport's sentence, when it has one). ``returning=False``: the
+        chief refused it with an error after which a worker does not dial again
+        (``RETRIED_CODES``), so a finished run does not wait for it to take the final model."""
         wid = peer.worker_id
         if self.peers.get(wid) is not peer:
             return  # an old connection of a worker that has reconnected
@@ -362,7 +365,7 @@ class ChiefServer:
         if self.worker_evaluation is not None:
             self.worker_evaluation.left(wid)
             self._flush_held()
-        if lost and not self.chief.done:
+        if lost and returning and not self.chief.done:
             self._lost[wid] = time.monotonic()
         was_member = wid in self.chief.members
         ending = self.finished is not None and self.finished.is_set()  # closed by the chief

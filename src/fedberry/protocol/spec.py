@@ -56,6 +56,12 @@ class ErrorCode(str, enum.Enum):
     CHIEF_FAILED = "chief_failed"  # the chief cannot go on (its checkpoint cannot be written)
 
 
+# The fatal errors after which a worker dials again (a full chief, a connection the chief timed
+# out); after any other the worker stops. One set for both sides: the worker decides by it, and
+# the chief by it whether a finished run should wait for the worker to come back.
+RETRIED_CODES = frozenset({ErrorCode.BUSY.value, ErrorCode.TIMEOUT.value})
+
+
 class ProtocolError(Exception):
     """A peer sent something we refuse. ``code`` goes back to it in an ERROR frame, with
     ``message``, one sentence saying what was wrong."""

@@ -48,6 +48,7 @@ from fedberry.protocol.messages import (
     Update,
     Welcome,
 )
+from fedberry.protocol.spec import RETRIED_CODES
 from fedberry.transports.pacing import Pacer, Pacing
 from fedberry.transports.tcp.announce import listening_line
 from fedberry.transports.tcp.stream import _FrameWriter, is_loopback
@@ -168,6 +169,7 @@ class _ChiefConnection(_FrameWriter, asyncio.BufferedProtocol):
         self.opened = self.last_seen = self.last_ping = time.monotonic()
         self.closing_since: float | None = None
         self._bye = False  # the worker left on purpose (else it may come back)
+        self._told_to_stop = False  # refused with an error after which a worker does not dial
         self._drain: memoryview | None = None
         self._early = bytearray()  # received while TLS was still being set up (Python 3.10)
         self._early_view: memoryview | None = None
@@ -417,7 +419,8 @@ class _ChiefConnection(_FrameWriter, asyncio.BufferedProtocol):
         if self._joined and not self._left:
             self._left = True
             self.report_traffic()
-            self.server.detach(self, lost=not self._bye, why=self._why)
+            self.server.detach(self, lost=not self._bye, why=self._why,
+                               returning=not self._told_to_stop)
 
     def report_traffic(self) -> None:
         """Tell the observers (chief.events) the bytes moved for this worker since last time:
@@ -614,6 +617,7 @@ class _ChiefConnection(_FrameWriter, asyncio.BufferedProtocol):
         if self.closed or self.closing_since is not None:
             return
         line = f"closing {self.describe()}: {message}"
+        self._told_to_stop = code.value not in RETRIED_CODES
         if not self._joined:  # a joined worker that fails is a worker lost, not a refusal
             self.server.events.emit(Refused(code.value, message, self.worker_id, self.peer_ip))
         if self._joined and not self._left:

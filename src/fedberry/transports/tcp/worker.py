@@ -48,6 +48,7 @@ from fedberry.protocol.messages import (
     Welcome,
     to_frame,
 )
+from fedberry.protocol.spec import RETRIED_CODES
 from fedberry.transports.tcp.stream import _FrameWriter
 
 
@@ -459,7 +460,7 @@ class TcpSession:
             raise from_code(exc.code.value, f"protocol error: {exc.message}")
         if isinstance(item, Error):
             if item.fatal:
-                if item.code in ("timeout", "busy"):
+                if item.code in RETRIED_CODES:
                     raise _ChiefSaid(f"chief said: {item.message}")
                 if item.code == ErrorCode.SHUTDOWN.value:  # not a refusal: the run is over
                     raise from_code(item.code, f"{item.message} before this round closed (it "
