@@ -45,13 +45,13 @@ WORKER = textwrap.dedent("""
     log = {{}}
 
     class Recording(Worker):
-        def join(self, arrays):
-            got = super().join(arrays)
+        def join(self, arrays, **kwargs):
+            got = super().join(arrays, **kwargs)
             log.update({{f"join_{{j}}": a for j, a in enumerate(got)}})
             return got
 
-        def sync(self, arrays, num_samples, metrics=None):
-            got = super().sync(arrays, num_samples, metrics)
+        def sync(self, arrays, num_samples, metrics=None, **kwargs):
+            got = super().sync(arrays, num_samples, metrics, **kwargs)
             k = sum(1 for key in log if key.startswith("n_"))
             log[f"n_{{k}}"] = np.array(num_samples)
             log.update({{f"sent_{{k}}_{{j}}": a for j, a in enumerate(arrays)}})
