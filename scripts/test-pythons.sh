@@ -17,7 +17,8 @@
 # tests and 45 s tests/test_connection_bounds.py's timers and descriptor floods; those are marked `heavy` and left out here (the main run has them: they exercise
 # processes and the kernel, not what differs between Pythons), which brings a version to
 # 50-70 s (all four: under 5 min). Building a venv costs about a minute the first time.
-# FEDBERRY_PYTHONS_ALL=1 runs everything on every version.
+# FEDBERRY_PYTHONS_ALL=1 runs everything on every version. FEDBERRY_PYTHONS_JOBS: how many
+# versions run at once (default 2).
 # FEDBERRY_PYTHONS_PYTEST_ARGS: extra pytest arguments (e.g. a -k filter) for every version.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -45,6 +46,7 @@ find_python() {  # the newest pyenv build of version $1, else python$1 on PATH, 
 VENV_DIR="${FEDBERRY_VENV_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/fedberry}"
 STAMP="$(sha256sum pyproject.toml | cut -d' ' -f1) $PWD"
 failed=()
+ready=()
 for v in "${VERSIONS[@]}"; do
   py="$(find_python "$v")"
   if [ -z "$py" ]; then
@@ -61,18 +63,55 @@ for v in "${VERSIONS[@]}"; do
     "$venv/bin/python" -m pip install -q --disable-pip-version-check -e ".[test,tls]"
     echo "$STAMP" > "$venv/.fedberry-stamp"
   fi
+  ready+=("$v:$venv")
+done
+
+# The versions' runs go JOBS at a time (FEDBERRY_PYTHONS_JOBS, default 2): these tests mostly
+# wait on sockets, timers and processes (about a third of their wall time is CPU), so two runs
+# on 2 cores take little longer than one. Each run's output is shown whole when it ends.
+JOBS="${FEDBERRY_PYTHONS_JOBS:-2}"
+logs="$(mktemp -d "${TMPDIR:-/tmp}/fedberry-pythons.XXXXXX")"
+trap 'rm -rf "$logs"' EXIT
+select=(-m "not heavy")
+if [ "${FEDBERRY_PYTHONS_ALL:-0}" = 1 ]; then select=(); fi
+
+run_one() {  # version venv: the core tests on it, "passed"/"FAILED" in $logs/$1.status
+  local v="$1" venv="$2" start=$SECONDS
   echo "== Python $v: $("$venv/bin/python" --version), core tests (numpy only)"
-  start=$SECONDS
   # shellcheck disable=SC2086  # the extra arguments are meant to split
-  select=(-m "not heavy")
-  if [ "${FEDBERRY_PYTHONS_ALL:-0}" = 1 ]; then select=(); fi
   if env -u KERAS_BACKEND "$venv/bin/python" -m pytest -q -p no:cacheprovider "${select[@]}" \
       ${FEDBERRY_PYTHONS_PYTEST_ARGS:-}; then
     echo "== Python $v: passed in $((SECONDS - start)) s"
+    echo passed > "$logs/$v.status"
   else
     echo "== Python $v: FAILED after $((SECONDS - start)) s"
-    failed+=("$v")
+    echo FAILED > "$logs/$v.status"
   fi
+}
+
+running=()
+show_finished() {  # print the logs of the runs that have ended, in the order they started
+  local still=() v
+  for v in "${running[@]}"; do
+    if [ -f "$logs/$v.status" ]; then cat "$logs/$v.log"; else still+=("$v"); fi
+  done
+  running=("${still[@]+"${still[@]}"}")
+}
+for item in "${ready[@]+"${ready[@]}"}"; do
+  v="${item%%:*}"
+  venv="${item#*:}"
+  while [ ${#running[@]} -ge "$JOBS" ]; do
+    wait -n || true
+    show_finished
+  done
+  run_one "$v" "$venv" > "$logs/$v.log" 2>&1 &
+  running+=("$v")
+done
+wait || true
+show_finished
+for item in "${ready[@]+"${ready[@]}"}"; do
+  v="${item%%:*}"
+  if [ "$(cat "$logs/$v.status" 2>/dev/null)" != passed ]; then failed+=("$v"); fi
 done
 if [ ${#failed[@]} -gt 0 ]; then
   echo "core tests failed on Python ${failed[*]}"
