@@ -160,7 +160,11 @@ def test_quick_every_mode(tmp_path: Path) -> None:
     """`fedberry bench --quick`: namespaces when this runs as root, else the in-process shaper."""
     res, stdout = _run_bench(tmp_path, "--quick")
     assert res["status"] == "done"
-    assert set(res["modes"]) == set(MODES)
+    # flower runs when a Python with Flower is found (flower_python.py), else says why not.
+    assert set(res["modes"]) | set(res["skipped"]) == set(MODES)
+    assert set(res["skipped"]) <= {"flower"}
+    if "flower" in res["skipped"]:
+        assert "flower: skipped, no Python with Flower" in stdout
     target = res["config"]["target"]
     for name, r in res["modes"].items():
         r["target"] = target
@@ -176,6 +180,8 @@ def test_quick_every_mode(tmp_path: Path) -> None:
     # What the chief evaluated is what worker 1 holds.
     assert res["modes"]["dsgd"]["crc_match"] is True
     assert res["modes"]["fedavg"]["crc_match"] is True
+    if "flower" in res["modes"]:
+        _check_flower(res, res["modes"]["flower"])
     # Our counters against the link's: payload <= what crossed the interfaces.
     if res["link"]["kind"] == "netns":
         for name in ("dsgd", "fedavg"):
@@ -209,6 +215,30 @@ def test_quick_every_mode(tmp_path: Path) -> None:
         assert check is None
 
 
+def _check_flower(res: dict[str, Any], fl: dict[str, Any]) -> None:
+    """The flower row: fedavg's training through Flower, over the same link, counted alike."""
+    fa = res["modes"]["fedavg"]
+    assert fl["config"]["local_epochs"] == fa["config"]["local_epochs"]
+    assert fl["config"]["optim"] == fa["config"]["optim"]
+    assert fl["config"]["batch_size"] == fa["config"]["batch_size"]
+    assert fl["workers"] == fa["workers"] and fl["unit"] == "round"
+    assert fl["crc_match"] is True  # the server evaluated what client 1 then received
+    assert any("Flower 1.42" in n for n in fl["notes"])
+    if res["config"]["latency"] == "relay":
+        assert any("relay" in n for n in fl["notes"])
+    if res["link"]["kind"] == "netns":
+        assert fl["bytes_source"] == fa["bytes_source"]  # the workers' interfaces
+        # Flower sends float32 both ways and downloads the initial model: a round moves at
+        # least three float32 models per client; fedavg's q8 both ways, at most about one.
+        from fedberry.demo.torch_demo import initial_model
+
+        model_bytes = sum(a.nbytes for a in initial_model(res["config"]["model"], 0))
+        k = fl["k_to_target"]
+        assert fl["bytes_to_target"] >= fl["workers"] * (2 * k + 1) * model_bytes * 0.9
+        assert fl["bytes_to_target"] <= sum(fl["qdisc_bytes"].values()) * 1.05
+    assert fl["samples_per_s"] > 0
+
+
 @needs_torch
 @needs_data
 def test_in_process_shaper_fallback(tmp_path: Path) -> None:
@@ -222,6 +252,16 @@ def test_in_process_shaper_fallback(tmp_path: Path) -> None:
         _check_row(name, r, 60.0)
         assert r["bytes_source"].startswith("chief's sockets")
     assert "plots" not in res
+
+
+def test_flower_skipped_without_python(tmp_path: Path) -> None:
+    """No Flower Python: the flower mode is skipped with one sentence, the run goes on."""
+    res, stdout = _run_bench(tmp_path, "--modes", "flower", "--flower-python",
+                             str(tmp_path / "no-python"), "--no-plots", "--no-check-shaper",
+                             "--link", "shaper", "--device-cpu", "0", timeout=120)
+    assert res["modes"] == {} and list(res["skipped"]) == ["flower"]
+    assert "no-python" in res["skipped"]["flower"]
+    assert stdout.count("flower: skipped") == 1
 
 
 def test_cli_refuses_nonsense(tmp_path: Path) -> None:

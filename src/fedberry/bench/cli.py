@@ -55,6 +55,11 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--set", action="append", default=[], metavar="MODE.FIELD=VALUE",
                    help="override a mode's setting, e.g. dsgd.lr=0.01, dsgd.optim=sgd, "
                         "fedavg.local_epochs=4, ddp.time_cap_s=600 (repeatable)")
+    p.add_argument("--flower-python", default=None, metavar="PATH",
+                   help="the Python with flwr==1.42.0 for the flower mode (default: "
+                        "$FEDBERRY_FLOWER_PYTHON, ~/.cache/fedberry/venv-flower, or this one "
+                        "with the bench-flower extra; scripts/flower-venv.sh makes the venv); "
+                        "without one the mode is skipped")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--data-dir", default=None)
     p.add_argument("--out", default=d.out, help="results.json, plots and logs go here")
@@ -91,6 +96,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
                       device_cpu=args.device_cpu,
                       check_shaper=args.check_shaper, stop_at_target=not args.run_to_cap,
                       seed=args.seed, data_dir=args.data_dir, out=args.out,
+                      flower_python=args.flower_python,
                       plots=not args.no_plots)
     if args.quick:
         cfg = quick(cfg)

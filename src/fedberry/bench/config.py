@@ -10,6 +10,7 @@ flattering ratio (the sweeps behind these numbers are in docs/benchmarks.md):
   step and Adam, 62-64 steps to 0.85 where the best SGD with momentum needs about 136. Both modes
   average *gradients*, so they compute the same models and differ only in how the bytes move
   (through our chief vs gloo's ring).
+* ``flower``: fedavg's settings through Flower 1.42's legacy gRPC path, float32 both ways.
 * ``fedavg``: local SGD with momentum, batch 64, 10 local epochs per round: on this link a round
   costs seconds of transfer, so the fewest rounds win as long as the average still generalises;
   with 10 epochs the first round is already past 0.85 (8 epochs: 0.850, a coin toss).
@@ -26,7 +27,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-MODES = ("single", "dsgd", "ddp", "fedavg")
+MODES = ("single", "dsgd", "ddp", "flower", "fedavg")
 
 
 @dataclass
@@ -67,6 +68,10 @@ def default_modes() -> dict[str, ModeConfig]:
         "ddp": ModeConfig(1024, OptimConfig("adam", 0.008, 0.9), time_cap_s=420.0, max_steps=2000),
         "fedavg": ModeConfig(64, OptimConfig("sgd", 0.04, 0.9), time_cap_s=180.0,
                              local_epochs=10, max_steps=100, codec="q8", downlink="q8"),
+        # fedavg's training through Flower 1.42 (mode_flower.py): float32 both ways, Flower's
+        # protocol has no codecs; set its fields beside fedavg's when changing them.
+        "flower": ModeConfig(64, OptimConfig("sgd", 0.04, 0.9), time_cap_s=180.0,
+                             local_epochs=10, max_steps=100),
     }
 
 
@@ -102,6 +107,8 @@ class BenchConfig:
     out: str = "runs/bench"
     plots: bool = True
     per_mode: dict[str, ModeConfig] = field(default_factory=default_modes)
+    # The Python with Flower for the flower mode (flower_python.find: None looks for one).
+    flower_python: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -117,6 +124,7 @@ def quick(cfg: BenchConfig) -> BenchConfig:
         m.time_cap_s = 60.0
     modes["single"].time_cap_s = 30.0
     modes["fedavg"].local_epochs = 1
+    modes["flower"].local_epochs = 1
     # Half a core a device (3 x 0.5 beside the chief on 2 cores) unless told: the quotas are
     # still exercised, in half the time 0.25 takes.
     device_cpu = 0.5 if cfg.device_cpu is None else cfg.device_cpu

@@ -11,6 +11,7 @@ import os
 from fedberry.bench.context import BenchContext
 from fedberry.bench.mode_ddp import run_ddp
 from fedberry.bench.mode_fed import run_fed
+from fedberry.bench.mode_flower import run_flower
 from fedberry.bench.mode_single import run_single
 from fedberry.bench.results import ModeResult, Point
 
@@ -21,6 +22,8 @@ __all__ = ["Bench", "ModeResult", "Point"]
 class Bench(BenchContext):
     """The modes of one benchmark on one link; ``run`` runs one of them to its result."""
 
+    flower: tuple[str, str] = ("", "")  # (python, flwr version), set by run.py if found
+
     def run(self, mode: str, *, tag: str | None = None, max_k: int | None = None,
             stop_at_target: bool | None = None) -> ModeResult:
         mc = self.cfg.per_mode[mode]
@@ -28,6 +31,9 @@ class Bench(BenchContext):
         load0 = os.getloadavg()[0]
         if mode == "single":
             res = run_single(self, mc, stop)
+        elif mode == "flower":
+            python, version = self.flower
+            res = run_flower(self, mc, stop, tag or mode, python, version, max_k)
         elif mode == "ddp":
             res = run_ddp(self, mc, stop, tag or mode, max_k)
         else:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import queue
 import subprocess
 import sys
@@ -43,15 +44,22 @@ class ProcessGroup:
         (logdir / "events.jsonl").write_text("")
 
     def start(self, name: str, host: int | str | None, role: str, spec: dict[str, Any],
-              device: bool = False) -> None:
+              device: bool = False, python: str | None = None,
+              module: str = "fedberry.bench.procs") -> None:
         """Start ``role`` on ``host`` (a worker index, "chief", or None: here). ``device``:
         an emulated device, under the run's CPU quota (if any) from ``go`` on: all of its
-        training runs under it, its imports and data loading (nobody's time) at full speed."""
-        argv = [sys.executable, "-m", "fedberry.bench.procs", role, json.dumps(spec)]
+        training runs under it, its imports and data loading (nobody's time) at full speed.
+        ``python`` and ``module``: another interpreter (the flower mode's) and its entry point;
+        it imports this checkout's fedberry (PYTHONPATH), whatever it has installed."""
+        argv = [python or sys.executable, "-m", module, role, json.dumps(spec)]
         log = open(self.logdir / f"{name}.log", "w")  # noqa: SIM115 - closed in stop()
         self._logs.append(log)
         kw: dict[str, Any] = {"stdin": subprocess.PIPE, "stdout": subprocess.PIPE,
                               "stderr": log, "text": True, "bufsize": 1}
+        if python is not None:
+            src = str(Path(__file__).resolve().parents[2])
+            kw["env"] = {**os.environ, "PYTHONPATH": os.pathsep.join(
+                [src, *filter(None, [os.environ.get("PYTHONPATH")])])}
         proc = (subprocess.Popen(argv, **kw) if host is None
                 else self.link.spawn(host, argv, **kw))
         self.procs[name] = proc

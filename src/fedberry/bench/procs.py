@@ -331,6 +331,8 @@ def run_relay(spec: dict[str, Any]) -> None:
     argv = ["--listen", f"{spec['host']}:{spec['port']}", "--upstream", spec["upstream"],
             "--delay-ms", str(spec["delay_ms"]), "--jitter-ms", str(spec["jitter_ms"]),
             "--reset-per-s", str(spec["reset_per_s"])]
+    if spec.get("rate_mbit"):  # the flower mode off the namespaces: the relay is its shaper
+        argv += ["--rate-mbit", str(spec["rate_mbit"]), "--payload-rate"]
     sys.exit(relay.main(argv))
 
 

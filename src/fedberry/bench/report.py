@@ -152,7 +152,7 @@ def write_json(path: Path, payload: dict[str, Any]) -> None:
 
 # -- plots -------------------------------------------------------------------------------------
 STYLE = {"single": ("tab:gray", "s"), "dsgd": ("tab:red", "o"), "ddp": ("tab:orange", "^"),
-         "fedavg": ("tab:blue", "D")}
+         "fedavg": ("tab:blue", "D"), "flower": ("tab:purple", "v")}
 
 
 def plots(results: dict[str, ModeResult], target: float, out: Path,

@@ -3,18 +3,24 @@ sockets moving the same bytes.
 
     python -m fedberry.bench.round_time                  # 1M and 10M params, 2 and 8 workers
     python -m fedberry.bench.round_time --params 1e6 --workers 2 --rounds 10
+    python -m fedberry.bench.round_time --params 1e6 --workers 2 8 --flower --repeat 3
 
 A round is: every worker sends its model, the chief has them all, every worker has the model back.
 Workers do no compute, so the figure is pure communication + aggregation. Both sides run as
 separate processes; the time is measured at the chief between consecutive round closes, after
 warm-up rounds. The floor process only moves bytes (recv_into a preallocated buffer, sendall), so
 the gap to it is what the protocol, asyncio, the NaN check and the weighted sum cost.
+
+``--flower`` adds Flower 1.42's legacy gRPC path doing the same round (flower_round_time.py, in
+the Flower Python: flower_python.py), its repetitions alternating with fedberry's (``--repeat``),
+and both chiefs' peak resident memory (VmHWM, each chief in its own process).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -44,23 +50,73 @@ def fedberry_worker(url: str, params: int, index: int) -> None:
             arrays = w.sync(arrays, 1.0)
 
 
-def run_fedberry(params: int, workers: int, rounds: int, warmup: int) -> float:
+def fedberry_chief(params: int, workers: int, rounds: int, warmup: int) -> None:
+    """The chief in a process of its own, so that its peak memory is its own."""
     handle = serve("127.0.0.1:0", workers=workers, rounds=warmup + rounds,
                    initial=model(params), token="bench", finish_grace=5)
-    procs = [subprocess.Popen([sys.executable, "-m", "fedberry.bench.round_time", "_fb_worker",
-                               handle.url, str(params), str(i)]) for i in range(workers)]
+    print(json.dumps({"url": handle.url}), flush=True)
     try:
         if not handle.wait(600):
             raise RuntimeError("fedberry run timed out")
         walls = [r["wall_s"] for r in handle.metrics]
     finally:
-        for p in procs:
-            try:
-                p.wait(30)
-            except subprocess.TimeoutExpired:
-                p.kill()
         handle.stop()
-    return (walls[-1] - walls[warmup - 1]) / rounds
+    print(json.dumps({"round_s": (walls[-1] - walls[warmup - 1]) / rounds,
+                      "peak_rss_mb": peak_rss_mb()}), flush=True)
+
+
+def run_fedberry(params: int, workers: int, rounds: int, warmup: int) -> dict[str, float]:
+    """{"round_s", "peak_rss_mb"} of the chief."""
+    chief = subprocess.Popen([sys.executable, "-m", "fedberry.bench.round_time", "_fb_chief",
+                              str(params), str(workers), str(rounds), str(warmup)],
+                             stdout=subprocess.PIPE, text=True)
+    assert chief.stdout is not None
+    url = json.loads(chief.stdout.readline())["url"]
+    procs = [subprocess.Popen([sys.executable, "-m", "fedberry.bench.round_time", "_fb_worker",
+                               url, str(params), str(i)]) for i in range(workers)]
+    return _result(chief, procs)
+
+
+def _result(chief: subprocess.Popen, procs: list[subprocess.Popen]) -> dict[str, float]:
+    try:
+        out, _ = chief.communicate(timeout=600)
+        for p in procs:
+            p.wait(30)
+    finally:
+        for p in [*procs, chief]:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    if chief.returncode != 0:
+        raise RuntimeError(f"the chief exited with code {chief.returncode}")
+    return json.loads(out.strip().splitlines()[-1])
+
+
+# -- Flower 1.42, legacy gRPC (flower_round_time.py, in the Flower Python) -----------------------
+def run_flower(python: str, params: int, workers: int, rounds: int,
+               warmup: int) -> dict[str, float]:
+    """{"round_s", "peak_rss_mb"} of Flower's server for the same round."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    src = str(Path(__file__).resolve().parents[2])  # this checkout's fedberry, in that Python
+    env = {**os.environ, "PYTHONPATH": src}
+    mod = "fedberry.bench.flower_round_time"
+    quiet = {"stderr": subprocess.DEVNULL}  # Flower logs every round at INFO
+    chief = subprocess.Popen([python, "-m", mod, "server", str(port), str(params), str(workers),
+                              str(rounds), str(warmup)], stdout=subprocess.PIPE, text=True,
+                             env=env, **quiet)
+    procs = [subprocess.Popen([python, "-m", mod, "client", str(port), str(params), str(i)],
+                              env=env, stdout=subprocess.DEVNULL, **quiet)
+             for i in range(workers)]
+    return _result(chief, procs)
+
+
+def peak_rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
 
 
 # -- the floor: plain blocking sockets -----------------------------------------------------------
@@ -133,6 +189,9 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] == "_fb_worker":
         fedberry_worker(argv[1], int(argv[2]), int(argv[3]))
         return 0
+    if argv and argv[0] == "_fb_chief":
+        fedberry_chief(*map(int, argv[1:5]))
+        return 0
     if argv and argv[0] == "_floor_worker":
         floor_worker(int(argv[1]), int(argv[2]), int(argv[3]))
         return 0
@@ -141,19 +200,50 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_grid_options(p)
+    p.add_argument("--repeat", type=int, default=1,
+                   help="repetitions per cell, fedberry and Flower alternating; medians shown")
+    p.add_argument("--flower", action="store_true",
+                   help="add Flower 1.42's legacy gRPC columns (flower_python.find: "
+                        "--flower-python, $FEDBERRY_FLOWER_PYTHON, ~/.cache/fedberry/venv-flower)")
+    p.add_argument("--flower-python", default=None, metavar="PATH")
     args = p.parse_args(argv)
+    flower = None
+    if args.flower or args.flower_python:
+        from fedberry.bench import flower_python
+
+        flower, found = flower_python.find(args.flower_python)
+        print(f"Flower: {found} ({flower})" if flower else f"Flower: skipped, {found}",
+              flush=True)
     tmp = Path("/tmp")
     rows = []
-    print("| params | workers | MiB per round | fedberry TCP (s) | socket floor (s) | ratio |")
-    print("|---:|---:|---:|---:|---:|---:|")
+    head = "| params | workers | MiB per round | fedberry TCP (s) | socket floor (s) | ratio |"
+    if flower:
+        head += " Flower gRPC (s) | Flower / fedberry | chief peak RSS (MB) | Flower server " \
+                "peak RSS (MB) |"
+    print(head)
+    print("|" + "---:|" * (head.count("|") - 1))
     for params in map(int, args.params):
         for workers in args.workers:
-            fb = run_fedberry(params, workers, args.rounds, args.warmup)
+            fbs, fls = [], []
+            for _ in range(args.repeat):  # interleaved: the machine's load falls on both
+                fbs.append(run_fedberry(params, workers, args.rounds, args.warmup))
+                if flower:
+                    fls.append(run_flower(flower, params, workers, args.rounds, args.warmup))
             fl = run_floor(params, workers, args.rounds, args.warmup, tmp)
+            fb = float(np.median([r["round_s"] for r in fbs]))
             mib = 2 * workers * 4 * params / 2**20
-            rows.append({"params": params, "workers": workers, "fedberry_s": fb, "floor_s": fl})
-            print(f"| {params / 1e6:g}M | {workers} | {mib:.0f} | {fb:.3f} | {fl:.3f} | "
-                  f"{fb / fl:.2f} |", flush=True)
+            row = {"params": params, "workers": workers, "fedberry_s": fb, "floor_s": fl,
+                   "fedberry_runs": fbs, "loadavg": os.getloadavg()}
+            line = (f"| {params / 1e6:g}M | {workers} | {mib:.0f} | {fb:.3f} | {fl:.3f} | "
+                    f"{fb / fl:.2f} |")
+            if flower:
+                fw = float(np.median([r["round_s"] for r in fls]))
+                rss_fb = max(r["peak_rss_mb"] for r in fbs)
+                rss_fl = max(r["peak_rss_mb"] for r in fls)
+                row.update(flower_s=fw, flower_runs=fls)
+                line += f" {fw:.3f} | {fw / fb:.1f}x | {rss_fb:.0f} | {rss_fl:.0f} |"
+            rows.append(row)
+            print(line, flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
     return 0

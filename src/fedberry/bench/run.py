@@ -7,8 +7,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from fedberry.bench import flower_python, report
 from fedberry.bench import link as link_mod
-from fedberry.bench import report
 from fedberry.bench.config import BenchConfig
 from fedberry.bench.cpu_quota import DeviceQuotas, fit_quota
 from fedberry.bench.harness import Bench, ModeResult
@@ -34,6 +34,18 @@ def run(cfg: BenchConfig, *, quiet: bool = False, command: str | None = None,
     payload: dict[str, Any] = {
         "command": command, "started_unix": started, "machine": report.machine(),
         "config": cfg.to_json(), "modes": {}, "status": "running"}
+    skipped: dict[str, str] = {}
+    flower: tuple[str, str] | None = None
+    if "flower" in cfg.modes:
+        py, found = flower_python.find(cfg.flower_python)
+        if py is None:
+            skipped["flower"] = found
+            cfg.modes = [m for m in cfg.modes if m != "flower"]
+            say(f"flower: skipped, {found}")
+        else:
+            flower = (py, found)
+            say(f"flower: Flower {found} in {py}")
+    payload["skipped"] = skipped
     say(f"fedberry bench: {', '.join(cfg.modes)}; {cfg.workers} workers; target "
         f"{cfg.target}; {cfg.model} on Fashion-MNIST; out {out}")
     cores = fit_quota(cfg.workers) if cfg.device_cpu is None else cfg.device_cpu
@@ -62,6 +74,8 @@ def run(cfg: BenchConfig, *, quiet: bool = False, command: str | None = None,
         say(f"link: {kind}, {cfg.rate_mbit:g} Mbit/s shared, {d['duplex']} duplex, latency "
             f"{lat} ({why})")
         bench = Bench(cfg, link, out, quiet, quotas)
+        if flower is not None:
+            bench.flower = flower
         for mode in cfg.modes:
             say(f"\n== {mode} (cap {cfg.per_mode[mode].time_cap_s:.0f} s)")
             t0 = time.monotonic()
