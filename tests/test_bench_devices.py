@@ -3,6 +3,7 @@ core, and a run leaves no cgroup behind, also when it fails."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -37,7 +38,7 @@ def _cpu_s(pid: int) -> float:
 def test_quota_caps_a_busy_process_and_is_removed() -> None:
     assert found is not None
     proc = subprocess.Popen([sys.executable, "-c", BUSY], stdin=subprocess.PIPE, text=True)
-    quotas = DeviceQuotas(0.2, name="fedberry-bench-test-cap")
+    quotas = DeviceQuotas(0.2, name=f"fedberry-bench-test-cap-{os.getpid()}")
     try:
         with quotas:
             quotas.add("busy", proc.pid)
@@ -68,7 +69,7 @@ def test_cgroups_removed_when_the_run_fails() -> None:
     assert found is not None
     proc = subprocess.Popen([sys.executable, "-c", BUSY], stdin=subprocess.PIPE, text=True)
     try:
-        with pytest.raises(RuntimeError), DeviceQuotas(0.5, name="fedberry-bench-test-fail") as q:
+        with pytest.raises(RuntimeError), DeviceQuotas(0.5, name=f"fedberry-bench-test-fail-{os.getpid()}") as q:
             q.add("a", proc.pid)
             q.add("b", proc.pid)  # moves it: one process, one device
             raise RuntimeError("the mode failed")

@@ -26,12 +26,14 @@ from fedberry.transports.pacing import Pacer, Pacing
 from fedberry.worker import Worker
 
 EXTRAS = ("torch", "keras", "jax", "tensorflow", "mpi4py", "matplotlib", "cryptography",
-          "lightning", "safetensors")
+          "lightning", "safetensors", "prometheus_client", "dp_accounting", "playwright", "flwr")
 # These exist to bridge a framework and import it at load, as a user's `import fedberry.torch`
-# should: everything else imports without any extra.
+# should (status.prom: prometheus_client, loaded by the status server only when one starts):
+# everything else imports without any extra.
 FRAMEWORK_MODULES = {"fedberry.torch", "fedberry.keras", "fedberry.integrations.torch",
                      "fedberry.integrations.keras", "fedberry.demo.models",
-                     "fedberry.lightning", "fedberry.integrations.lightning"}
+                     "fedberry.lightning", "fedberry.integrations.lightning",
+                     "fedberry.status.prom"}
 
 
 def _all_modules() -> list[str]:
