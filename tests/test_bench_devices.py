@@ -69,7 +69,8 @@ def test_cgroups_removed_when_the_run_fails() -> None:
     assert found is not None
     proc = subprocess.Popen([sys.executable, "-c", BUSY], stdin=subprocess.PIPE, text=True)
     try:
-        with pytest.raises(RuntimeError), DeviceQuotas(0.5, name=f"fedberry-bench-test-fail-{os.getpid()}") as q:
+        name = f"fedberry-bench-test-fail-{os.getpid()}"
+        with pytest.raises(RuntimeError), DeviceQuotas(0.5, name=name) as q:
             q.add("a", proc.pid)
             q.add("b", proc.pid)  # moves it: one process, one device
             raise RuntimeError("the mode failed")
