@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from fedberry.chief.atomic_file import write_atomically
 from fedberry.strategies import StrategyState
 
 
@@ -56,21 +57,7 @@ def save(path: str | os.PathLike, ckpt: Checkpoint) -> None:
     header = {"round": ckpt.round, "tensors": len(ckpt.arrays), "config": ckpt.config,
               "strategy": {"name": state.name, "params": state.params}}
     entries["header"] = np.frombuffer(json.dumps(header).encode(), dtype=np.uint8)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            np.savez(f, **entries)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)  # a full disk must not also leave a model-sized leftover
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    write_atomically(path, lambda f: np.savez(f, **entries))
 
 
 def load(path: str | os.PathLike) -> Checkpoint:

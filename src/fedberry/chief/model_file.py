@@ -25,9 +25,11 @@ import os
 import struct
 from collections.abc import Sequence
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
+from fedberry.chief.atomic_file import write_atomically
 from fedberry.protocol.spec import Spec, spec_of
 
 log = logging.getLogger("fedberry.chief")
@@ -81,25 +83,14 @@ def save(path: str | os.PathLike, arrays: Sequence[np.ndarray],
         blobs.append(a)
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # the tensors start 8-byte aligned, as the package writes
-    path = Path(path)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(struct.pack("<Q", len(raw)))
-            f.write(raw)
-            for a in blobs:
-                f.write(memoryview(a.reshape(-1)).cast("B"))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)  # a full disk must not also leave a model-sized leftover
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+
+    def write(f: BinaryIO) -> None:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for a in blobs:
+            f.write(memoryview(a.reshape(-1)).cast("B"))
+
+    write_atomically(path, write)
 
 
 def load(path: str | os.PathLike) -> dict[str, np.ndarray]:
