@@ -439,7 +439,7 @@ def run_flower_deployment(python: str, params: int, n: int, rounds: int, warmup:
             report.settimeout(min(left, 5.0))
             try:
                 e = json.loads(report.recv(65536))
-            except socket.timeout:
+            except TimeoutError:
                 if link.poll() is not None:
                     return {"error": "the SuperLink died"}
                 continue
@@ -544,8 +544,8 @@ def main(argv: list[str] | None = None) -> int:
         flower, found = flower_python.find(args.flower_python)
         print(f"Flower: {found} ({flower})" if flower else f"Flower: skipped, {found}",
               flush=True)
-    print(f"{os.cpu_count()} cores, load {_loadavg()}, {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}",
-          flush=True)
+    now = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+    print(f"{os.cpu_count()} cores, load {_loadavg()}, {now}", flush=True)
     rows = []
     for params in map(int, args.params):
         for n in args.clients:
