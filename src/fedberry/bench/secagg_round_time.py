@@ -210,7 +210,6 @@ class CountingRelay:
         self.down = [0] * clients
         self._lock = threading.Lock()
         self._closing = False
-        self._socks: list[socket.socket] = []
         self.listeners = [socket.create_server(("127.0.0.1", 0)) for _ in range(clients)]
         self.ports = [s.getsockname()[1] for s in self.listeners]
         for i, s in enumerate(self.listeners):
@@ -222,11 +221,8 @@ class CountingRelay:
 
     def close(self) -> None:
         self._closing = True
-        for s in [*self.listeners, *self._socks]:
-            try:
-                s.close()
-            except OSError:
-                pass
+        for s in self.listeners:  # open connections end with their peers
+            s.close()
 
     def _accept(self, i: int, srv: socket.socket) -> None:
         while not self._closing:
@@ -238,30 +234,35 @@ class CountingRelay:
                     return
                 continue
             up.settimeout(None)
-            self._socks += [down, up]
+            ends = [2]  # pumps still running; the last one closes both sockets
             for src, dst, ups in ((down, up, True), (up, down, False)):
-                threading.Thread(target=self._pump, args=(i, src, dst, ups), daemon=True).start()
+                threading.Thread(target=self._pump, args=(i, src, dst, ups, ends),
+                                 daemon=True).start()
 
-    def _pump(self, i: int, src: socket.socket, dst: socket.socket, up: bool) -> None:
+    def _pump(self, i: int, src: socket.socket, dst: socket.socket, up: bool,
+              ends: list[int]) -> None:
         buf = bytearray(self.CHUNK)
         view = memoryview(buf)
         counter = self.up if up else self.down
         try:
-            while True:
-                n = src.recv_into(buf)
-                if not n:
-                    break
+            while n := src.recv_into(buf):
                 dst.sendall(view[:n])
                 with self._lock:
                     counter[i] += n
+            dst.shutdown(socket.SHUT_WR)  # a half-close passes on; the other way goes on
         except OSError:
-            pass
-        finally:
-            for s in (src, dst):
+            for s in (src, dst):  # a reset ends both ways
                 try:
                     s.shutdown(socket.SHUT_RDWR)
                 except OSError:
                     pass
+        finally:
+            with self._lock:
+                ends[0] -= 1
+                last = ends[0] == 0
+            if last:
+                src.close()
+                dst.close()
 
 
 # -- Flower's deployment runtime ---------------------------------------------------------------
