@@ -302,7 +302,8 @@ class ChiefServer:
         """``checked``/``bad``: the transport's own NaN/Inf check of ``arrays`` (Chief.update);
         it counts only for updates sent as they are, not for what a codec decodes."""
         if self._codec_of.get(peer.worker_id) != codec:
-            if peer.worker_id in self._codec_of or codec != "none":
+            if codec != SECURE_UPDATE_CODEC and (peer.worker_id in self._codec_of
+                                                 or codec != "none"):
                 log.info("worker %s sends its updates as %s", peer.worker_id, codec)
             self._codec_of[peer.worker_id] = codec
         if codec == SECURE_UPDATE_CODEC:  # a secure round's report: no tensors to decode

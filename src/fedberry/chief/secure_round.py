@@ -30,7 +30,7 @@ from fedberry.protocol.encodings import float_values
 from fedberry.protocol.messages import SecAgg
 from fedberry.protocol.spec import Spec
 from fedberry.secagg import wire
-from fedberry.secagg.errors import SecAggError, TooFewSurvivors
+from fedberry.secagg.errors import ConfigError, SecAggError, TooFewSurvivors
 from fedberry.secagg.messages import KeyAdvert, MaskedInput, ShareBundle, UnmaskReply
 from fedberry.secagg.options import SecAggOptions
 from fedberry.secagg.server import SecAggServer
@@ -76,6 +76,13 @@ class SecureRound:
         self.weights = {w: n / self.scale for w, n in participants.items()}
         self.config = options.round_config(round_, tuple(sorted(self.workers)),
                                            float_values(spec))
+        floor = wire.majority_threshold(self.config)
+        if self.config.threshold < floor:
+            # The workers refuse it (transports.secure_sync): say so once, here.
+            raise ConfigError(f"the threshold {self.config.threshold} is below a majority of "
+                              f"each worker's group ({floor} of {self.config.neighbors + 1}), "
+                              "which would let a chief unmask a single update; workers refuse "
+                              "it")
         self.encoding = options.encoding(clip)
         self.server = SecAggServer(self.config)
         self.clip = clip
