@@ -24,8 +24,12 @@ from fedberry.protocol import connection as conn_mod  # noqa: E402
 from fedberry.protocol.connection import ChiefConnection, WorkerConnection  # noqa: E402
 from fedberry.protocol.frames import ProtocolError, spec_of  # noqa: E402
 from fedberry.protocol.messages import Auth, Challenge, Hello, SecAgg, Update, Welcome  # noqa: E402
-from fedberry.secagg import SecAggOptions, SecAggServer, UnmaskRequest  # noqa: E402
-from fedberry.secagg import wire  # noqa: E402
+from fedberry.secagg import (  # noqa: E402
+    SecAggOptions,
+    SecAggServer,
+    UnmaskRequest,
+    wire,  # noqa: E402
+)
 from fedberry.transports.tcp.worker import TcpSession  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
