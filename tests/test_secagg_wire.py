@@ -39,7 +39,8 @@ from helpers import fedberry_env, processes  # noqa: E402
 N = 5
 
 
-def _run_workers(url: str, indices: list[int], rounds: int = 1) -> dict[int, list]:
+def _run_workers(url: str, indices: list[int], rounds: int = 1,
+                 options: dict[int, dict] | None = None) -> dict[int, list]:
     """Each worker sends ``global + update_of(i)`` every round; returns what each got back,
     and the warnings each heard."""
     out: dict[int, list] = {}
@@ -50,7 +51,7 @@ def _run_workers(url: str, indices: list[int], rounds: int = 1) -> dict[int, lis
 
     def work(i: int) -> None:
         try:
-            w = fedberry.Worker(chief=url, worker_id=f"w{i}")
+            w = fedberry.Worker(chief=url, worker_id=f"w{i}", **(options or {}).get(i, {}))
             g = w.join(sw.initial())
             got = []
             for r in range(rounds):
@@ -122,6 +123,22 @@ def test_five_workers_get_plain_fedavg_up_to_the_stated_quantization_bound(bits,
         diff = max(float(np.abs(s - p).max()) for p, s in zip(plain_out[0][0][0],
                                                               secure_out[0][0][0]))
         assert diff > 1e-4
+
+
+def test_over_mutual_tls_too(tmp_path: Path) -> None:
+    from fedberry import certs
+
+    ca, ca_key = certs.create_ca(tmp_path)
+    cert, key = certs.create_chief_cert(tmp_path, ca, ca_key, ["127.0.0.1"])
+    clients = {i: certs.create_client_cert(tmp_path, ca, ca_key, f"w{i}") for i in range(N)}
+    chief = _serve(rounds=1, secure_aggregation="", tls_cert=str(cert), tls_key=str(key),
+                   client_ca=str(ca))
+    out = _run_workers(chief.url, list(range(N)), options={
+        i: {"ca": str(ca), "cert": str(c), "key": str(k)} for i, (c, k) in clients.items()})
+    assert chief.wait(30)
+    assert chief.metrics[0]["workers"] == N
+    for e, m in zip(_expected(list(range(N))), out[0][0][0]):
+        assert np.abs(m - e).max() < 1e-5
 
 
 # Chi-square test of uniformity, as in tests/test_secagg.py: the top 16 bits of each 32-bit
