@@ -141,6 +141,28 @@ def test_over_mutual_tls_too(tmp_path: Path) -> None:
         assert np.abs(m - e).max() < 1e-5
 
 
+def test_differential_privacy_with_secure_aggregation_adds_the_noise_in_shares() -> None:
+    """DP-FedAvg with the noise distributed: each of the 5 workers adds N(0, (z C)^2 / 5)
+    (--min-workers 5) to its clipped change before masking, the chief adds none, so the mean
+    (the noised sum over n_fixed = 5) is off the clipped mean by N(0, (z C / 5)^2) per
+    coordinate: 0.2 here. Were the chief to add its own noise as well, it would be 0.28."""
+    z, c = 1.0, 1.0
+    chief = _serve(rounds=1, min_workers=N, secure_aggregation="",
+                   dp=f"clip={c},noise={z},delta=1e-5")
+    out = _run_workers(chief.url, list(range(N)))
+    assert chief.wait(30)
+    record = chief.metrics[0]
+    assert record["workers"] == N and 0 < record["epsilon"] < math.inf
+    clipped = []
+    for i in range(N):
+        d = np.concatenate([u.ravel().astype(np.float64) for u in sw.update_of(i)])
+        clipped.append(d * min(1.0, c / np.linalg.norm(d)))
+    plain = np.concatenate([g.ravel() for g in sw.initial()]) + np.mean(clipped, axis=0)
+    got = np.concatenate([a.ravel() for a in out[0][0][0]]).astype(np.float64)
+    std = float(np.std(got - plain))
+    assert 0.18 < std < 0.22, std  # 1,025 coordinates: the sample std within ~5% of 0.2
+
+
 # Chi-square test of uniformity, as in tests/test_secagg.py: the top 16 bits of each 32-bit
 # ring value of a masked vector into 2^16 bins; alpha = 1e-6 per vector.
 def _chi2_critical(df: int, alpha: float) -> float:
@@ -297,8 +319,9 @@ def test_secure_aggregation_is_refused_where_it_cannot_hold() -> None:
                        secure_aggregation=SecAggOptions())
     with pytest.raises(ValueError, match="needs TCP workers"):
         fedberry.serve(None, workers=3, secure_aggregation="")
-    with pytest.raises(ValueError, match="not built yet"):
-        fedberry.serve("127.0.0.1:0", workers=3, secure_aggregation="", dp="clip=1,noise=1")
+    with pytest.raises(ValueError, match="adaptive clipping needs every update's norm"):
+        fedberry.serve("127.0.0.1:0", workers=3, secure_aggregation="",
+                       dp="clip=1,noise=1,where=chief,adaptive=true,count_noise=1")
     chief = fedberry.serve("127.0.0.1:0", workers=3, initial=sw.initial(),
                            secure_aggregation="")
     try:

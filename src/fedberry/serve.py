@@ -323,14 +323,16 @@ def serve(listen: str | None = "127.0.0.1:0", *, workers: int | None = None,
                              "listen on")
         require_secagg()
     dp = as_config(dp)
-    if dp is not None and secure is not None:
-        raise ValueError("differential privacy and secure aggregation together are not built "
-                         "yet: the chief would have to add the noise to a sum it then sees "
-                         "before the noise; use one of them (docs/secure-aggregation.md)")
+    if dp is not None and secure is not None and dp.adaptive:
+        raise ValueError("adaptive clipping needs every update's norm, which secure "
+                         "aggregation hides from the chief: use a fixed clip with --secagg")
     if dp is not None:
         strategy, adm, rounds_left = dp_chief(
             dp, strategy, adm, pol.rounds, expected_count(pol.workers, pol.sample, pol.fraction))
         pol = dataclasses.replace(pol, rounds=rounds_left)
+        # With secure aggregation the noise is distributed: each worker adds a share before
+        # masking (the chief never sees the sum without it).
+        strategy.distributed = secure is not None
     # Everything that can refuse to start comes before the runtime makes its output files: a
     # chief that cannot start (a port taken by another chief with the same --out, a missing
     # certificate) must leave no files behind nor truncate another run's metrics.

@@ -62,11 +62,12 @@ class SecureRound:
     ``participants``: worker id -> the weight of its update (its sample count, or 1 under
     uniform weights), as they reported at their sync point. ``clip``: the L2 bound every
     worker clips its weighted change to. ``quorum``: the fewest masked updates the round may
-    close with (``--min-workers``).
+    close with (``--min-workers``). ``noise``: the standard deviation of each worker's share of
+    differential privacy's noise (0: none), which it adds before masking.
     """
 
     def __init__(self, options: SecAggOptions, round_: int, participants: dict[str, float],
-                 spec: Spec, clip: float, quorum: int, now: float) -> None:
+                 spec: Spec, clip: float, quorum: int, now: float, noise: float = 0.0) -> None:
         self.options = options
         self.round = round_
         self.ids = {w: i + 1 for i, w in enumerate(sorted(participants))}
@@ -83,7 +84,8 @@ class SecureRound:
                               f"each worker's group ({floor} of {self.config.neighbors + 1}), "
                               "which would let a chief unmask a single update; workers refuse "
                               "it")
-        self.encoding = options.encoding(clip)
+        self.noise = noise
+        self.encoding = options.encoding(wire.encoding_range(clip, noise))
         self.server = SecAggServer(self.config)
         self.clip = clip
         self.quorum = quorum
@@ -114,7 +116,7 @@ class SecureRound:
                  self.config.threshold, self.config.bits)
         return [self._send(w, wire.Begin(self.config, i, self.clip, self.weights[w],
                                          self.options.max_workers,
-                                         self.options.rounding == "stochastic"))
+                                         self.options.rounding == "stochastic", self.noise))
                 for w, i in sorted(self.ids.items())]
 
     def receive(self, worker_id: str, message: SecAgg, now: float) -> tuple[list[SendSecure],

@@ -412,6 +412,13 @@ class Chief:
         bound = self.admission.norm_bound
         return float(bound) if bound is not None else self.secure.clip
 
+    def _noise_share(self, quorum: int) -> float:
+        """Distributed DP (a strategy whose noise the workers add: ``privacy.dp_fedavg``): the
+        standard deviation of each worker's share, sized so that any ``quorum`` shares (the
+        fewest a round may close with, its masked updates) sum to the noise of the sum."""
+        std = getattr(self.strategy, "distributed_noise_std", None)
+        return float(std) / math.sqrt(quorum) if std else 0.0
+
     def _open_secure(self, now: float) -> list[Action]:
         """The round would close: its reported workers become a secure round's participants."""
         assert self.secure is not None and self.spec is not None
@@ -425,7 +432,8 @@ class Chief:
                     f"{len(participants)} worker(s) reported, and secure aggregation needs at "
                     "least 3 (with 2, each would learn the other's update from the sum)")
             self.secure_round = SecureRound(self.secure, self.round, participants, self.spec,
-                                            self.secure_clip, quorum, now)
+                                            self.secure_clip, quorum, now,
+                                            noise=self._noise_share(quorum))
         except SecAggConfigError as exc:
             return self._secure_failed(f"round {self.round + 1}'s secure aggregation cannot "
                                        f"start: {exc}; the global model stays as it was", now)
@@ -453,7 +461,7 @@ class Chief:
         weight = sum(self._ready[w] for w in out.survivors)
         samples = sum(self._ready_samples[w] for w in out.survivors)
         refusal = self.admission.admit("(the secure sum)", samples, new,
-                                       stands_for=len(out.survivors))
+                                       stands_for=len(out.survivors), clipped_apart=True)
         self._in_round = set(out.survivors)
         self._refused |= set(r.ids) - self._in_round
         if refusal:

@@ -52,7 +52,9 @@ class Begin:
     ``clip``: the L2 bound the worker clips its change to (the ring encodes coordinates in
     [-clip, clip]). ``weight``: what the worker multiplies its clipped change by, its update's
     weight over the round's largest (at most 1), so that the sum is the weighted sum FedAvg
-    needs. ``max_workers`` and ``stochastic`` fix the encoding.
+    needs. ``max_workers`` and ``stochastic`` fix the encoding. ``noise``: the standard
+    deviation of the Gaussian noise the worker adds to each coordinate of its weighted,
+    clipped change (distributed differential privacy; 0: none).
     """
 
     config: RoundConfig
@@ -61,8 +63,17 @@ class Begin:
     weight: float
     max_workers: int
     stochastic: bool = False
+    noise: float = 0.0
+
+    @property
+    def range(self) -> float:
+        """The coordinates the ring encodes (``encoding_range``)."""
+        return encoding_range(self.clip, self.noise)
 
     def __post_init__(self) -> None:
+        if not (_is_number(self.noise) and math.isfinite(self.noise) and self.noise >= 0):
+            raise MessageError(f"a secure round's noise is a number >= 0, not "
+                               f"{self.noise!r:.40}")
         if self.you not in self.config.clients:
             raise MessageError(f"a secure round's begin names client {self.you}, which is not "
                                "among its clients")
@@ -78,6 +89,18 @@ class Begin:
                                f"count to {MAX_CLIENTS}, not {self.max_workers!r:.40}")
         if type(self.stochastic) is not bool:
             raise MessageError("a secure round's stochastic is true or false")
+
+
+# Noise tails the ring's range leaves room for: a Gaussian coordinate passes 8 standard
+# deviations with probability 1.2e-15, so a noised coordinate is clamped (np.clip) about once in
+# 10^15, and the sum of max_workers such ranges still cannot wrap.
+NOISE_TAILS = 8.0
+
+
+def encoding_range(clip: float, noise: float) -> float:
+    """The range [-R, R] every coordinate of a worker's contribution is encoded in: the clip
+    (a coordinate of an L2-clipped vector is within it), plus room for its noise share."""
+    return clip + NOISE_TAILS * noise
 
 
 def majority_threshold(config: RoundConfig) -> int:
@@ -100,7 +123,7 @@ def to_json(payload: Any) -> dict[str, Any]:
                 "length": c.length, "bits": c.bits, "neighbors": c.neighbors,
                 "threshold": c.threshold, "you": payload.you, "clip": payload.clip,
                 "weight": payload.weight, "max_workers": payload.max_workers,
-                "stochastic": payload.stochastic}
+                "stochastic": payload.stochastic, "noise": payload.noise}
     if isinstance(payload, KeyAdvert):
         return {"sender": payload.sender, "mask": _b64(payload.mask_public),
                 "enc": _b64(payload.encryption_public)}
@@ -203,7 +226,8 @@ def _begin(body: dict[str, Any]) -> Begin:
                            "neighbours each")
     clip, weight = body.get("clip"), body.get("weight")
     return Begin(config, _int(body, "you", 1), clip, weight,  # type: ignore[arg-type]
-                 _int(body, "max_workers", 1, MAX_CLIENTS), body.get("stochastic", False))
+                 _int(body, "max_workers", 1, MAX_CLIENTS), body.get("stochastic", False),
+                 body.get("noise", 0.0))  # type: ignore[arg-type]
 
 
 def _advert(body: dict[str, Any]) -> KeyAdvert:

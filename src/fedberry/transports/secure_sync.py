@@ -15,6 +15,7 @@ step out of order or for another round (``secagg.client``).
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Sequence
 
 import numpy as np
@@ -96,11 +97,19 @@ class SecureSync:
         return SecAgg(self.round, self._client.advertise())
 
     def _encode(self, begin: wire.Begin) -> np.ndarray:
-        """The change, clipped to the round's bound, weighted, in the ring."""
+        """The change, clipped to the round's bound, weighted, noised (distributed DP), in
+        the ring."""
         x = clip_l2(self._change, begin.clip) * begin.weight
-        fp = FixedPoint(clip=begin.clip, bits=begin.config.bits, max_workers=begin.max_workers,
+        if begin.noise > 0:
+            # This worker's share of the round's Gaussian noise: the survivors' shares sum to
+            # at least the noise the accountant charges (privacy.dp_fedavg), and the chief
+            # never sees the sum without them. Seeded from the OS, like the chief's own noise.
+            x += np.random.default_rng(secrets.randbits(128)).normal(0.0, begin.noise, x.size)
+        span = begin.range
+        fp = FixedPoint(clip=span, bits=begin.config.bits, max_workers=begin.max_workers,
                         stochastic=begin.stochastic)
         rng = np.random.default_rng() if begin.stochastic else None
-        # Weighted by at most 1 after clipping: every coordinate is within the clip; float
-        # rounding of the product cannot take it past (np.clip guards the last ulp).
-        return fp.encode(np.clip(x, -begin.clip, begin.clip), rng)
+        # Weighted by at most 1 after clipping, every coordinate is within the clip, and its
+        # noise within 8 standard deviations but once in 10^15 (wire.NOISE_TAILS); np.clip
+        # guards that tail and the last ulp of float rounding.
+        return fp.encode(np.clip(x, -span, span), rng)
