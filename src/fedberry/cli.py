@@ -497,6 +497,9 @@ def _add_demo_parser(sub: argparse._SubParsersAction) -> None:
                    help="give up after this many seconds")
     _add_train_options(p)
     _add_downlink_option(p)
+    p.add_argument("--secagg", type=_secagg_text, default=None, metavar="K=V,...",
+                   help="secure aggregation ('' for the defaults; TCP only): the chief learns "
+                        "only the sum of each round's updates (docs/secure-aggregation.md)")
     p.set_defaults(func=_run_demo)
 
 
@@ -504,6 +507,10 @@ def _run_demo(args: argparse.Namespace) -> int:
     if args.transport == "mpi":
         from fedberry.demo.mpi_demo import run_mpi_demo
 
+        if args.secagg is not None:
+            from fedberry.transports.mpi_chief import MPI_SECAGG_REFUSED
+
+            raise ValueError(MPI_SECAGG_REFUSED)
         with _out_errors(args.out):
             return run_mpi_demo(args.workers, args.rounds, args.out, _train_config(args),
                                 timeout=args.timeout)
@@ -511,7 +518,7 @@ def _run_demo(args: argparse.Namespace) -> int:
 
     with _out_errors(args.out):
         return run_demo(args.workers, args.rounds, args.out, _train_config(args), args.timeout,
-                        downlink=args.downlink)
+                        downlink=args.downlink, secure_aggregation=args.secagg)
 
 
 def _add_export_parser(sub: argparse._SubParsersAction) -> None:

@@ -392,6 +392,9 @@ class TcpSession:
         welcome = await self._expect_soon(Welcome, "AUTH")  # its proof checked by the connection
         self._downlink = welcome.downlink
         self.dp_clip = welcome.dp_clip  # differential privacy's bound: Worker.sync clips to it
+        if welcome.secure and not self.secure and self.codec.name != "none":
+            log.info("worker %s: the chief aggregates securely: updates go masked in its ring, "
+                     "not as %s", self.worker_id, self.codec.name)
         self.secure = welcome.secure
         if self.secure:
             try:
