@@ -108,3 +108,61 @@ def test_a_lightning_trainer_in_two_tcp_worker_processes_averages_like_numpy(tmp
     net.load_state_dict(safetensors_torch.load_file(path))
     loaded = np.concatenate([t.detach().numpy().ravel() for t in net.state_dict().values()])
     np.testing.assert_array_equal(loaded, final)
+
+
+def test_the_callback_applies_the_rounds_lr_and_answers_evaluation_requests() -> None:
+    """In process (one worker, a Trainer in this process): the chief's round config sets the
+    optimizer's lr when each round's model arrives, and ``evaluate=`` answers the chief's
+    ``--evaluate-every`` requests, which land in the metrics line."""
+    import lightning
+
+    from fedberry.chief.round_config import Schedule
+    from fedberry.lightning import FederatedCallback
+
+    class Tiny(lightning.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = torch.nn.Linear(6, 2)
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return torch.nn.functional.cross_entropy(self.net(x), y)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.5)
+
+    class Lrs(lightning.Callback):
+        def __init__(self):
+            self.seen = []
+
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            self.seen.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+    handle = serve("127.0.0.1:0", workers=1, rounds=3, evaluate_every=1,
+                   round_config=Schedule({"lr": {0: 0.05, 1: 0.02}}))
+    try:
+        g = torch.Generator().manual_seed(1)
+        data = torch.utils.data.TensorDataset(torch.randn(32, 6, generator=g),
+                                              torch.randint(0, 2, (32,), generator=g))
+        loader = torch.utils.data.DataLoader(data, batch_size=8)
+        asked = []
+
+        def evaluate(module):
+            asked.append(torch.is_grad_enabled())
+            module.eval()  # the callback puts train mode back after
+            return 32, {"accuracy": 0.5}
+
+        lrs = Lrs()
+        fed = FederatedCallback(handle, sync_every=2, evaluate=evaluate)
+        trainer = lightning.Trainer(accelerator="cpu", max_epochs=20, enable_progress_bar=False,
+                                    logger=False, enable_checkpointing=False,
+                                    enable_model_summary=False, callbacks=[lrs, fed])
+        trainer.fit(Tiny(), loader)
+        assert handle.wait(30) and fed.done
+    finally:
+        handle.stop()
+    # Round 1's model (lr 0.05) at the join, 0.02 from round 2's on; never the module's 0.5.
+    assert lrs.seen[:2] == [0.05, 0.05] and set(lrs.seen[2:]) == {0.02}, lrs.seen
+    assert asked and not any(asked)  # called under torch.no_grad()
+    evals = [m.get("federated_eval") for m in handle.metrics]
+    assert all(e and e["workers"] == 1 and e["accuracy"] == 0.5 for e in evals), evals

@@ -25,6 +25,7 @@ from fedberry.demo.torch_demo import TrainConfig
 from fedberry.errors import FederationError
 from fedberry.privacy import DPConfig, parse_dp
 from fedberry.privacy.accountant import epsilon
+from fedberry.secagg.options import SecAggOptions
 from fedberry.strategies import STRATEGIES, parse
 
 log = logging.getLogger("fedberry.cli")
@@ -185,6 +186,11 @@ def _add_chief_parser(sub: argparse._SubParsersAction) -> None:
                         "refused (refuse)")
     _add_downlink_option(p)
     _add_dp_options(p)
+    p.add_argument("--secagg", type=_secagg_text, default=None, metavar="K=V,...",
+                   help="secure aggregation (SecAgg+): the chief learns only the sum of each "
+                        "round's updates, even when workers drop out; '' for the defaults, or "
+                        "threshold=T,neighbors=K|all,bits=32|16,clip=C,timeout=S,"
+                        "rounding=nearest|stochastic (docs/secure-aggregation.md)")
     add_config_options(p)  # --status, --config, --print-config (cli_config.py)
     _add_fleet_options(p)
     p.set_defaults(func=_run_chief)
@@ -225,6 +231,15 @@ def _add_dp_options(p: argparse.ArgumentParser) -> None:
                         "...; e.g. --dp clip=1.0,noise=1.1,delta=1e-5 (docs/privacy.md)")
     p.add_argument("--target-epsilon", type=float, default=None, metavar="EPS",
                    help="with --dp: stop at the last round whose epsilon is within EPS")
+
+
+def _secagg_text(text: str) -> str:
+    """``--secagg`` checked when the command line is read (unknown keys refused, listing them)."""
+    try:
+        SecAggOptions.parse(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
 
 
 def _dp_text(text: str) -> str:
@@ -357,6 +372,10 @@ def _run_chief(args: argparse.Namespace) -> int:
                                  "work with TCP and in-process workers, not under MPI (its "
                                  "rounds are one Allreduce of every rank); see docs/fleet.md")
             from fedberry.transports.mpi import run_mpi_chief
+            from fedberry.transports.mpi_chief import MPI_SECAGG_REFUSED
+
+            if args.secagg is not None:
+                raise ValueError(MPI_SECAGG_REFUSED)
 
             if args.status:
                 raise ValueError("--status serves a TCP chief; it is not available under mpi://")
@@ -387,7 +406,7 @@ def _run_chief(args: argparse.Namespace) -> int:
                   max_update_norm=args.max_update_norm, update_norm_mode=args.update_norm_mode,
                   status=args.status, status_token=args.status_token,
                   status_token_file=args.status_token_file, dp=dp, save_every=args.save_every,
-                  **fleet)
+                  secure_aggregation=args.secagg, **fleet)
         if dp is not None:
             print(_dp_summary(dp, records), flush=True)
     print_model_line(args.out, started)
@@ -478,6 +497,9 @@ def _add_demo_parser(sub: argparse._SubParsersAction) -> None:
                    help="give up after this many seconds")
     _add_train_options(p)
     _add_downlink_option(p)
+    p.add_argument("--secagg", type=_secagg_text, default=None, metavar="K=V,...",
+                   help="secure aggregation ('' for the defaults; TCP only): the chief learns "
+                        "only the sum of each round's updates (docs/secure-aggregation.md)")
     p.set_defaults(func=_run_demo)
 
 
@@ -485,6 +507,10 @@ def _run_demo(args: argparse.Namespace) -> int:
     if args.transport == "mpi":
         from fedberry.demo.mpi_demo import run_mpi_demo
 
+        if args.secagg is not None:
+            from fedberry.transports.mpi_chief import MPI_SECAGG_REFUSED
+
+            raise ValueError(MPI_SECAGG_REFUSED)
         with _out_errors(args.out):
             return run_mpi_demo(args.workers, args.rounds, args.out, _train_config(args),
                                 timeout=args.timeout)
@@ -492,7 +518,7 @@ def _run_demo(args: argparse.Namespace) -> int:
 
     with _out_errors(args.out):
         return run_demo(args.workers, args.rounds, args.out, _train_config(args), args.timeout,
-                        downlink=args.downlink)
+                        downlink=args.downlink, secure_aggregation=args.secagg)
 
 
 def _add_export_parser(sub: argparse._SubParsersAction) -> None:

@@ -35,6 +35,8 @@ from fedberry.chief.state import Chief
 from fedberry.privacy import DPConfig, as_config
 from fedberry.privacy.chief import dp_chief, expected_count
 from fedberry.protocol.auth import resolve_token
+from fedberry.secagg.errors import CryptographyMissing
+from fedberry.secagg.options import SecAggOptions
 from fedberry.status import StatusBoard, StatusServer, check_exposure, require_extra
 from fedberry.status.server import STATUS_TOKEN_ENV
 from fedberry.strategies import Strategy
@@ -135,6 +137,12 @@ class ChiefHandle:
 
     def local_session(self, worker_id: str) -> LocalSession:
         """A worker in this process (``Worker(chief=handle)``): no bytes, the same rounds."""
+        if self.chief.secure is not None:
+            # Its update would be the chief's own to read: nothing to hide, nothing to mask.
+            raise ValueError("a chief with secure aggregation takes its workers over TCP only: "
+                             "a worker in the chief's own process would hand it its update in "
+                             "the clear (run it as a TCP worker of this chief: "
+                             "Worker(chief=handle.url))")
         return LocalSession(self.server, self.io.loop, worker_id)
 
     def wait(self, timeout: float | None = None) -> bool:
@@ -183,6 +191,15 @@ class ChiefHandle:
         self.stop()
 
 
+def require_secagg() -> None:
+    """Refuse, with the install line, a secure chief without the ``cryptography`` package."""
+    try:
+        import cryptography  # noqa: F401  (the secagg extra: keys, masks, sealed shares)
+    except ImportError:
+        raise CryptographyMissing("secure aggregation needs the cryptography package: "
+                                  "pip install 'fedberry[secagg]'") from None
+
+
 def serve(listen: str | None = "127.0.0.1:0", *, workers: int | None = None,
           rounds: int | None = None, strategy: str | Strategy = "fedavg",
           initial: Sequence[np.ndarray] | None = None, evaluate: Evaluate | None = None,
@@ -194,6 +211,7 @@ def serve(listen: str | None = "127.0.0.1:0", *, workers: int | None = None,
           status_token: str | None = None, status_token_file: str | None = None,
           dp: DPConfig | str | None = None,
           round_config: RoundConfig | None = None,
+          secure_aggregation: SecAggOptions | str | None = None,
           **options: Any) -> ChiefHandle:
     """Start a chief in the background and return once it accepts connections.
 
@@ -255,6 +273,11 @@ def serve(listen: str | None = "127.0.0.1:0", *, workers: int | None = None,
         rounds completed, 0 first), e.g. ``Schedule({"lr": {0: 0.1, 10: 0.05}})`` from
         ``fedberry.chief.round_config``; workers read it as ``Worker.round_config`` and the
         torch and Keras drop-ins apply ``lr`` (docs/fleet.md).
+    secure_aggregation : SecAggOptions or str, optional
+        SecAgg+ (``fedberry.secagg.SecAggOptions(threshold=..., neighbors=...)`` or ``--secagg``
+        text, "" for every default): the chief learns only the sum of each round's updates,
+        even when workers drop out (docs/secure-aggregation.md). TCP workers only; needs the
+        ``secagg`` extra; a strategy that needs every update (median) is refused.
     **options
         Any field of ``Listening``, ``RoundPolicy``, ``OutputOptions`` or ``AdmissionPolicy``
         by name (``token=``,
@@ -292,11 +315,24 @@ def serve(listen: str | None = "127.0.0.1:0", *, workers: int | None = None,
     pol = dataclasses.replace(policy or RoundPolicy(), **groups[RoundPolicy])
     out = dataclasses.replace(output or OutputOptions(), **groups[OutputOptions])
     adm = dataclasses.replace(admission or AdmissionPolicy(), **groups[AdmissionPolicy])
+    secure = (SecAggOptions.parse(secure_aggregation) if isinstance(secure_aggregation, str)
+              else secure_aggregation)
+    if secure is not None:
+        if not listen:
+            raise ValueError("secure aggregation needs TCP workers: give serve() an address to "
+                             "listen on")
+        require_secagg()
     dp = as_config(dp)
+    if dp is not None and secure is not None and dp.adaptive:
+        raise ValueError("adaptive clipping needs every update's norm, which secure "
+                         "aggregation hides from the chief: use a fixed clip with --secagg")
     if dp is not None:
         strategy, adm, rounds_left = dp_chief(
             dp, strategy, adm, pol.rounds, expected_count(pol.workers, pol.sample, pol.fraction))
         pol = dataclasses.replace(pol, rounds=rounds_left)
+        # With secure aggregation the noise is distributed: each worker adds a share before
+        # masking (the chief never sees the sum without it).
+        strategy.distributed = secure is not None
     # Everything that can refuse to start comes before the runtime makes its output files: a
     # chief that cannot start (a port taken by another chief with the same --out, a missing
     # certificate) must leave no files behind nor truncate another run's metrics.
@@ -330,7 +366,7 @@ def serve(listen: str | None = "127.0.0.1:0", *, workers: int | None = None,
     try:
         server = build_chief_server(pol, out, strategy=strategy, initial=initial,
                                     evaluate=evaluate, on_round=on_round, downlink=downlink,
-                                    admission=adm, round_config=round_config)
+                                    admission=adm, round_config=round_config, secure=secure)
         tcp = None
         if listen:
             host, port = parse_address(listen)

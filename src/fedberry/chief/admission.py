@@ -255,15 +255,18 @@ class Admission:
         return None
 
     def admit(self, worker_id: str, num_samples: float, arrays: list[np.ndarray], *,
-              stands_for: int = 1) -> Refusal | None:
+              stands_for: int = 1, clipped_apart: bool = False) -> Refusal | None:
         """Admit an update that would count in this round (clipping it in place if the policy
-        says so), or say why not. ``stands_for``: the workers a combined update (MPI) sums."""
+        says so), or say why not. ``stands_for``: the workers a combined update (MPI) sums.
+        ``clipped_apart``: a securely aggregated mean, whose parts each worker clipped to the
+        bound before masking: the norm bound is not applied to it again (it bounds one
+        worker's change; the mean's distributed DP noise would be clipped away with it)."""
         p = self.policy
         too_many = self.too_many_samples(num_samples, stands_for)
         if too_many:
             return Refusal(ErrorCode.LIMIT, f"update of worker {worker_id} refused: {too_many}; "
                            "the round goes on without it", False)
-        max_norm = self.norm_bound
+        max_norm = None if clipped_apart else self.norm_bound
         norm = None
         if max_norm is not None and self._reference:
             if p.update_norm_mode == "clip":

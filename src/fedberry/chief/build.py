@@ -8,6 +8,7 @@ code path.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from collections.abc import Callable, Sequence
@@ -28,6 +29,7 @@ from fedberry.chief.sampling import SamplingPolicy
 from fedberry.chief.scheduler import Scheduler
 from fedberry.chief.state import Chief, ChiefConfig
 from fedberry.protocol.frames import spec_of
+from fedberry.secagg.options import SecAggOptions
 from fedberry.strategies import Strategy, make_strategy
 
 log = logging.getLogger("fedberry.chief")
@@ -156,7 +158,8 @@ def build_chief_server(policy: RoundPolicy, output: OutputOptions, *,
                        downlink: str = "none",
                        scheduler: Scheduler | None = None,
                        admission: AdmissionPolicy | None = None,
-                       round_config: RoundConfig | None = None) -> ChiefServer:
+                       round_config: RoundConfig | None = None,
+                       secure: SecAggOptions | None = None) -> ChiefServer:
     """The chief runtime for a run, resumed from its checkpoint if asked.
 
     Parameters
@@ -180,6 +183,9 @@ def build_chief_server(policy: RoundPolicy, output: OutputOptions, *,
         to 1e9, no norm bound). Recorded in ``run_config`` under ``"admission"``.
     round_config : callable, optional
         ``config(round) -> dict`` sent with each round's model (``chief.round_config``).
+    secure : SecAggOptions, optional
+        Aggregate securely (docs/secure-aggregation.md): the chief sees only the sum of each
+        round's updates. Recorded in ``run_config`` under ``"secure_aggregation"``.
 
     Returns
     -------
@@ -213,7 +219,10 @@ def build_chief_server(policy: RoundPolicy, output: OutputOptions, *,
                   "admission": admission.record()}
     if config.sampling is not None:
         run_config["sampling"] = config.sampling.record()
-    chief = Chief(config, strat, initial=initial, start_round=start_round, admission=admission)
+    if secure is not None:
+        run_config["secure_aggregation"] = dataclasses.asdict(secure)
+    chief = Chief(config, strat, initial=initial, start_round=start_round, admission=admission,
+                  secure=secure)
     # Differential privacy's strategy (privacy.dp_fedavg) sets the admission's norm bound each
     # round and reads its record of the norms: it is given the chief's one Admission.
     bind = getattr(strat, "bind_admission", None)

@@ -49,6 +49,7 @@ from fedberry.chief.model_file import ModelFile
 from fedberry.chief.round_config import RoundConfig
 from fedberry.chief.run_info import write_run_info
 from fedberry.chief.scheduler import AsyncioScheduler, BlockingScheduler, Scheduler, Timer
+from fedberry.chief.secure_round import SendSecure
 from fedberry.chief.state import (
     Chief,
     Finished,
@@ -59,8 +60,9 @@ from fedberry.chief.state import (
     SendGlobal,
 )
 from fedberry.errors import FederationError
+from fedberry.protocol.encodings import SECURE_UPDATE_CODEC
 from fedberry.protocol.frames import ErrorCode, ProtocolError, Spec
-from fedberry.protocol.messages import round_extras
+from fedberry.protocol.messages import SecAgg, round_extras
 from fedberry.strategies import StrategyState
 
 log = logging.getLogger("fedberry.chief")
@@ -85,6 +87,8 @@ class Peer(Protocol):
     def send_error(self, code: ErrorCode, message: str, fatal: bool) -> None: ...
     def request_init(self) -> None: ...
     def close(self) -> None: ...
+    # Secure aggregation's steps (only transports that carry them: TCP).
+    def send_secagg(self, message: SecAgg) -> None: ...
 
 
 class ChiefServer:
@@ -298,10 +302,13 @@ class ChiefServer:
         """``checked``/``bad``: the transport's own NaN/Inf check of ``arrays`` (Chief.update);
         it counts only for updates sent as they are, not for what a codec decodes."""
         if self._codec_of.get(peer.worker_id) != codec:
-            if peer.worker_id in self._codec_of or codec != "none":
+            if codec != SECURE_UPDATE_CODEC and (peer.worker_id in self._codec_of
+                                                 or codec != "none"):
                 log.info("worker %s sends its updates as %s", peer.worker_id, codec)
             self._codec_of[peer.worker_id] = codec
-        if codec != "none":
+        if codec == SECURE_UPDATE_CODEC:  # a secure round's report: no tensors to decode
+            arrays, checked, bad = [], True, None
+        elif codec != "none":
             checked, bad = False, None
             chief = self.chief
             if round_ == chief.round and chief.spec is not None:
@@ -316,6 +323,19 @@ class ChiefServer:
         self.events.emit(UpdateIn(peer.worker_id, round_, num_samples, dict(metrics), codec))
         self._run(self.chief.update(peer.worker_id, round_, num_samples, arrays, metrics,
                                     time.monotonic(), checked=checked, bad=bad))
+
+    def on_secagg(self, peer: Peer, message: SecAgg) -> None:
+        """A worker's step of the open secure round (its fields checked by the protocol)."""
+        if self.peers.get(peer.worker_id) is peer:
+            self._run(self.chief.secure_step(peer.worker_id, message, time.monotonic()))
+
+    def on_masked(self, peer: Peer, round_: int, vector: np.ndarray) -> None:
+        """A worker's masked update: added into the secure round's ring sum at once, after
+        which its buffer takes the next one (O(model) memory however many workers send)."""
+        if self.peers.get(peer.worker_id) is peer:
+            self._run(self.chief.masked(peer.worker_id, round_, vector, time.monotonic()))
+        self.buffers.max_bytes = max(self.buffers.max_bytes, 2 * vector.nbytes)
+        self.buffers.give([vector])
 
     def on_collective_update(self, peer: Peer, round_: int, weight: float,
                              mean: list[np.ndarray], metrics: dict[str, Any],
@@ -456,6 +476,9 @@ class ChiefServer:
             elif isinstance(action, RequestInit):
                 if action.worker_id in self.peers:
                     self.peers[action.worker_id].request_init()
+            elif isinstance(action, SendSecure):
+                if action.worker_id in self.peers:
+                    self.peers[action.worker_id].send_secagg(action.message)
             elif isinstance(action, RoundClosed):
                 self._round_closed(action)
             elif isinstance(action, Recycle):

@@ -30,6 +30,14 @@ Every update that would count passes the admission policy (``chief.admission``) 
 round's new model is committed only if it is finite: both live here because every transport's
 updates end in ``Chief.update``. A refused update does not count, but its worker has reported
 for the round (a round does not wait for it) and gets the round's model like the others.
+
+Secure aggregation (``secure``, a ``SecAggOptions``): a worker's update is only its report that
+it has reached its sync point (its sample count, no tensors). When the round would close, the
+workers that reported become the participants of a ``chief.secure_round.SecureRound``, whose
+steps the machine returns as ``SendSecure`` actions; what it yields is the survivors' weighted
+sum, which enters the strategy as ONE update of their total weight (exact for FedAvg, FedAvgM
+and FedAdam) and passes the admission like any other. A secure round that fails keeps the
+model as it was, and the next round starts as usual.
 """
 
 from __future__ import annotations
@@ -45,7 +53,11 @@ import numpy as np
 from fedberry.chief.admission import Admission, AdmissionPolicy
 from fedberry.chief.admission import non_finite as non_finite  # its home before admission.py
 from fedberry.chief.sampling import SamplingPolicy
+from fedberry.chief.secure_round import SecureRound, SendSecure
 from fedberry.protocol.frames import ErrorCode, Spec, spec_mismatch, spec_of
+from fedberry.protocol.messages import SecAgg
+from fedberry.secagg.errors import ConfigError as SecAggConfigError
+from fedberry.secagg.options import SecAggOptions
 from fedberry.strategies import FedAvg, Strategy
 
 # After a Poisson draw of nobody, the next draw waits the round timeout, else this many seconds.
@@ -125,16 +137,30 @@ class Recycle:
     arrays: list[np.ndarray]
 
 
-Action = SendGlobal | SendError | RequestInit | RoundClosed | Finished | Recycle
+Action = SendGlobal | SendError | RequestInit | RoundClosed | Finished | Recycle | SendSecure
 
 log = logging.getLogger("fedberry.chief")
+
+
+def self_needs_all(strategy: Strategy | None) -> bool:
+    """Whether ``strategy`` needs every update of a round (the median), not only their sum."""
+    return bool(getattr(strategy, "needs_all_updates", False))
 
 
 class Chief:
     def __init__(self, config: ChiefConfig, strategy: Strategy | None = None,
                  initial: Sequence[np.ndarray] | None = None, start_round: int = 0,
-                 admission: Admission | AdmissionPolicy | None = None) -> None:
+                 admission: Admission | AdmissionPolicy | None = None,
+                 secure: SecAggOptions | None = None) -> None:
         self.config = config
+        if secure is not None and self_needs_all(strategy):
+            raise ValueError("secure aggregation gives the chief only the sum of the updates: a "
+                             "strategy that needs every update (median, trimmed mean) cannot "
+                             "run on it; use fedavg, fedavgm or fedadam")
+        self.secure = secure
+        self.secure_round: SecureRound | None = None
+        self._ready: dict[str, float] = {}  # secure: worker -> its update's weight, this round
+        self._ready_samples: dict[str, float] = {}  # ... and the samples it reported
         self.strategy: Strategy = strategy if strategy is not None else FedAvg()
         self.admission = (admission if isinstance(admission, Admission)
                           else Admission(admission))
@@ -188,7 +214,9 @@ class Chief:
     @property
     def wake_at(self) -> float | None:
         """When the machine next needs a ``tick`` (None: only on events): the next draw after
-        an empty one, else the round's deadline."""
+        an empty one, a secure round's step deadline, else the round's deadline."""
+        if self.secure_round is not None:
+            return self.secure_round.deadline
         if self._draw_at is not None and not self.done:
             return self._draw_at
         return self.deadline
@@ -196,6 +224,9 @@ class Chief:
     def pending(self) -> tuple[int, list[str]]:
         """This round so far: how many updates count, and the members it still waits for (the
         chief's progress line)."""
+        if self.secure_round is not None:
+            waiting = self.secure_round.waiting_for()
+            return len(self.secure_round.ids) - len(waiting), waiting
         return len(self._in_round), sorted(self._expected() - self._in_round - self._refused)
 
     # -- events ------------------------------------------------------------------------------
@@ -274,6 +305,8 @@ class Chief:
                               "the round's sampled workers; it gets the model of a round that "
                               "samples it", False),
                     *self._give([worker_id])]
+        if self.secure is not None:
+            return self._report(worker_id, round_, num_samples, metrics, now)
         refusal = self.admission.admit(worker_id, num_samples, arrays, stands_for=stands_for)
         if refusal:
             self._refused.add(worker_id)
@@ -299,7 +332,11 @@ class Chief:
         self.members.discard(worker_id)
         self._waiting.discard(worker_id)
         self._parked.discard(worker_id)
-        actions = self._maybe_close(now)
+        if self.secure_round is not None:
+            actions: list[Action] = [*self.secure_round.leave(worker_id, now),
+                                     *self._secure_over(now)]
+        else:
+            actions = self._maybe_close(now)
         if not self.members and self.started and not self._finished:
             if self.done or self.config.rounds is None:
                 self._finished = True
@@ -307,10 +344,145 @@ class Chief:
         return actions
 
     def tick(self, now: float) -> list[Action]:
+        if self.secure_round is not None:
+            return [*self.secure_round.tick(now), *self._secure_over(now)]
         if self._draw_at is not None and now >= self._draw_at:
             self._draw_at = None
             return self._draw_if_due(now)
         return self._maybe_close(now)
+
+    # -- secure aggregation ------------------------------------------------------------------
+    def secure_step(self, worker_id: str, message: SecAgg, now: float) -> list[Action]:
+        """A worker's step of the open secure round (advert, shares, reveal)."""
+        return self._secure_event(worker_id, now, lambda r: r.receive(worker_id, message, now))
+
+    def masked(self, worker_id: str, round_: int, vector: Any, now: float) -> list[Action]:
+        """A worker's masked update (one ring vector) for the open secure round."""
+        return self._secure_event(worker_id, now,
+                                  lambda r: r.receive_masked(worker_id, round_, vector, now))
+
+    def _secure_event(self, worker_id: str, now: float, step: Any) -> list[Action]:
+        if worker_id not in self.members:
+            return [SendError(worker_id, ErrorCode.PROTOCOL, "a secure step before joining",
+                              True)]
+        if self.secure_round is None:
+            # Late (the round has closed, and this worker had its model then): dropped.
+            return [SendError(worker_id, ErrorCode.SECAGG, "a secure step arrived after its "
+                              "round closed; it was dropped", False)]
+        sends, refused = step(self.secure_round)
+        actions: list[Action] = list(sends)
+        if refused:
+            actions.insert(0, SendError(worker_id, ErrorCode.SECAGG, refused, False))
+        return actions + self._secure_over(now)
+
+    def _report(self, worker_id: str, round_: int, num_samples: float, metrics: dict[str, Any],
+                now: float) -> list[Action]:
+        """Secure: a worker has reached its sync point of the open round."""
+        too_many = self.admission.too_many_samples(num_samples)
+        if too_many:
+            self._refused.add(worker_id)
+            self._waiting.add(worker_id)
+            return [SendError(worker_id, ErrorCode.LIMIT, f"update of worker {worker_id} "
+                              f"refused: {too_many}; the round goes on without it", False),
+                    *self._maybe_close(now)]
+        if self.secure_round is not None:
+            self._waiting.add(worker_id)
+            return [SendError(worker_id, ErrorCode.STALE, f"round {round_ + 1}'s secure "
+                              "aggregation began without this worker; its update is not "
+                              "counted, the newest model follows", False)]
+        self._ready[worker_id] = self.admission.weight(num_samples)
+        self._ready_samples[worker_id] = num_samples
+        self._refused.discard(worker_id)
+        self._in_round.add(worker_id)
+        self._waiting.add(worker_id)
+        self._last_round_of[worker_id] = round_
+        self._samples += num_samples
+        loss = metrics.get("loss")
+        if isinstance(loss, (int, float)) and math.isfinite(loss):
+            self._loss_sum += num_samples * loss
+            self._loss_weight += num_samples
+        return self._maybe_close(now)
+
+    @property
+    def secure_clip(self) -> float:
+        """The L2 bound every worker clips its weighted change to: the trust layer's
+        ``max_update_norm`` when it has one (the chief cannot clip a masked update itself),
+        else secure aggregation's ``clip``."""
+        assert self.secure is not None
+        bound = self.admission.norm_bound
+        return float(bound) if bound is not None else self.secure.clip
+
+    def _noise_share(self, quorum: int) -> float:
+        """Distributed DP (a strategy whose noise the workers add: ``privacy.dp_fedavg``): the
+        standard deviation of each worker's share, sized so that any ``quorum`` shares (the
+        fewest a round may close with, its masked updates) sum to the noise of the sum."""
+        std = getattr(self.strategy, "distributed_noise_std", None)
+        return float(std) / math.sqrt(quorum) if std else 0.0
+
+    def _open_secure(self, now: float) -> list[Action]:
+        """The round would close: its reported workers become a secure round's participants."""
+        assert self.secure is not None and self.spec is not None
+        participants = {w: self._ready[w] for w in sorted(self._in_round & self.members)}
+        quorum = self.config.min_workers
+        if self.config.sampling is not None and self.sampled is not None:
+            quorum = min(quorum, max(1, len(self.sampled)))
+        try:
+            if len(participants) < 3:
+                raise SecAggConfigError(
+                    f"{len(participants)} worker(s) reported, and secure aggregation needs at "
+                    "least 3 (with 2, each would learn the other's update from the sum)")
+            self.secure_round = SecureRound(self.secure, self.round, participants, self.spec,
+                                            self.secure_clip, quorum, now,
+                                            noise=self._noise_share(quorum))
+        except SecAggConfigError as exc:
+            return self._secure_failed(f"round {self.round + 1}'s secure aggregation cannot "
+                                       f"start: {exc}; the global model stays as it was", now)
+        return [*self.secure_round.start(), *self._secure_over(now)]
+
+    def _secure_over(self, now: float) -> list[Action]:
+        """If the secure round has its sum (or has failed), fold it in and close the round."""
+        r = self.secure_round
+        if r is None or not r.over:
+            return []
+        self.secure_round = None
+        if r.outcome is None:
+            return self._secure_failed(r.failure or "failed", now, r.ids)
+        assert self.global_arrays is not None
+        out = r.outcome
+        mean = out.total / out.weight
+        new, at = [], 0
+        for g in self.global_arrays:
+            if g.dtype.kind == "f":
+                change = mean[at:at + g.size].reshape(g.shape)
+                new.append((g.astype(np.float64) + change).astype(g.dtype))
+                at += g.size
+            else:  # not aggregated securely (integer counters): the global model's stay
+                new.append(g.copy())
+        weight = sum(self._ready[w] for w in out.survivors)
+        samples = sum(self._ready_samples[w] for w in out.survivors)
+        refusal = self.admission.admit("(the secure sum)", samples, new,
+                                       stands_for=len(out.survivors), clipped_apart=True)
+        self._in_round = set(out.survivors)
+        self._refused |= set(r.ids) - self._in_round
+        if refusal:
+            log.warning("round %d: the securely aggregated update is refused: %s",
+                        self.round + 1, refusal.message)
+            self._in_round = set()
+        else:
+            spare = self.strategy.add(new, weight)
+            del spare  # fresh arrays: nothing to recycle
+        log.info("round %d: secure sum of %d of %d workers unmasked", self.round + 1,
+                 len(out.survivors), len(r.ids))
+        return self._close(now)
+
+    def _secure_failed(self, why: str, now: float, ids: Any = ()) -> list[Action]:
+        log.warning("%s", why)
+        told = sorted((set(ids) or self._in_round) & self.members)
+        self._refused |= self._in_round
+        self._in_round = set()
+        self._loss_sum = self._loss_weight = 0.0
+        return [*(SendError(w, ErrorCode.SECAGG, why, False) for w in told),
+                *self._close(now, quiet=True)]
 
     # -- sampling ----------------------------------------------------------------------------
     def _takes_part(self, worker_id: str) -> bool:
@@ -392,10 +564,14 @@ class Chief:
         late = self.deadline is not None and now >= self.deadline and n >= quorum
         if not (everyone or late):
             return []
+        if self.secure is not None:
+            return [] if self.secure_round is not None else self._open_secure(now)
         return self._close(now)
 
-    def _close(self, now: float, draw_next: bool = True) -> list[Action]:
-        if not self._in_round and self.sampled is not None and not self.sampled:
+    def _close(self, now: float, draw_next: bool = True, quiet: bool = False) -> list[Action]:
+        if quiet:
+            pass  # the caller has said why the model stays (a failed secure round)
+        elif not self._in_round and self.sampled is not None and not self.sampled:
             log.info("round %d: no worker was sampled; the global model stays as it was",
                      self.round + 1)
         elif not self._in_round:
@@ -424,6 +600,7 @@ class Chief:
         self.strategy.begin_round(self.global_arrays)
         self.admission.begin_round(self.global_arrays)
         self._in_round, self._waiting, self._refused = set(), set(), set()
+        self._ready, self._ready_samples = {}, {}
         self._loss_sum = self._loss_weight = self._samples = 0.0
         self._opened_at = now
         if self.config.sampling is None:

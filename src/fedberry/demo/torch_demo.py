@@ -119,8 +119,10 @@ def make_evaluator(model_name: str, data_dir: str | None = None,
 
 def run_demo(workers: int = 4, rounds: int = 10, out: str = "runs/demo",
              cfg: TrainConfig | None = None, timeout: float = 1800.0,
-             quiet: bool = False, downlink: str = "none") -> int:
-    """Chief in this process, ``workers`` worker processes on loopback. Returns an exit code."""
+             quiet: bool = False, downlink: str = "none",
+             secure_aggregation: str | None = None) -> int:
+    """Chief in this process, ``workers`` worker processes on loopback. Returns an exit code.
+    ``secure_aggregation``: ``--secagg`` text (None: plain rounds)."""
     cfg = cfg or TrainConfig()
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -134,7 +136,8 @@ def run_demo(workers: int = 4, rounds: int = 10, out: str = "runs/demo",
                    evaluate=make_evaluator(cfg.model, cfg.data_dir, cfg.framework),
                    out_dir=out_dir,
                    token=token, run_config={"demo": asdict(cfg), "workers": workers},
-                   on_round=lambda r: say(format_row(r)), downlink=downlink)
+                   on_round=lambda r: say(format_row(r)), downlink=downlink,
+                   secure_aggregation=secure_aggregation)
     env = dict(os.environ, **{TOKEN_ENV: token})
     say(f"starting {workers} worker processes (each loads its data first; their lines go to "
         f"{out_dir}/worker-N.log); the chief says as each joins")

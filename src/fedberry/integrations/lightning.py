@@ -10,6 +10,11 @@
   skipped steps count as Lightning counts them) it sends the module's ``state_dict`` with the
   mean training loss since the last average, and loads the weighted average back, at the end of
   the batch that took the step.
+* A round configuration from the chief (``serve(round_config=...)``, ``--round-config``) with an
+  ``lr`` sets the learning rate of every param group of the trainer's optimizers when the
+  round's model arrives, as ``FederatedOptimizer`` does; a scheduler stepping later in the
+  round changes it from there. With ``evaluate=``, the callback answers the chief's requests
+  to evaluate the global model (``--evaluate-every``) on the worker's held-out data.
 * When the chief has run all its rounds it stops the trainer (``trainer.should_stop``); at the
   end of training every worker holds the federation's final model (steps taken after the last
   round do not linger), and it leaves the federation.
@@ -20,7 +25,7 @@ The averaging itself is ``integrations.torch.ModelFederation``'s, as for ``Feder
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -55,7 +60,12 @@ class FederatedCallback(Callback):
     stop_when_done : bool, default True
         Stop the trainer once the chief has run all its rounds.
     worker : fedberry.Worker, optional
-        A worker built elsewhere; ``chief`` and ``worker_options`` are then not used.
+        A worker built elsewhere; ``chief``, ``evaluate`` and ``worker_options`` are then not
+        used (give that Worker its own ``evaluate``).
+    evaluate : callable, optional
+        ``evaluate(module) -> (num_examples, {"accuracy": .., "loss": ..})`` on this worker's
+        held-out data; when the chief asks, it is called with the module holding the global
+        model (in ``torch.no_grad()``, train mode restored after).
     **worker_options
         Passed to ``fedberry.Worker``: ``token``, ``token_file``, ``ca``, ``cert``, ``key``,
         ``worker_id``, ``codec``, timeouts.
@@ -68,7 +78,9 @@ class FederatedCallback(Callback):
 
     def __init__(self, chief: str | InProcessChief | None = None, *, sync_every: int = 100,
                  num_samples: float | None = None, stop_when_done: bool = True,
-                 worker: Worker | None = None, **worker_options: Any) -> None:
+                 worker: Worker | None = None,
+                 evaluate: Callable[[torch.nn.Module], Any] | None = None,
+                 **worker_options: Any) -> None:
         if chief is None and worker is None:
             raise TypeError("FederatedCallback needs chief=, the chief's address (for example "
                             "'tcp://203.0.113.5:7777') or the handle fedberry.serve() returns")
@@ -82,6 +94,8 @@ class FederatedCallback(Callback):
         self.syncs = 0
         self._worker = worker
         self._worker_options = worker_options
+        self._evaluate = evaluate
+        self._trainer: Trainer | None = None
         self._fed: ModelFederation | None = None
         self._finished = False  # the last fit ended with the federation done
         self._synced_at = 0  # trainer.global_step at the last average (or the join)
@@ -100,9 +114,11 @@ class FederatedCallback(Callback):
     # -- Lightning hooks ---------------------------------------------------------------------
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Join the federation and load its model (the first gradient is taken at it)."""
+        self._trainer = trainer
         if self._fed is None:
             self._fed = ModelFederation(pl_module, self.chief, self.num_samples, self._worker,
-                                        self._worker_options)
+                                        self._worker_options, evaluate=self._evaluate,
+                                        on_model=self._apply_round_config)
         self._fed.join()
         self._synced_at = trainer.global_step
         self._stop_if_done(trainer)
@@ -141,6 +157,18 @@ class FederatedCallback(Callback):
         if fed is not None:  # a later fit joins afresh (with a new Worker, unless one was given)
             self._finished = fed.done
             fed.close()
+
+    def _apply_round_config(self) -> None:
+        """The chief's ``lr`` for this round, into every param group of the trainer's
+        optimizers (when it sent one)."""
+        fed, trainer = self._fed, self._trainer
+        if fed is None or trainer is None:
+            return
+        lr = fed.worker.round_config.get("lr")
+        if isinstance(lr, (int, float)) and not isinstance(lr, bool):
+            for opt in trainer.optimizers:
+                for group in opt.param_groups:
+                    group["lr"] = float(lr)
 
     def _stop_if_done(self, trainer: Trainer) -> None:
         if self.stop_when_done and self.done:

@@ -88,12 +88,21 @@ class DPFedAvg:
         self._admission: Any = None
         self._cap: float | None = None
         self._said_integers = False
+        # Distributed noise (with secure aggregation): the workers add the noise, each a share,
+        # before masking; the chief adds none, and only ever sees the noised sum.
+        self.distributed = False
 
     # -- wiring ------------------------------------------------------------------------------
     @property
     def worker_clip(self) -> float | None:
         """The C workers clip to, announced in WELCOME (None: the chief clips)."""
         return self.clip if self.config.where == "worker" else None
+
+    @property
+    def distributed_noise_std(self) -> float | None:
+        """Distributed noise: the std of the noise the sum must carry, z C (the workers add
+        it in shares: ``chief.state``); None when the chief adds it itself."""
+        return self.config.model_noise * self.clip if self.distributed else None
 
     def bind_admission(self, admission: Any) -> None:
         """The chief's ``Admission``: its bound is C (set from here each round, for adaptive
@@ -145,7 +154,7 @@ class DPFedAvg:
                 kept = True
                 continue
             total = (avg.astype(np.float64) - g) * n  # the sum of the clipped deltas
-            if sum_std > 0:
+            if sum_std > 0 and not self.distributed:  # distributed: the sum holds it already
                 draw = self._rng.normal(0.0, sum_std, g.shape)
                 if self.keep_noise:
                     noise.append(draw / m)  # as it lands on the mean

@@ -17,6 +17,23 @@ The handshake (the protocol version is in every frame's header)::
     EVAL_RESULT, after a GLOBAL that asked for an evaluation (only from a worker whose AUTH
     said ``evaluates``; at most one per GLOBAL of that kind)
 
+In a secure federation (WELCOME says ``secure``) a worker's update is instead::
+
+    UPDATE(codec "secagg": round, num_samples, metrics; no tensors) ->
+                                    <-  SECAGG begin
+    SECAGG advert                   ->
+                                    <-  SECAGG peers
+    SECAGG shares                   ->
+                                    <-  SECAGG forward
+    MASKED(one ring vector)         ->
+                                    <-  SECAGG unmask
+    SECAGG reveal                   ->
+                                    <-  GLOBAL
+
+and nothing else: a secure connection refuses a plain UPDATE, a plain one the secure steps.
+Which step comes when is the secure round's rule (``chief.secure_round``, the worker's
+``transports.secure_sync``): the connection checks each step's direction and fields.
+
 Both proofs are HMACs of both nonces under the shared token (``auth``); the chief checks the
 worker's when it answers AUTH (``send(Welcome(...))`` raises AUTH_FAILED on a wrong one), the
 worker checks the chief's as WELCOME arrives. A GLOBAL of codec "unchanged" (no tensors) is the
@@ -54,15 +71,18 @@ from fedberry.protocol.messages import (
     Global,
     Hello,
     Init,
+    Masked,
     Message,
     Ping,
     Pong,
+    SecAgg,
     Update,
     Welcome,
     from_frame,
     to_frame,
 )
 from fedberry.protocol.spec import ErrorCode, MsgType, ProtocolError, Spec
+from fedberry.secagg import wire as secagg_wire
 
 Allocate = Callable[[Spec], "list[np.ndarray] | None"]
 
@@ -253,6 +273,7 @@ class ChiefConnection(_Connection):
         # EVAL_RESULT for any other round is refused (bounded: a worker answers as it syncs).
         self._eval_asked: set[int] = set()
         self._have: str | None = None  # the digest of the model the worker joined with
+        self.secure = False  # our WELCOME said the federation aggregates securely
         self._may_init = False
         self._worker_nonce = ""
         self._chief_nonce = ""
@@ -268,6 +289,8 @@ class ChiefConnection(_Connection):
             return s is ChiefState.AUTH
         if t in (MsgType.UPDATE, MsgType.BYE):
             return s is ChiefState.JOINED
+        if t in (MsgType.SECAGG, MsgType.MASKED):
+            return s is ChiefState.JOINED and self.secure
         if t == MsgType.INIT:  # once, and only when WELCOME asked for it
             return s is ChiefState.JOINED and self._may_init
         if t == MsgType.EVAL_RESULT:  # only in answer to a GLOBAL that asked (checked below)
@@ -276,8 +299,22 @@ class ChiefConnection(_Connection):
 
     def _receive(self, frame: Frame) -> Message:
         t = frame.type  # allowed now: checked as its header came in
-        if t in (MsgType.PING, MsgType.PONG, MsgType.UPDATE):
+        if t in (MsgType.PING, MsgType.PONG, MsgType.MASKED):
             return from_frame(frame)
+        if t == MsgType.UPDATE:
+            msg = from_frame(frame)
+            assert isinstance(msg, Update)
+            if (msg.codec == encodings.SECURE_UPDATE_CODEC) != self.secure:
+                raise ProtocolError(ErrorCode.PROTOCOL, _SECURE_ONLY if self.secure
+                                    else _NOT_SECURE)
+            return msg
+        if t == MsgType.SECAGG:
+            msg = from_frame(frame)
+            assert isinstance(msg, SecAgg)
+            if msg.step not in secagg_wire.FROM_WORKER:
+                raise ProtocolError(ErrorCode.PROTOCOL, f"a worker cannot send the secure "
+                                                        f"step {msg.step!r}")
+            return msg
         if t == MsgType.HELLO:
             msg = from_frame(frame)
             assert isinstance(msg, Hello)
@@ -319,7 +356,8 @@ class ChiefConnection(_Connection):
         self.decoder.allocate = self.allocate
         # Look for NaN/Inf as each tensor arrives (cheap while it is in the cache).
         self.decoder.check_finite = True
-        codecs = (*encodings.FRAME_CODECS["UPDATE"], *encodings.FRAME_CODECS["INIT"])
+        codecs = (*encodings.FRAME_CODECS["UPDATE"], *encodings.FRAME_CODECS["INIT"],
+                  *(encodings.RING_CODECS if self.secure else ()))
         self.decoder.limits = model_limits(spec, codecs, self.cap)
 
     def holds(self, digest: Callable[[], str | None]) -> bool:
@@ -341,7 +379,7 @@ class ChiefConnection(_Connection):
                 raise ProtocolError(ErrorCode.AUTH_FAILED, AUTH_FAILED_SENTENCE)
             return Welcome(msg.round, msg.need_init, msg.downlink,
                            auth.chief_proof(self.token, self._chief_nonce, self._worker_nonce),
-                           msg.dp_clip)
+                           msg.dp_clip, msg.secure)
         return msg
 
     def _sending(self, t: MsgType, meta: dict) -> None:
@@ -358,6 +396,7 @@ class ChiefConnection(_Connection):
             self.state = ChiefState.AUTH
         elif t == MsgType.WELCOME and s is ChiefState.WELCOME:
             self._may_init = bool(meta["need_init"])
+            self.secure = bool(meta.get("secure", False))
             self.state = ChiefState.JOINED
             self.expect_model(self.announced)
         elif t == MsgType.GLOBAL and s is ChiefState.JOINED:
@@ -367,6 +406,10 @@ class ChiefConnection(_Connection):
                 if len(self._eval_asked) >= 8:
                     self._eval_asked.discard(min(self._eval_asked))
                 self._eval_asked.add(self.sent_round)
+        elif t == MsgType.SECAGG and s is ChiefState.JOINED and self.secure:
+            if meta.get("step") not in secagg_wire.FROM_CHIEF:
+                raise LocalProtocolError(f"the chief cannot send the secure step "
+                                         f"{meta.get('step')!r}")
         else:
             raise self._not_now(t)
 
@@ -394,6 +437,7 @@ class WorkerConnection(_Connection):
         self.received_round: int | None = None  # the round of the last GLOBAL received
         self.eval_asked: int | None = None  # the round of a GLOBAL that asked for EVAL_RESULT
         self._offered = False  # our AUTH offered a digest: "unchanged" may come, once
+        self.secure = False  # the chief's WELCOME said the federation aggregates securely
         self._worker_nonce = ""
         self._chief_nonce = ""
 
@@ -407,6 +451,8 @@ class WorkerConnection(_Connection):
             return s is WorkerState.WELCOME
         if t == MsgType.GLOBAL:
             return s is WorkerState.JOINED
+        if t == MsgType.SECAGG:
+            return s is WorkerState.JOINED and self.secure
         return False
 
     def _receive(self, frame: Frame) -> Message:
@@ -434,6 +480,7 @@ class WorkerConnection(_Connection):
                                     "the chief could not prove it knows the token: wrong "
                                     "token on one side, or not the chief you meant")
             self.need_init = msg.need_init
+            self.secure = msg.secure
             self.state = WorkerState.JOINED
             # The model may follow WELCOME in the same read: from now on, frames of our model.
             self.decoder.expected = self.spec
@@ -454,6 +501,13 @@ class WorkerConnection(_Connection):
             self._offered = False
             self.received_round = msg.round
             self.eval_asked = msg.round if msg.evaluate else None
+            return msg
+        if t == MsgType.SECAGG:
+            msg = from_frame(frame)
+            assert isinstance(msg, SecAgg)
+            if msg.step not in secagg_wire.FROM_CHIEF:
+                raise ProtocolError(ErrorCode.PROTOCOL, f"the chief cannot send the secure "
+                                                        f"step {msg.step!r}")
             return msg
         raise self._refuse(t)  # not reached: _allowed lets no other type through
 
@@ -483,6 +537,12 @@ class WorkerConnection(_Connection):
         elif t == MsgType.INIT and s is WorkerState.JOINED and self.need_init:
             self.need_init = False
         elif t == MsgType.UPDATE and s is WorkerState.JOINED:
+            if (meta.get("codec") == encodings.SECURE_UPDATE_CODEC) != self.secure:
+                raise LocalProtocolError(_SECURE_ONLY if self.secure else _NOT_SECURE)
+        elif (t == MsgType.SECAGG and s is WorkerState.JOINED and self.secure
+              and meta.get("step") in secagg_wire.FROM_WORKER):
+            pass
+        elif t == MsgType.MASKED and s is WorkerState.JOINED and self.secure:
             pass
         elif (t == MsgType.EVAL_RESULT and s is WorkerState.JOINED
               and meta.get("round") == self.eval_asked and self.eval_asked is not None):
@@ -492,6 +552,11 @@ class WorkerConnection(_Connection):
         else:
             raise self._not_now(t)
 
+
+_SECURE_ONLY = ("this federation aggregates securely: an update goes as an UPDATE of codec "
+                "'secagg' and the secure steps that follow, never in the clear")
+_NOT_SECURE = ("this federation does not aggregate securely: send the update itself, not the "
+               "secure steps")
 
 AUTH_FAILED_SENTENCE = ("authentication failed: your token does not match the chief's (check "
                         "--token, --token-file or FEDBERRY_TOKEN)")
@@ -511,5 +576,5 @@ def _id_not_in_cert(wid: str, names: list[str]) -> str:
 
 
 __all__ = ["AUTH_FAILED_SENTENCE", "Auth", "Bye", "ChiefConnection", "ChiefState", "Challenge",
-           "Error", "EvalResult", "Global", "Hello", "Init", "LocalProtocolError", "Ping", "Pong",
-           "Update", "Welcome", "WorkerConnection", "WorkerState", "error_for"]
+           "Error", "EvalResult", "Global", "Hello", "Init", "LocalProtocolError", "Masked", "Ping",
+           "Pong", "SecAgg", "Update", "Welcome", "WorkerConnection", "WorkerState", "error_for"]

@@ -21,12 +21,20 @@ Q8_BLOCK = 256
 
 UPLINK_CODECS = ("none", "fp16", "q8")  # what a worker may send an update as
 DOWNLINK_CODECS = ("none", "fp16", "q8")  # how a chief may broadcast the global model
+# Secure aggregation (docs/secure-aggregation.md): an UPDATE of codec "secagg" carries no
+# tensors (the worker has reached its sync point: its sample count and metrics), and the
+# worker's update follows as a MASKED frame of one ring vector, uint16 or uint32, holding the
+# model's float values in order. A connection accepts them only in a secure federation, and
+# then only them (``protocol.connection``).
+SECURE_UPDATE_CODEC = "secagg"
+RING_CODECS = ("ring16", "ring32")
 # What each tensor frame may carry (by frame type name); anything else is refused before
 # allocating. INIT is the model itself; "unchanged" is the chief's answer to a worker that
 # proved it holds the global model already (no tensors at all).
 FRAME_CODECS: dict[str, tuple[str, ...]] = {
-    "INIT": ("none",), "UPDATE": UPLINK_CODECS, "GLOBAL": (*DOWNLINK_CODECS, "unchanged")}
-KNOWN_CODECS = ("none", "fp16", "q8", "unchanged")
+    "INIT": ("none",), "UPDATE": (*UPLINK_CODECS, SECURE_UPDATE_CODEC),
+    "GLOBAL": (*DOWNLINK_CODECS, "unchanged"), "MASKED": RING_CODECS}
+KNOWN_CODECS = ("none", "fp16", "q8", "unchanged", SECURE_UPDATE_CODEC, *RING_CODECS)
 
 
 def is_float(t: Any) -> bool:
@@ -38,13 +46,19 @@ def q8_blocks(t: Any) -> int:
     return math.ceil(math.prod(t.shape) / Q8_BLOCK)
 
 
+def float_values(spec: Sequence[Any]) -> int:
+    """How many float values a model of ``spec`` holds: the length of its ring vector."""
+    return sum(math.prod(t.shape) for t in spec if is_float(t))
+
+
 def wire_spec(codec: str, spec: Sequence[Any]) -> tuple[Any, ...]:
     """The tensors a model of ``spec`` travels as under ``codec``.
 
     * ``none``: the model's own tensors;
     * ``fp16``: float tensors as float16, the rest as they are;
     * ``q8``: each float tensor as int8 values of its shape, then one float32 scale per block;
-    * ``unchanged``: no tensors.
+    * ``unchanged`` and ``secagg``: no tensors;
+    * ``ring16``/``ring32``: one flat uint16/uint32 vector of the model's float values.
     """
     if codec == "none":
         return tuple(spec)
@@ -59,6 +73,11 @@ def wire_spec(codec: str, spec: Sequence[Any]) -> tuple[Any, ...]:
             else:
                 out.append(t)
         return tuple(out)
-    if codec == "unchanged":
+    if codec in ("unchanged", SECURE_UPDATE_CODEC):
         return ()
+    if codec in RING_CODECS:
+        if not spec:
+            return ()
+        dtype = "<u2" if codec == "ring16" else "<u4"
+        return (dataclasses.replace(spec[0], dtype=dtype, shape=(float_values(spec),)),)
     raise ValueError(f"unknown codec {codec!r}")

@@ -48,6 +48,8 @@ from fedberry.protocol.spec import (
     spec_from_json,
     spec_to_json,
 )
+from fedberry.secagg import wire as secagg_wire
+from fedberry.secagg.errors import SecAggError
 
 NONCE_CHARS = 2 * auth.NONCE_BYTES  # hex
 
@@ -212,6 +214,8 @@ class Welcome:
     ``proof`` is filled in by ``ChiefConnection.send``. ``dp_clip`` (optional): differential
     privacy's clipping bound C, to which the worker clips each update's change from the global
     model before sending it (docs/privacy.md); absent (None) when the worker need not clip.
+    ``secure``: the federation aggregates securely (docs/secure-aggregation.md): the worker's
+    updates go as an UPDATE of codec "secagg" and the SECAGG/MASKED steps that follow.
     """
 
     TYPE: ClassVar[MsgType] = MsgType.WELCOME
@@ -220,9 +224,12 @@ class Welcome:
     downlink: str = "none"
     proof: str = ""
     dp_clip: float | None = None
+    secure: bool = False
 
     def __post_init__(self) -> None:
         _check_round("WELCOME", self.round)
+        if type(self.secure) is not bool:
+            raise _bad(f"secure must be true or false, not {self.secure!r:.40}")
         if type(self.need_init) is not bool:
             raise _bad(f"need_init must be true or false, not {self.need_init!r:.40}")
         if self.downlink not in encodings.DOWNLINK_CODECS:
@@ -240,12 +247,14 @@ class Welcome:
              "downlink": self.downlink}
         if self.dp_clip is not None:  # absent otherwise: a chief without DP sends what it did
             m["dp_clip"] = self.dp_clip
+        if self.secure:
+            m["secure"] = True
         return m
 
     @classmethod
     def from_meta(cls, m: dict[str, Any], frame: Frame) -> Welcome:
         return cls(m.get("round"), m.get("need_init", False), m.get("downlink", "none"),  # type: ignore[arg-type]
-                   m.get("proof"), m.get("dp_clip"))  # type: ignore[arg-type]
+                   m.get("proof"), m.get("dp_clip"), m.get("secure", False))  # type: ignore[arg-type]
 
 
 # -- tensors ---------------------------------------------------------------------------------
@@ -316,8 +325,10 @@ class Update:
         object.__setattr__(self, "num_samples", f)
         if not isinstance(self.metrics, dict):
             raise _bad("metrics must be an object of numbers")
-        if self.codec not in encodings.UPLINK_CODECS:
+        if self.codec not in encodings.FRAME_CODECS["UPDATE"]:
             raise _bad(f"UPDATE frames cannot use codec {self.codec!r:.40}")
+        if self.codec == encodings.SECURE_UPDATE_CODEC and len(self.tensors):
+            raise _bad("a secure report (codec 'secagg') carries no tensors")
 
     def meta(self) -> dict[str, Any]:
         m: dict[str, Any] = {"round": self.round, "num_samples": self.num_samples,
@@ -489,6 +500,67 @@ class EvalResult:
         return cls(m.get("round"), m.get("num_examples"), m.get("metrics"))  # type: ignore[arg-type]
 
 
+# -- secure aggregation ----------------------------------------------------------------------
+@dataclass(frozen=True, eq=False)
+class SecAgg:
+    """Either way, in a secure federation: one step of round ``round``'s secure aggregation.
+    ``step`` names it (``secagg.wire``: begin, peers, forward, unmask from the chief; advert,
+    shares, reveal from a worker) and ``payload`` is its typed message, every field checked as
+    the frame is decoded."""
+
+    TYPE: ClassVar[MsgType] = MsgType.SECAGG
+    round: int
+    payload: Any
+
+    def __post_init__(self) -> None:
+        _check_round("SECAGG", self.round)
+        try:
+            secagg_wire.step_of(self.payload)
+        except TypeError as exc:
+            raise _bad(str(exc)) from None
+
+    @property
+    def step(self) -> str:
+        return secagg_wire.step_of(self.payload)
+
+    def meta(self) -> dict[str, Any]:
+        return {"round": self.round, "step": self.step, "body": secagg_wire.to_json(self.payload)}
+
+    @classmethod
+    def from_meta(cls, m: dict[str, Any], frame: Frame) -> SecAgg:
+        step = m.get("step")
+        if not isinstance(step, str):
+            raise _bad("SECAGG needs a step")
+        try:
+            payload = secagg_wire.from_json(step, m.get("body"))
+        except SecAggError as exc:
+            raise _bad(f"SECAGG {step:.20}: {exc}") from None
+        return cls(m.get("round"), payload)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True, eq=False)
+class Masked:
+    """worker -> chief, in a secure round: its masked update, one ring vector (``ring16`` or
+    ``ring32``) of the model's float values, which the chief adds into the round's sum."""
+
+    TYPE: ClassVar[MsgType] = MsgType.MASKED
+    round: int
+    tensors: Sequence[np.ndarray]
+    codec: str = "ring32"
+
+    def __post_init__(self) -> None:
+        _check_round("MASKED", self.round)
+        if self.codec not in encodings.RING_CODECS:
+            raise _bad(f"MASKED frames cannot use codec {self.codec!r:.40}")
+
+    def meta(self) -> dict[str, Any]:
+        return {"round": self.round, "codec": self.codec}
+
+    @classmethod
+    def from_meta(cls, m: dict[str, Any], frame: Frame) -> Masked:
+        return cls(m.get("round"), frame.tensors, m.get("codec", "none"))  # type: ignore[arg-type]
+
+
 # -- control ---------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Error:
@@ -564,12 +636,12 @@ class Pong:
 
 
 Message = (Hello | Challenge | Auth | Welcome | Init | Update | Global | Error | Bye | Ping
-           | Pong | EvalResult)
+           | Pong | EvalResult | SecAgg | Masked)
 
 _BY_TYPE: dict[MsgType, Callable[[dict[str, Any], Frame], Message]] = {
     cls.TYPE: cls.from_meta  # type: ignore[attr-defined]
     for cls in (Hello, Challenge, Auth, Welcome, Init, Update, Global, Error, Bye, Ping, Pong,
-                EvalResult)}
+                EvalResult, SecAgg, Masked)}
 
 
 def from_frame(frame: Frame) -> Message:

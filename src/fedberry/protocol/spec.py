@@ -34,10 +34,14 @@ class MsgType(enum.IntEnum):
     PING = 10  # either way: heartbeat
     PONG = 11
     EVAL_RESULT = 12  # worker -> chief: its evaluation of a GLOBAL that asked for one
+    # Secure aggregation (protocol.secure): the key-exchange steps either way, and a worker's
+    # masked update (one ring vector) for the round.
+    SECAGG = 13
+    MASKED = 14
 
 
 # Frames that carry tensors. Any other frame type with a non-empty payload is malformed.
-TENSOR_TYPES = frozenset({MsgType.INIT, MsgType.UPDATE, MsgType.GLOBAL})
+TENSOR_TYPES = frozenset({MsgType.INIT, MsgType.UPDATE, MsgType.GLOBAL, MsgType.MASKED})
 
 
 class ErrorCode(str, enum.Enum):
@@ -54,6 +58,7 @@ class ErrorCode(str, enum.Enum):
     SHUTDOWN = "shutdown"  # chief is stopping
     INTERNAL = "internal"
     CHIEF_FAILED = "chief_failed"  # the chief cannot go on (its checkpoint cannot be written)
+    SECAGG = "secagg"  # a secure-aggregation round failed or refused (too few survivors, ...)
 
 
 # The fatal errors after which a worker dials again (a full chief, a connection the chief timed

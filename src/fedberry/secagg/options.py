@@ -8,6 +8,7 @@ and that round's clients, which is where a threshold is checked against the actu
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 
@@ -24,15 +25,26 @@ class SecAggOptions:
 
     ``threshold`` (t) and ``neighbors`` (k) default per round to the rules of
     :mod:`fedberry.secagg.graph` (``None``); ``neighbors="all"`` is the complete graph
-    (Bonawitz et al. 2017); ``bits`` is the ring (16: 8-bit quantisation for up to
-    ``max_workers`` = 256; 32: 24-bit); ``rounding`` is ``"nearest"`` or ``"stochastic"``.
+    (Bonawitz et al. 2017); ``bits`` is the ring (32, the default: 24-bit quantisation for up
+    to ``max_workers`` = 256; 16: 8-bit, half the bytes); ``rounding`` is ``"nearest"`` or
+    ``"stochastic"``. ``clip``: the L2 bound each worker clips its weighted change to, which
+    is also the range of every coordinate the ring encodes (the chief's ``max_update_norm``
+    takes its place when set). ``timeout``: seconds each secure step waits for the workers
+    that have not answered.
+
+    Why 32 bits by default: the ring must hold any coordinate of a clipped change, up to the
+    clip C, and a change of many parameters has typical coordinates near C / sqrt(d); with 16
+    bits the step C / 127 rounds those to nothing (stochastic rounding keeps them only on
+    average). 16 bits suit a clip close to the coordinates' own size.
     """
 
     threshold: int | None = None
     neighbors: int | str | None = None
-    bits: int = 16
+    bits: int = 32
     max_workers: int = 256
     rounding: str = "nearest"
+    clip: float = 10.0
+    timeout: float = 120.0
 
     def __post_init__(self) -> None:
         if self.threshold is not None and (not isinstance(self.threshold, int)
@@ -46,12 +58,16 @@ class SecAggOptions:
         if self.rounding not in _ROUNDING:
             raise ConfigError(f"secagg rounding is 'nearest' or 'stochastic', not "
                               f"{self.rounding!r}")
+        for what, v in (("clip", self.clip), ("timeout", self.timeout)):
+            if not (isinstance(v, (int, float)) and not isinstance(v, bool)
+                    and math.isfinite(v) and v > 0):
+                raise ConfigError(f"secagg {what} is a positive number, not {v!r}")
         FixedPoint(clip=1.0, bits=self.bits, max_workers=self.max_workers)  # checks both
 
     @classmethod
     def parse(cls, text: str) -> SecAggOptions:
-        """Options from ``"threshold=8,neighbors=14,bits=16,max_workers=256,rounding=nearest"``
-        (any subset, any order; an empty string is every default)."""
+        """Options from ``"threshold=8,neighbors=14,bits=16,max_workers=256,rounding=nearest,
+        clip=10,timeout=120"`` (any subset, any order; an empty string is every default)."""
         values: dict[str, object] = {}
         for item in filter(None, (part.strip() for part in text.split(","))):
             key, sep, raw = item.partition("=")
@@ -64,6 +80,11 @@ class SecAggOptions:
                 values[key] = raw
             elif key == "neighbors" and raw == "all":
                 values[key] = "all"
+            elif key in ("clip", "timeout"):
+                try:
+                    values[key] = float(raw)
+                except ValueError:
+                    raise ConfigError(f"secagg {key} is a number, not {raw!r}") from None
             elif key in ("threshold", "neighbors", "bits", "max_workers"):
                 try:
                     values[key] = int(raw)
@@ -71,7 +92,7 @@ class SecAggOptions:
                     raise ConfigError(f"secagg {key} is an integer, not {raw!r}") from None
             else:
                 raise ConfigError(f"unknown secagg option {key!r}: use threshold, neighbors, "
-                                  "bits, max_workers or rounding")
+                                  "bits, max_workers, rounding, clip or timeout")
         return cls(**values)  # type: ignore[arg-type]
 
     def round_config(self, round_number: int, clients: tuple[int, ...], length: int, *,

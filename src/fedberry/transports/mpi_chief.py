@@ -99,6 +99,13 @@ ADDRESS_KEYS = ("checkpoint", "dp", "on_checkpoint_error", "out", "resume", "rou
                 "save_every", "strategy", "timeout")
 
 
+# Secure aggregation is for a chief that must not see single updates; MPI ranks are one job on
+# a cluster its operator runs, and their Allreduce has no dropouts to survive.
+MPI_SECAGG_REFUSED = ("secure aggregation is not offered under MPI: the ranks of one mpiexec "
+                      "job are a trusted cluster (rank 0 sums their updates in an Allreduce, "
+                      "which has no dropouts to survive); use a tcp:// chief for it")
+
+
 def query(address: str) -> dict[str, str]:
     """The options in an ``mpi://?key=value&...`` address; an unknown key is a ValueError that
     lists the known ones."""
@@ -106,6 +113,8 @@ def query(address: str) -> dict[str, str]:
     if parts.scheme != "mpi":
         raise ValueError(f"not an MPI address: {address!r}")
     q = {k: v[-1] for k, v in parse_qs(parts.query, keep_blank_values=True).items()}
+    if "secagg" in q:
+        raise ValueError(MPI_SECAGG_REFUSED)
     unknown = sorted(set(q) - set(ADDRESS_KEYS))
     if unknown:
         raise ValueError(f"unknown option{'s' if len(unknown) > 1 else ''} "

@@ -42,9 +42,11 @@ from fedberry.protocol.messages import (
     EvalResult,
     Hello,
     Init,
+    Masked,
     Message,
     Ping,
     Pong,
+    SecAgg,
     Update,
     Welcome,
 )
@@ -443,6 +445,11 @@ class _ChiefConnection(_FrameWriter, asyncio.BufferedProtocol):
             self.report_traffic()
             self.server.on_update(self, event.round, event.num_samples, list(event.tensors),
                                   event.metrics, event.codec, event.checked, event.non_finite)
+        elif isinstance(event, SecAgg):
+            self.server.on_secagg(self, event)
+        elif isinstance(event, Masked):
+            self.report_traffic()
+            self.server.on_masked(self, event.round, event.tensors[0])
         elif isinstance(event, Init):
             self.server.on_init(self, list(event.tensors))
             self._expect_model()
@@ -475,7 +482,8 @@ class _ChiefConnection(_FrameWriter, asyncio.BufferedProtocol):
             # The connection checks the worker's proof as it answers.
             self.send(Welcome(chief.round, chief.global_arrays is None,
                               self.server.broadcast.codec.name,
-                              dp_clip=getattr(chief.strategy, "worker_clip", None)))
+                              dp_clip=getattr(chief.strategy, "worker_clip", None),
+                              secure=chief.secure is not None))
         except ProtocolError as exc:
             if exc.code == ErrorCode.AUTH_FAILED:
                 self._auth_failed(exc.message)
@@ -604,6 +612,9 @@ class _ChiefConnection(_FrameWriter, asyncio.BufferedProtocol):
 
     def request_init(self) -> None:
         pass  # WELCOME already said need_init
+
+    def send_secagg(self, message: SecAgg) -> None:
+        self.send(message)
 
     def ping(self) -> None:
         self.last_ping = time.monotonic()

@@ -23,6 +23,7 @@ from fedberry import codecs
 from fedberry.certs import describe_tls_error
 from fedberry.errors import AuthenticationError, ChiefUnreachable, FederationError, from_code
 from fedberry.protocol.connection import WorkerConnection, WorkerState
+from fedberry.protocol.encodings import SECURE_UPDATE_CODEC
 from fedberry.protocol.frames import (
     EncodedFrame,
     ErrorCode,
@@ -44,11 +45,14 @@ from fedberry.protocol.messages import (
     Message,
     Ping,
     Pong,
+    SecAgg,
     Update,
     Welcome,
     to_frame,
 )
 from fedberry.protocol.spec import RETRIED_CODES
+from fedberry.secagg.errors import SecAggError
+from fedberry.transports.secure_sync import SecureSync
 from fedberry.transports.tcp.stream import _FrameWriter
 
 
@@ -188,6 +192,7 @@ class TcpSession:
         self._reference: list[np.ndarray] | None = None
         self._downlink = "none"  # how the chief sends the model (its WELCOME says)
         self.dp_clip: float | None = None
+        self.secure = False  # the chief aggregates securely (its WELCOME says)
         self._residual: list[np.ndarray] | None = None  # error feedback of a lossy codec
         self._hb_task: asyncio.Task[None] | None = None
         self._have: str | None = None
@@ -213,12 +218,18 @@ class TcpSession:
             raise ValueError(f"refusing to send this update: {why} (the model this worker "
                              "joined with; convert the arrays, e.g. with .astype)")
         # Encoded once: a resend after a reconnect sends the same bytes, and the chief counts
-        # a repeated update for a round once.
-        codec, wire = self._encode_update(arrays)
+        # a repeated update for a round once. Secure: only the report that this worker is at
+        # its sync point; the update itself goes masked, in the steps that follow.
+        secure = self.secure
+        codec, wire = (SECURE_UPDATE_CODEC, ()) if secure else self._encode_update(arrays)
         try:
             frame = to_frame(Update(round_, num_samples, wire, metrics, codec))
         except ProtocolError as exc:  # what the chief would refuse: the caller's mistake
             raise ValueError(exc.message) from None
+        if secure and self._reference is None:
+            raise FederationError("this worker holds no global model to take its change from",
+                                  "protocol")
+        steps = SecureSync(round_, arrays, self._reference or ()) if secure else None
         self._init_arrays = ()
         self._have = None
 
@@ -226,8 +237,12 @@ class TcpSession:
             if self._proto is None:
                 await self._connect(want_model=False)
             assert self._proto is not None
+            if self.secure != secure:
+                raise FederationError("the chief changed between plain and secure aggregation "
+                                      "while this worker was reconnecting; restart the worker",
+                                      "protocol")
             self._proto.send(frame)
-            return await self._await_global()
+            return await self._await_global(steps)
 
         note = asyncio.ensure_future(self._note_waiting(round_))
         try:
@@ -377,6 +392,18 @@ class TcpSession:
         welcome = await self._expect_soon(Welcome, "AUTH")  # its proof checked by the connection
         self._downlink = welcome.downlink
         self.dp_clip = welcome.dp_clip  # differential privacy's bound: Worker.sync clips to it
+        if welcome.secure and not self.secure and self.codec.name != "none":
+            log.info("worker %s: the chief aggregates securely: updates go masked in its ring, "
+                     "not as %s", self.worker_id, self.codec.name)
+        self.secure = welcome.secure
+        if self.secure:
+            try:
+                import cryptography  # noqa: F401  (the secagg extra: keys, masks, shares)
+            except ImportError:
+                proto.transport.abort()  # type: ignore[union-attr]
+                raise FederationError("the chief aggregates securely, and this worker needs "
+                                      "the cryptography package for it: pip install "
+                                      "'fedberry[secagg]'", "secagg") from None
         if welcome.need_init:
             if not self._init_arrays:  # we are past join(): the chief lost its model
                 proto.transport.abort()  # type: ignore[union-attr]
@@ -472,8 +499,17 @@ class TcpSession:
             return await self._next_event()
         return item
 
-    async def _await_global(self) -> tuple[int, list[np.ndarray], bool]:
-        g: Global = await self._expect(Global)
+    async def _await_global(self, steps: SecureSync | None = None
+                            ) -> tuple[int, list[np.ndarray], bool]:
+        """The round's model; meanwhile, in a secure round, ``steps`` answers the chief's."""
+        event = await self._next_event()
+        while isinstance(event, SecAgg):
+            self._secure_step(steps, event)
+            event = await self._next_event()
+        if not isinstance(event, Global):  # the connection lets nothing else through: a bug
+            raise FederationError(f"protocol error: expected GLOBAL, got {event.TYPE.name}",
+                                  "protocol")
+        g = event
         reference: Sequence[np.ndarray] | None = None
         if g.codec == "unchanged":
             reference = self._init_arrays or None
@@ -489,11 +525,29 @@ class TcpSession:
         except ProtocolError as exc:
             raise FederationError(f"the chief sent a bad model: {exc.message}",
                                   "protocol") from None
-        if self.codec.needs_reference or self._downlink == "q8":
+        if self.codec.needs_reference or self._downlink == "q8" or self.secure:
             self._reference = [np.array(a) for a in arrays]  # the caller may change its own
         self.round_config = dict(g.config)
         self.eval_requested = g.round if g.evaluate else None
         return g.round, arrays, g.done
+
+    def _secure_step(self, steps: SecureSync | None, event: SecAgg) -> None:
+        """Answer one of the chief's secure steps; a refusal is said once and ends this
+        worker's part in the round (the chief counts it a dropout; the model still comes)."""
+        if steps is None or steps.done:
+            log.warning("worker %s: ignoring the chief's secure step '%s' of round %d: this "
+                        "worker is not taking part in it", self.worker_id, event.step,
+                        event.round + 1)
+            return
+        try:
+            answer = steps.answer(event)
+        except SecAggError as exc:
+            log.warning("worker %s: refusing the chief's secure step '%s': %s", self.worker_id,
+                        event.step, exc)
+            self.warnings.append(str(exc))
+            return
+        if answer is not None and self._proto is not None:
+            self._proto.send(answer)
 
     async def send_eval(self, result: EvalResult) -> None:
         """Answer the evaluation request of the GLOBAL received last, on the connection it

@@ -1,0 +1,230 @@
+"""One round's secure aggregation on the chief: the SecAgg+ server behind deadlines, pure.
+
+The round state machine (``chief.state``) opens one ``SecureRound`` when a secure round would
+close (every expected worker has reached its sync point, or the quorum at the deadline): the
+workers that reported are its participants, numbered 1..n in sorted order (Shamir's
+x-coordinates). It then drives the four SecAgg+ steps (``secagg.server``) and returns what to
+send as ``SendSecure`` actions; the runtime carries them out for every transport.
+
+Each step closes as soon as every participant still connected has answered, or at its
+deadline (``SecAggOptions.timeout`` after the step opened) with whoever has; a step that ends
+with fewer answers than the threshold (or, for the masked updates, than ``--min-workers``)
+fails the round with one sentence, and the state machine keeps the global model as it was. A
+participant that leaves, or whose message is refused, is a dropout from then on: after its
+masked update it stays in the sum (its self-mask is rebuilt from its neighbours' shares),
+before it, out of it (its pairwise masks are removed with its rebuilt mask key).
+
+What the chief learns is the ring sum of the survivors' encoded, clipped, sample-weighted
+changes: ``result`` decodes it to their float sum and the sum of their weights, and nothing
+about a single worker's change.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+
+from fedberry.protocol.encodings import float_values
+from fedberry.protocol.messages import SecAgg
+from fedberry.protocol.spec import Spec
+from fedberry.secagg import wire
+from fedberry.secagg.errors import ConfigError, SecAggError, TooFewSurvivors
+from fedberry.secagg.messages import KeyAdvert, MaskedInput, ShareBundle, UnmaskReply
+from fedberry.secagg.options import SecAggOptions
+from fedberry.secagg.server import SecAggServer
+
+log = logging.getLogger("fedberry.chief")
+
+
+@dataclass
+class SendSecure:
+    """Send this secure-aggregation step to a worker."""
+
+    worker_id: str
+    message: SecAgg
+
+
+@dataclass
+class Sum:
+    """A secure round's outcome: the float64 sum of the survivors' weighted changes (flat, the
+    model's float values in order), the sum of their weights, and who they are."""
+
+    total: np.ndarray
+    weight: float
+    survivors: list[str]
+
+
+class SecureRound:
+    """The chief's side of one secure round (module docstring).
+
+    ``participants``: worker id -> the weight of its update (its sample count, or 1 under
+    uniform weights), as they reported at their sync point. ``clip``: the L2 bound every
+    worker clips its weighted change to. ``quorum``: the fewest masked updates the round may
+    close with (``--min-workers``). ``noise``: the standard deviation of each worker's share of
+    differential privacy's noise (0: none), which it adds before masking.
+    """
+
+    def __init__(self, options: SecAggOptions, round_: int, participants: dict[str, float],
+                 spec: Spec, clip: float, quorum: int, now: float, noise: float = 0.0) -> None:
+        self.options = options
+        self.round = round_
+        self.ids = {w: i + 1 for i, w in enumerate(sorted(participants))}
+        self.workers = {i: w for w, i in self.ids.items()}
+        # Each weight over the largest: at most 1, so a weighted change stays within the clip.
+        self.scale = max(participants.values())
+        self.weights = {w: n / self.scale for w, n in participants.items()}
+        self.config = options.round_config(round_, tuple(sorted(self.workers)),
+                                           float_values(spec))
+        floor = wire.majority_threshold(self.config)
+        if self.config.threshold < floor:
+            # The workers refuse it (transports.secure_sync): say so once, here.
+            raise ConfigError(f"the threshold {self.config.threshold} is below a majority of "
+                              f"each worker's group ({floor} of {self.config.neighbors + 1}), "
+                              "which would let a chief unmask a single update; workers refuse "
+                              "it")
+        self.noise = noise
+        self.encoding = options.encoding(wire.encoding_range(clip, noise))
+        self.server = SecAggServer(self.config)
+        self.clip = clip
+        self.quorum = quorum
+        self.gone: set[int] = set()  # left, or refused: no answer is awaited from them
+        self.deadline = now + options.timeout
+        self.failure: str | None = None
+        self.outcome: Sum | None = None
+
+    @property
+    def over(self) -> bool:
+        """The round has its sum, or has failed."""
+        return self.outcome is not None or self.failure is not None
+
+    @property
+    def step(self) -> str:
+        """What the round is collecting: adverts, shares, masked, unmask, or done."""
+        return self.server.phase
+
+    def waiting_for(self) -> list[str]:
+        """The participants the current step still waits for."""
+        return sorted(self.workers[i] for i in self.server.waiting_for - self.gone)
+
+    # -- events ----------------------------------------------------------------------------------
+    def start(self) -> list[SendSecure]:
+        """Tell every participant the round's parameters and its id."""
+        log.info("round %d: secure aggregation over %d workers (%d neighbours each, threshold "
+                 "%d, %d-bit ring)", self.round + 1, len(self.ids), self.config.neighbors,
+                 self.config.threshold, self.config.bits)
+        return [self._send(w, wire.Begin(self.config, i, self.clip, self.weights[w],
+                                         self.options.max_workers,
+                                         self.options.rounding == "stochastic", self.noise))
+                for w, i in sorted(self.ids.items())]
+
+    def receive(self, worker_id: str, message: SecAgg, now: float) -> tuple[list[SendSecure],
+                                                                            str | None]:
+        """A participant's advert, shares or reveal. Returns what to send, and the sentence
+        refusing this worker's message (its part in the round is then over) or None."""
+        i = self.ids.get(worker_id)
+        if i is None or self.over:
+            return [], f"a secure step for round {self.round + 1}, which this worker is not in"
+        payload = message.payload
+        try:
+            if message.round != self.round:
+                raise SecAggError(f"the step is for round {message.round + 1}, this is round "
+                                  f"{self.round + 1}")
+            if getattr(payload, "sender", i) != i:
+                raise SecAggError(f"it speaks for client {payload.sender}; this worker is client "
+                                  f"{i} of the round")
+            if isinstance(payload, KeyAdvert):
+                self.server.receive_advert(payload)
+            elif isinstance(payload, ShareBundle):
+                self.server.receive_shares(payload)
+            elif isinstance(payload, UnmaskReply):
+                self.server.receive_unmask(payload)
+            else:  # the connection lets only the workers' steps through
+                raise SecAggError(f"a worker cannot send {message.step}")
+        except SecAggError as exc:
+            self.gone.add(i)
+            return self._advance(now), f"secure step refused: {exc}"
+        return self._advance(now), None
+
+    def receive_masked(self, worker_id: str, round_: int, vector: np.ndarray,
+                       now: float) -> tuple[list[SendSecure], str | None]:
+        """A participant's masked update, added into the round's ring sum at once."""
+        i = self.ids.get(worker_id)
+        if i is None or self.over:
+            return [], f"a masked update for round {round_ + 1}, which this worker is not in"
+        try:
+            if round_ != self.round:
+                raise SecAggError(f"it is for round {round_ + 1}, this is round {self.round + 1}")
+            self.server.receive_masked(MaskedInput(i, vector))
+        except SecAggError as exc:
+            self.gone.add(i)
+            return self._advance(now), f"masked update refused: {exc}"
+        return self._advance(now), None
+
+    def leave(self, worker_id: str, now: float) -> list[SendSecure]:
+        """A participant is gone: a dropout from now on."""
+        i = self.ids.get(worker_id)
+        if i is None or self.over:
+            return []
+        self.gone.add(i)
+        return self._advance(now)
+
+    def tick(self, now: float) -> list[SendSecure]:
+        """At the step's deadline: close it with whoever has answered."""
+        if self.over or now < self.deadline:
+            return []
+        waiting = self.waiting_for()
+        if waiting:
+            log.warning("round %d: secure step '%s' closes at its deadline without %s",
+                        self.round + 1, self.step, ", ".join(waiting[:8]) +
+                        (f" and {len(waiting) - 8} more" if len(waiting) > 8 else ""))
+        return self._advance(now, force=True)
+
+    # -- internals -------------------------------------------------------------------------------
+    def _send(self, worker_id: str, payload: object) -> SendSecure:
+        return SendSecure(worker_id, SecAgg(self.round, payload))
+
+    def _advance(self, now: float, force: bool = False) -> list[SendSecure]:
+        """Close every step whose answers are all in (or, ``force``, the current one at its
+        deadline) and return what the next steps send."""
+        out: list[SendSecure] = []
+        server = self.server
+        while not self.over and (force or not (server.waiting_for - self.gone)):
+            force = False
+            try:
+                out += self._close_step()
+            except TooFewSurvivors as exc:
+                self._fail(str(exc))
+            except SecAggError as exc:  # a holder's share that rebuilds nothing, or no key
+                self._fail(f"the round's sum cannot be unmasked: {exc}")
+            self.deadline = now + self.options.timeout
+        return out
+
+    def _close_step(self) -> list[SendSecure]:
+        server, live = self.server, lambda c: c not in self.gone
+        step = server.phase
+        if step == "adverts":
+            peers = server.close_adverts()
+            return [self._send(self.workers[c], adverts) for c, adverts in peers.items()
+                    if live(c)]
+        if step == "shares":
+            forwarded = server.close_shares()
+            return [self._send(self.workers[c], f) for c, f in forwarded.items() if live(c)]
+        if step == "masked":
+            count = len(server.survivors)
+            if count < self.quorum:
+                raise TooFewSurvivors(f"only {count} masked update(s) came in, fewer than "
+                                      f"--min-workers {self.quorum}: the round cannot finish")
+            request = server.close_masked()
+            return [self._send(self.workers[c], request) for c in sorted(request.survivors)
+                    if live(c)]
+        result = server.finish()  # unmask: raises TooFewSurvivors with too few reveals
+        survivors = [self.workers[c] for c in result.survivors]
+        total = self.encoding.decode_sum(result.ring_sum, len(survivors))
+        self.outcome = Sum(total, sum(self.weights[w] for w in survivors), survivors)
+        return []
+
+    def _fail(self, why: str) -> None:
+        self.failure = (f"round {self.round + 1}'s secure aggregation failed: {why}; the global "
+                        "model stays as it was, and no single update was revealed")
