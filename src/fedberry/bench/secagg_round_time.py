@@ -375,8 +375,20 @@ def flower_memory_check(n: int) -> str | None:
     return None
 
 
+def _clientapp_starts(tmp: Path) -> dict[str, int]:
+    """How many ClientApp processes the SuperNodes started, and how many of those were refused
+    by their SuperNode (a task token that failed authentication, seen under load): from logs."""
+    starts = refused = 0
+    for log in tmp.glob("supernode-*.log"):
+        text = log.read_text(errors="replace")
+        starts += text.count("Start `flwr-clientapp` process")
+        refused += text.count("pull-task-input][ApiError:1008]")
+    return {"clientapp_starts": starts, "clientapp_refused": refused}
+
+
 def run_flower_deployment(python: str, params: int, n: int, rounds: int, warmup: int,
-                          secure: bool, keep_logs: Path | None = None) -> dict[str, Any]:
+                          secure: bool, keep_logs: Path | None = None,
+                          timeout_s: float = RUN_TIMEOUT_S) -> dict[str, Any]:
     """One run of the App through SuperLink + n SuperNodes: {"round_s", "up", "down",
     "peak_rss_mb", ...} or {"error": ...}."""
     why = flower_memory_check(n)
@@ -431,12 +443,12 @@ def run_flower_deployment(python: str, params: int, n: int, rounds: int, warmup:
         stamps: list[float] = []
         snaps: list[tuple[list[int], list[int]]] = []
         app_rss = float("nan")
-        end = time.monotonic() + RUN_TIMEOUT_S
+        end = time.monotonic() + timeout_s
         while True:
             left = end - time.monotonic()
             if left <= 0:
-                return {"error": f"the Flower run did not finish in {RUN_TIMEOUT_S:.0f} s "
-                                 f"({len(stamps)} rounds)"}
+                return {"error": f"the Flower run did not finish in {timeout_s:.0f} s "
+                                 f"({len(stamps)} rounds)", **_clientapp_starts(tmp)}
             report.settimeout(min(left, 5.0))
             try:
                 e = json.loads(report.recv(65536))
@@ -461,7 +473,7 @@ def run_flower_deployment(python: str, params: int, n: int, rounds: int, warmup:
                 "up": float(np.mean([b - a for a, b in zip(u0, u1)])) / rounds,
                 "down": float(np.mean([b - a for a, b in zip(d0, d1)])) / rounds,
                 "peak_rss_mb": link_rss + app_rss, "superlink_rss_mb": link_rss,
-                "serverapp_rss_mb": app_rss}
+                "serverapp_rss_mb": app_rss, "round_stamps": stamps, **_clientapp_starts(tmp)}
     finally:
         _stop_tree(started)
         if relay is not None:
@@ -489,7 +501,7 @@ def run_cell(column: str, params: int, n: int, args: argparse.Namespace,
         res = round_time.run_flower(flower, params, n, args.rounds, args.warmup)
     else:
         res = run_flower_deployment(flower, params, n, args.rounds, args.warmup,
-                                    column.endswith("secagg"), args.keep_logs)
+                                    column.endswith("secagg"), args.keep_logs, args.timeout)
     res.update(column=column, params=params, clients=n, loadavg_before=load,
                loadavg_after=_loadavg(), elapsed_s=round(time.monotonic() - t0, 1))
     return res
@@ -503,6 +515,8 @@ def _fmt(r: dict[str, Any]) -> str:
         s += f", per client up {r['up'] / 1e6:.2f} MB down {r['down'] / 1e6:.2f} MB"
     if "peak_rss_mb" in r:
         s += f", server peak RSS {r['peak_rss_mb']:.0f} MB"
+    if "clientapp_starts" in r:
+        s += f", {r['clientapp_starts']} ClientApp starts ({r['clientapp_refused']} refused)"
     return s + f" (load {r['loadavg_before'][0]:.2f} -> {r['loadavg_after'][0]:.2f})"
 
 
@@ -518,6 +532,8 @@ def main(argv: list[str] | None = None) -> int:
                    help=f"comma-separated, of {','.join(COLUMNS)}")
     p.add_argument("--procs", type=int, default=4, help="processes fedberry's workers share")
     p.add_argument("--flower-python", default=None, metavar="PATH")
+    p.add_argument("--timeout", type=float, default=RUN_TIMEOUT_S,
+                   help="seconds one Flower run may take")
     p.add_argument("--keep-logs", type=Path, default=None, metavar="DIR",
                    help="copy each Flower run's logs here")
     p.add_argument("--json", default=None, help="also write the results here")
