@@ -52,8 +52,11 @@ from typing import Any
 
 import numpy as np
 
-from fedberry.bench import round_time
+from fedberry.bench import flower_python, round_time
+from fedberry.secagg import SecAggOptions
 from fedberry.secagg.graph import default_neighbors, default_threshold
+from fedberry.serve import serve
+from fedberry.worker import Worker
 
 TOKEN = "secagg-bench-" + "t" * 20
 COLUMNS = ("fedberry", "fedberry-secagg", "flower-grpc", "flower", "flower-secagg", "floor")
@@ -61,7 +64,6 @@ DEFAULT_COLUMNS = ("fedberry", "fedberry-secagg", "flower", "flower-secagg")
 RUN_TIMEOUT_S = 1800.0  # one column of one cell, at most
 START_TIMEOUT_S = 120.0
 FLOWER_CLIENT_MB = 400  # a SuperNode, its SuperExec and the ClientApp it starts (measured: 390)
-NOT_WIRED = "not wired yet"
 
 
 def secagg_graph(n: int) -> dict[str, int]:
@@ -89,27 +91,11 @@ def _loadavg() -> list[float]:
 # -- fedberry ----------------------------------------------------------------------------------
 def fedberry_chief(spec: dict[str, Any]) -> None:
     """The chief in its own process: prints its URL, then its rounds and peak memory."""
-    from fedberry.serve import serve
-
-    kwargs: dict[str, Any] = {}
-    if spec["secure"]:
-        try:
-            from fedberry.secagg import SecAggOptions
-        except ImportError as exc:
-            print(json.dumps({"error": f"{NOT_WIRED} ({exc})"}), flush=True)
-            return
-        kwargs["secure_aggregation"] = SecAggOptions()
     n, total = spec["clients"], spec["warmup"] + spec["rounds"]
-    try:
-        handle = serve("127.0.0.1:0", workers=n, rounds=total,
-                       initial=round_time.model(spec["params"]), token=TOKEN, finish_grace=5,
-                       max_connections=n + 16, **kwargs)
-    except TypeError as exc:  # serve() has no secure_aggregation yet
-        if "secure_aggregation" not in str(exc):
-            raise
-        print(json.dumps({"error": f"{NOT_WIRED} (serve() has no secure_aggregation)"}),
-              flush=True)
-        return
+    handle = serve("127.0.0.1:0", workers=n, rounds=total,
+                   initial=round_time.model(spec["params"]), token=TOKEN, finish_grace=5,
+                   max_connections=n + 16,
+                   secure_aggregation=SecAggOptions() if spec["secure"] else None)
     print(json.dumps({"url": handle.url}), flush=True)
     try:
         if not handle.wait(RUN_TIMEOUT_S):
@@ -127,8 +113,6 @@ def fedberry_chief(spec: dict[str, Any]) -> None:
 
 def fedberry_workers(spec: dict[str, Any]) -> None:
     """``len(indices)`` Workers as threads of this process; prints each one's bytes per round."""
-    from fedberry.worker import Worker
-
     out: dict[int, Any] = {}
 
     def one(i: int) -> None:
@@ -556,8 +540,6 @@ def main(argv: list[str] | None = None) -> int:
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     flower = None
     if any(c.startswith("flower") for c in columns):
-        from fedberry.bench import flower_python
-
         flower, found = flower_python.find(args.flower_python)
         print(f"Flower: {found} ({flower})" if flower else f"Flower: skipped, {found}",
               flush=True)
