@@ -57,6 +57,7 @@ from fedberry.chief.secure_round import SecureRound, SendSecure
 from fedberry.protocol.frames import ErrorCode, Spec, spec_mismatch, spec_of
 from fedberry.protocol.messages import SecAgg
 from fedberry.secagg.errors import ConfigError as SecAggConfigError
+from fedberry.secagg.errors import SecAggError
 from fedberry.secagg.options import SecAggOptions
 from fedberry.strategies import FedAvg, Strategy
 
@@ -366,9 +367,10 @@ class Chief:
             return [SendError(worker_id, ErrorCode.PROTOCOL, "a secure step before joining",
                               True)]
         if self.secure_round is None:
-            # Late (the round has closed, and this worker had its model then): dropped.
-            return [SendError(worker_id, ErrorCode.SECAGG, "a secure step arrived after its "
-                              "round closed; it was dropped", False)]
+            # Late (the round has closed, and this worker had its model then): dropped, with
+            # no answer: a worker that floods late steps must not become a flood of replies.
+            log.debug("worker %s: a secure step after its round closed, dropped", worker_id)
+            return []
         sends, refused = step(self.secure_round)
         actions: list[Action] = list(sends)
         if refused:
@@ -422,7 +424,7 @@ class Chief:
     def _open_secure(self, now: float) -> list[Action]:
         """The round would close: its reported workers become a secure round's participants."""
         assert self.secure is not None and self.spec is not None
-        participants = {w: self._ready[w] for w in sorted(self._in_round & self.members)}
+        participants = {w: self._ready_samples[w] for w in sorted(self._in_round & self.members)}
         quorum = self.config.min_workers
         if self.config.sampling is not None and self.sampled is not None:
             quorum = min(quorum, max(1, len(self.sampled)))
@@ -431,13 +433,15 @@ class Chief:
                 raise SecAggConfigError(
                     f"{len(participants)} worker(s) reported, and secure aggregation needs at "
                     "least 3 (with 2, each would learn the other's update from the sum)")
-            self.secure_round = SecureRound(self.secure, self.round, participants, self.spec,
-                                            self.secure_clip, quorum, now,
-                                            noise=self._noise_share(quorum))
-        except SecAggConfigError as exc:
+            secure = SecureRound(self.secure, self.round, participants, self.spec,
+                                 self.secure_clip, quorum, now, noise=self._noise_share(quorum),
+                                 uniform=self.admission.policy.uniform_weights)
+            begins = secure.start()
+        except SecAggError as exc:
             return self._secure_failed(f"round {self.round + 1}'s secure aggregation cannot "
                                        f"start: {exc}; the global model stays as it was", now)
-        return [*self.secure_round.start(), *self._secure_over(now)]
+        self.secure_round = secure
+        return [*begins, *self._secure_over(now)]
 
     def _secure_over(self, now: float) -> list[Action]:
         """If the secure round has its sum (or has failed), fold it in and close the round."""

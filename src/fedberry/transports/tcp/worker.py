@@ -229,7 +229,8 @@ class TcpSession:
         if secure and self._reference is None:
             raise FederationError("this worker holds no global model to take its change from",
                                   "protocol")
-        steps = SecureSync(round_, arrays, self._reference or ()) if secure else None
+        steps = (SecureSync(round_, arrays, self._reference or (), num_samples) if secure
+                 else None)
         self._init_arrays = ()
         self._have = None
 
@@ -545,7 +546,7 @@ class TcpSession:
             log.warning("worker %s: refusing the chief's secure step '%s': %s", self.worker_id,
                         event.step, exc)
             self.warnings.append(str(exc))
-            return
+            answer = steps.abstain(str(exc))
         if answer is not None and self._proto is not None:
             self._proto.send(answer)
 
