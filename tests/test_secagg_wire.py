@@ -448,6 +448,21 @@ def test_secure_aggregation_is_refused_where_it_cannot_hold() -> None:
         SecAggOptions.parse("treshold=3")
 
 
+def test_a_worker_that_requires_secure_aggregation_refuses_a_plain_chief() -> None:
+    from fedberry.errors import FederationError
+
+    plain = _serve(rounds=1)
+    try:
+        w = fedberry.Worker(chief=plain.url, worker_id="w0", require_secure_aggregation=True)
+        with pytest.raises(FederationError, match="does not aggregate securely"):
+            w.join(sw.initial())
+        w.close()
+    finally:
+        plain.stop()
+    with pytest.raises(ValueError, match="over TCP only"):
+        fedberry.Worker(chief="mpi://", require_secure_aggregation=True)
+
+
 def _joined(secure: bool) -> tuple[ChiefConnection, WorkerConnection]:
     spec = spec_of(sw.initial())
     c, w = ChiefConnection("t"), WorkerConnection("t", spec)
