@@ -39,6 +39,16 @@ from helpers import fedberry_env, processes  # noqa: E402
 N = 5
 
 
+def _in_threads(work, indices) -> None:
+    """``work(i)`` for each index, each in its own thread; none may hang."""
+    threads = [threading.Thread(target=work, args=(i,), daemon=True) for i in indices]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not any(t.is_alive() for t in threads), "a worker hung"
+
+
 def _run_workers(url: str, indices: list[int], rounds: int = 1,
                  options: dict[int, dict] | None = None) -> dict[int, list]:
     """Each worker sends ``global + update_of(i)`` every round; returns what each got back,
@@ -65,13 +75,8 @@ def _run_workers(url: str, indices: list[int], rounds: int = 1,
         except BaseException as exc:  # reported below, in the test's thread
             errors.append(exc)
 
-    threads = [threading.Thread(target=work, args=(i,), daemon=True) for i in indices]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
+    _in_threads(work, indices)
     assert not errors, errors
-    assert not any(t.is_alive() for t in threads), "a worker hung"
     return out
 
 
@@ -199,11 +204,7 @@ def test_what_the_chief_receives_from_each_worker_is_uniform_in_the_ring(monkeyp
         got[i] = w.sync([g[0] + changes[i]], num_samples=10)
         w.close()
 
-    threads = [threading.Thread(target=work, args=(i,), daemon=True) for i in range(N)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
+    _in_threads(work, range(N))
     assert chief.wait(30)
     assert sorted(seen) == [f"w{i}" for i in range(N)]
     critical = _chi2_critical((1 << 16) - 1, 1e-6)
@@ -391,11 +392,7 @@ def test_a_negligible_sample_count_neither_crashes_the_chief_nor_costs_the_other
                          num_samples=5e-324 if i == 0 else 1e9)
         w.close()
 
-    threads = [threading.Thread(target=work, args=(i,), daemon=True) for i in range(N)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
+    _in_threads(work, range(N))
     assert chief.wait(30) and chief.metrics[0]["workers"] == N
     mean = [sum(sw.update_of(i)[t] for i in range(1, N)) / (N - 1) for t in range(2)]
     for g, m, got in zip(sw.initial(), mean, tiny[1]):

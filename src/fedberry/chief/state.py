@@ -314,16 +314,8 @@ class Chief:
             self._waiting.add(worker_id)
             return [SendError(worker_id, refusal.code, refusal.message, refusal.fatal),
                     *self._maybe_close(now)]
-        self._refused.discard(worker_id)
         spare = self.strategy.add(arrays, self.admission.weight(num_samples, stands_for))
-        self._in_round.add(worker_id)
-        self._waiting.add(worker_id)
-        self._last_round_of[worker_id] = round_
-        self._samples += num_samples
-        loss = metrics.get("loss")
-        if isinstance(loss, (int, float)) and math.isfinite(loss):
-            self._loss_sum += num_samples * loss
-            self._loss_weight += num_samples
+        self._counts(worker_id, round_, num_samples, metrics)
         actions = self._maybe_close(now)
         if spare:  # a strategy of before returned None
             actions.append(Recycle(list(spare)))
@@ -394,6 +386,13 @@ class Chief:
                               "counted, the newest model follows", False)]
         self._ready[worker_id] = self.admission.weight(num_samples)
         self._ready_samples[worker_id] = num_samples
+        self._counts(worker_id, round_, num_samples, metrics)
+        return self._maybe_close(now)
+
+    def _counts(self, worker_id: str, round_: int, num_samples: float,
+                metrics: dict[str, Any]) -> None:
+        """``worker_id``'s update counts in this round (plain: it is in the strategy's sum;
+        secure: it is a participant): the round's books."""
         self._refused.discard(worker_id)
         self._in_round.add(worker_id)
         self._waiting.add(worker_id)
@@ -403,7 +402,6 @@ class Chief:
         if isinstance(loss, (int, float)) and math.isfinite(loss):
             self._loss_sum += num_samples * loss
             self._loss_weight += num_samples
-        return self._maybe_close(now)
 
     @property
     def secure_clip(self) -> float:
