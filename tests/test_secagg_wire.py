@@ -151,6 +151,7 @@ def test_differential_privacy_with_secure_aggregation_adds_the_noise_in_shares()
     (--min-workers 5) to its clipped change before masking, the chief adds none, so the mean
     (the noised sum over n_fixed = 5) is off the clipped mean by N(0, (z C / 5)^2) per
     coordinate: 0.2 here. Were the chief to add its own noise as well, it would be 0.28."""
+    pytest.importorskip("dp_accounting", reason="the dp extra (the accountant)")
     z, c = 1.0, 1.0
     chief = _serve(rounds=1, min_workers=N, secure_aggregation="",
                    dp=f"clip={c},noise={z},delta=1e-5")
