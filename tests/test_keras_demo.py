@@ -4,7 +4,8 @@ workers training through ``model.fit``, in real processes over loopback TCP.
 The PyTorch demo's bar (README's run): 4 workers, 10 rounds, test accuracy >= 0.85. At batch 128
 and learning rate 0.2 instead of the defaults 32 and 0.05: a Keras step costs several times a torch
 step whatever the batch (its per-step overhead, not the MLP's arithmetic), so a quarter of the
-steps costs 73 CPU-s instead of 121 (0.860 at round 10; the defaults reach 0.872).
+steps costs 85 CPU-s instead of 122 (0.860 at round 10; the defaults reach 0.872), half of
+it the five processes importing Keras.
 """
 
 from __future__ import annotations
