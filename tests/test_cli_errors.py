@@ -135,3 +135,22 @@ def test_a_plain_worker_at_a_tls_chief_is_told_to_pass_ca(tmp_path: Path) -> Non
         _, err = chief.communicate(timeout=30)
     assert "a peer spoke plain TCP to the chief's TLS port" in err, err
     assert "Traceback" not in err, err
+
+
+def test_secagg_refusals_are_one_sentence(tmp_path: Path) -> None:
+    """--secagg: an unknown key is refused as the command line is read, 2 workers and MPI
+    when the chief starts; each in one sentence, with no files left behind."""
+    pytest.importorskip("cryptography", reason="the secagg extra")
+    out = str(tmp_path / "run")
+    proc = fedberry("chief", "--listen", "127.0.0.1:0", "--secagg", "treshold=3", "--out", out)
+    assert proc.returncode == 2, proc.stderr
+    assert "unknown secagg option 'treshold'" in proc.stderr and "Traceback" not in proc.stderr
+    proc = fedberry("chief", "--listen", "127.0.0.1:0", "--workers", "2", "--model", "none",
+                    "--secagg", "", "--out", out)
+    assert proc.returncode == 2, proc.stderr
+    assert "needs at least 3 workers" in one_sentence(proc, "chief")
+    proc = fedberry("chief", "--listen", "mpi://", "--workers", "3", "--model", "none",
+                    "--secagg", "", "--out", out)
+    assert proc.returncode == 2, proc.stderr
+    assert "not offered under MPI" in one_sentence(proc, "chief")
+    assert not (tmp_path / "run").exists()

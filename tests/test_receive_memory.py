@@ -100,11 +100,13 @@ def test_a_budget_smaller_than_one_update_still_lets_each_in() -> None:
 
 
 def test_waiting_its_turn_is_not_silence() -> None:
-    """The worker being read goes silent and is dropped as idle; the one waiting behind it,
-    silent only because the chief is not reading it, is not."""
+    """The worker being read goes silent and is dropped; the one waiting behind it, silent for
+    longer than the idle timeout only because the chief is not reading it, is not."""
     initial = [np.zeros(s, np.float32) for s in SHAPES]
+    # What drops the stalled upload is the update deadline (3 s here; else the rate floor's
+    # 10 s grace): three idle timeouts for the waiting worker to be wrongly taken for dead.
     handle = serve("127.0.0.1:0", workers=2, rounds=1, initial=initial, token=TOKEN,
-                   receive_memory=MODEL_BYTES, idle_timeout=1.0)
+                   receive_memory=MODEL_BYTES, idle_timeout=1.0, update_deadline=3.0)
     try:
         stalled, waiting = RawClient(handle.address[1]), RawClient(handle.address[1])
         for i, raw in enumerate((stalled, waiting)):

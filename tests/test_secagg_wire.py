@@ -39,6 +39,16 @@ from helpers import fedberry_env, processes  # noqa: E402
 N = 5
 
 
+def _in_threads(work, indices) -> None:
+    """``work(i)`` for each index, each in its own thread; none may hang."""
+    threads = [threading.Thread(target=work, args=(i,), daemon=True) for i in indices]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not any(t.is_alive() for t in threads), "a worker hung"
+
+
 def _run_workers(url: str, indices: list[int], rounds: int = 1,
                  options: dict[int, dict] | None = None) -> dict[int, list]:
     """Each worker sends ``global + update_of(i)`` every round; returns what each got back,
@@ -65,13 +75,8 @@ def _run_workers(url: str, indices: list[int], rounds: int = 1,
         except BaseException as exc:  # reported below, in the test's thread
             errors.append(exc)
 
-    threads = [threading.Thread(target=work, args=(i,), daemon=True) for i in indices]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
+    _in_threads(work, indices)
     assert not errors, errors
-    assert not any(t.is_alive() for t in threads), "a worker hung"
     return out
 
 
@@ -146,6 +151,7 @@ def test_differential_privacy_with_secure_aggregation_adds_the_noise_in_shares()
     (--min-workers 5) to its clipped change before masking, the chief adds none, so the mean
     (the noised sum over n_fixed = 5) is off the clipped mean by N(0, (z C / 5)^2) per
     coordinate: 0.2 here. Were the chief to add its own noise as well, it would be 0.28."""
+    pytest.importorskip("dp_accounting", reason="the dp extra (the accountant)")
     z, c = 1.0, 1.0
     chief = _serve(rounds=1, min_workers=N, secure_aggregation="",
                    dp=f"clip={c},noise={z},delta=1e-5")
@@ -199,11 +205,7 @@ def test_what_the_chief_receives_from_each_worker_is_uniform_in_the_ring(monkeyp
         got[i] = w.sync([g[0] + changes[i]], num_samples=10)
         w.close()
 
-    threads = [threading.Thread(target=work, args=(i,), daemon=True) for i in range(N)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
+    _in_threads(work, range(N))
     assert chief.wait(30)
     assert sorted(seen) == [f"w{i}" for i in range(N)]
     critical = _chi2_critical((1 << 16) - 1, 1e-6)
@@ -299,14 +301,125 @@ def test_a_chief_that_asks_for_both_shares_of_a_worker_is_refused(monkeypatch) -
     assert chief.metrics[0]["workers"] == 0
 
 
-def test_a_worker_refuses_a_threshold_below_its_groups_majority() -> None:
-    """threshold=2 of 5 would let a chief tell half a group a peer survived and the other
-    half it dropped: the chief says so before the round starts, the model stays."""
-    chief = _serve(rounds=1, secure_aggregation=SecAggOptions(threshold=2, timeout=2.0))
+def test_a_chief_that_weighs_workers_differently_learns_nothing(monkeypatch) -> None:
+    """A modified chief tells w2 the round's scale is w2's own count (weight 1) and everyone
+    else a scale of 1e12 (weights ~0), so that the sum would be w2's change alone. The scale
+    is bound into each worker's round digest, so w2's view and the others' differ: their
+    sealed shares fail to open and their masks do not cancel; the round fails, the model
+    stays."""
+    from fedberry.chief import secure_round
+
+    start = secure_round.SecureRound.start
+
+    def split(self: secure_round.SecureRound) -> list:
+        honest = start(self)
+        out = []
+        for send in honest:
+            b = send.message.payload
+            scale = sw.samples_of(2) if send.worker_id == "w2" else 1e12
+            body = dict(wire.to_json(b), scale=scale)
+            out.append(secure_round.SendSecure(send.worker_id, SecAgg(self.round, wire.from_json(
+                "begin", body))))
+        return out
+
+    monkeypatch.setattr(secure_round.SecureRound, "start", split)
+    chief = _serve(rounds=1, secure_aggregation=SecAggOptions(timeout=5.0))
     out = _run_workers(chief.url, list(range(N)))
     assert chief.wait(30)
-    assert all(any("below a majority" in m for m in out[i][1]) for i in range(N)), out[0][1]
     assert chief.metrics[0]["workers"] == 0
+    for a, b in zip(out[2][0][0], sw.initial()):
+        assert np.array_equal(a, b)
+
+
+def test_a_worker_that_puts_a_vector_outside_its_range_in_the_sum_is_caught(monkeypatch) -> None:
+    """w4 adds 200 L to every ring value of its masked update (a shift of 200 clips a
+    coordinate): the unmasked sum's norm is past what clipped updates can reach, so the sum
+    is refused and the model stays."""
+    from fedberry.transports import secure_sync
+
+    answer = secure_sync.SecureSync.answer
+
+    def biased(self, message):
+        out = answer(self, message)
+        if message.step == "forward" and self._you == 5:  # w4 is client 5 of w0..w4
+            out.tensors[0][:] += np.uint32(200 * 8388607)
+        return out
+
+    monkeypatch.setattr(secure_sync.SecureSync, "answer", biased)
+    chief = _serve(rounds=1, secure_aggregation=SecAggOptions(timeout=5.0))
+    out = _run_workers(chief.url, list(range(N)))
+    assert chief.wait(30)
+    assert chief.metrics[0]["workers"] == 0
+    assert any("outside its range" in m for m in out[0][1]), out[0][1]
+    for a, b in zip(out[0][0][0], sw.initial()):
+        assert np.array_equal(a, b)
+
+
+def test_one_workers_degenerate_key_costs_only_that_worker(monkeypatch) -> None:
+    """w4 advertises the all-zero X25519 point, which no neighbour could agree a secret with:
+    the chief refuses that advert (w4 is a dropout), and the other four's round completes
+    at once, without waiting for a deadline."""
+    from fedberry.secagg import KeyAdvert
+    from fedberry.transports import secure_sync
+
+    answer = secure_sync.SecureSync.answer
+
+    def degenerate(self, message):
+        out = answer(self, message)
+        if message.step == "begin" and self._you == 5:
+            p = out.payload
+            out = SecAgg(out.round, KeyAdvert(p.sender, p.mask_public, bytes(32)))
+        return out
+
+    monkeypatch.setattr(secure_sync.SecureSync, "answer", degenerate)
+    chief = _serve(rounds=1, secure_aggregation=SecAggOptions(timeout=60.0))
+    out = _run_workers(chief.url, list(range(N)))
+    assert chief.wait(30)
+    assert chief.metrics[0]["workers"] == 4
+    assert chief.metrics[0]["wall_s"] < 30  # not the 60 s step deadline
+    assert any("degenerate" in m for m in out[4][1]), out[4][1]
+    for e, m in zip(_expected([0, 1, 2, 3]), out[0][0][0]):
+        assert np.abs(m - e).max() < 1e-5
+
+
+def test_a_negligible_sample_count_neither_crashes_the_chief_nor_costs_the_others() -> None:
+    chief = _serve(rounds=1, secure_aggregation="")
+    tiny = {}
+
+    def work(i: int) -> None:
+        w = fedberry.Worker(chief=chief.url, worker_id=f"w{i}")
+        g = w.join(sw.initial())
+        tiny[i] = w.sync([a + d for a, d in zip(g, sw.update_of(i))],
+                         num_samples=5e-324 if i == 0 else 1e9)
+        w.close()
+
+    _in_threads(work, range(N))
+    assert chief.wait(30) and chief.metrics[0]["workers"] == N
+    mean = [sum(sw.update_of(i)[t] for i in range(1, N)) / (N - 1) for t in range(2)]
+    for g, m, got in zip(sw.initial(), mean, tiny[1]):
+        assert np.abs(got - (g + m)).max() < 1e-5
+
+
+def test_workers_themselves_refuse_a_threshold_below_the_majority(monkeypatch) -> None:
+    """The chief's own check taken out (a modified chief): every worker refuses the begin
+    and says so at once (an abstention), so the round fails without waiting out the step."""
+    from fedberry.chief import secure_round
+
+    monkeypatch.setattr(secure_round, "majority_floor", lambda config: 2)
+    chief = _serve(rounds=1, secure_aggregation=SecAggOptions(threshold=2, timeout=60.0))
+    out = _run_workers(chief.url, list(range(N)))
+    assert chief.wait(30)
+    assert chief.metrics[0]["workers"] == 0 and chief.metrics[0]["wall_s"] < 30
+    assert all(any("below a majority" in m for m in out[i][1]) for i in range(N))
+
+
+def test_a_threshold_below_the_groups_majority_is_refused_at_start() -> None:
+    """threshold=2 of 5 would let a chief tell half a group a peer survived and the other
+    half it dropped: the chief refuses it when it starts, as it does 2 workers."""
+    with pytest.raises(ValueError, match="below a majority of each worker's group"):
+        _serve(rounds=1, secure_aggregation=SecAggOptions(threshold=2))
+    with pytest.raises(ValueError, match="at least 3 workers"):
+        fedberry.serve("127.0.0.1:0", workers=2, secure_aggregation="")
 
 
 def test_secure_aggregation_is_refused_where_it_cannot_hold() -> None:
@@ -331,6 +444,21 @@ def test_secure_aggregation_is_refused_where_it_cannot_hold() -> None:
         chief.stop()
     with pytest.raises(ValueError, match="unknown secagg option 'treshold'"):
         SecAggOptions.parse("treshold=3")
+
+
+def test_a_worker_that_requires_secure_aggregation_refuses_a_plain_chief() -> None:
+    from fedberry.errors import FederationError
+
+    plain = _serve(rounds=1)
+    try:
+        w = fedberry.Worker(chief=plain.url, worker_id="w0", require_secure_aggregation=True)
+        with pytest.raises(FederationError, match="does not aggregate securely"):
+            w.join(sw.initial())
+        w.close()
+    finally:
+        plain.stop()
+    with pytest.raises(ValueError, match="over TCP only"):
+        fedberry.Worker(chief="mpi://", require_secure_aggregation=True)
 
 
 def _joined(secure: bool) -> tuple[ChiefConnection, WorkerConnection]:
@@ -386,12 +514,20 @@ def test_the_wire_form_of_every_step_round_trips() -> None:
     from fedberry.secagg import SecAggClient
 
     options = SecAggOptions()
-    cfg = options.round_config(3, (1, 2, 3, 4), 10)
+    context = wire.round_context(10.0, 40.0, 256, False, 0.0, False)
+    cfg = options.round_config(3, (1, 2, 3, 4), 10, context=context)
     server = SecAggServer(cfg)
     clients = {i: SecAggClient(cfg, i) for i in cfg.clients}
-    begin = wire.Begin(cfg, 2, 10.0, 0.5, 256)
+    begin = wire.Begin(cfg, 2, 10.0, 40.0, 256)
     again = wire.from_json("begin", wire.to_json(begin))
-    assert again.config == cfg and again.config.digest == cfg.digest and again.weight == 0.5
+    assert again.config == cfg and again.config.digest == cfg.digest
+    assert again.weight_of(20) == 0.5 and again.weight_of(80) == 1.0
+    # The parameters are bound into the digest: a begin that says another scale than the one
+    # its round's digest was made with is refused as it is built or decoded.
+    with pytest.raises(ValueError, match="not the ones its digest binds"):
+        wire.Begin(cfg, 2, 10.0, 41.0, 256)
+    forged = dict(wire.to_json(begin), scale=1e12)
+    assert wire.from_json("begin", forged).config.digest != cfg.digest
     for c in clients.values():
         advert = wire.from_json("advert", wire.to_json(c.advertise()))
         server.receive_advert(advert)

@@ -468,6 +468,9 @@ def _add_worker_parser(sub: argparse._SubParsersAction) -> None:
                    help="local differential privacy: clip this worker's updates to clip=C and "
                         "add its own noise=Z (delta=D for its epsilon, logged with -v); "
                         "docs/privacy.md")
+    p.add_argument("--require-secagg", action="store_true", default=None,
+                   help="send updates only to a chief that aggregates securely (--secagg): "
+                        "refuse to join one that would see them in the clear")
     p.set_defaults(func=_run_worker)
 
 
@@ -480,6 +483,8 @@ def _run_worker(args: argparse.Namespace) -> int:
     options = {k: getattr(args, k) for k in ("token", "token_file", "ca", "cert", "key",
                                              "server_hostname", "worker_id", "local_dp")
                if getattr(args, k) is not None}
+    if args.require_secagg:
+        options["require_secure_aggregation"] = True
     result = run_worker(args.chief, part.index, part.count, _train_config(args), **options)
     log.info("worker %d/%d finished: %s", part.index, part.count, result)
     return 0

@@ -31,6 +31,7 @@ from fedberry.chief.buffers import parse_size
 from fedberry.chief.build import OutputOptions, RoundPolicy, build_chief_server
 from fedberry.chief.round_config import RoundConfig
 from fedberry.chief.runtime import ChiefServer, Evaluate
+from fedberry.chief.secure_round import SecureRound
 from fedberry.chief.state import Chief
 from fedberry.privacy import DPConfig, as_config
 from fedberry.privacy.chief import dp_chief, expected_count
@@ -200,6 +201,16 @@ def require_secagg() -> None:
                                   "pip install 'fedberry[secagg]'") from None
 
 
+def check_secure_start(secure: SecAggOptions, workers: int) -> None:
+    """Refuse at start, with a sentence, what would make every secure round fail: fewer than
+    3 workers, or a threshold below a strict majority of each worker's group (workers refuse
+    it) for the federation's ``workers``."""
+    if workers < 3:
+        raise ValueError(f"secure aggregation needs at least 3 workers a round (--workers "
+                         f"{workers}): with 2, each would learn the other's update from the sum")
+    SecureRound.check_threshold(secure, workers)
+
+
 def serve(listen: str | None = "127.0.0.1:0", *, workers: int | None = None,
           rounds: int | None = None, strategy: str | Strategy = "fedavg",
           initial: Sequence[np.ndarray] | None = None, evaluate: Evaluate | None = None,
@@ -322,6 +333,7 @@ def serve(listen: str | None = "127.0.0.1:0", *, workers: int | None = None,
             raise ValueError("secure aggregation needs TCP workers: give serve() an address to "
                              "listen on")
         require_secagg()
+        check_secure_start(secure, pol.workers)
     dp = as_config(dp)
     if dp is not None and secure is not None and dp.adaptive:
         raise ValueError("adaptive clipping needs every update's norm, which secure "

@@ -86,6 +86,10 @@ class Worker:
     finite numbers; others are dropped with a warning). The chief averages every key weighted
     by ``num_examples`` (docs/fleet.md). What it raises is logged and nothing is sent: the
     chief waits for the answer no longer than its timeout.
+
+    Secure aggregation needs nothing here: a chief that aggregates securely says so when the
+    worker joins, and ``sync`` then sends the update masked (docs/secure-aggregation.md).
+    ``require_secure_aggregation=True`` refuses to join a chief that does not (TCP only).
     """
 
     def __init__(self, chief: str | InProcessChief = "tcp://127.0.0.1:7777", *,
@@ -96,7 +100,8 @@ class Worker:
                  reconnect_timeout: float = 300.0, heartbeat: float = 5.0,
                  idle_timeout: float = 60.0, handshake_timeout: float = 30.0,
                  codec: str = "none", local_dp: DPConfig | str | None = None,
-                 evaluate: Evaluate | None = None) -> None:
+                 evaluate: Evaluate | None = None,
+                 require_secure_aggregation: bool = False) -> None:
         self.worker_id = worker_id or default_worker_id(cert)
         self._chief_name = chief if isinstance(chief, str) else "the chief in this process"
         self.round = 0
@@ -108,12 +113,18 @@ class Worker:
         self._said_quiet = False
         self._global: list[np.ndarray] | None = None  # the model updates are clipped against
         check_name(codec, UPLINK_CODECS, "update")
+        if require_secure_aggregation and not (isinstance(chief, str)
+                                               and not chief.startswith("mpi:")):
+            raise ValueError("require_secure_aggregation: secure aggregation runs over TCP "
+                             "only; this chief (MPI, or in this process) cannot offer it")
         self._session = connect(chief, worker_id=self.worker_id, token=token,
                                 token_file=token_file, ca=ca, cert=cert, key=key,
                                 server_hostname=server_hostname, connect_timeout=connect_timeout,
                                 reconnect_timeout=reconnect_timeout, heartbeat=heartbeat,
                                 idle_timeout=idle_timeout, handshake_timeout=handshake_timeout,
                                 codec=codec)
+        if require_secure_aggregation:
+            self._session.require_secure = True
         self.evaluate = evaluate
         if evaluate is not None and self._privacy.local is not None:
             self._quiet_once()  # not offered in AUTH either: the chief does not wait for it

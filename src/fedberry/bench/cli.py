@@ -20,7 +20,7 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="single vs dsgd vs ddp vs FedAvg on an emulated slow link",
                        description=__doc__)
     p.add_argument("--quick", action="store_true",
-                   help="a few minutes: 3 workers, 50 Mbit/s, target 0.80 (checks, not figures)")
+                   help="a few minutes: 3 workers, 200 Mbit/s, target 0.80 (checks, not figures)")
     p.add_argument("--modes", default=",".join(d.modes),
                    help=f"comma-separated subset of {','.join(MODES)} ('' with --check-shaper: "
                         "only the check)")

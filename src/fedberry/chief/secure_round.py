@@ -31,7 +31,13 @@ from fedberry.protocol.messages import SecAgg
 from fedberry.protocol.spec import Spec
 from fedberry.secagg import wire
 from fedberry.secagg.errors import ConfigError, SecAggError, TooFewSurvivors
-from fedberry.secagg.messages import KeyAdvert, MaskedInput, ShareBundle, UnmaskReply
+from fedberry.secagg.messages import (
+    KeyAdvert,
+    MaskedInput,
+    RoundConfig,
+    ShareBundle,
+    UnmaskReply,
+)
 from fedberry.secagg.options import SecAggOptions
 from fedberry.secagg.server import SecAggServer
 
@@ -56,43 +62,62 @@ class Sum:
     survivors: list[str]
 
 
+def majority_floor(config: object) -> int:
+    """The smallest threshold a round may have (``wire.majority_threshold``)."""
+    return wire.majority_threshold(config)  # type: ignore[arg-type]
+
+
 class SecureRound:
     """The chief's side of one secure round (module docstring).
 
-    ``participants``: worker id -> the weight of its update (its sample count, or 1 under
-    uniform weights), as they reported at their sync point. ``clip``: the L2 bound every
-    worker clips its weighted change to. ``quorum``: the fewest masked updates the round may
+    ``participants``: worker id -> the sample count it reported at its sync point; each worker
+    weighs itself by ``wire.weight_of`` of it (1 each under ``uniform``). ``clip``: the L2
+    bound every worker clips its change to. ``quorum``: the fewest masked updates the round may
     close with (``--min-workers``). ``noise``: the standard deviation of each worker's share of
     differential privacy's noise (0: none), which it adds before masking.
     """
 
     def __init__(self, options: SecAggOptions, round_: int, participants: dict[str, float],
-                 spec: Spec, clip: float, quorum: int, now: float, noise: float = 0.0) -> None:
+                 spec: Spec, clip: float, quorum: int, now: float, noise: float = 0.0,
+                 uniform: bool = False) -> None:
         self.options = options
         self.round = round_
         self.ids = {w: i + 1 for i, w in enumerate(sorted(participants))}
         self.workers = {i: w for w, i in self.ids.items()}
-        # Each weight over the largest: at most 1, so a weighted change stays within the clip.
         self.scale = max(participants.values())
-        self.weights = {w: n / self.scale for w, n in participants.items()}
-        self.config = options.round_config(round_, tuple(sorted(self.workers)),
-                                           float_values(spec))
-        floor = wire.majority_threshold(self.config)
-        if self.config.threshold < floor:
-            # The workers refuse it (transports.secure_sync): say so once, here.
-            raise ConfigError(f"the threshold {self.config.threshold} is below a majority of "
-                              f"each worker's group ({floor} of {self.config.neighbors + 1}), "
-                              "which would let a chief unmask a single update; workers refuse "
-                              "it")
+        self.uniform = uniform
+        self.weights = {w: wire.weight_of(n, self.scale, uniform)
+                        for w, n in participants.items()}
+        self.clip = clip
         self.noise = noise
+        self.stochastic = options.rounding == "stochastic"
+        context = wire.round_context(clip, self.scale, options.max_workers, self.stochastic,
+                                     noise, uniform)
+        self.config = options.round_config(round_, tuple(sorted(self.workers)),
+                                           float_values(spec), context=context)
+        self._check_majority(self.config)
         self.encoding = options.encoding(wire.encoding_range(clip, noise))
         self.server = SecAggServer(self.config)
-        self.clip = clip
         self.quorum = quorum
-        self.gone: set[int] = set()  # left, or refused: no answer is awaited from them
+        self.gone: set[int] = set()  # left, refused or abstained: no answer is awaited
         self.deadline = now + options.timeout
         self.failure: str | None = None
         self.outcome: Sum | None = None
+
+    @staticmethod
+    def _check_majority(config: RoundConfig) -> None:
+        floor = majority_floor(config)
+        if config.threshold is not None and config.threshold < floor:
+            # The workers refuse it (transports.secure_sync): say so once, here.
+            raise ConfigError(f"the threshold {config.threshold} is below a majority of each "
+                              f"worker's group ({floor} of {config.neighbors + 1}), which "
+                              "would let a chief unmask a single update; workers refuse it")
+
+    @classmethod
+    def check_threshold(cls, options: SecAggOptions, workers: int) -> None:
+        """Refuse ``options`` whose threshold no round of ``workers`` could use (``serve``
+        checks at start rather than failing every round)."""
+        cls._check_majority(options.round_config(0, tuple(range(1, workers + 1)), 1))
 
     @property
     def over(self) -> bool:
@@ -114,9 +139,9 @@ class SecureRound:
         log.info("round %d: secure aggregation over %d workers (%d neighbours each, threshold "
                  "%d, %d-bit ring)", self.round + 1, len(self.ids), self.config.neighbors,
                  self.config.threshold, self.config.bits)
-        return [self._send(w, wire.Begin(self.config, i, self.clip, self.weights[w],
-                                         self.options.max_workers,
-                                         self.options.rounding == "stochastic", self.noise))
+        return [self._send(w, wire.Begin(self.config, i, self.clip, self.scale,
+                                         self.options.max_workers, self.stochastic, self.noise,
+                                         self.uniform))
                 for w, i in sorted(self.ids.items())]
 
     def receive(self, worker_id: str, message: SecAgg, now: float) -> tuple[list[SendSecure],
@@ -124,8 +149,10 @@ class SecureRound:
         """A participant's advert, shares or reveal. Returns what to send, and the sentence
         refusing this worker's message (its part in the round is then over) or None."""
         i = self.ids.get(worker_id)
-        if i is None or self.over:
-            return [], f"a secure step for round {self.round + 1}, which this worker is not in"
+        if i is None or self.over or i in self.gone:
+            # Not (or no longer) in the round: dropped without an answer (one refusal per
+            # worker and round is said; a flood of steps is not answered one by one).
+            return [], None
         payload = message.payload
         try:
             if message.round != self.round:
@@ -134,7 +161,11 @@ class SecureRound:
             if getattr(payload, "sender", i) != i:
                 raise SecAggError(f"it speaks for client {payload.sender}; this worker is client "
                                   f"{i} of the round")
-            if isinstance(payload, KeyAdvert):
+            if isinstance(payload, wire.Abstain):
+                log.info("round %d: worker %s takes no further part: %s", self.round + 1,
+                         worker_id, payload.reason)
+                self.gone.add(i)
+            elif isinstance(payload, KeyAdvert):
                 self.server.receive_advert(payload)
             elif isinstance(payload, ShareBundle):
                 self.server.receive_shares(payload)
@@ -151,8 +182,8 @@ class SecureRound:
                        now: float) -> tuple[list[SendSecure], str | None]:
         """A participant's masked update, added into the round's ring sum at once."""
         i = self.ids.get(worker_id)
-        if i is None or self.over:
-            return [], f"a masked update for round {round_ + 1}, which this worker is not in"
+        if i is None or self.over or i in self.gone:
+            return [], None  # as in receive: not in the round, not answered
         try:
             if round_ != self.round:
                 raise SecAggError(f"it is for round {round_ + 1}, this is round {self.round + 1}")
@@ -222,8 +253,29 @@ class SecureRound:
         result = server.finish()  # unmask: raises TooFewSurvivors with too few reveals
         survivors = [self.workers[c] for c in result.survivors]
         total = self.encoding.decode_sum(result.ring_sum, len(survivors))
-        self.outcome = Sum(total, sum(self.weights[w] for w in survivors), survivors)
+        weight = sum(self.weights[w] for w in survivors)
+        if not weight > 0:
+            raise SecAggError("the survivors' weights sum to nothing (their sample counts are "
+                              "negligible next to the round's largest)")
+        reach = self.reach(len(survivors), weight, total.size)
+        norm = float(np.linalg.norm(total))
+        if not norm <= reach:
+            # A worker put a vector outside its range into its masked update (the chief
+            # cannot see whose): what survivors clipped to C can sum to is bounded.
+            raise SecAggError(f"the unmasked sum has norm {norm:.4g}, more than the "
+                              f"survivors' clipped updates can reach ({reach:.4g}): a worker "
+                              "sent a vector outside its range, and the sum is refused")
+        self.outcome = Sum(total, weight, survivors)
         return []
+
+    def reach(self, count: int, weight: float, length: int) -> float:
+        """The largest L2 norm the sum of ``count`` honest contributions of total weight
+        ``weight`` can have: the weighted clips (triangle inequality), plus the ring's rounding
+        (s/2 per coordinate and worker), plus their noise shares' sum beyond 8 standard
+        deviations of its chi tail (probability below 1e-14)."""
+        rounding = count * self.encoding.step / 2 * np.sqrt(length)
+        noise = self.noise * np.sqrt(count) * (np.sqrt(length) + 8.0)
+        return weight * self.clip + rounding + noise
 
     def _fail(self, why: str) -> None:
         self.failure = (f"round {self.round + 1}'s secure aggregation failed: {why}; the global "

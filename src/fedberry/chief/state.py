@@ -57,6 +57,7 @@ from fedberry.chief.secure_round import SecureRound, SendSecure
 from fedberry.protocol.frames import ErrorCode, Spec, spec_mismatch, spec_of
 from fedberry.protocol.messages import SecAgg
 from fedberry.secagg.errors import ConfigError as SecAggConfigError
+from fedberry.secagg.errors import SecAggError
 from fedberry.secagg.options import SecAggOptions
 from fedberry.strategies import FedAvg, Strategy
 
@@ -313,16 +314,8 @@ class Chief:
             self._waiting.add(worker_id)
             return [SendError(worker_id, refusal.code, refusal.message, refusal.fatal),
                     *self._maybe_close(now)]
-        self._refused.discard(worker_id)
         spare = self.strategy.add(arrays, self.admission.weight(num_samples, stands_for))
-        self._in_round.add(worker_id)
-        self._waiting.add(worker_id)
-        self._last_round_of[worker_id] = round_
-        self._samples += num_samples
-        loss = metrics.get("loss")
-        if isinstance(loss, (int, float)) and math.isfinite(loss):
-            self._loss_sum += num_samples * loss
-            self._loss_weight += num_samples
+        self._counts(worker_id, round_, num_samples, metrics)
         actions = self._maybe_close(now)
         if spare:  # a strategy of before returned None
             actions.append(Recycle(list(spare)))
@@ -366,9 +359,10 @@ class Chief:
             return [SendError(worker_id, ErrorCode.PROTOCOL, "a secure step before joining",
                               True)]
         if self.secure_round is None:
-            # Late (the round has closed, and this worker had its model then): dropped.
-            return [SendError(worker_id, ErrorCode.SECAGG, "a secure step arrived after its "
-                              "round closed; it was dropped", False)]
+            # Late (the round has closed, and this worker had its model then): dropped, with
+            # no answer: a worker that floods late steps must not become a flood of replies.
+            log.debug("worker %s: a secure step after its round closed, dropped", worker_id)
+            return []
         sends, refused = step(self.secure_round)
         actions: list[Action] = list(sends)
         if refused:
@@ -392,6 +386,13 @@ class Chief:
                               "counted, the newest model follows", False)]
         self._ready[worker_id] = self.admission.weight(num_samples)
         self._ready_samples[worker_id] = num_samples
+        self._counts(worker_id, round_, num_samples, metrics)
+        return self._maybe_close(now)
+
+    def _counts(self, worker_id: str, round_: int, num_samples: float,
+                metrics: dict[str, Any]) -> None:
+        """``worker_id``'s update counts in this round (plain: it is in the strategy's sum;
+        secure: it is a participant): the round's books."""
         self._refused.discard(worker_id)
         self._in_round.add(worker_id)
         self._waiting.add(worker_id)
@@ -401,7 +402,6 @@ class Chief:
         if isinstance(loss, (int, float)) and math.isfinite(loss):
             self._loss_sum += num_samples * loss
             self._loss_weight += num_samples
-        return self._maybe_close(now)
 
     @property
     def secure_clip(self) -> float:
@@ -422,7 +422,7 @@ class Chief:
     def _open_secure(self, now: float) -> list[Action]:
         """The round would close: its reported workers become a secure round's participants."""
         assert self.secure is not None and self.spec is not None
-        participants = {w: self._ready[w] for w in sorted(self._in_round & self.members)}
+        participants = {w: self._ready_samples[w] for w in sorted(self._in_round & self.members)}
         quorum = self.config.min_workers
         if self.config.sampling is not None and self.sampled is not None:
             quorum = min(quorum, max(1, len(self.sampled)))
@@ -431,13 +431,15 @@ class Chief:
                 raise SecAggConfigError(
                     f"{len(participants)} worker(s) reported, and secure aggregation needs at "
                     "least 3 (with 2, each would learn the other's update from the sum)")
-            self.secure_round = SecureRound(self.secure, self.round, participants, self.spec,
-                                            self.secure_clip, quorum, now,
-                                            noise=self._noise_share(quorum))
-        except SecAggConfigError as exc:
+            secure = SecureRound(self.secure, self.round, participants, self.spec,
+                                 self.secure_clip, quorum, now, noise=self._noise_share(quorum),
+                                 uniform=self.admission.policy.uniform_weights)
+            begins = secure.start()
+        except SecAggError as exc:
             return self._secure_failed(f"round {self.round + 1}'s secure aggregation cannot "
                                        f"start: {exc}; the global model stays as it was", now)
-        return [*self.secure_round.start(), *self._secure_over(now)]
+        self.secure_round = secure
+        return [*begins, *self._secure_over(now)]
 
     def _secure_over(self, now: float) -> list[Action]:
         """If the secure round has its sum (or has failed), fold it in and close the round."""

@@ -50,6 +50,22 @@ def public_from_private(private: bytes) -> bytes:
                                          serialization.PublicFormat.Raw)
 
 
+# Any fixed private key: an X25519 exchange with it fails exactly for the low-order public keys
+# (whose shared secret is all zeros whatever the private key), the keys a client cannot use.
+_PROBE = bytes(range(1, KEY_BYTES + 1))
+
+
+def usable_public(public: bytes) -> bool:
+    """Whether ``public`` is an X25519 key a peer can agree a secret with (not a low-order
+    point): the server refuses an advert of any other, so that one client's bad key cannot make
+    its honest neighbours fail the round."""
+    try:
+        agree(_PROBE, public, purpose=b"probe", context=b"", pair=(1, 2))
+    except MessageError:
+        return False
+    return True
+
+
 def agree(private: bytes, peer_public: bytes, *, purpose: bytes, context: bytes,
           pair: tuple[int, int]) -> bytes:
     """The 32-byte key that ``private`` and the owner of ``peer_public`` both derive.

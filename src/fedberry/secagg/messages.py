@@ -53,6 +53,10 @@ class RoundConfig:
     bits: int = 16
     neighbors: int | None = None
     threshold: int | None = None
+    # What else every party must agree on (the encoding's range, the weights' scale, the noise):
+    # bound into the digest, so that a server that tells clients different things breaks their
+    # masks and sealed shares instead of learning from the difference.
+    context: bytes = b""
     graph: Mapping[int, frozenset[int]] = field(init=False, repr=False, compare=False)
     digest: bytes = field(init=False, repr=False, compare=False)
 
@@ -87,8 +91,11 @@ class RoundConfig:
         object.__setattr__(self, "graph", graph)
         packed = struct.pack(f"<IIIII{n}I", self.round_number, self.length, self.bits, k, t,
                              *clients)
+        if not isinstance(self.context, bytes):
+            raise ConfigError("a round's context is bytes")
         object.__setattr__(self, "digest", hashlib.sha256(
-            b"fedberry-secagg/v1|round|" + self.seed + packed).digest())
+            b"fedberry-secagg/v1|round|" + self.seed + packed
+            + (b"|context|" + self.context if self.context else b"")).digest())
 
     @property
     def dtype(self) -> np.dtype:

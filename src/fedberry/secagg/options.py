@@ -96,15 +96,16 @@ class SecAggOptions:
         return cls(**values)  # type: ignore[arg-type]
 
     def round_config(self, round_number: int, clients: tuple[int, ...], length: int, *,
-                     seed: bytes | None = None) -> RoundConfig:
-        """The configuration of one round over ``clients`` (a fresh public seed by default)."""
+                     seed: bytes | None = None, context: bytes = b"") -> RoundConfig:
+        """The configuration of one round over ``clients`` (a fresh public seed by default;
+        ``context``: what else its parties agree on, bound into its digest)."""
         if self.max_workers < len(clients):
             raise ConfigError(f"{len(clients)} clients exceed secagg max_workers "
                               f"{self.max_workers}: their sum could wrap the ring")
         return RoundConfig(round_number=round_number, seed=os.urandom(32) if seed is None
                            else seed, clients=clients, length=length, bits=self.bits,
                            neighbors=len(clients) - 1 if self.neighbors == "all"
-                           else self.neighbors, threshold=self.threshold)
+                           else self.neighbors, threshold=self.threshold, context=context)
 
     def encoding(self, clip: float) -> FixedPoint:
         """The fixed-point encoding for updates clipped to L2 norm ``clip``."""

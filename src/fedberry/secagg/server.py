@@ -85,6 +85,11 @@ class SecAggServer:
             raise MessageError(f"client {advert.sender} is not selected for this round")
         if advert.sender in self._adverts:
             raise MessageError(f"client {advert.sender} advertised keys twice")
+        if (advert.mask_public == advert.encryption_public
+                or not keys.usable_public(advert.mask_public)
+                or not keys.usable_public(advert.encryption_public)):
+            raise MessageError(f"client {advert.sender} advertises a degenerate or repeated "
+                               "public key, which its neighbours could not agree a secret with")
         self._adverts[advert.sender] = advert
 
     def close_adverts(self) -> dict[int, tuple[KeyAdvert, ...]]:

@@ -35,7 +35,7 @@ from .messages import (
 from .shamir import SHARE_BYTES
 
 FROM_CHIEF = ("begin", "peers", "forward", "unmask")
-FROM_WORKER = ("advert", "shares", "reveal")
+FROM_WORKER = ("advert", "shares", "reveal", "abstain")
 STEPS = (*FROM_CHIEF, *FROM_WORKER)
 
 # A round's clients: the most a 16-bit ring's encoding can sum without wrapping is 2^15 - 1
@@ -50,45 +50,93 @@ class Begin:
     """chief -> each worker of a secure round: its public parameters, and this worker's id.
 
     ``clip``: the L2 bound the worker clips its change to (the ring encodes coordinates in
-    [-clip, clip]). ``weight``: what the worker multiplies its clipped change by, its update's
-    weight over the round's largest (at most 1), so that the sum is the weighted sum FedAvg
-    needs. ``max_workers`` and ``stochastic`` fix the encoding. ``noise``: the standard
-    deviation of the Gaussian noise the worker adds to each coordinate of its weighted,
-    clipped change (distributed differential privacy; 0: none).
+    [-range, range]). ``scale`` and ``uniform``: how each worker weighs its clipped change,
+    itself, from its own sample count (``weight_of``): by min(n / scale, 1), scale being the
+    round's largest count, or by 1 under uniform weights (differential privacy); so the sum is
+    the weighted sum FedAvg needs. ``max_workers`` and ``stochastic`` fix the encoding.
+    ``noise``: the standard deviation of the Gaussian noise the worker adds to each coordinate
+    (distributed differential privacy; 0: none).
+
+    Everything here but ``you`` is bound into the round's digest (``round_context``): a chief
+    that tells two workers different scales, clips or noises breaks their masks and sealed
+    shares (the round fails) instead of weighing one worker's update above the others'.
     """
 
     config: RoundConfig
     you: int
     clip: float
-    weight: float
+    scale: float
     max_workers: int
     stochastic: bool = False
     noise: float = 0.0
+    uniform: bool = False
 
     @property
     def range(self) -> float:
         """The coordinates the ring encodes (``encoding_range``)."""
         return encoding_range(self.clip, self.noise)
 
+    def weight_of(self, num_samples: float) -> float:
+        """What a worker of ``num_samples`` multiplies its clipped change by."""
+        return weight_of(num_samples, self.scale, self.uniform)
+
     def __post_init__(self) -> None:
+        for what, v in (("clip", self.clip), ("scale", self.scale)):
+            if not (_is_number(v) and math.isfinite(v) and v > 0):
+                raise MessageError(f"a secure round's {what} is a positive number, not "
+                                   f"{v!r:.40}")
         if not (_is_number(self.noise) and math.isfinite(self.noise) and self.noise >= 0):
             raise MessageError(f"a secure round's noise is a number >= 0, not "
                                f"{self.noise!r:.40}")
         if self.you not in self.config.clients:
             raise MessageError(f"a secure round's begin names client {self.you}, which is not "
                                "among its clients")
-        if not (_is_number(self.clip) and math.isfinite(self.clip) and self.clip > 0):
-            raise MessageError(f"a secure round's clip is a positive number, not "
-                               f"{self.clip!r:.40}")
-        if not (_is_number(self.weight) and 0 < self.weight <= 1):
-            raise MessageError(f"a secure round's weight is a number in (0, 1], not "
-                               f"{self.weight!r:.40}")
         if not (type(self.max_workers) is int and len(self.config.clients) <= self.max_workers
                 <= MAX_CLIENTS):
             raise MessageError(f"a secure round's max_workers is an integer from its client "
                                f"count to {MAX_CLIENTS}, not {self.max_workers!r:.40}")
-        if type(self.stochastic) is not bool:
-            raise MessageError("a secure round's stochastic is true or false")
+        if type(self.stochastic) is not bool or type(self.uniform) is not bool:
+            raise MessageError("a secure round's stochastic and uniform are true or false")
+        if self.config.context != self.context:
+            raise MessageError("a secure round's parameters are not the ones its digest binds")
+
+    @property
+    def context(self) -> bytes:
+        return round_context(self.clip, self.scale, self.max_workers, self.stochastic,
+                             self.noise, self.uniform)
+
+
+def round_context(clip: float, scale: float, max_workers: int, stochastic: bool,
+                  noise: float, uniform: bool) -> bytes:
+    """The parameters every party of a round must see alike, as the bytes its digest binds
+    (``RoundConfig.context``); floats by their exact ``repr``."""
+    return (f"clip={float(clip)!r};scale={float(scale)!r};max_workers={int(max_workers)};"
+            f"stochastic={bool(stochastic)};noise={float(noise)!r};"
+            f"uniform={bool(uniform)}").encode()
+
+
+def weight_of(num_samples: float, scale: float, uniform: bool) -> float:
+    """A worker's weight in a secure round (``Begin``): 1 under uniform weights, else its
+    sample count over the round's largest, at most 1 (so its weighted change stays within the
+    clip). The one rule: each worker applies it to itself, the chief to the survivors' sum."""
+    return 1.0 if uniform else min(float(num_samples) / float(scale), 1.0)
+
+
+@dataclass(frozen=True)
+class Abstain:
+    """worker -> chief: this worker takes no further part in the round, and why (it refused a
+    step, or could not do it): the chief counts it a dropout at once instead of waiting for the
+    step's deadline."""
+
+    sender: int
+    reason: str
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.reason, str) or len(self.reason) > MAX_REASON:
+            raise MessageError(f"an abstention's reason is at most {MAX_REASON} characters")
+
+
+MAX_REASON = 1000
 
 
 # Noise tails the ring's range leaves room for: a Gaussian coordinate passes 8 standard
@@ -122,8 +170,11 @@ def to_json(payload: Any) -> dict[str, Any]:
         return {"round_number": c.round_number, "seed": _b64(c.seed), "clients": list(c.clients),
                 "length": c.length, "bits": c.bits, "neighbors": c.neighbors,
                 "threshold": c.threshold, "you": payload.you, "clip": payload.clip,
-                "weight": payload.weight, "max_workers": payload.max_workers,
-                "stochastic": payload.stochastic, "noise": payload.noise}
+                "scale": payload.scale, "max_workers": payload.max_workers,
+                "stochastic": payload.stochastic, "noise": payload.noise,
+                "uniform": payload.uniform}
+    if isinstance(payload, Abstain):
+        return {"sender": payload.sender, "reason": payload.reason}
     if isinstance(payload, KeyAdvert):
         return {"sender": payload.sender, "mask": _b64(payload.mask_public),
                 "enc": _b64(payload.encryption_public)}
@@ -212,22 +263,36 @@ def _ids(body: dict[str, Any], key: str) -> tuple[int, ...]:
 
 def _begin(body: dict[str, Any]) -> Begin:
     clients = _ids(body, "clients")
-    if len(clients) > MAX_CLIENTS:
-        raise MessageError(f"a round of more than {MAX_CLIENTS} clients")
     neighbors = _int(body, "neighbors", 1, MAX_CLIENTS)
     threshold = _int(body, "threshold", 2, MAX_CLIENTS)
+    clip, scale, noise = body.get("clip"), body.get("scale"), body.get("noise", 0.0)
+    max_workers = _int(body, "max_workers", 1, MAX_CLIENTS)
+    stochastic, uniform = body.get("stochastic", False), body.get("uniform", False)
+    for what, v in (("clip", clip), ("scale", scale), ("noise", noise)):
+        if not (_is_number(v) and math.isfinite(v)):  # type: ignore[arg-type]
+            raise MessageError(f"a secure round's {what} is a finite number, not {v!r:.40}")
+    if type(stochastic) is not bool or type(uniform) is not bool:
+        raise MessageError("a secure round's stochastic and uniform are true or false")
     config = RoundConfig(round_number=_int(body, "round_number"),
                          seed=_bytes(body.get("seed"), "the round seed", 32),
                          clients=clients, length=_int(body, "length", 1, (1 << 40)),
                          bits=_int(body, "bits", 16, 32), neighbors=neighbors,
-                         threshold=threshold)
+                         threshold=threshold,
+                         context=round_context(clip, scale, max_workers, stochastic,  # type: ignore[arg-type]
+                                               noise, uniform))  # type: ignore[arg-type]
     if config.neighbors != neighbors:
         raise MessageError(f"a round of {len(clients)} clients cannot have {neighbors} "
                            "neighbours each")
-    clip, weight = body.get("clip"), body.get("weight")
-    return Begin(config, _int(body, "you", 1), clip, weight,  # type: ignore[arg-type]
-                 _int(body, "max_workers", 1, MAX_CLIENTS), body.get("stochastic", False),
-                 body.get("noise", 0.0))  # type: ignore[arg-type]
+    return Begin(config, _int(body, "you", 1), clip, scale, max_workers,  # type: ignore[arg-type]
+                 stochastic, noise, uniform)  # type: ignore[arg-type]
+
+
+def _abstain(body: dict[str, Any]) -> Abstain:
+    reason = body.get("reason")
+    if not isinstance(reason, str):
+        raise MessageError("an abstention's reason is a string")
+    clean = "".join(c if c.isprintable() else "?" for c in reason[:MAX_REASON])
+    return Abstain(_int(body, "sender", 1), clean)
 
 
 def _advert(body: dict[str, Any]) -> KeyAdvert:
@@ -269,7 +334,7 @@ def _reveal(body: dict[str, Any]) -> UnmaskReply:
 
 
 _DECODERS = {"begin": _begin, "peers": _peers, "forward": _forward, "unmask": _unmask,
-             "advert": _advert, "shares": _shares, "reveal": _reveal}
+             "advert": _advert, "shares": _shares, "reveal": _reveal, "abstain": _abstain}
 _KINDS: dict[str, Any] = {"begin": Begin, "peers": tuple, "forward": ForwardedShares,
                           "unmask": UnmaskRequest, "advert": KeyAdvert, "shares": ShareBundle,
-                          "reveal": UnmaskReply}
+                          "reveal": UnmaskReply, "abstain": Abstain}

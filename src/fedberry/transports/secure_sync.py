@@ -32,12 +32,15 @@ class SecureSync:
     """One secure update of a worker: ``answer(step)`` for each step the chief sends.
 
     ``arrays``: the weights after local training; ``reference``: the global model they were
-    trained from (the change between them is what is aggregated, float tensors only).
+    trained from (the change between them is what is aggregated, float tensors only);
+    ``num_samples``: what the worker reported, from which it weighs its own change.
     """
 
     def __init__(self, round_: int, arrays: Sequence[np.ndarray],
-                 reference: Sequence[np.ndarray]) -> None:
+                 reference: Sequence[np.ndarray], num_samples: float) -> None:
         self.round = round_
+        self.num_samples = float(num_samples)
+        self._you: int | None = None  # this worker's id in the round, once a begin named it
         floats = [(a, r) for a, r in zip(arrays, reference) if np.dtype(a.dtype).kind == "f"]
         self._change = (np.concatenate([(np.asarray(a, np.float64) - np.asarray(r, np.float64))
                                         .ravel() for a, r in floats]) if floats
@@ -45,6 +48,13 @@ class SecureSync:
         self._client: SecAggClient | None = None
         self._begin: wire.Begin | None = None
         self.done = False  # its part is over: revealed, or refused
+
+    def abstain(self, reason: str) -> SecAgg | None:
+        """The step that tells the chief this worker takes no further part (after a refusal),
+        so that the chief need not wait for the step's deadline; None before any begin."""
+        if self._you is None:
+            return None
+        return SecAgg(self.round, wire.Abstain(self._you, reason[:wire.MAX_REASON]))
 
     def answer(self, message: SecAgg) -> SecAgg | Masked | None:
         """The answer to one of the chief's steps (None: nothing to send). Raises
@@ -82,6 +92,7 @@ class SecureSync:
     def _start(self, begin: wire.Begin) -> SecAgg:
         if self._client is not None:
             raise MessageError("the secure round began twice")
+        self._you = begin.you
         config = begin.config
         if config.length != self._change.size:
             raise MessageError(f"the round aggregates {config.length} values; this worker's "
@@ -99,7 +110,7 @@ class SecureSync:
     def _encode(self, begin: wire.Begin) -> np.ndarray:
         """The change, clipped to the round's bound, weighted, noised (distributed DP), in
         the ring."""
-        x = clip_l2(self._change, begin.clip) * begin.weight
+        x = clip_l2(self._change, begin.clip) * begin.weight_of(self.num_samples)
         if begin.noise > 0:
             # This worker's share of the round's Gaussian noise: the survivors' shares sum to
             # at least the noise the accountant charges (privacy.dp_fedavg), and the chief

@@ -193,6 +193,7 @@ class TcpSession:
         self._downlink = "none"  # how the chief sends the model (its WELCOME says)
         self.dp_clip: float | None = None
         self.secure = False  # the chief aggregates securely (its WELCOME says)
+        self.require_secure = False  # refuse a chief that does not (Worker(require_secure_...))
         self._residual: list[np.ndarray] | None = None  # error feedback of a lossy codec
         self._hb_task: asyncio.Task[None] | None = None
         self._have: str | None = None
@@ -229,7 +230,8 @@ class TcpSession:
         if secure and self._reference is None:
             raise FederationError("this worker holds no global model to take its change from",
                                   "protocol")
-        steps = SecureSync(round_, arrays, self._reference or ()) if secure else None
+        steps = (SecureSync(round_, arrays, self._reference or (), num_samples) if secure
+                 else None)
         self._init_arrays = ()
         self._have = None
 
@@ -392,6 +394,12 @@ class TcpSession:
         welcome = await self._expect_soon(Welcome, "AUTH")  # its proof checked by the connection
         self._downlink = welcome.downlink
         self.dp_clip = welcome.dp_clip  # differential privacy's bound: Worker.sync clips to it
+        if self.require_secure and not welcome.secure:
+            proto.transport.abort()  # type: ignore[union-attr]
+            raise FederationError(f"this worker sends its updates only under secure "
+                                  f"aggregation (--require-secagg), and the chief at "
+                                  f"{self.host}:{self.port} does not aggregate securely: start "
+                                  "it with --secagg, or leave out --require-secagg", "secagg")
         if welcome.secure and not self.secure and self.codec.name != "none":
             log.info("worker %s: the chief aggregates securely: updates go masked in its ring, "
                      "not as %s", self.worker_id, self.codec.name)
@@ -545,7 +553,7 @@ class TcpSession:
             log.warning("worker %s: refusing the chief's secure step '%s': %s", self.worker_id,
                         event.step, exc)
             self.warnings.append(str(exc))
-            return
+            answer = steps.abstain(str(exc))
         if answer is not None and self._proto is not None:
             self._proto.send(answer)
 
