@@ -145,7 +145,7 @@ SPOILT = {
 def test_hostile_peers_are_refused_while_honest_workers_train(tmp_path: Path) -> None:
     rounds = 40
     with Cluster(tmp_path, sync_every=40) as c:
-        chief = c.chief("--workers", "2", "--rounds", str(rounds))
+        chief = c.chief("--workers", "2", "--rounds", str(rounds), "--finish-grace", "2")
         honest = [c.worker(i, 2) for i in (1, 2)]
         # A worker process with the wrong token, started with the honest ones (it takes as long
         # to start): refused, told why, no retrying.

@@ -132,6 +132,9 @@ def _add_chief_parser(sub: argparse._SubParsersAction) -> None:
                    help="quorum: a round may close at its deadline with this many updates")
     p.add_argument("--round-timeout", type=float, default=None,
                    help="seconds after which a round closes with the quorum")
+    p.add_argument("--finish-grace", type=float, default=30.0, metavar="S",
+                   help="seconds a finished chief waits for workers whose connection broke "
+                        "lately to reconnect and take the final model")
     p.add_argument("--strategy", default="fedavg", type=_strategy_text, metavar="NAME[:K=V,...]",
                    help=f"aggregation rule ({', '.join(sorted(STRATEGIES))}) with its "
                         "hyperparameters, e.g. fedadam:lr=0.05,tau=1e-4 or trimmed_mean:trim=1: "
@@ -393,6 +396,7 @@ def _run_chief(args: argparse.Namespace) -> int:
             return 0
         run_chief(listen=args.listen, workers=args.workers, rounds=args.rounds,
                   min_workers=args.min_workers, round_timeout=args.round_timeout,
+                  finish_grace=args.finish_grace,
                   strategy=args.strategy, initial=initial, evaluate=evaluate, out_dir=args.out,
                   checkpoint=checkpoint, resume=args.resume,
                   on_checkpoint_error=args.on_checkpoint_error, token=args.token,
