@@ -33,7 +33,10 @@ EXTRAS = ("torch", "keras", "jax", "tensorflow", "mpi4py", "matplotlib", "crypto
 FRAMEWORK_MODULES = {"fedberry.torch", "fedberry.keras", "fedberry.integrations.torch",
                      "fedberry.integrations.keras", "fedberry.demo.models",
                      "fedberry.lightning", "fedberry.integrations.lightning",
-                     "fedberry.status.prom"}
+                     "fedberry.status.prom",
+                     # A Flower App (ServerApp + ClientApp): only the Flower Python of the
+                     # secure-aggregation benchmark loads it, never fedberry itself.
+                     "fedberry.bench.flower_secagg_app"}
 
 
 def _all_modules() -> list[str]:
