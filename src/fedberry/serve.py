@@ -15,9 +15,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import dataclasses
-import errno
 import logging
-import socket
 import ssl
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -44,6 +42,7 @@ from fedberry.strategies import Strategy
 from fedberry.transports.local import LocalSession
 from fedberry.transports.loop import LoopThread
 from fedberry.transports.tcp import ListenOptions, TcpChief, parse_address
+from fedberry.transports.tcp.accept import listen_socket
 from fedberry.transports.tcp.stream import is_loopback
 
 log = logging.getLogger("fedberry.chief")
@@ -413,35 +412,6 @@ def serve(listen: str | None = "127.0.0.1:0", *, workers: int | None = None,
         handle._task = asyncio.run_coroutine_threadsafe(bind_and_wait(), io.loop)
         io.run(asyncio.sleep(0.01))
     return handle
-
-
-# What a failed bind means, said for the operator (errno -> the reason after the address).
-_BIND_REASONS = {
-    errno.EADDRINUSE: "address already in use (another chief?)",
-    errno.EADDRNOTAVAIL: "no interface of this machine has that address",
-    errno.EACCES: "permission denied (ports below 1024 need privileges)",
-}
-
-
-def listen_socket(host: str, port: int) -> socket.socket:
-    """A TCP socket bound to ``host:port`` (``SO_REUSEADDR``, not yet listening).
-
-    A host name that resolves to several addresses is bound at the first IPv4 one (else the
-    first), the address workers dialing ``127.0.0.1`` for ``localhost`` reach.
-
-    Raises
-    ------
-    OSError
-        The address cannot be bound; its text is one sentence, e.g. ``cannot listen on
-        127.0.0.1:7777: address already in use (another chief?)``, and ``errno`` is kept.
-    """
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-        family, *_, addr = next((i for i in infos if i[0] == socket.AF_INET), infos[0])
-        return socket.create_server(addr, family=family, backlog=512)
-    except OSError as exc:
-        reason = _BIND_REASONS.get(exc.errno or 0, (exc.strerror or str(exc)).lower())
-        raise OSError(exc.errno, f"cannot listen on {host}:{port}: {reason}") from None
 
 
 def run_chief(**kwargs: Any) -> ChiefHandle:

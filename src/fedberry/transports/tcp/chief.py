@@ -52,6 +52,12 @@ from fedberry.protocol.messages import (
 )
 from fedberry.protocol.spec import RETRIED_CODES
 from fedberry.transports.pacing import Pacer, Pacing
+from fedberry.transports.tcp.accept import (
+    BASE_DESCRIPTORS,
+    Acceptor,
+    ensure_descriptors,
+    listen_socket,
+)
 from fedberry.transports.tcp.announce import listening_line
 from fedberry.transports.tcp.stream import _FrameWriter, is_loopback
 
@@ -80,6 +86,9 @@ class ListenOptions:
     bind_worker_id: bool = True
     insecure: bool = False  # allow plain TCP / no token beyond loopback
     max_connections: int = 256
+    # Refused connections still sending their one ERROR frame. With max_connections this is
+    # every socket the chief holds: past it, it stops accepting until some close (tcp.accept).
+    max_refusing: int = 64
     # Handshakes in flight from one address. Workers behind one home router share an address,
     # but each handshakes in milliseconds; this keeps one address from holding the whole cap.
     # Connections whose answer to AUTH is held back (the auth delay) do not count: a storm of
@@ -413,6 +422,7 @@ class _ChiefConnection(_FrameWriter, asyncio.BufferedProtocol):
         self.closed = True
         self._free_memory()
         self.listener.connections.discard(self)
+        self.listener.released()
         self._leave()
 
     def _leave(self) -> None:
@@ -717,7 +727,8 @@ class TcpChief:
         self._recent_failures: deque[float] = deque(
             maxlen=max(1, self.options.auth_failures_global))
         self.refusals = RefusalLog(self.options.refusal_log_interval)
-        self._aserver: asyncio.base_events.Server | None = None
+        self._acceptor: Acceptor | None = None
+        self._attaching: set[asyncio.Task[object]] = set()
         self._sweeper: asyncio.Future[None] | None = None
         self._check_exposure()
 
@@ -746,26 +757,48 @@ class TcpChief:
 
     async def start(self) -> tuple[str, int]:
         self.server.bind_loop()
-        loop = asyncio.get_running_loop()
-        # No ssl= here: each connection is admitted first, then upgraded with start_tls.
-        if self._sock is not None:
-            self._aserver = await loop.create_server(
-                lambda: _ChiefConnection(self), sock=self._sock, backlog=512)
-        else:
-            self._aserver = await loop.create_server(
-                lambda: _ChiefConnection(self), self.host, self.port,
-                reuse_address=True, backlog=512)
-        sock = self._aserver.sockets[0].getsockname()
-        self.port = sock[1]
+        # No TLS at accept: each connection is admitted first, then upgraded with start_tls.
+        sock = self._sock if self._sock is not None else listen_socket(self.host, self.port)
         o = self.options
-        log.info("%s", listening_line(sock[0], sock[1], tls=o.ssl_context is not None,
+        # Admitted connections, plus the refused ones still sending their ERROR frame.
+        limit = o.max_connections + o.max_refusing
+        ensure_descriptors(limit + BASE_DESCRIPTORS)
+        self._acceptor = Acceptor(sock, self._attach, limit)
+        self._acceptor.start()
+        name = sock.getsockname()
+        self.port = name[1]
+        log.info("%s", listening_line(name[0], name[1], tls=o.ssl_context is not None,
                                       token=bool(o.token), client_certs=o.require_client_cert))
         self._sweeper = asyncio.ensure_future(self._sweep())
-        return sock[0], sock[1]
+        return name[0], name[1]
+
+    @property
+    def listening_socket(self) -> socket.socket | None:
+        """The socket workers connect to (None before :meth:`start`)."""
+        return None if self._acceptor is None else self._acceptor.sock
+
+    def _attach(self, sock: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        conn = _ChiefConnection(self)
+        task = loop.create_task(loop.connect_accepted_socket(lambda: conn, sock))
+        self._attaching.add(task)
+        task.add_done_callback(lambda t: self._attached(t, sock, conn))
+
+    def _attached(self, task: asyncio.Task[object], sock: socket.socket,
+                  conn: _ChiefConnection) -> None:
+        self._attaching.discard(task)
+        if task.cancelled() or task.exception() is not None:
+            sock.close()  # no transport was made: the connection never started
+            conn._gone()
+
+    def released(self) -> None:
+        """An accepted socket has closed (called once per connection)."""
+        if self._acceptor is not None:
+            self._acceptor.release()
 
     async def serve(self) -> None:
         """Serve until the chief has finished, then close everything."""
-        if self._aserver is None:
+        if self._acceptor is None:
             await self.start()
         try:
             await self.server.wait_finished()
@@ -775,16 +808,13 @@ class TcpChief:
     async def stop(self) -> None:
         if self._sweeper is not None:
             self._sweeper.cancel()
-        if self._aserver is not None:
-            self._aserver.close()
+        if self._acceptor is not None:
+            self._acceptor.close()
+        for task in list(self._attaching):
+            task.cancel()
         for conn in list(self.connections):
             conn.close()
         await asyncio.sleep(0)
-        if self._aserver is not None:
-            try:
-                await asyncio.wait_for(self._aserver.wait_closed(), 5)
-            except asyncio.TimeoutError:
-                pass
 
     # -- admission ---------------------------------------------------------------------------
     def admit(self, conn: _ChiefConnection) -> bool:
