@@ -32,9 +32,11 @@ def test_swarm_runs_full_rounds() -> None:
     assert res["chief_cpu_ms_per_update"] > 0
 
 
-def test_chief_receive_buffer_bounds_each_connection() -> None:
+@pytest.mark.parametrize("how", ["listen_options", "serve"])
+def test_chief_receive_buffer_bounds_each_connection(how: str) -> None:
     """ListenOptions.receive_buffer (found by the swarm: waiting updates filled the chief's
-    autotuned socket buffers) sets SO_RCVBUF on every accepted connection."""
+    autotuned socket buffers) sets SO_RCVBUF on every accepted connection; serve()'s
+    receive_buffer (and --receive-buffer) takes a size with a unit."""
     import socket
     import threading
 
@@ -45,8 +47,10 @@ def test_chief_receive_buffer_bounds_each_connection() -> None:
     from fedberry.worker import Worker
 
     init = [np.zeros(1000, np.float32)]
+    opts: dict = ({"listen_options": ListenOptions(receive_buffer=16384)}
+                  if how == "listen_options" else {"receive_buffer": "16KiB"})
     handle = serve("127.0.0.1:0", workers=1, rounds=1, initial=init, token="t" * 32,
-                   listen_options=ListenOptions(receive_buffer=16384), finish_grace=0.5)
+                   finish_grace=0.5, **opts)
     sizes: list[int] = []
     joined = threading.Event()
 

@@ -178,6 +178,10 @@ def _add_chief_parser(sub: argparse._SubParsersAction) -> None:
                    help="how much of the updates is read at once, all workers together (at "
                         "least one update), with a unit: 64MiB, 1GiB (as serve()'s "
                         "receive_memory); others wait their turn in their sockets")
+    p.add_argument("--receive-buffer", type=_size_text, default=None, metavar="SIZE",
+                   help="each connection's kernel receive buffer (SO_RCVBUF), with a unit: "
+                        "256KiB (default: the kernel's autotuning). Waiting workers fill "
+                        "theirs: with many workers, workers x SIZE is kernel memory")
     p.add_argument("--max-samples", type=float, default=DEFAULT_MAX_SAMPLES, metavar="N",
                    help="refuse updates claiming more samples than this (default 1e9, which "
                         "no real shard reaches; docs/security.md)")
@@ -406,6 +410,7 @@ def _run_chief(args: argparse.Namespace) -> int:
                   update_deadline=args.update_deadline,
                   run_config=run_config, on_round=show, downlink=args.downlink,
                   receive_memory=_receive_memory(args.receive_memory),
+                  receive_buffer=args.receive_buffer,
                   max_samples=args.max_samples,
                   max_update_norm=args.max_update_norm, update_norm_mode=args.update_norm_mode,
                   status=args.status, status_token=args.status_token,

@@ -82,6 +82,11 @@ class Listening:
         worker is dropped with a sentence and the round goes on. None: 600 s
         (``ListenOptions.update_deadline``). A trickler is stopped sooner by the rate floor,
         ``ListenOptions.min_update_rate`` (8 KiB/s after a 10 s grace).
+    receive_buffer : int or str or None
+        Each connection's kernel receive buffer (``SO_RCVBUF``), as ``receive_memory`` (bytes
+        or a size with a unit). None: the kernel's autotuning. A worker waiting its turn still
+        fills its socket's buffer: with many workers of a large model, set this so that
+        workers x buffer fits the chief's memory (docs/benchmarks.md, the swarm).
     """
 
     token: str | None = None
@@ -95,6 +100,7 @@ class Listening:
     handshake_timeout: float = 15.0
     receive_memory: int | str = 64 << 20
     update_deadline: float | None = None
+    receive_buffer: int | str | None = None
 
 
 _GROUPS: dict[str, type] = {f.name: cls for cls in (Listening, RoundPolicy, OutputOptions,
@@ -381,13 +387,16 @@ def serve(listen: str | None = "127.0.0.1:0", *, workers: int | None = None,
         tcp = None
         if listen:
             host, port = parse_address(listen)
+            base = listen_options or ListenOptions()
             tcp = TcpChief(server, host, port, sock=sock, options=dataclasses.replace(
-                listen_options or ListenOptions(), token=token, ssl_context=ctx,
+                base, token=token, ssl_context=ctx,
                 require_client_cert=bool(lis.tls_cert and lis.client_ca), insecure=lis.insecure,
                 max_connections=lis.max_connections, idle_timeout=lis.idle_timeout,
                 handshake_timeout=lis.handshake_timeout,
                 receive_memory=parse_size(lis.receive_memory),
-                update_deadline=lis.update_deadline))
+                update_deadline=lis.update_deadline,
+                receive_buffer=(base.receive_buffer if lis.receive_buffer is None
+                                else parse_size(lis.receive_buffer))))
     except BaseException:
         for s in (sock, status_sock):
             if s is not None:
