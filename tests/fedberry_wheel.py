@@ -10,6 +10,7 @@ from __future__ import annotations
 import atexit
 import functools
 import importlib.util
+import re
 import shutil
 import subprocess
 import sys
@@ -18,20 +19,29 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 # What the build reads: pyproject.toml names README.md as the long description.
-_SOURCES = ("pyproject.toml", "README.md", "src")
+_SOURCES = ("pyproject.toml", "README.md", "LICENSE", "src")
 _IGNORE = shutil.ignore_patterns("__pycache__", "*.egg-info", "*.pyc")
 
 
+def _needed() -> int:
+    """The major version of setuptools pyproject.toml's build-system requires."""
+    text = (ROOT / "pyproject.toml").read_text()
+    found = re.search(r'"setuptools>=([0-9]+)', text)
+    assert found, "pyproject.toml's [build-system] names no setuptools>=N"
+    return int(found.group(1))
+
+
 def _setuptools_is_enough() -> bool:
-    """Whether this Python can build without fetching a build backend: pyproject's
-    ``setuptools>=64`` is installed. Then pip builds with ``--no-build-isolation`` (offline,
-    seconds); else pip fetches setuptools into an isolated build environment as usual."""
+    """Whether this Python can build without fetching a build backend: the setuptools that
+    pyproject's ``[build-system]`` requires is installed. Then pip builds with
+    ``--no-build-isolation`` (offline, seconds); else pip fetches setuptools into an isolated
+    build environment as usual."""
     if importlib.util.find_spec("setuptools") is None:
         return False
     out = subprocess.run([sys.executable, "-c", "import setuptools; print(setuptools.__version__)"],
                          capture_output=True, text=True, timeout=60)
     try:
-        return out.returncode == 0 and int(out.stdout.strip().split(".")[0]) >= 64
+        return out.returncode == 0 and int(out.stdout.strip().split(".")[0]) >= _needed()
     except ValueError:
         return False
 
