@@ -743,3 +743,52 @@ def test_an_unknown_key_in_an_mpi_address_is_refused_with_the_known_ones():
         MpiChiefOptions.from_address("mpi://?round=3")
     assert query("mpi://?rounds=3&timeout=5") == {"rounds": "3", "timeout": "5"}
     assert MpiChiefOptions.from_address("mpi://?save_every=3&out=o").save_every == 3
+
+
+@needs_mpiexec
+def test_the_status_server_watches_an_mpi_chief(tmp_path):
+    """`fedberry chief --listen mpi:// --status`: rank 0's runtime is the one a TCP chief runs,
+    so the status server serves it the same way; /metrics counts the rounds metrics.jsonl has
+    while the job runs, and /api/status shows the training ranks as one worker, "mpi"."""
+    pytest.importorskip("prometheus_client")
+    import urllib.request
+
+    from fedberry.serve import listen_socket
+
+    probe = listen_socket("127.0.0.1", 0)
+    port = probe.getsockname()[1]
+    probe.close()
+    url = f"http://127.0.0.1:{port}/"
+    launch = subprocess.Popen(chief_and_workers(tmp_path, 0.5, "--status", f"127.0.0.1:{port}"),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              env=fedberry_env(), start_new_session=True)
+    seen: dict = {}
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and launch.poll() is None:
+            try:
+                with urllib.request.urlopen(url + "api/status", timeout=2) as r:
+                    s = json.loads(r.read())
+                with urllib.request.urlopen(url + "metrics", timeout=2) as r:
+                    metrics = r.read().decode()
+            except OSError:
+                time.sleep(0.1)
+                continue
+            if 2 <= s["round"] < RESUME_ROUNDS:
+                seen = {"status": s, "metrics": metrics}
+                break
+            time.sleep(0.1)
+        out, _ = launch.communicate(timeout=60)
+    finally:
+        stop_launch(launch, grace=5)
+    assert launch.returncode == 0, out
+    assert seen, f"the status server never showed a round in progress:\n{out}"
+    s = seen["status"]
+    assert s["rounds"] == RESUME_ROUNDS
+    assert [w["worker_id"] for w in s["workers"]] == ["mpi"]
+    assert [h["round"] for h in s["history"]] == list(range(1, s["round"] + 1))
+    rounds_total = next(float(x.split()[-1]) for x in seen["metrics"].splitlines()
+                        if x.startswith("fedberry_rounds_total"))
+    assert rounds_total >= s["round"] >= 2
+    assert len(read(tmp_path / "metrics.jsonl")) == RESUME_ROUNDS
+    assert f"status page at http://127.0.0.1:{port}/" in out

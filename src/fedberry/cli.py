@@ -378,22 +378,39 @@ def _run_chief(args: argparse.Namespace) -> int:
                 raise ValueError("--round-config, --sample, --fraction and --evaluate-every "
                                  "work with TCP and in-process workers, not under MPI (its "
                                  "rounds are one Allreduce of every rank); see docs/fleet.md")
+            from fedberry.serve import open_status
             from fedberry.transports.mpi import run_mpi_chief
             from fedberry.transports.mpi_chief import MPI_SECAGG_REFUSED
 
             if args.secagg is not None:
                 raise ValueError(MPI_SECAGG_REFUSED)
 
-            if args.status:
-                raise ValueError("--status serves a TCP chief; it is not available under mpi://")
-            run_mpi_chief(rounds=args.rounds, strategy=args.strategy, initial=initial,
-                          evaluate=evaluate, out_dir=args.out, checkpoint=checkpoint,
-                          resume=args.resume, workers=args.workers, run_config=run_config,
-                          on_round=show, on_checkpoint_error=args.on_checkpoint_error,
-                          admission=AdmissionPolicy(max_samples=args.max_samples,
-                                                    max_update_norm=args.max_update_norm,
-                                                    update_norm_mode=args.update_norm_mode),
-                          dp=dp, save_every=args.save_every)
+            # The status server watches rank 0's runtime as it watches a TCP chief's: the
+            # training ranks are its one worker, "mpi" (their rounds are one collective).
+            status = (open_status(args.status, args.status_token, args.status_token_file,
+                                  args.tls_cert, args.tls_key, args.insecure, None)
+                      if args.status else None)
+            watching: list[Any] = []
+
+            def watch(server: Any) -> None:
+                if status is not None:
+                    watching.append(status.start(server, args.rounds, 1,
+                                                 private=dp is not None))
+
+            try:
+                run_mpi_chief(rounds=args.rounds, strategy=args.strategy, initial=initial,
+                              evaluate=evaluate, out_dir=args.out, checkpoint=checkpoint,
+                              resume=args.resume, workers=args.workers, run_config=run_config,
+                              on_round=show, on_checkpoint_error=args.on_checkpoint_error,
+                              admission=AdmissionPolicy(max_samples=args.max_samples,
+                                                        max_update_norm=args.max_update_norm,
+                                                        update_norm_mode=args.update_norm_mode),
+                              dp=dp, save_every=args.save_every, on_server=watch)
+            finally:
+                for w in watching:
+                    w.stop()
+                if status is not None and not watching:
+                    status.sock.close()
             if dp is not None:
                 print(_dp_summary(dp, records), flush=True)
             print_model_line(args.out, started)

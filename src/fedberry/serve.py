@@ -16,6 +16,7 @@ import asyncio
 import concurrent.futures
 import dataclasses
 import logging
+import socket
 import ssl
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -363,17 +364,10 @@ def serve(listen: str | None = "127.0.0.1:0", *, workers: int | None = None,
     elif listen and lis.client_ca:
         raise ValueError("--client-ca needs TLS: give --tls-cert and --tls-key too")
     token = resolve_token(lis.token, lis.token_file) if listen or status else None
-    status_sock = status_ctx = reader_token = None
-    if status:  # refused here, with a sentence, before any port is taken or file made
-        require_extra()
-        s_host, s_port = parse_address(status)
-        # Loopback: open to this machine, like any local port (the page then needs no token).
-        reader_token = None if is_loopback(s_host) else resolve_token(
-            status_token, status_token_file, env=STATUS_TOKEN_ENV)
-        check_exposure(s_host, is_loopback(s_host), reader_token, bool(lis.tls_cert),
-                       lis.insecure, worker_token=token)
-        status_ctx = server_context(lis.tls_cert, lis.tls_key, None) if lis.tls_cert else None
-        status_sock = listen_socket(s_host, s_port)
+    # Refused here, with a sentence, before any port is taken or file made.
+    opened = open_status(status, status_token, status_token_file, lis.tls_cert, lis.tls_key,
+                         lis.insecure, token) if status else None
+    status_sock = opened.sock if opened is not None else None
     try:
         sock = listen_socket(*parse_address(listen)) if listen else None
     except BaseException:
@@ -404,11 +398,8 @@ def serve(listen: str | None = "127.0.0.1:0", *, workers: int | None = None,
         raise
     io = LoopThread("fedberry-chief")
     handle = ChiefHandle(server, io)
-    if status_sock is not None:  # before any worker can join: the board sees every event
-        board = StatusBoard(pol.rounds, server.chief.round, pol.workers, private=dp is not None)
-        handle.status = StatusServer(status_sock, server.events, board, reader_token,
-                                     status_ctx)
-        log.info("status page at %s", handle.status.url)
+    if opened is not None:  # before any worker can join: the board sees every event
+        handle.status = opened.start(server, pol.rounds, pol.workers, private=dp is not None)
     if tcp is not None:
         handle.tcp = tcp
         handle.address = io.run(tcp.start(), 30)
@@ -421,6 +412,49 @@ def serve(listen: str | None = "127.0.0.1:0", *, workers: int | None = None,
         handle._task = asyncio.run_coroutine_threadsafe(bind_and_wait(), io.loop)
         io.run(asyncio.sleep(0.01))
     return handle
+
+
+@dataclasses.dataclass
+class OpenedStatus:
+    """The status server's socket, bound and checked, waiting for the runtime it shows."""
+
+    sock: socket.socket
+    ssl_context: ssl.SSLContext | None
+    reader_token: str | None
+
+    def start(self, server: ChiefServer, rounds: int | None, workers: int, *,
+              private: bool) -> StatusServer:
+        """Serve the page, ``/api/status`` and ``/metrics`` of ``server``'s events. Call it
+        before any worker can join, so that the board sees every event."""
+        board = StatusBoard(rounds, server.chief.round, workers, private=private)
+        status = StatusServer(self.sock, server.events, board, self.reader_token,
+                              self.ssl_context)
+        log.info("status page at %s", status.url)
+        return status
+
+
+def open_status(address: str, status_token: str | None, status_token_file: str | None,
+                tls_cert: str | None, tls_key: str | None, insecure: bool,
+                worker_token: str | None) -> OpenedStatus:
+    """Check and bind the status server's ``HOST:PORT`` (the ``status`` extra): the one rule
+    for every chief, TCP or MPI rank 0. Loopback is open to this machine, like any local port;
+    beyond it the page needs a read-only token (a bearer header) and TLS or ``insecure``.
+
+    Raises
+    ------
+    ValueError
+        The extra is missing, or the exposure is refused (``status.check_exposure``'s sentence).
+    OSError
+        The address cannot be bound.
+    """
+    require_extra()
+    s_host, s_port = parse_address(address)
+    reader_token = None if is_loopback(s_host) else resolve_token(
+        status_token, status_token_file, env=STATUS_TOKEN_ENV)
+    check_exposure(s_host, is_loopback(s_host), reader_token, bool(tls_cert), insecure,
+                   worker_token=worker_token)
+    ctx = server_context(tls_cert, tls_key, None) if tls_cert else None
+    return OpenedStatus(listen_socket(s_host, s_port), ctx, reader_token)
 
 
 def run_chief(**kwargs: Any) -> ChiefHandle:

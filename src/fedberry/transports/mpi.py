@@ -83,6 +83,7 @@ import numpy as np
 
 from fedberry.chief.admission import AdmissionPolicy, update_weight
 from fedberry.chief.model_file import DEFAULT_SAVE_EVERY
+from fedberry.chief.runtime import ChiefServer
 from fedberry.chief.state import non_finite
 from fedberry.errors import FederationError, ModelMismatchError
 from fedberry.protocol.frames import (
@@ -439,7 +440,9 @@ def run_mpi_chief(*, rounds: int | None = None, strategy: str | Strategy = "feda
                   workers: int | None = None, timeout: float | None = None,
                   comm: Any = None, on_checkpoint_error: str = "stop",
                   admission: AdmissionPolicy | None = None,
-                  dp: Any = None, save_every: int = DEFAULT_SAVE_EVERY) -> list[dict[str, Any]]:
+                  dp: Any = None, save_every: int = DEFAULT_SAVE_EVERY,
+                  on_server: Callable[[ChiefServer], None] | None = None,
+                  ) -> list[dict[str, Any]]:
     """Rank 0 as a pure aggregator (weight 0) until the run is done.
 
     Call it on rank 0 only; the other ranks run ``Worker(chief="mpi://")``. The parameters are
@@ -455,7 +458,8 @@ def run_mpi_chief(*, rounds: int | None = None, strategy: str | Strategy = "feda
                            checkpoint=str(checkpoint) if checkpoint else None, resume=resume,
                            initial=initial, run_config=run_config or {}, on_round=on_round,
                            workers=workers, on_checkpoint_error=on_checkpoint_error,
-                           admission=admission, dp=dp, save_every=save_every)
+                           admission=admission, dp=dp, save_every=save_every,
+                           on_server=on_server)
     session = MpiSession(comm=comm, chief=opts, trains=False, timeout=timeout)
     if session.rank != 0:
         raise FederationError("run_mpi_chief() is for rank 0; other ranks are workers")

@@ -63,6 +63,9 @@ class MpiChiefOptions:
     dp: DPConfig | str | None = None
     # Rounds between the model files written to out/model.safetensors (0: only at the end).
     save_every: int = DEFAULT_SAVE_EVERY
+    # Called once with the runtime, before the ranks attach: what watches its events (the
+    # status server, which lives above the transports) subscribes here.
+    on_server: Callable[[ChiefServer], None] | None = None
 
     @classmethod
     def from_address(cls, address: str) -> MpiChiefOptions:
@@ -187,6 +190,8 @@ class RankZeroChief:
         self.chief = self.server.chief
         self.expected = opts.workers
         self.peer = _CollectivePeer()
+        if opts.on_server is not None:
+            opts.on_server(self.server)
 
     @property
     def initial(self) -> list[np.ndarray] | None:
