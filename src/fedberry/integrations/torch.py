@@ -47,7 +47,8 @@ def set_arrays(model: torch.nn.Module, arrays: Sequence[np.ndarray]) -> None:
 
     Everything is checked before anything is written, so a bad update leaves the model intact.
     Raises ValueError on a count, shape or dtype (must be float32) mismatch, naming the tensor.
-    Read-only arrays, such as views on a received frame, are fine.
+    Read-only arrays, such as views on a received frame, are fine. An integer entry (BatchNorm's
+    ``num_batches_tracked``) is rounded to the nearest integer, not truncated.
     """
     state = model.state_dict()
     if len(arrays) != len(state):
@@ -61,7 +62,13 @@ def set_arrays(model: torch.nn.Module, arrays: Sequence[np.ndarray]) -> None:
     with torch.no_grad():
         for tensor, a in zip(state.values(), arrays, strict=True):
             # torch.tensor copies, so a read-only source is fine (from_numpy would warn).
-            tensor.copy_(torch.tensor(a))
+            source = torch.tensor(a)
+            if not (tensor.is_floating_point() or tensor.is_complex()):
+                # get_arrays sends integer buffers as float32, and their average comes back off
+                # the integer: by secure aggregation's fixed-point step (2 - 2.4e-7), or as a
+                # weighted mean. copy_ would truncate 1.9999998 to 1.
+                source = source.round()
+            tensor.copy_(source)
 
 
 class ModelFederation:
