@@ -308,14 +308,18 @@ class Chief:
                     *self._give([worker_id])]
         if self.secure is not None:
             return self._report(worker_id, round_, num_samples, metrics, now)
-        refusal = self.admission.admit(worker_id, num_samples, arrays, stands_for=stands_for)
+        # The relative sample bound (admission.cap_samples): the count it is weighed by.
+        samples = self.admission.cap_samples(worker_id, num_samples, stands_for)
+        refusal = self.admission.admit(worker_id, num_samples, arrays, stands_for=stands_for,
+                                       weigh_as=samples)
         if refusal:
             self._refused.add(worker_id)
             self._waiting.add(worker_id)
             return [SendError(worker_id, refusal.code, refusal.message, refusal.fatal),
                     *self._maybe_close(now)]
-        spare = self.strategy.add(arrays, self.admission.weight(num_samples, stands_for))
-        self._counts(worker_id, round_, num_samples, metrics)
+        spare = self.strategy.add(arrays, self.admission.weight(samples, stands_for))
+        self.admission.remember(worker_id, num_samples, stands_for)
+        self._counts(worker_id, round_, samples, metrics)
         actions = self._maybe_close(now)
         if spare:  # a strategy of before returned None
             actions.append(Recycle(list(spare)))
@@ -384,9 +388,12 @@ class Chief:
             return [SendError(worker_id, ErrorCode.STALE, f"round {round_ + 1}'s secure "
                               "aggregation began without this worker; its update is not "
                               "counted, the newest model follows", False)]
-        self._ready[worker_id] = self.admission.weight(num_samples)
-        self._ready_samples[worker_id] = num_samples
-        self._counts(worker_id, round_, num_samples, metrics)
+        # Capped before the secure round: its weights (wire.weight_of) follow the capped counts.
+        samples = self.admission.cap_samples(worker_id, num_samples)
+        self.admission.remember(worker_id, num_samples)
+        self._ready[worker_id] = self.admission.weight(samples)
+        self._ready_samples[worker_id] = samples
+        self._counts(worker_id, round_, samples, metrics)
         return self._maybe_close(now)
 
     def _counts(self, worker_id: str, round_: int, num_samples: float,
