@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 import fedberry
-from fedberry.chief.admission import Admission, AdmissionPolicy
+from fedberry.chief.admission import CLAIMS_KEPT, Admission, AdmissionPolicy
 from fedberry.chief.build import OutputOptions, RoundPolicy, build_chief_server
 from fedberry.chief.scheduler import BlockingScheduler
 from fedberry.chief.state import Chief, ChiefConfig
@@ -36,17 +36,21 @@ def _values(i: int) -> np.ndarray:
     return np.array([i + 1, -2 * i, 3, i * i], np.float32)
 
 
-def _run(claims: list[float], **options: object) -> tuple[list[list[np.ndarray]], list[dict]]:
+def _run(claims: list[float], in_process: bool = False,
+         **options: object) -> tuple[list[list[np.ndarray]], list[dict]]:
     """A run of ``ROUNDS`` rounds, worker ``i`` sending ``_values(i)`` with ``claims[i]``
-    samples each round; what each worker got back, round by round, and the metrics lines."""
-    handle = fedberry.serve("127.0.0.1:0", workers=len(claims), rounds=ROUNDS, token=TOKEN,
-                            initial=[np.zeros(DIM, np.float32)], **options)
+    samples each round; what each worker got back, round by round, and the metrics lines.
+    Workers are TCP connections over loopback, or ``in_process`` ones (``Worker(handle)``)."""
+    handle = fedberry.serve(None if in_process else "127.0.0.1:0", workers=len(claims),
+                            rounds=ROUNDS, token=TOKEN, initial=[np.zeros(DIM, np.float32)],
+                            **options)
     got: dict[int, list[np.ndarray]] = {}
     errors: list[BaseException] = []
 
     def work(i: int) -> None:
         try:
-            w = fedberry.Worker(handle.url, token=TOKEN, worker_id=f"w{i}")
+            w = (fedberry.Worker(handle, worker_id=f"w{i}") if in_process else
+                 fedberry.Worker(handle.url, token=TOKEN, worker_id=f"w{i}"))
             w.join([np.zeros(DIM, np.float32)])
             got[i] = [w.sync([_values(i)], claims[i])[0] for _ in range(ROUNDS)]
             w.close()
@@ -85,13 +89,14 @@ HONEST = [1024, 1024, 2048]
 LIAR = 2 ** 26  # 6.7e7: within max_samples (1e9), and 16,000x each honest claim
 
 
-def test_a_liars_weight_is_clamped_to_r_times_the_median_claim(caplog):
+@pytest.mark.parametrize("in_process", [False, True], ids=["tcp", "in-process"])
+def test_a_liars_weight_is_clamped_to_r_times_the_median_claim(caplog, in_process):
     # Round 1 has no history: the absolute bound alone, and the liar holds 99.99 % of it.
     # From round 2 on its weight is R x the lower median of {1024, 1024, 2048, 2**26}: with
     # R = 4 (near-equal shards), 4096, half of the round instead of all of it.
     claims = [*HONEST, LIAR]
     with caplog.at_level(logging.WARNING, logger="fedberry.chief"):
-        got, metrics = _run(claims, max_sample_ratio=4)
+        got, metrics = _run(claims, in_process, max_sample_ratio=4)
     capped = _exact([*HONEST, 4096])
     for g in got:
         np.testing.assert_allclose(g[0], _mean(claims), rtol=1e-6)
@@ -211,6 +216,16 @@ def test_the_mpi_combined_update_is_the_total_and_is_never_capped():
     admission.begin_round(MODEL)
     assert admission.cap_samples("x", 1e6, stands_for=4) == 1e6  # a combined update: as is
     assert admission.cap_samples("x", 1e6) == 100.0
+
+
+def test_the_claims_remembered_are_bounded():
+    admission = Admission()
+    for i in range(CLAIMS_KEPT + 5):
+        admission.remember(f"w{i}", float(i))
+    assert len(admission._claims) == CLAIMS_KEPT
+    assert "w4" not in admission._claims and "w5" in admission._claims  # the oldest go
+    admission.remember("w5", 7.0)  # heard again: the newest now, with its latest claim
+    assert list(admission._claims.items())[-1] == ("w5", 7.0)
 
 
 def test_the_option_is_checked_recorded_and_on_the_command_line():
