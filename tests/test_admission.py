@@ -72,7 +72,8 @@ def test_policy_checks_its_options(kwargs, match):
 def test_default_bound_and_record():
     assert AdmissionPolicy().max_samples == DEFAULT_MAX_SAMPLES == 1e9
     assert AdmissionPolicy(max_update_norm=2.0, update_norm_mode="refuse").record() == {
-        "max_samples": 1e9, "max_update_norm": 2.0, "update_norm_mode": "refuse"}
+        "max_samples": 1e9, "max_update_norm": 2.0, "update_norm_mode": "refuse",
+        "max_sample_ratio": 100.0}
 
 
 # -- refusals, each with its sentence --------------------------------------------------------
@@ -337,7 +338,8 @@ def test_serve_takes_the_options_and_records_them(tmp_path: Path):
     finally:
         handle.stop()
     assert read_run_info(tmp_path)["config"]["admission"] == {
-        "max_samples": 1e6, "max_update_norm": 2.0, "update_norm_mode": "refuse"}
+        "max_samples": 1e6, "max_update_norm": 2.0, "update_norm_mode": "refuse",
+        "max_sample_ratio": 100.0}
 
 
 def test_chief_command_has_the_options():

@@ -106,9 +106,12 @@ def test_a_poisson_draw_of_nobody_closes_the_round_unchanged():
         sent |= _sent(chief.tick(now))
     assert chief.round == first and now == first and sent == set(chief.sampled)
     np.testing.assert_array_equal(chief.global_arrays[0], MODEL[0])
-    # With a round timeout, an empty round lasts as long as a round may.
+    # Before any round with workers: a second, at most the round timeout (not the timeout
+    # itself: tests/test_empty_round.py).
     timed, _ = _chief(2, workers=2, rounds=30, round_timeout=7.0, sampling=policy)
-    assert timed.round == 1 and timed.wake_at == 7.0
+    assert timed.round == 1 and timed.wake_at == 1.0
+    short, _ = _chief(2, workers=2, rounds=30, round_timeout=0.5, sampling=policy)
+    assert short.round == 1 and short.wake_at == 0.5
 
 
 def test_a_run_that_draws_nobody_writes_a_line_a_second_not_a_flood(tmp_path):

@@ -16,7 +16,12 @@ from pathlib import Path
 from typing import Any
 
 from fedberry import __version__
-from fedberry.chief.admission import DEFAULT_MAX_SAMPLES, NORM_MODES, AdmissionPolicy
+from fedberry.chief.admission import (
+    DEFAULT_MAX_SAMPLE_RATIO,
+    DEFAULT_MAX_SAMPLES,
+    NORM_MODES,
+    AdmissionPolicy,
+)
 from fedberry.chief.model_file import DEFAULT_SAVE_EVERY, FILE_NAME
 from fedberry.chief.round_config import parse_schedule
 from fedberry.cli_config import add_config_options, parse_args
@@ -185,6 +190,11 @@ def _add_chief_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-samples", type=float, default=DEFAULT_MAX_SAMPLES, metavar="N",
                    help="refuse updates claiming more samples than this (default 1e9, which "
                         "no real shard reaches; docs/security.md)")
+    p.add_argument("--max-sample-ratio", type=_ratio_text, default=DEFAULT_MAX_SAMPLE_RATIO,
+                   metavar="R",
+                   help="from round 2 on, weigh a claim above R x the median sample count of "
+                        "earlier rounds as that cap, with a log line (default 100; 'none': no "
+                        "relative bound; docs/security.md)")
     p.add_argument("--max-update-norm", type=float, default=None, metavar="BOUND",
                    help="bound on the L2 norm of each update's change from the global model "
                         "(default: none)")
@@ -238,6 +248,16 @@ def _add_dp_options(p: argparse.ArgumentParser) -> None:
                         "...; e.g. --dp clip=1.0,noise=1.1,delta=1e-5 (docs/privacy.md)")
     p.add_argument("--target-epsilon", type=float, default=None, metavar="EPS",
                    help="with --dp: stop at the last round whose epsilon is within EPS")
+
+
+def _ratio_text(text: str) -> float | None:
+    """``--max-sample-ratio``: a number >= 1, or ``none`` (no relative bound)."""
+    if text.strip().lower() == "none":
+        return None
+    try:
+        return AdmissionPolicy(max_sample_ratio=float(text)).max_sample_ratio
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _secagg_text(text: str) -> str:
@@ -404,7 +424,8 @@ def _run_chief(args: argparse.Namespace) -> int:
                               on_round=show, on_checkpoint_error=args.on_checkpoint_error,
                               admission=AdmissionPolicy(max_samples=args.max_samples,
                                                         max_update_norm=args.max_update_norm,
-                                                        update_norm_mode=args.update_norm_mode),
+                                                        update_norm_mode=args.update_norm_mode,
+                                                        max_sample_ratio=args.max_sample_ratio),
                               dp=dp, save_every=args.save_every, on_server=watch)
             finally:
                 for w in watching:
@@ -428,7 +449,7 @@ def _run_chief(args: argparse.Namespace) -> int:
                   run_config=run_config, on_round=show, downlink=args.downlink,
                   receive_memory=_receive_memory(args.receive_memory),
                   receive_buffer=args.receive_buffer,
-                  max_samples=args.max_samples,
+                  max_samples=args.max_samples, max_sample_ratio=args.max_sample_ratio,
                   max_update_norm=args.max_update_norm, update_norm_mode=args.update_norm_mode,
                   status=args.status, status_token=args.status_token,
                   status_token_file=args.status_token_file, dp=dp, save_every=args.save_every,

@@ -265,8 +265,10 @@ def serve(listen: str | None = "127.0.0.1:0", *, workers: int | None = None,
         Metrics directory, checkpoint, resume, and what a checkpoint that cannot be written
         does (``on_checkpoint_error``: ``"stop"`` or ``"warn"``).
     admission : AdmissionPolicy, optional
-        Which updates the chief admits: ``max_samples``, ``max_update_norm``,
-        ``update_norm_mode`` (``chief.admission``, docs/security.md).
+        Which updates the chief admits: ``max_samples``, ``max_sample_ratio`` (from round 2
+        on a claim above R x the median claim of earlier rounds is weighed as that cap;
+        default 100, None: off), ``max_update_norm``, ``update_norm_mode``
+        (``chief.admission``, docs/security.md).
     listen_options : transports.tcp.ListenOptions, optional
         The TCP listener's other settings (per-address handshake and authentication-delay
         limits, ``bind_worker_id``, ``pacing``: a benchmark's emulated link, docs/slow-link.md);

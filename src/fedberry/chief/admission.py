@@ -11,6 +11,8 @@ above 2**53: a sanity limit of the format. This is the trust policy on top of it
 
 * a sample count above ``max_samples`` is refused (a worker claiming 1e12 samples would own
   every round of a weighted mean);
+* a sample count above ``max_sample_ratio`` times the median claim of earlier rounds is
+  weighed as that cap (``Admission.cap_samples``; below);
 * an update whose weighted contribution could take the strategy's running sum past the range of
   the type it is summed in (float32 for float32/float16 tensors) is refused *before* it is added,
   with a sentence naming the worker and the tensor; the bound is conservative (the sum of
@@ -26,12 +28,44 @@ above 2**53: a sanity limit of the format. This is the trust policy on top of it
 
 A refusal is not fatal: the worker hears the sentence in a typed ERROR, the round goes on
 without its update, and the worker gets the round's model like everyone else.
+
+The relative sample bound. An absolute cap cannot tell a lie from a large shard: a worker that
+claims 1e8 samples while the others claim 1e4 is within 1e9, and owns every round. So each
+round also has a cap relative to the federation: ``max_sample_ratio`` (R, default 100) times the
+lower median of the latest claim of every worker heard in EARLIER rounds. A claim above it is
+not refused (it may be an honest large shard) but weighed as the cap, with one log line naming
+the worker, its claim and the cap. Why this shape:
+
+* from earlier rounds, not this one: the chief adds updates to a running sum as they arrive
+  (O(model) memory), so a weight must be known when its update comes; a cap fixed when the
+  round opens is also the same whatever order the updates arrive in;
+* the lower median: one liar (or any minority of them) moves it by one place at most, so it
+  stays an honest claim while honest workers are a majority (with two workers, the smaller
+  claim: a liar claiming 1 sample can at worst bring an honest worker down to equal weight);
+* a clamp, not a refusal: a legitimately large shard still counts, with R times the median;
+* R = 100: Dirichlet(alpha) label-skew partitions of a 10-class set (``data.partition``; alpha
+  0.05 to 1, 3 to 100 workers, 20 seeds each) put the largest part at most 26.5x the lower
+  median, so the default leaves them, and skews up to 100x, unchanged. The price: a liar at
+  the cap among W workers of median claims still holds up to R / (R + W - 1) of a round's
+  weight (92 % of 10 workers, 50 % of 100). Where shards are near-equal, a smaller R binds
+  harder (R = 4: 31 % of 10); ``max_update_norm`` bounds what that weight can do.
+
+It does not apply where it would mean nothing or break a rule: the first round (no history:
+``max_samples`` alone), a federation that has heard fewer than two workers, an update that
+stands for several workers (MPI's combined update is the total of every rank: rank 0 never sees
+one rank's claim, and each rank is a process of the operator's own ``mpiexec`` job), and uniform
+weights (differential privacy: a claim changes no weight). Under secure aggregation the cap
+applies to the count each worker reports at its sync point, before the secure round: the
+participants' counts the round weighs by (``weight_of``, ``min(n / scale, 1)`` with ``scale``
+the largest count) are the capped ones, so a capped worker, which weighs itself by its own
+claim, gets ``min(claim / cap, 1) = 1 = cap / scale``, exactly what the chief counts.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -44,6 +78,11 @@ from fedberry.protocol.frames import ErrorCode, finite
 # (ImageNet-21k ~1.4e7), and one worker training on 1e9 samples takes days per local epoch.
 # Yet it leaves a float32 running sum room for values up to ~3e29 per update.
 DEFAULT_MAX_SAMPLES = 1e9
+# The relative bound's R (module docstring: measured partitions reach 26.5x the median).
+DEFAULT_MAX_SAMPLE_RATIO = 100.0
+# Workers whose latest claim the median is taken over (the most recently heard): a bound on
+# the chief's memory whatever the number of ids; sorting 10,000 floats a round takes ~1 ms.
+CLAIMS_KEPT = 10_000
 NORM_MODES = ("clip", "refuse")
 
 log = logging.getLogger("fedberry.chief")
@@ -58,6 +97,10 @@ class AdmissionPolicy:
     max_samples : float
         The largest sample count an update may claim (``--max-samples``); default 1e9, which no
         real shard reaches. An MPI round's combined update may claim this much per worker.
+    max_sample_ratio : float or None
+        R of the relative bound (``--max-sample-ratio``, default 100): from the second round on,
+        a claim above R x the lower median of the latest claims of earlier rounds is weighed as
+        that cap (module docstring); at least 1; None: no relative bound.
     max_update_norm : float or None
         Bound on the L2 norm of an update's change from the round's global model, over all its
         floating-point tensors (``--max-update-norm``); None: no bound.
@@ -73,11 +116,16 @@ class AdmissionPolicy:
     max_update_norm: float | None = None
     update_norm_mode: str = "clip"
     uniform_weights: bool = False
+    max_sample_ratio: float | None = DEFAULT_MAX_SAMPLE_RATIO
 
     def __post_init__(self) -> None:
         if not (_is_number(self.max_samples) and 0 < self.max_samples <= 2 ** 53):
             raise ValueError(f"max_samples must be a number in (0, 2**53], not "
                              f"{self.max_samples!r}")
+        if self.max_sample_ratio is not None and not (_is_number(self.max_sample_ratio)
+                                                      and self.max_sample_ratio >= 1):
+            raise ValueError(f"max_sample_ratio must be a number >= 1 (or None: no relative "
+                             f"bound), not {self.max_sample_ratio!r}")
         if self.max_update_norm is not None and not (_is_number(self.max_update_norm)
                                                      and self.max_update_norm > 0):
             raise ValueError(f"max_update_norm must be a positive number, not "
@@ -90,7 +138,8 @@ class AdmissionPolicy:
         """The policy as recorded in ``run_config`` (checkpoints, ``OUT/run.json``)."""
         out: dict[str, Any] = {"max_samples": self.max_samples,
                                "max_update_norm": self.max_update_norm,
-                               "update_norm_mode": self.update_norm_mode}
+                               "update_norm_mode": self.update_norm_mode,
+                               "max_sample_ratio": self.max_sample_ratio}
         if self.uniform_weights:  # only under DP: records of runs without it stay as they were
             out["uniform_weights"] = True
         return out
@@ -217,6 +266,10 @@ class Admission:
         self.norm_bound: float | None = self.policy.max_update_norm
         # The norms (before clipping) of the round's admitted updates, for adaptive clipping.
         self.norms: list[float] = []
+        # The relative sample bound: worker -> its latest claim (oldest heard first, at most
+        # CLAIMS_KEPT), and the open round's cap from them (None: no relative bound).
+        self._claims: dict[str, float] = {}
+        self.sample_cap: float | None = None
 
     def weight(self, num_samples: float, stands_for: int = 1) -> float:
         """The weight an admitted update gets in the strategy (``update_weight``)."""
@@ -228,6 +281,43 @@ class Admission:
         self._bound = [0.0] * len(self._reference)
         self._limit = [_sum_limit(g.dtype) for g in self._reference]
         self.norms = []
+        self.sample_cap = self._relative_cap()
+
+    def _applies(self) -> bool:
+        # Uniform weights (DP): a claim changes no weight, so there is nothing to bound.
+        return self.policy.max_sample_ratio is not None and not self.policy.uniform_weights
+
+    def _relative_cap(self) -> float | None:
+        if not self._applies() or len(self._claims) < 2:  # a median of one is no reference
+            return None
+        assert self.policy.max_sample_ratio is not None
+        return self.policy.max_sample_ratio * statistics.median_low(self._claims.values())
+
+    def cap_samples(self, worker_id: str, claim: float, stands_for: int = 1) -> float:
+        """The sample count an update claiming ``claim`` is weighed by: the claim, or the open
+        round's relative cap (``sample_cap``) if the claim is above it, with one log line. Not
+        applied to an update standing for several workers (MPI's combined update), nor to a
+        claim above ``max_samples`` (which ``admit`` refuses). The one relative rule: plain
+        updates (``Chief.update``) and secure aggregation's reports (``Chief._report``) both
+        call it."""
+        cap = self.sample_cap
+        if (cap is None or stands_for != 1 or claim <= cap
+                or self.too_many_samples(claim, stands_for)):
+            return claim
+        log.warning("worker %s claims %g samples, more than %g x the median claim of earlier "
+                    "rounds: its update is weighed as %g samples (max_sample_ratio)",
+                    worker_id, claim, self.policy.max_sample_ratio, cap)
+        return cap
+
+    def remember(self, worker_id: str, claim: float, stands_for: int = 1) -> None:
+        """``worker_id``'s update claiming ``claim`` counts in the open round: its claim (as
+        claimed, not as capped) is its latest, for the caps of the rounds after this one."""
+        if stands_for != 1 or not self._applies():
+            return
+        self._claims.pop(worker_id, None)
+        self._claims[worker_id] = float(claim)
+        if len(self._claims) > CLAIMS_KEPT:
+            del self._claims[next(iter(self._claims))]  # the worker heard from longest ago
 
     def too_many_samples(self, count: float, stands_for: int = 1) -> str | None:
         """Why a claimed count of samples is above the policy's ``max_samples`` (None: it is
@@ -255,17 +345,22 @@ class Admission:
         return None
 
     def admit(self, worker_id: str, num_samples: float, arrays: list[np.ndarray], *,
-              stands_for: int = 1, clipped_apart: bool = False) -> Refusal | None:
+              stands_for: int = 1, clipped_apart: bool = False,
+              weigh_as: float | None = None) -> Refusal | None:
         """Admit an update that would count in this round (clipping it in place if the policy
         says so), or say why not. ``stands_for``: the workers a combined update (MPI) sums.
         ``clipped_apart``: a securely aggregated mean, whose parts each worker clipped to the
         bound before masking: the norm bound is not applied to it again (it bounds one
-        worker's change; the mean's distributed DP noise would be clipped away with it)."""
+        worker's change; the mean's distributed DP noise would be clipped away with it).
+        ``weigh_as``: the sample count it will be weighed by, if not its claim
+        ``num_samples`` (``cap_samples``)."""
         p = self.policy
         too_many = self.too_many_samples(num_samples, stands_for)
         if too_many:
             return Refusal(ErrorCode.LIMIT, f"update of worker {worker_id} refused: {too_many}; "
                            "the round goes on without it", False)
+        if weigh_as is not None:
+            num_samples = weigh_as
         max_norm = None if clipped_apart else self.norm_bound
         norm = None
         if max_norm is not None and self._reference:

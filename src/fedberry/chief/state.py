@@ -23,8 +23,8 @@ they get the round's model; the others are parked, connected and idle, until a r
 (or the run is done: everyone gets the final model). "Every worker has sent" and the quorum then
 count the sampled workers still connected; a round whose sampled workers have all left before
 reporting is drawn again. A Poisson draw of nobody closes the round at once, model unchanged;
-the next draw then waits (``empty_draw_wait``): the machine asks for a tick at that time
-(``wake_at``), never sleeps.
+the next draw then waits as long as the last round with workers took, at most the round timeout
+(``empty_draw_wait``): the machine asks for a tick at that time (``wake_at``), never sleeps.
 
 Every update that would count passes the admission policy (``chief.admission``) first, and the
 round's new model is committed only if it is finite: both live here because every transport's
@@ -61,12 +61,18 @@ from fedberry.secagg.errors import SecAggError
 from fedberry.secagg.options import SecAggOptions
 from fedberry.strategies import FedAvg, Strategy
 
-# After a Poisson draw of nobody, the next draw waits the round timeout, else this many seconds.
-# Without a wait, a tiny rate closes empty rounds in a tight loop: a run without --rounds wrote
-# metrics lines as fast as the loop turned and held the event loop. An empty round takes as long
-# as a round may (the round timeout), so that rounds come at the pace of real ones; with no
-# timeout, a second keeps a run that draws nobody for a while to a line a second.
+# After a Poisson draw of nobody, the next draw waits as long as the last round that drew
+# workers took (its draw to its close), at most the round timeout; before any such round, this
+# many seconds (at most the round timeout). Without a wait, a tiny rate closes empty rounds in a
+# tight loop: a run without --rounds wrote metrics lines as fast as the loop turned and held the
+# event loop. Waiting the round timeout itself (as before) idled the whole federation for the
+# worst case of a round, 10 minutes under a 600 s timeout, for each draw of nobody; at the pace
+# of the real rounds, empty ones cost what a round costs, and their side effects (metrics
+# lines, checkpoints, evaluations) come no faster than those of real ones.
 EMPTY_DRAW_WAIT = 1.0
+# ... and never less than this: rounds of in-process workers take milliseconds, and a tiny rate
+# after one of them must still not close empty rounds faster than 20 a second.
+MIN_EMPTY_DRAW_WAIT = 0.05
 
 
 @dataclass
@@ -190,6 +196,7 @@ class Chief:
         self._parked: set[str] = set()
         self._attempt = 0
         self._draw_at: float | None = None  # after an empty draw: when the next one may be
+        self._pace: float | None = None  # seconds the last round that drew workers took
         if initial is not None:
             self._adopt(list(initial))
 
@@ -208,9 +215,12 @@ class Chief:
 
     @property
     def empty_draw_wait(self) -> float:
-        """Seconds from a Poisson draw of nobody to the next draw (``EMPTY_DRAW_WAIT``)."""
+        """Seconds from a Poisson draw of nobody to the next draw: the last round with workers'
+        time, at most the round timeout (``EMPTY_DRAW_WAIT`` says why)."""
+        wait = max(self._pace if self._pace is not None else EMPTY_DRAW_WAIT,
+                   MIN_EMPTY_DRAW_WAIT)
         t = self.config.round_timeout
-        return t if t is not None else EMPTY_DRAW_WAIT
+        return wait if t is None else min(wait, t)
 
     @property
     def wake_at(self) -> float | None:
@@ -308,14 +318,18 @@ class Chief:
                     *self._give([worker_id])]
         if self.secure is not None:
             return self._report(worker_id, round_, num_samples, metrics, now)
-        refusal = self.admission.admit(worker_id, num_samples, arrays, stands_for=stands_for)
+        # The relative sample bound (admission.cap_samples): the count it is weighed by.
+        samples = self.admission.cap_samples(worker_id, num_samples, stands_for)
+        refusal = self.admission.admit(worker_id, num_samples, arrays, stands_for=stands_for,
+                                       weigh_as=samples)
         if refusal:
             self._refused.add(worker_id)
             self._waiting.add(worker_id)
             return [SendError(worker_id, refusal.code, refusal.message, refusal.fatal),
                     *self._maybe_close(now)]
-        spare = self.strategy.add(arrays, self.admission.weight(num_samples, stands_for))
-        self._counts(worker_id, round_, num_samples, metrics)
+        spare = self.strategy.add(arrays, self.admission.weight(samples, stands_for))
+        self.admission.remember(worker_id, num_samples, stands_for)
+        self._counts(worker_id, round_, samples, metrics)
         actions = self._maybe_close(now)
         if spare:  # a strategy of before returned None
             actions.append(Recycle(list(spare)))
@@ -384,9 +398,12 @@ class Chief:
             return [SendError(worker_id, ErrorCode.STALE, f"round {round_ + 1}'s secure "
                               "aggregation began without this worker; its update is not "
                               "counted, the newest model follows", False)]
-        self._ready[worker_id] = self.admission.weight(num_samples)
-        self._ready_samples[worker_id] = num_samples
-        self._counts(worker_id, round_, num_samples, metrics)
+        # Capped before the secure round: its weights (wire.weight_of) follow the capped counts.
+        samples = self.admission.cap_samples(worker_id, num_samples)
+        self.admission.remember(worker_id, num_samples)
+        self._ready[worker_id] = self.admission.weight(samples)
+        self._ready_samples[worker_id] = samples
+        self._counts(worker_id, round_, samples, metrics)
         return self._maybe_close(now)
 
     def _counts(self, worker_id: str, round_: int, num_samples: float,
@@ -591,6 +608,8 @@ class Chief:
                             "committed, the previous model stays", self.round + 1, bad)
             else:
                 self.global_arrays = new
+        if self.sampled is None or self.sampled:  # a round that drew workers: the pace
+            self._pace = None if self._opened_at is None else now - self._opened_at
         self.round += 1
         record = RoundClosed(self.round, len(self._in_round), self._samples,
                              self._loss_sum / self._loss_weight if self._loss_weight else None,
