@@ -34,10 +34,11 @@ for the round (a round does not wait for it) and gets the round's model like the
 Secure aggregation (``secure``, a ``SecAggOptions``): a worker's update is only its report that
 it has reached its sync point (its sample count, no tensors). When the round would close, the
 workers that reported become the participants of a ``chief.secure_round.SecureRound``, whose
-steps the machine returns as ``SendSecure`` actions; what it yields is the survivors' weighted
-sum, which enters the strategy as ONE update of their total weight (exact for FedAvg, FedAvgM
-and FedAdam) and passes the admission like any other. A secure round that fails keeps the
-model as it was, and the next round starts as usual.
+steps the machine returns as ``SendSecure`` actions (and, to regenerate the masks off the
+chief's thread, one ``Unmask``, whose outcome comes back in ``secure_unmasked``); what it
+yields is the survivors' weighted sum, which enters the strategy as ONE update of their total
+weight (exact for FedAvg, FedAvgM and FedAdam) and passes the admission like any other. A
+secure round that fails keeps the model as it was, and the next round starts as usual.
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ import numpy as np
 from fedberry.chief.admission import Admission, AdmissionPolicy
 from fedberry.chief.admission import non_finite as non_finite  # its home before admission.py
 from fedberry.chief.sampling import SamplingPolicy
-from fedberry.chief.secure_round import SecureRound, SendSecure
+from fedberry.chief.secure_round import SecureRound, SendSecure, Sum, Unmask
 from fedberry.protocol.frames import ErrorCode, Spec, spec_mismatch, spec_of
 from fedberry.protocol.messages import SecAgg
 from fedberry.secagg.errors import ConfigError as SecAggConfigError
@@ -138,7 +139,8 @@ class Recycle:
     arrays: list[np.ndarray]
 
 
-Action = SendGlobal | SendError | RequestInit | RoundClosed | Finished | Recycle | SendSecure
+Action = (SendGlobal | SendError | RequestInit | RoundClosed | Finished | Recycle | SendSecure
+          | Unmask)
 
 log = logging.getLogger("fedberry.chief")
 
@@ -353,6 +355,15 @@ class Chief:
         """A worker's masked update (one ring vector) for the open secure round."""
         return self._secure_event(worker_id, now,
                                   lambda r: r.receive_masked(worker_id, round_, vector, now))
+
+    def secure_unmasked(self, of: SecureRound, outcome: Sum | BaseException,
+                        now: float) -> list[Action]:
+        """The outcome of secure round ``of``'s ``Unmask`` work (its sum, or the exception it
+        raised); dropped if that round is over already (its deadline failed it)."""
+        if self.secure_round is not of:
+            return []
+        of.unmasked(outcome)
+        return self._secure_over(now)
 
     def _secure_event(self, worker_id: str, now: float, step: Any) -> list[Action]:
         if worker_id not in self.members:
