@@ -190,6 +190,9 @@ class Chief:
         self.sampled: frozenset[str] | None = None
         self.sample_rate: float | None = None
         self._parked: set[str] = set()
+        # Sent the open round's model when the last round closed, and not reconnected since:
+        # a resent update that crossed that model needs no second one (``update``).
+        self._served: set[str] = set()
         self._attempt = 0
         self._draw_at: float | None = None  # after an empty draw: when the next one may be
         if initial is not None:
@@ -240,6 +243,7 @@ class Chief:
                 return [SendError(worker_id, ErrorCode.SPEC_MISMATCH,
                                   f"your model does not match the federation's: {why}", True)]
         self.members.add(worker_id)
+        self._served.discard(worker_id)  # a new connection: what the old one got may be lost
         self.started = self.started or len(self.members) >= self.config.workers
         if self._opened_at is None:
             self._opened_at = now
@@ -290,6 +294,11 @@ class Chief:
             # A repeat after a reconnect: it counted once already.
             if round_ == self.round:
                 self._waiting.add(worker_id)
+                return []
+            if worker_id in self._served:
+                # It reconnected while waiting, the round closed and its model went out on
+                # this connection, then the resend arrived: a second model would answer the
+                # worker's NEXT update (it would skip a round).
                 return []
             return self._give([worker_id])
         if round_ != self.round:
@@ -616,8 +625,10 @@ class Chief:
         self._ready, self._ready_samples = {}, {}
         self._loss_sum = self._loss_weight = self._samples = 0.0
         self._opened_at = now
+        self._served = set()
         if self.config.sampling is None:
             actions: list[Action] = [record, SendGlobal(waiting)]
+            self._served = set(waiting)
         elif self.done:  # the final model goes to everyone, idle or not
             everyone = sorted((self._parked | set(waiting)) & self.members)
             self._parked.clear()
