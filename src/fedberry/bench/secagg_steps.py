@@ -44,6 +44,7 @@ from fedberry.secagg.bench import measure_ciphers, measure_prg
 from fedberry.secagg.client import SecAggClient
 from fedberry.secagg.messages import MaskedInput, RoundConfig, UnmaskRequest
 from fedberry.secagg.options import SecAggOptions
+from fedberry.secagg.prg import add_masks
 from fedberry.secagg.server import SecAggServer
 from fedberry.transports.secure_sync import SecureSync
 
@@ -164,6 +165,29 @@ def chief_unmask(workers: int, length: int, dropouts: int, repeat: int) -> dict[
             "neighbors": cfg.neighbors, "threshold": cfg.threshold}
 
 
+def memory_add_rate(megabytes: int = 64) -> float:
+    """GB/s of numpy's in-place uint32 add over a vector of ``megabytes`` (target bytes per
+    second, as ``measure_prg`` counts): the memory-speed yardstick for the mask expansion."""
+    a = np.ones(megabytes * (1 << 20) // 4, np.uint32)
+    b = np.ones_like(a)
+    np.add(a, b, out=a)  # pages touched before timing
+    t0 = time.perf_counter()
+    np.add(a, b, out=a)
+    return a.nbytes / (time.perf_counter() - t0) / 1e9
+
+
+def stream_rate(streams: int, length: int = 1 << 20) -> float:
+    """GB/s of keystream that ``add_masks`` adds into a ``length`` uint32 vector from
+    ``streams`` seeds at once (a worker's mask step), the chunk of the target staying in
+    cache while every stream is added to it."""
+    target = np.zeros(length, np.uint32)
+    seeds = [(bytes([i % 256, i // 256]) * 16, 1) for i in range(streams)]
+    add_masks(target, seeds[:1])
+    t0 = time.perf_counter()
+    add_masks(target, seeds)
+    return streams * target.nbytes / (time.perf_counter() - t0) / 1e9
+
+
 def main(argv: list[str] | None = None) -> None:
     """Print the mask speed, then the worker's and the chief's tables (markdown)."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -181,8 +205,12 @@ def main(argv: list[str] | None = None) -> None:
     for bits, dtype in ((32, np.uint32), (16, np.uint16)):
         print(f"mask expansion (ChaCha20 keystream added into uint{bits}): "
               f"{measure_prg(64, dtype):.2f} GB/s")
+    print(f"mask expansion, 9 and 101 streams into one 4 MB uint32 vector: "
+          f"{stream_rate(9):.2f} and {stream_rate(101):.2f} GB/s of keystream")
     rates = measure_ciphers()
     print("raw keystream: " + ", ".join(f"{k} {v:.2f} GB/s" for k, v in rates.items()))
+    print(f"memory yardstick: numpy in-place uint32 add over 64 MB: {memory_add_rate():.2f} "
+          "GB/s")
     print(f"\nworker: one 32-bit secure step (median of {args.repeat})\n")
     print("| params | neighbours | forward (encode + mask) s | loop stall on the loop s | "
           "forward in a thread s | loop stall, thread s | unmask s |\n"
