@@ -509,9 +509,13 @@ class ChiefServer:
         """A secure round's unmasking is done: its outcome goes to the state machine on the
         chief's thread (``call_soon``: a ``then`` of the blocking scheduler runs on its work
         thread)."""
+        def deliver() -> None:
+            if self.finished is not None and self.finished.is_set():
+                return  # the run was stopped meanwhile: no round closes any more
+            self._run(self.chief.secure_unmasked(action.of, outcome, time.monotonic()))
+
         assert self.scheduler is not None
-        self.scheduler.call_soon(lambda: self._run(
-            self.chief.secure_unmasked(action.of, outcome, time.monotonic())))
+        self.scheduler.call_soon(deliver)
 
     def _awaited(self) -> list[str]:
         """Workers cut off lately that have not had the final model: they are reconnecting."""

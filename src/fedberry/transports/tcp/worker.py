@@ -560,6 +560,7 @@ class TcpSession:
         buffers). ``_await_global`` then waits in ``_secure_answered`` before it takes the
         next event, so ``steps`` is only ever used by one thread at a time, in step order.
         """
+        self._answering = None
         if steps is None or steps.done:
             log.warning("worker %s: ignoring the chief's secure step '%s' of round %d: this "
                         "worker is not taking part in it", self.worker_id, event.step,
