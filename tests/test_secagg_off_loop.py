@@ -1,5 +1,5 @@
 """Secure aggregation's costly steps run off the event loops: a worker's loop and the chief's
-keep serving while a mask is being generated.
+keep serving while a mask is being generated, and the step's deadline still holds.
 
 Deterministic, not timed: the mask generation itself is held (a wrapper around the real
 ``add_masks`` waits on an event) until the test has seen the loop in question carry a real
@@ -139,3 +139,27 @@ def test_the_chief_answers_pings_while_it_unmasks_the_sum(monkeypatch) -> None:
     finally:
         _finish(held, threads, errors, chief)
     _check_mean(out)
+
+
+def test_an_unmasking_that_outlasts_the_steps_timeout_fails_the_round(monkeypatch) -> None:
+    """The step's deadline holds while the masks are regenerated off the chief's thread: the
+    round fails with its sentence at the deadline, the model stays, and the outcome that comes
+    after is dropped."""
+    held = _Held(server_mod.add_masks)
+    monkeypatch.setattr(server_mod, "add_masks", held)
+    chief = fedberry.serve("127.0.0.1:0", workers=N, initial=sw.initial(), rounds=1,
+                           secure_aggregation=SecAggOptions(timeout=3.0))
+    workers, threads, out, errors = _start_workers(chief.url)
+    try:
+        held.wait_entered(1)
+        for t in threads:  # the round ends while the masks are still held
+            t.join(BOUND)
+        assert not held.release.is_set() and len(out) == N, "the deadline did not hold"
+    finally:
+        _finish(held, threads, errors, chief)
+    for w in workers.values():
+        assert any("unmasking took longer than the step's timeout" in m
+                   for m in w.session.warnings), w.session.warnings
+    for a, b in zip(out[0], sw.initial()):
+        assert np.array_equal(a, b)
+    assert chief.metrics[0]["workers"] == 0
