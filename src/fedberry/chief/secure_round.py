@@ -230,7 +230,8 @@ class SecureRound:
             return []
         if self.unmasking:
             self._fail(f"its unmasking took longer than the step's timeout "
-                       f"({self.options.timeout:g} s)")
+                       f"({self.options.timeout:g} s; it runs on the chief's work thread, "
+                       "after the previous round's evaluation and checkpoint)")
             return []
         waiting = self.waiting_for()
         if waiting:
