@@ -49,7 +49,7 @@ from fedberry.chief.model_file import ModelFile
 from fedberry.chief.round_config import RoundConfig
 from fedberry.chief.run_info import write_run_info
 from fedberry.chief.scheduler import AsyncioScheduler, BlockingScheduler, Scheduler, Timer
-from fedberry.chief.secure_round import SendSecure
+from fedberry.chief.secure_round import SendSecure, Unmask
 from fedberry.chief.state import (
     Chief,
     Finished,
@@ -479,6 +479,12 @@ class ChiefServer:
             elif isinstance(action, SendSecure):
                 if action.worker_id in self.peers:
                     self.peers[action.worker_id].send_secagg(action.message)
+            elif isinstance(action, Unmask):
+                # Regenerating the masks takes seconds for a large model: on the scheduler's
+                # work thread, like a checkpoint write, so that the loop serves every other
+                # connection meanwhile; the outcome comes back on the chief's thread.
+                assert self.scheduler is not None
+                self.scheduler.in_order(action.work, functools.partial(self._unmasked, action))
             elif isinstance(action, RoundClosed):
                 self._round_closed(action)
             elif isinstance(action, Recycle):
@@ -498,6 +504,18 @@ class ChiefServer:
         self._arm_deadline()
         if self._finishing and not self.chief.members and not self._awaited():
             self._finish()
+
+    def _unmasked(self, action: Unmask, outcome: Any) -> None:
+        """A secure round's unmasking is done: its outcome goes to the state machine on the
+        chief's thread (``call_soon``: a ``then`` of the blocking scheduler runs on its work
+        thread)."""
+        def deliver() -> None:
+            if self.finished is not None and self.finished.is_set():
+                return  # the run was stopped meanwhile: no round closes any more
+            self._run(self.chief.secure_unmasked(action.of, outcome, time.monotonic()))
+
+        assert self.scheduler is not None
+        self.scheduler.call_soon(deliver)
 
     def _awaited(self) -> list[str]:
         """Workers cut off lately that have not had the final model: they are reconnecting."""

@@ -17,11 +17,20 @@ before it, out of it (its pairwise masks are removed with its rebuilt mask key).
 What the chief learns is the ring sum of the survivors' encoded, clipped, sample-weighted
 changes: ``result`` decodes it to their float sum and the sum of their weights, and nothing
 about a single worker's change.
+
+The unmasking's costly part (regenerating every survivor's self-mask and each dropout's
+pairwise masks, a ChaCha20 stream as long as the model apiece: seconds for a large model and
+many workers) is not done here: once every secret is rebuilt, the round returns an ``Unmask``
+action whose ``work`` the runtime runs off the chief's thread, and hands its outcome back to
+``unmasked``. Meanwhile the round takes no message, and its deadline still holds: a round
+whose unmasking outlasts the step's timeout fails, and the outcome that comes later is dropped.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -39,7 +48,7 @@ from fedberry.secagg.messages import (
     UnmaskReply,
 )
 from fedberry.secagg.options import SecAggOptions
-from fedberry.secagg.server import SecAggServer
+from fedberry.secagg.server import SecAggServer, Unmasking
 
 log = logging.getLogger("fedberry.chief")
 
@@ -53,6 +62,15 @@ class SendSecure:
 
 
 @dataclass
+class Unmask:
+    """Run ``work()`` off the chief's thread (it returns a ``Sum``, or raises), then hand the
+    outcome (or the exception) to the chief state's ``secure_unmasked`` with ``of``."""
+
+    of: SecureRound
+    work: Callable[[], Sum]
+
+
+@dataclass
 class Sum:
     """A secure round's outcome: the float64 sum of the survivors' weighted changes (flat, the
     model's float values in order), the sum of their weights, and who they are."""
@@ -60,6 +78,10 @@ class Sum:
     total: np.ndarray
     weight: float
     survivors: list[str]
+
+
+#: What a secure round asks the runtime to do.
+Step = SendSecure | Unmask
 
 
 def majority_floor(config: object) -> int:
@@ -103,6 +125,7 @@ class SecureRound:
         self.deadline = now + options.timeout
         self.failure: str | None = None
         self.outcome: Sum | None = None
+        self.unmasking = False  # the Unmask work is out: no message is taken until it is back
 
     @staticmethod
     def _check_majority(config: RoundConfig) -> None:
@@ -144,12 +167,12 @@ class SecureRound:
                                          self.uniform))
                 for w, i in sorted(self.ids.items())]
 
-    def receive(self, worker_id: str, message: SecAgg, now: float) -> tuple[list[SendSecure],
+    def receive(self, worker_id: str, message: SecAgg, now: float) -> tuple[list[Step],
                                                                             str | None]:
         """A participant's advert, shares or reveal. Returns what to send, and the sentence
         refusing this worker's message (its part in the round is then over) or None."""
         i = self.ids.get(worker_id)
-        if i is None or self.over or i in self.gone:
+        if i is None or self.over or i in self.gone or self.unmasking:
             # Not (or no longer) in the round: dropped without an answer (one refusal per
             # worker and round is said; a flood of steps is not answered one by one).
             return [], None
@@ -179,10 +202,10 @@ class SecureRound:
         return self._advance(now), None
 
     def receive_masked(self, worker_id: str, round_: int, vector: np.ndarray,
-                       now: float) -> tuple[list[SendSecure], str | None]:
+                       now: float) -> tuple[list[Step], str | None]:
         """A participant's masked update, added into the round's ring sum at once."""
         i = self.ids.get(worker_id)
-        if i is None or self.over or i in self.gone:
+        if i is None or self.over or i in self.gone or self.unmasking:
             return [], None  # as in receive: not in the round, not answered
         try:
             if round_ != self.round:
@@ -193,7 +216,7 @@ class SecureRound:
             return self._advance(now), f"masked update refused: {exc}"
         return self._advance(now), None
 
-    def leave(self, worker_id: str, now: float) -> list[SendSecure]:
+    def leave(self, worker_id: str, now: float) -> list[Step]:
         """A participant is gone: a dropout from now on."""
         i = self.ids.get(worker_id)
         if i is None or self.over:
@@ -201,9 +224,14 @@ class SecureRound:
         self.gone.add(i)
         return self._advance(now)
 
-    def tick(self, now: float) -> list[SendSecure]:
+    def tick(self, now: float) -> list[Step]:
         """At the step's deadline: close it with whoever has answered."""
         if self.over or now < self.deadline:
+            return []
+        if self.unmasking:
+            self._fail(f"its unmasking took longer than the step's timeout "
+                       f"({self.options.timeout:g} s; it runs on the chief's work thread, "
+                       "after the previous round's evaluation and checkpoint)")
             return []
         waiting = self.waiting_for()
         if waiting:
@@ -216,12 +244,13 @@ class SecureRound:
     def _send(self, worker_id: str, payload: object) -> SendSecure:
         return SendSecure(worker_id, SecAgg(self.round, payload))
 
-    def _advance(self, now: float, force: bool = False) -> list[SendSecure]:
+    def _advance(self, now: float, force: bool = False) -> list[Step]:
         """Close every step whose answers are all in (or, ``force``, the current one at its
         deadline) and return what the next steps send."""
-        out: list[SendSecure] = []
+        out: list[Step] = []
         server = self.server
-        while not self.over and (force or not (server.waiting_for - self.gone)):
+        while not self.over and not self.unmasking and \
+                (force or not (server.waiting_for - self.gone)):
             force = False
             try:
                 out += self._close_step()
@@ -232,7 +261,20 @@ class SecureRound:
             self.deadline = now + self.options.timeout
         return out
 
-    def _close_step(self) -> list[SendSecure]:
+    def unmasked(self, outcome: Sum | BaseException) -> None:
+        """The ``Unmask`` work's outcome: the round's sum, or why it has none."""
+        if not self.unmasking or self.over:
+            return  # failed meanwhile (its deadline): the late outcome is dropped
+        self.unmasking = False
+        if isinstance(outcome, Sum):
+            self.outcome = outcome
+        elif isinstance(outcome, SecAggError):
+            self._fail(f"the round's sum cannot be unmasked: {outcome}")
+        else:  # not a refusal: a fault, said with its type rather than lost on another thread
+            log.error("round %d: the secure unmasking raised %r", self.round + 1, outcome)
+            self._fail(f"its unmasking failed ({type(outcome).__name__}: {outcome})")
+
+    def _close_step(self) -> list[Step]:
         server, live = self.server, lambda c: c not in self.gone
         step = server.phase
         if step == "adverts":
@@ -250,7 +292,16 @@ class SecureRound:
             request = server.close_masked()
             return [self._send(self.workers[c], request) for c in sorted(request.survivors)
                     if live(c)]
-        result = server.finish()  # unmask: raises TooFewSurvivors with too few reveals
+        # unmask: every secret rebuilt here (raises TooFewSurvivors with too few reveals), the
+        # masks regenerated off the chief's thread (module docstring)
+        unmasking = server.unmasking()
+        self.unmasking = True
+        return [Unmask(self, functools.partial(self._sum_of, unmasking))]
+
+    def _sum_of(self, unmasking: Unmasking) -> Sum:
+        """Off the chief's thread: the masks out of the ring sum, decoded and checked. Reads
+        only what no event changes (the ids, weights, encoding and bounds of the round)."""
+        result = unmasking.run()
         survivors = [self.workers[c] for c in result.survivors]
         total = self.encoding.decode_sum(result.ring_sum, len(survivors))
         weight = sum(self.weights[w] for w in survivors)
@@ -265,8 +316,7 @@ class SecureRound:
             raise SecAggError(f"the unmasked sum has norm {norm:.4g}, more than the "
                               f"survivors' clipped updates can reach ({reach:.4g}): a worker "
                               "sent a vector outside its range, and the sum is refused")
-        self.outcome = Sum(total, weight, survivors)
-        return []
+        return Sum(total, weight, survivors)
 
     def reach(self, count: int, weight: float, length: int) -> float:
         """The largest L2 norm the sum of ``count`` honest contributions of total weight

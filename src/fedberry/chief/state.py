@@ -34,10 +34,11 @@ for the round (a round does not wait for it) and gets the round's model like the
 Secure aggregation (``secure``, a ``SecAggOptions``): a worker's update is only its report that
 it has reached its sync point (its sample count, no tensors). When the round would close, the
 workers that reported become the participants of a ``chief.secure_round.SecureRound``, whose
-steps the machine returns as ``SendSecure`` actions; what it yields is the survivors' weighted
-sum, which enters the strategy as ONE update of their total weight (exact for FedAvg, FedAvgM
-and FedAdam) and passes the admission like any other. A secure round that fails keeps the
-model as it was, and the next round starts as usual.
+steps the machine returns as ``SendSecure`` actions (and, to regenerate the masks off the
+chief's thread, one ``Unmask``, whose outcome comes back in ``secure_unmasked``); what it
+yields is the survivors' weighted sum, which enters the strategy as ONE update of their total
+weight (exact for FedAvg, FedAvgM and FedAdam) and passes the admission like any other. A
+secure round that fails keeps the model as it was, and the next round starts as usual.
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ import numpy as np
 from fedberry.chief.admission import Admission, AdmissionPolicy
 from fedberry.chief.admission import non_finite as non_finite  # its home before admission.py
 from fedberry.chief.sampling import SamplingPolicy
-from fedberry.chief.secure_round import SecureRound, SendSecure
+from fedberry.chief.secure_round import SecureRound, SendSecure, Sum, Unmask
 from fedberry.protocol.frames import ErrorCode, Spec, spec_mismatch, spec_of
 from fedberry.protocol.messages import SecAgg
 from fedberry.secagg.errors import ConfigError as SecAggConfigError
@@ -144,7 +145,8 @@ class Recycle:
     arrays: list[np.ndarray]
 
 
-Action = SendGlobal | SendError | RequestInit | RoundClosed | Finished | Recycle | SendSecure
+Action = (SendGlobal | SendError | RequestInit | RoundClosed | Finished | Recycle | SendSecure
+          | Unmask)
 
 log = logging.getLogger("fedberry.chief")
 
@@ -194,6 +196,9 @@ class Chief:
         self.sampled: frozenset[str] | None = None
         self.sample_rate: float | None = None
         self._parked: set[str] = set()
+        # Sent the open round's model when the last round closed, and not reconnected since:
+        # a resent update that crossed that model needs no second one (``update``).
+        self._served: set[str] = set()
         self._attempt = 0
         self._draw_at: float | None = None  # after an empty draw: when the next one may be
         self._pace: float | None = None  # seconds the last round that drew workers took
@@ -248,6 +253,7 @@ class Chief:
                 return [SendError(worker_id, ErrorCode.SPEC_MISMATCH,
                                   f"your model does not match the federation's: {why}", True)]
         self.members.add(worker_id)
+        self._served.discard(worker_id)  # a new connection: what the old one got may be lost
         self.started = self.started or len(self.members) >= self.config.workers
         if self._opened_at is None:
             self._opened_at = now
@@ -298,6 +304,11 @@ class Chief:
             # A repeat after a reconnect: it counted once already.
             if round_ == self.round:
                 self._waiting.add(worker_id)
+                return []
+            if worker_id in self._served:
+                # It reconnected while waiting, the round closed and its model went out on
+                # this connection, then the resend arrived: a second model would answer the
+                # worker's NEXT update (it would skip a round).
                 return []
             return self._give([worker_id])
         if round_ != self.round:
@@ -367,6 +378,15 @@ class Chief:
         """A worker's masked update (one ring vector) for the open secure round."""
         return self._secure_event(worker_id, now,
                                   lambda r: r.receive_masked(worker_id, round_, vector, now))
+
+    def secure_unmasked(self, of: SecureRound, outcome: Sum | BaseException,
+                        now: float) -> list[Action]:
+        """The outcome of secure round ``of``'s ``Unmask`` work (its sum, or the exception it
+        raised); dropped if that round is over already (its deadline failed it)."""
+        if self.secure_round is not of:
+            return []
+        of.unmasked(outcome)
+        return self._secure_over(now)
 
     def _secure_event(self, worker_id: str, now: float, step: Any) -> list[Action]:
         if worker_id not in self.members:
@@ -624,8 +644,10 @@ class Chief:
         self._ready, self._ready_samples = {}, {}
         self._loss_sum = self._loss_weight = self._samples = 0.0
         self._opened_at = now
+        self._served = set()
         if self.config.sampling is None:
             actions: list[Action] = [record, SendGlobal(waiting)]
+            self._served = set(waiting)
         elif self.done:  # the final model goes to everyone, idle or not
             everyone = sorted((self._parked | set(waiting)) & self.members)
             self._parked.clear()

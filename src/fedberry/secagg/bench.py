@@ -56,10 +56,12 @@ class _ServerMeter:
         return out
 
 
-def measure_prg(megabytes: int = 64) -> float:
-    """Mask expansion speed in GB/s (keystream added into a uint16 vector)."""
-    target = np.ones(megabytes * (1 << 20) // 2, np.uint16)  # pages touched before timing
-    expand(b"s" * 32, 1 << 16, np.uint16)  # warm up
+def measure_prg(megabytes: int = 64, dtype: type = np.uint16) -> float:
+    """Mask expansion speed in GB/s (keystream added into a ``dtype`` vector, uint16 or
+    uint32)."""
+    item = np.dtype(dtype).itemsize
+    target = np.ones(megabytes * (1 << 20) // item, dtype)  # pages touched before timing
+    expand(b"s" * 32, 1 << 16, dtype)  # warm up
     t0 = time.perf_counter()
     add_masks(target, [(b"s" * 32, 1)])
     return target.nbytes / (time.perf_counter() - t0) / 1e9

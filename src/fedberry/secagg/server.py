@@ -12,6 +12,8 @@ input (the survivors; U2 minus U3 are the dropouts), U4 answered the unmasking r
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from . import keys, shamir
@@ -31,6 +33,25 @@ from .messages import (
 from .prg import add_masks
 
 _PHASES = ("adverts", "shares", "masked", "unmask", "done")
+
+
+@dataclass
+class Unmasking:
+    """The last, costly part of a round: the running ring sum and the masks to take out of it
+    (seed, sign), every secret already rebuilt and checked. ``run()`` may be called on any
+    thread (the chief runs it off its event loop): the server has let go of the sum, so
+    nothing else reads or writes it meanwhile."""
+
+    survivors: tuple[int, ...]
+    ring_sum: np.ndarray
+    masks: list[tuple[bytes, int]]
+
+    def run(self) -> AggregateResult:
+        """Remove every mask from the sum, in place; the exact ring sum of the survivors'
+        inputs. Only once."""
+        masks, self.masks = self.masks, []
+        add_masks(self.ring_sum, masks)
+        return AggregateResult(self.survivors, self.ring_sum)
 
 
 class SecAggServer:
@@ -186,13 +207,20 @@ class SecAggServer:
 
     def finish(self) -> AggregateResult:
         """End round 3: rebuild the survivors' seeds and the dropouts' mask keys, remove every
-        mask from the sum, and return the exact ring sum of the survivors' inputs.
+        mask from the sum, and return the exact ring sum of the survivors' inputs
+        (:meth:`unmasking`, then its ``run``).
 
         Raises :class:`TooFewSurvivors` naming the first secret with fewer than ``threshold``
         shares; nothing is changed then, so more replies may still be received (before the
         caller's deadline) and ``finish`` called again. Nothing about any single input is
         revealed either way.
         """
+        return self.unmasking().run()
+
+    def unmasking(self) -> Unmasking:
+        """End round 3's part that needs the server: rebuild every secret (milliseconds; the
+        refusals of :meth:`finish`, with nothing changed) and hand over the sum with the masks
+        to remove from it, the part whose cost grows with the model (its ``run``)."""
         self._at("unmask")
         assert self._request is not None
         cfg = self.config
@@ -214,8 +242,7 @@ class SecAggServer:
                 # v added pair_sign(v, d) * PRG(s_vd); take it out.
                 masks.append((pairwise, -pair_sign(v, d)))
         self._phase += 1  # every secret is rebuilt: from here on the sum is being unmasked
-        add_masks(self._sum, masks)
-        return AggregateResult(self.survivors, self._sum)
+        return Unmasking(self.survivors, self._sum, masks)
 
     def _combine(self, shares: dict[int, bytes], what: str) -> bytes:
         holders = tuple(sorted(shares)[:self.config.threshold])

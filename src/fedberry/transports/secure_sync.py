@@ -34,6 +34,11 @@ class SecureSync:
     ``arrays``: the weights after local training; ``reference``: the global model they were
     trained from (the change between them is what is aggregated, float tensors only);
     ``num_samples``: what the worker reported, from which it weighs its own change.
+
+    Threads: ``answer`` (and ``abstain``) may run on any thread, one call at a time; the
+    object touches only its own state and reads the arrays it was given, which must not be
+    written until the round's model has come (``TcpSession`` answers on its secure-step
+    thread while the worker's caller waits in ``sync``).
     """
 
     def __init__(self, round_: int, arrays: Sequence[np.ndarray],
@@ -41,10 +46,11 @@ class SecureSync:
         self.round = round_
         self.num_samples = float(num_samples)
         self._you: int | None = None  # this worker's id in the round, once a begin named it
-        floats = [(a, r) for a, r in zip(arrays, reference) if np.dtype(a.dtype).kind == "f"]
-        self._change = (np.concatenate([(np.asarray(a, np.float64) - np.asarray(r, np.float64))
-                                        .ravel() for a, r in floats]) if floats
-                        else np.zeros(0))
+        # The change itself is taken in the mask step (``_encode``), which the transport runs
+        # off its event loop: for a large model it is a pass over two float64 copies.
+        self._floats = [(a, r) for a, r in zip(arrays, reference)
+                        if np.dtype(a.dtype).kind == "f"]
+        self._length = sum(int(np.size(a)) for a, _ in self._floats)
         self._client: SecAggClient | None = None
         self._begin: wire.Begin | None = None
         self.done = False  # its part is over: revealed, or refused
@@ -94,9 +100,9 @@ class SecureSync:
             raise MessageError("the secure round began twice")
         self._you = begin.you
         config = begin.config
-        if config.length != self._change.size:
+        if config.length != self._length:
             raise MessageError(f"the round aggregates {config.length} values; this worker's "
-                               f"model has {self._change.size} float values")
+                               f"model has {self._length} float values")
         floor = wire.majority_threshold(config)
         if config.threshold < floor:
             raise UnsafeRequest(f"the chief set the threshold to {config.threshold}, below a "
@@ -110,7 +116,11 @@ class SecureSync:
     def _encode(self, begin: wire.Begin) -> np.ndarray:
         """The change, clipped to the round's bound, weighted, noised (distributed DP), in
         the ring."""
-        x = clip_l2(self._change, begin.clip) * begin.weight_of(self.num_samples)
+        change = (np.concatenate([(np.asarray(a, np.float64) - np.asarray(r, np.float64))
+                                  .ravel() for a, r in self._floats]) if self._floats
+                  else np.zeros(0))
+        x = clip_l2(change, begin.clip) * begin.weight_of(self.num_samples)
+        del change
         if begin.noise > 0:
             # This worker's share of the round's Gaussian noise: the survivors' shares sum to
             # at least the noise the accountant charges (privacy.dp_fedavg), and the chief

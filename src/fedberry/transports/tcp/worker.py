@@ -7,6 +7,7 @@ module moves its bytes, runs the timers and turns its events into the session's 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import functools
 import importlib.metadata
 import logging
@@ -42,6 +43,7 @@ from fedberry.protocol.messages import (
     Global,
     Hello,
     Init,
+    Masked,
     Message,
     Ping,
     Pong,
@@ -195,6 +197,10 @@ class TcpSession:
         self.secure = False  # the chief aggregates securely (its WELCOME says)
         self.require_secure = False  # refuse a chief that does not (Worker(require_secure_...))
         self._residual: list[np.ndarray] | None = None  # error feedback of a lossy codec
+        # Secure steps are answered on one thread of their own (_secure_step), one at a time.
+        self._secure_pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._answering: tuple[_WorkerProtocol | None, SecAgg, SecureSync,
+                               asyncio.Future[SecAgg | Masked | None]] | None = None
         self._hb_task: asyncio.Task[None] | None = None
         self._have: str | None = None
         self.round_config: dict[str, Any] = {}  # what came with the last GLOBAL
@@ -266,6 +272,10 @@ class TcpSession:
     async def close(self) -> None:
         if self._hb_task:
             self._hb_task.cancel()
+        if self._secure_pool is not None:
+            # A step still being answered finishes on its thread; its answer is not sent.
+            self._secure_pool.shutdown(wait=False, cancel_futures=True)
+            self._secure_pool = None
         if self._proto is not None and self._proto.transport is not None:
             self._proto.send(Bye())
             self._proto._close_after_flush()
@@ -513,6 +523,7 @@ class TcpSession:
         event = await self._next_event()
         while isinstance(event, SecAgg):
             self._secure_step(steps, event)
+            await self._secure_answered()
             event = await self._next_event()
         if not isinstance(event, Global):  # the connection lets nothing else through: a bug
             raise FederationError(f"protocol error: expected GLOBAL, got {event.TYPE.name}",
@@ -540,22 +551,48 @@ class TcpSession:
         return g.round, arrays, g.done
 
     def _secure_step(self, steps: SecureSync | None, event: SecAgg) -> None:
-        """Answer one of the chief's secure steps; a refusal is said once and ends this
-        worker's part in the round (the chief counts it a dropout; the model still comes)."""
+        """Start answering one of the chief's secure steps, off the event loop.
+
+        Masking a large update (its encoding, then one ChaCha20 stream per neighbour) takes
+        seconds, and the Shamir shares of a large group many milliseconds: ``steps.answer``
+        runs on this session's one secure-step thread, so that the loop meanwhile answers the
+        chief's pings and reads its frames (numpy and the cipher let go of the GIL on large
+        buffers). ``_await_global`` then waits in ``_secure_answered`` before it takes the
+        next event, so ``steps`` is only ever used by one thread at a time, in step order.
+        """
+        self._answering = None
         if steps is None or steps.done:
             log.warning("worker %s: ignoring the chief's secure step '%s' of round %d: this "
                         "worker is not taking part in it", self.worker_id, event.step,
                         event.round + 1)
             return
+        if self._secure_pool is None:
+            self._secure_pool = concurrent.futures.ThreadPoolExecutor(
+                1, thread_name_prefix=f"fb-secagg-{self.worker_id}"[:40])
+        work = asyncio.get_running_loop().run_in_executor(self._secure_pool, steps.answer,
+                                                          event)
+        self._answering = (self._proto, event, steps, work)
+
+    async def _secure_answered(self) -> None:
+        """Send the answer ``_secure_step`` started; a refusal is said once and ends this
+        worker's part in the round (the chief counts it a dropout; the model still comes).
+
+        The wait is the work's own (no I/O, no lock: it ends); the step's deadline is the
+        chief's, which closes the step without a late answer and refuses it when it comes.
+        An answer is sent only on the connection its step came by, if that is still open."""
+        pending, self._answering = self._answering, None
+        if pending is None:
+            return
+        proto, event, steps, work = pending
         try:
-            answer = steps.answer(event)
+            answer = await work
         except SecAggError as exc:
             log.warning("worker %s: refusing the chief's secure step '%s': %s", self.worker_id,
                         event.step, exc)
             self.warnings.append(str(exc))
             answer = steps.abstain(str(exc))
-        if answer is not None and self._proto is not None:
-            self._proto.send(answer)
+        if answer is not None and proto is not None and proto is self._proto:
+            proto.send(answer)
 
     async def send_eval(self, result: EvalResult) -> None:
         """Answer the evaluation request of the GLOBAL received last, on the connection it
