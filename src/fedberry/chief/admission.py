@@ -32,9 +32,11 @@ without its update, and the worker gets the round's model like everyone else.
 The relative sample bound. An absolute cap cannot tell a lie from a large shard: a worker that
 claims 1e8 samples while the others claim 1e4 is within 1e9, and owns every round. So each
 round also has a cap relative to the federation: ``max_sample_ratio`` (R, default 100) times the
-lower median of the latest claim of every worker heard in EARLIER rounds. A claim above it is
-not refused (it may be an honest large shard) but weighed as the cap, with one log line naming
-the worker, its claim and the cap. Why this shape:
+lower median of the latest claim of every worker heard in EARLIER rounds and still in the
+federation (ids that left do not vote: a token holder coming back under new ids would
+otherwise outvote the honest workers with its dropped ones), and never below
+``MIN_SAMPLE_CAP``. A claim above it is not refused (it may be an honest large shard) but
+weighed as the cap, with one log line naming the worker, its claim and the cap. Why this shape:
 
 * from earlier rounds, not this one: the chief adds updates to a running sum as they arrive
   (O(model) memory), so a weight must be known when its update comes; a cap fixed when the
@@ -66,7 +68,7 @@ from __future__ import annotations
 import logging
 import math
 import statistics
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -83,6 +85,11 @@ DEFAULT_MAX_SAMPLE_RATIO = 100.0
 # Workers whose latest claim the median is taken over (the most recently heard): a bound on
 # the chief's memory whatever the number of ids; sorting 10,000 floats a round takes ~1 ms.
 CLAIMS_KEPT = 10_000
+# The cap never weighs a claim as less than this many samples: a federation of claims near 0
+# (a liar claiming 1e-300 of two workers is the lower median) would otherwise weigh every
+# honest update by ~1e-298, which vanishes in the float32 running sum (a non-finite model every
+# round, none committed).
+MIN_SAMPLE_CAP = 1.0
 NORM_MODES = ("clip", "refuse")
 
 log = logging.getLogger("fedberry.chief")
@@ -275,23 +282,31 @@ class Admission:
         """The weight an admitted update gets in the strategy (``update_weight``)."""
         return update_weight(num_samples, stands_for, self.policy.uniform_weights)
 
-    def begin_round(self, global_arrays: Sequence[np.ndarray]) -> None:
-        """A new round from this global model: the running-sum bounds start from zero."""
+    def begin_round(self, global_arrays: Sequence[np.ndarray],
+                    members: Collection[str] | None = None) -> None:
+        """A new round from this global model: the running-sum bounds start from zero.
+        ``members``: the workers in the federation now; only their claims set the round's
+        relative cap (None: every claim remembered)."""
         self._reference = list(global_arrays)
         self._bound = [0.0] * len(self._reference)
         self._limit = [_sum_limit(g.dtype) for g in self._reference]
         self.norms = []
-        self.sample_cap = self._relative_cap()
+        self.sample_cap = self._relative_cap(members)
 
     def _applies(self) -> bool:
         # Uniform weights (DP): a claim changes no weight, so there is nothing to bound.
         return self.policy.max_sample_ratio is not None and not self.policy.uniform_weights
 
-    def _relative_cap(self) -> float | None:
-        if not self._applies() or len(self._claims) < 2:  # a median of one is no reference
+    def _relative_cap(self, members: Collection[str] | None) -> float | None:
+        # Only the workers still in the federation: worker ids are the workers' word, and a
+        # token holder that comes back under new ids would otherwise leave a claim behind each
+        # time, until its dropped ids are the majority the lower median relies on.
+        claims = [c for w, c in self._claims.items() if members is None or w in members]
+        if not self._applies() or len(claims) < 2:  # a median of one is no reference
             return None
         assert self.policy.max_sample_ratio is not None
-        return self.policy.max_sample_ratio * statistics.median_low(self._claims.values())
+        return max(self.policy.max_sample_ratio * statistics.median_low(claims),
+                   MIN_SAMPLE_CAP)
 
     def cap_samples(self, worker_id: str, claim: float, stands_for: int = 1) -> float:
         """The sample count an update claiming ``claim`` is weighed by: the claim, or the open

@@ -639,7 +639,7 @@ class Chief:
         waiting = sorted(self._waiting & self.members)
         self.done = self.config.rounds is not None and self.round >= self.config.rounds
         self.strategy.begin_round(self.global_arrays)
-        self.admission.begin_round(self.global_arrays)
+        self.admission.begin_round(self.global_arrays, self.members)
         self._in_round, self._waiting, self._refused = set(), set(), set()
         self._ready, self._ready_samples = {}, {}
         self._loss_sum = self._loss_weight = self._samples = 0.0

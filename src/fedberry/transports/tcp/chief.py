@@ -252,8 +252,13 @@ class _ChiefConnection(_FrameWriter, asyncio.BufferedProtocol):
             raw.abort()
             self._gone()
             return
-        if self.closed or self.closing_since is not None:
-            tls.abort()
+        if tls is None or self.closed or self.closing_since is not None:
+            # None: the connection was aborted during the handshake (the sweep's deadline, a
+            # limit, stop()): start_tls then returns no transport instead of raising.
+            if tls is not None:
+                tls.abort()
+            raw.abort()
+            self._gone()
             return
         self.transport = tls  # type: ignore[assignment]
         self._init_writer()
