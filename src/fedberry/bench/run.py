@@ -73,8 +73,10 @@ def run(cfg: BenchConfig, *, quiet: bool = False, command: str | None = None,
         else:
             lat = (f"{cfg.delay_ms:g} ms by netem" if d["delay_applied"] else
                    "none (netem missing)" if kind == "netns" and cfg.delay_ms else "none")
-        say(f"link: {kind}, {cfg.rate_mbit:g} Mbit/s shared, {d['duplex']} duplex, latency "
-            f"{lat} ({why})")
+        queue = ("" if kind != "netns" else ", a queue per worker" if d["queue"] == "fair"
+                 else ", one drop-tail queue")
+        say(f"link: {kind}, {cfg.rate_mbit:g} Mbit/s shared, {d['duplex']} duplex{queue}, "
+            f"latency {lat} ({why})")
         bench = Bench(cfg, link, out, quiet, quotas)
         if flower is not None:
             bench.flower = flower
