@@ -408,8 +408,9 @@ class SlowLink:
 
         ``queue="fair"``: one child class per worker, classified by its address (``by``: the
         header fields that name the worker, "dst" on the downlink, "src" on the uplink, both in
-        the half-duplex ifb), each assured ``rate/n`` and borrowing up to the whole rate, so the
-        link serves the busy workers in turn, as an access point with per-station queues does.
+        the half-duplex ifb), each assured 0.99 ``rate/n`` and borrowing up to the whole rate,
+        so the link serves the busy workers in turn, as an access point with per-station queues
+        does.
         ``queue="fifo"``: one class, one drop-tail queue for everyone, where TCP flows share
         the rate as their windows happen to grow (unevenly, and differently every run).
         """
@@ -419,10 +420,10 @@ class SlowLink:
         _tc(ns, f"class add dev {dev} parent 1: classid 1:1 htb rate {rate}mbit ceil {rate}mbit "
                 f"burst {burst} cburst {burst}")
         # A byte limit, not packets: it is a buffer measured in time at the link rate whatever
-        # the mix of full frames and ACKs, split among the workers' queues (each drains its
-        # share in queue_ms at its assured rate). The floor keeps a few frames at low rates.
-        limit = max(16 * 1514,
-                    int(mbit_to_bytes_per_s(rate) * self.queue_ms / 1e3 / n))
+        # the mix of full frames and ACKs. Each worker's queue gets all of it, as one queue had:
+        # split n ways, six dsgd uploads at once overflowed them (2.5x the drops, 3 % of the
+        # bytes retransmitted). The floor keeps a few frames at low rates.
+        limit = max(16 * 1514, int(mbit_to_bytes_per_s(rate) * self.queue_ms / 1e3))
         # Quantum: what a class sends per turn when classes share; one frame keeps the turns
         # as fine as the token bucket's (which interleaves 16 KiB chunks at 20 Mbit/s, 7 ms).
         leaves = [_DEFAULT_CLASS] if n == 1 else [_DEFAULT_CLASS, *range(_FIRST_CLASS,
