@@ -71,6 +71,7 @@ def _class_bytes(link: netns.SlowLink) -> dict[str, int]:
     return found
 
 
+@pytest.mark.heavy  # kernel shaping, the same on every Python: main run only
 def test_fair_link_serves_the_workers_in_turn(link: netns.SlowLink) -> None:
     assert link.queue == "fair"
     src = link.spawn(netns.CHIEF, [sys.executable, "-c", SOURCE, link.chief_ip, str(N),
