@@ -211,6 +211,11 @@ def test_quick_every_mode(tmp_path: Path) -> None:
         assert check["s_per_step_netns"] > 0 and check["s_per_step_shaper"] > 0
         # The same steps move the same payload whichever emulation carries it.
         assert check["bytes_shaper_over_netns"] == pytest.approx(1.0, rel=0.01)
+        # Like with like: both serve the workers in turn, full duplex; and the run says how
+        # far apart the workers got each step's mean through each.
+        assert res["link"]["queue"] == check["netns_queue"] == "fair"
+        assert check["unlike"] is None
+        assert check["mean_spread_s_netns"] >= 0 and check["mean_spread_s_shaper"] >= 0
     else:
         assert check is None
 

@@ -18,6 +18,19 @@ needs_cgroups = pytest.mark.skipif(found is None, reason=f"no writable cpu cgrou
 
 BUSY = "import sys\nsys.stdin.readline()\nwhile True: pass\n"
 
+# Bursts of 20 ms of CPU after idle spells of 0.3 s, as a dsgd worker computes its gradient
+# between two waits on the link; prints each burst's CPU over its wall time.
+BURSTS = """
+import sys, time
+sys.stdin.readline()
+for _ in range(4):
+    time.sleep(0.3)
+    t0, c0 = time.perf_counter(), time.thread_time()
+    while time.thread_time() - c0 < 0.02:
+        pass
+    print((time.thread_time() - c0) / (time.perf_counter() - t0), flush=True)
+"""
+
 
 def test_fit_quota_leaves_room_for_the_chief() -> None:
     assert fit_quota(6, cores=2) == 0.25  # 1.5 cores of devices + the chief
@@ -59,6 +72,25 @@ def test_quota_caps_a_busy_process_and_is_removed() -> None:
         # cgroups are gone.
         assert not parent.exists()
         assert proc.poll() is None
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+@needs_cgroups
+def test_quota_slows_a_short_burst_too() -> None:
+    """A device at 0.25 core computes a short burst at about 0.25 core, not at full speed: with
+    CFS's default 100 ms period (25 ms of quota) a 20 ms burst ran at 0.7 of a core."""
+    proc = subprocess.Popen([sys.executable, "-c", BURSTS], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        with DeviceQuotas(0.25, name=f"fedberry-bench-test-burst-{os.getpid()}") as quotas:
+            quotas.add("bursts", proc.pid)
+            out, _ = proc.communicate("\n", timeout=30)
+        shares = [float(x) for x in out.split()]
+        assert len(shares) == 4
+        # An upper bound only (a busy machine gives less): a quarter core plus one period.
+        assert max(shares) < 0.45, shares
     finally:
         proc.kill()
         proc.wait()

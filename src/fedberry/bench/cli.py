@@ -43,6 +43,10 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--reset-per-s", type=float, default=d.reset_per_s,
                    help="relay: mean connection resets per second per connection (default 0)")
     p.add_argument("--duplex", default=d.duplex, choices=["full", "half"])
+    p.add_argument("--ap-queue", default=d.ap_queue, choices=["fair", "fifo"],
+                   help="netns: how the access point shares each direction among the workers: "
+                        "fair, a queue per worker served in turn (as the in-process shaper "
+                        "does); fifo, one drop-tail queue (default fair)")
     p.add_argument("--device-cpu", type=float, default=None, metavar="CORES",
                    help="emulated devices: each worker and the single node under a CPU quota "
                         "of CORES (cgroups, root); default 0.25 cut to fit the machine's cores "
@@ -50,6 +54,9 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--check-shaper", action=argparse.BooleanOptionalAction, default=None,
                    help="also time dsgd steps through both emulations and compare them "
                         "(default: on when the link is network namespaces)")
+    p.add_argument("--check-steps", type=int, default=None, metavar="K",
+                   help=f"dsgd steps of the check, at least 3 (default {d.check_steps}; "
+                        "--quick: 4)")
     p.add_argument("--run-to-cap", action="store_true",
                    help="keep training after the target, up to each mode's time cap")
     p.add_argument("--set", action="append", default=[], metavar="MODE.FIELD=VALUE",
@@ -91,6 +98,7 @@ def apply_overrides(cfg: BenchConfig, sets: list[str]) -> None:
 
 def config_from_args(args: argparse.Namespace) -> BenchConfig:
     cfg = BenchConfig(link=args.link, delay_ms=args.delay_ms, duplex=args.duplex,
+                      ap_queue=args.ap_queue,
                       jitter_ms=args.jitter_ms, latency=args.latency,
                       reset_per_s=args.reset_per_s,
                       device_cpu=args.device_cpu,
@@ -105,11 +113,14 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
     if bad or not (modes or cfg.check_shaper):
         raise ValueError(f"--modes: unknown {bad}; choose from {','.join(MODES)}")
     cfg.modes = [m for m in MODES if m in modes]  # a fixed order: the table reads the same
-    for name in ("workers", "target", "rate_mbit"):
+    for name in ("workers", "target", "rate_mbit", "check_steps"):
         if getattr(args, name) is not None:
             setattr(cfg, name, getattr(args, name))
     if cfg.workers < 1:
         raise ValueError("--workers must be at least 1")
+    if cfg.check_steps < 3:
+        raise ValueError("--check-steps must be at least 3 (the first step, joining, is left "
+                         "out of the timing)")
     if cfg.device_cpu is not None and not 0 <= cfg.device_cpu <= 64:
         raise ValueError("--device-cpu is a share of cores in [0, 64] (0: no quota)")
     if args.delay_ms < 0 or not 0 <= args.jitter_ms <= args.delay_ms or args.reset_per_s < 0:

@@ -96,6 +96,10 @@ class BenchConfig:
     latency: str = "relay"  # relay | netem
     reset_per_s: float = 0.0  # relay: mean connection resets per second per connection
     duplex: str = "full"
+    # How the namespace link's access point shares each direction among the workers: "fair", a
+    # queue per worker served in turn (as the in-process shaper does, and Wi-Fi access points
+    # with per-station queues); "fifo", one drop-tail queue (netns.py says more).
+    ap_queue: str = "fair"
     # Emulated devices: each worker and the single node under this CPU quota, in cores
     # (cpu_quota.py). None: 0.25, cut to what fits this machine beside the chief (fit_quota);
     # 0: no quota (every process at the machine's full speed).

@@ -2,11 +2,20 @@
 
 ``fedberry bench --device-cpu 0.25`` gives every worker (and the single-node baseline) a quarter
 of one core: a child cgroup per process with ``cpu.cfs_quota_us / cpu.cfs_period_us = 0.25``
-(cgroup v1, ``/sys/fs/cgroup/cpu``) or ``cpu.max = "25000 100000"`` (cgroup v2). The kernel's
-CFS bandwidth control then lets the process run at most 25 ms in every 100 ms, whatever else is
+(cgroup v1, ``/sys/fs/cgroup/cpu``) or ``cpu.max = "2500 10000"`` (cgroup v2). The kernel's
+CFS bandwidth control then lets the process run at most 2.5 ms in every 10 ms, whatever else is
 idle, which is what a slower core looks like from the outside: the same work takes four times
-the wall time. What it does not capture is in docs/benchmarks.md (memory bandwidth, caches,
-SIMD width: a Raspberry Pi's Cortex-A72 is not a throttled Xeon).
+the wall time.
+
+The period is 10 ms, not CFS's default 100 ms, because a quota only slows work longer than
+itself: with 25 ms in every 100 ms, a burst of 18 ms of CPU after an idle spell (a dsgd step's
+gradient, between two waits on the link) ran at 0.71 of a core, and dsgd's devices measured
+twice the speed of fedavg's; with 2.5 ms in 10 ms the same burst runs at 0.27 (measured on this
+machine, docs/benchmarks.md). The kernel wants a quota of at least 1 ms, so small shares get a
+longer period (``period_us``).
+
+What it does not capture is in docs/benchmarks.md (memory bandwidth, caches, SIMD width: a
+Raspberry Pi's Cortex-A72 is not a throttled Xeon).
 
 Every cgroup is made under one parent per run (``fedberry-bench-<pid>``), and removed when the
 run ends, also on failure (``DeviceQuotas`` is a context manager; ``close`` moves any process
@@ -25,7 +34,14 @@ from pathlib import Path
 
 __all__ = ["CpuCgroups", "DeviceQuotas", "cleanup_stale", "detect", "fit_quota"]
 
-PERIOD_US = 100_000  # CFS's own default period: 100 ms
+PERIOD_US = 10_000  # 10 ms: short, so that short bursts of work are slowed too (see above)
+MIN_QUOTA_US = 1_000  # the kernel refuses quotas below 1 ms
+
+
+def period_us(cores: float) -> int:
+    """The CFS period for a quota of ``cores``: ``PERIOD_US``, longer if the quota would fall
+    below the kernel's 1 ms (0.05 core: 20 ms)."""
+    return max(PERIOD_US, -(-MIN_QUOTA_US * 1000 // int(cores * 1000)))
 _NAME_RE = re.compile(r"^fedberry-bench-(\d+)$")
 
 
@@ -164,12 +180,14 @@ class DeviceQuotas:
         d = self.parent / re.sub(r"[^A-Za-z0-9_.-]", "_", name)
         d.mkdir(exist_ok=True)
         self.members[name] = d
-        quota = max(1000, int(self.cores * PERIOD_US))
+        period = period_us(self.cores)
+        quota = max(MIN_QUOTA_US, round(self.cores * period))
         if self.cgroups.version == 1:
-            (d / "cpu.cfs_period_us").write_text(str(PERIOD_US))
+            # v1 checks the quota against the period: lower the quota first, then the period.
             (d / "cpu.cfs_quota_us").write_text(str(quota))
+            (d / "cpu.cfs_period_us").write_text(str(period))
         else:
-            (d / "cpu.max").write_text(f"{quota} {PERIOD_US}")
+            (d / "cpu.max").write_text(f"{quota} {period}")
         (d / "cgroup.procs").write_text(str(pid))
 
     def throttled(self) -> dict[str, float]:
@@ -198,7 +216,7 @@ class DeviceQuotas:
     def describe(self) -> dict[str, object]:
         return {"cores": self.cores, "applied": self.available,
                 "cgroup": None if self.cgroups is None else f"v{self.cgroups.version}",
-                "why_not": self.why or None, "period_us": PERIOD_US}
+                "why_not": self.why or None, "period_us": period_us(self.cores)}
 
     def __enter__(self) -> DeviceQuotas:
         return self.open()

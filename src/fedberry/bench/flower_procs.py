@@ -16,7 +16,6 @@ global model is the one the server evaluated, so worker 1's crc checks the same 
 
 from __future__ import annotations
 
-import logging
 import math
 import os
 import socket
@@ -27,7 +26,16 @@ from typing import Any
 
 import numpy as np
 
-from fedberry.bench.procs import _optim, _setup, batches, crc, emit, iface_bytes, wait_go
+from fedberry.bench.procs import (
+    _optim,
+    _setup,
+    batches,
+    crc,
+    emit,
+    iface_bytes,
+    run_role,
+    wait_go,
+)
 from fedberry.demo.torch_demo import initial_model, make_evaluator
 
 LISTEN_TIMEOUT_S = 60.0
@@ -144,17 +152,7 @@ ROLES = {"flower_server": run_server, "flower_client": run_client}
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 2 or argv[0] not in ROLES:
-        print(f"usage: python -m fedberry.bench.flower_procs {{{','.join(ROLES)}}} SPEC_JSON",
-              file=sys.stderr)
-        return 2
-    import json
-
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    ROLES[argv[0]](json.loads(argv[1]))
-    return 0
+    return run_role(ROLES, "fedberry.bench.flower_procs", argv)
 
 
 if __name__ == "__main__":

@@ -50,12 +50,13 @@ class BenchLink:
     """Where the chief and the workers run, and how to count what crossed the link."""
 
     def __init__(self, kind: str, workers: int, rate_mbit: float, delay_ms: float = 0.0,
-                 duplex: str = "full", prefix: str = "fbbench") -> None:
+                 duplex: str = "full", prefix: str = "fbbench", queue: str = "fair") -> None:
         self.kind = kind
         self.workers = workers
         self.rate_mbit = rate_mbit
         self.delay_ms = delay_ms
         self.duplex = duplex
+        self.queue = queue  # netns: "fair" (a queue per worker, as the shaper) or "fifo"
         self.prefix = prefix
         self.slow: netns.SlowLink | None = None
         self.delay_applied = False
@@ -66,11 +67,14 @@ class BenchLink:
             netns.cleanup_stale(self.prefix)  # namespaces of an earlier run that was killed
             self.slow = netns.SlowLink(self.workers, rate_mbit=self.rate_mbit,
                                        delay_ms=self.delay_ms, prefix=self.prefix,
-                                       duplex=self.duplex)  # type: ignore[arg-type]
+                                       duplex=self.duplex,  # type: ignore[arg-type]
+                                       queue=self.queue)  # type: ignore[arg-type]
             with warnings.catch_warnings():
-                warnings.simplefilter("ignore", RuntimeWarning)  # reported via delay_applied
+                # reported via delay_applied and queue (describe())
+                warnings.simplefilter("ignore", RuntimeWarning)
                 self.slow.open()
             self.delay_applied = self.slow.delay_applied
+            self.queue = self.slow.queue
             try:
                 self._relay_via_chief()
             except BaseException:
@@ -145,11 +149,15 @@ class BenchLink:
         if self.kind == "netns":
             d.update(duplex=self.duplex, delay_ms=self.delay_ms,
                      delay_applied=self.delay_applied,
-                     shaping="tc htb on the chief<->access-point veth pair, one queue per "
-                             "direction shared by all workers; worker<->worker via the chief",
+                     queue=self.queue,
+                     shaping="tc htb on the chief<->access-point veth pair per direction, "
+                             "shared by all workers, " + (
+                                 "a queue per worker served in turn" if self.queue == "fair"
+                                 else "one drop-tail queue") + "; worker<->worker via the chief",
                      netem=netns.capabilities().netem)
         else:
-            d.update(duplex="full", delay_ms=0.0, delay_applied=False,
+            d.update(duplex="full", delay_ms=0.0, delay_applied=False, queue="fair",
                      shaping="token bucket per direction in the chief's TCP transport, shared "
-                             "by all connections, at the TCP payload rate of the same link")
+                             "by all connections (served in turn, 16 KiB at a time), at the TCP "
+                             "payload rate of the same link")
         return d

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict
+from typing import Any
 
 from fedberry.bench.config import ModeConfig
 from fedberry.bench.context import BenchContext
@@ -52,18 +53,8 @@ class _FedRun:
                 # The workers dial the relay beside the chief; it holds every byte for the
                 # delay. In the namespaces it hands on over the chief's own loopback, so the
                 # shaped link is still the workers' side of it.
-                procs.start("relay", "chief", "relay", {
-                    "host": link.chief_host, "port": RELAY_PORT if self.netns else 0,
-                    "upstream": f"{link.chief_host}:{port}", "delay_ms": cfg.delay_ms,
-                    "jitter_ms": cfg.jitter_ms, "reset_per_s": cfg.reset_per_s})
-                port = procs.wait_for(["relay"], "listening")["relay"]["port"]
-                res.notes.append(f"latency {cfg.delay_ms:g} +- {cfg.jitter_ms:g} ms one way "
-                                 "(relay)")
-            url = f"tcp://{link.chief_host}:{port}"
-            for i, name in enumerate(self.names):
-                procs.start(name, i, "fed", bench.spec(
-                    self.mode, mc, chief=url, index=i + 1, iface=link.iface,
-                    local_epochs=mc.local_epochs, codec=mc.codec), device=True)
+                port = self._start_relay(f"{link.chief_host}:{port}", latency=True)
+            self._start_workers("fed", chief=f"tcp://{link.chief_host}:{port}", codec=mc.codec)
             ready = procs.wait_for(["chief", *self.names], "ready")
             self.base = Baseline(ready, self.names)
             q0 = link.qdisc_bytes()
@@ -81,6 +72,35 @@ class _FedRun:
         res.device_cpu = bench.device_cores
         self._compute_and_crc()
         return res
+
+    def _start_relay(self, upstream: str, latency: bool, rate_mbit: float | None = None) -> int:
+        """The relay beside the chief, in front of ``upstream``: the run's latency (if
+        ``latency``) and, off the namespaces, the link's rate for those our shaper cannot
+        reach (``rate_mbit``, the flower mode). Returns the port the workers dial."""
+        cfg, link = self.bench.cfg, self.bench.link
+        spec: dict[str, Any] = {
+            "host": link.chief_host, "port": RELAY_PORT if self.netns else 0,
+            "upstream": upstream, "delay_ms": cfg.delay_ms if latency else 0.0,
+            "jitter_ms": cfg.jitter_ms if latency else 0.0,
+            "reset_per_s": cfg.reset_per_s if latency else 0.0}
+        if rate_mbit is not None:
+            spec["rate_mbit"] = rate_mbit
+        self.procs.start("relay", "chief", "relay", spec)
+        port = self.procs.wait_for(["relay"], "listening")["relay"]["port"]
+        if latency:
+            self.res.notes.append(f"latency {cfg.delay_ms:g} +- {cfg.jitter_ms:g} ms one way "
+                                  "(relay)")
+        return int(port)
+
+    def _start_workers(self, role: str, python: str | None = None,
+                       module: str = "fedberry.bench.procs", **extra: Any) -> None:
+        """One worker per host, an emulated device each: the mode's training settings, and
+        ``extra`` (where the chief is, the codec)."""
+        for i, name in enumerate(self.names):
+            self.procs.start(name, i, role, self.bench.spec(
+                self.mode, self.mc, index=i + 1, iface=self.bench.link.iface,
+                local_epochs=self.mc.local_epochs, **extra), device=True, python=python,
+                module=module)
 
     def _on_event(self, name: str, e: Event) -> bool:
         res = self.res

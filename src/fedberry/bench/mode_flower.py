@@ -21,7 +21,7 @@ from typing import Any
 
 from fedberry.bench.config import ModeConfig
 from fedberry.bench.context import BenchContext
-from fedberry.bench.link import CHIEF_PORT, RELAY_PORT
+from fedberry.bench.link import CHIEF_PORT
 from fedberry.bench.mode_fed import _FedRun
 from fedberry.bench.process_group import ProcessGroup
 from fedberry.bench.results import ModeResult, Point, finish
@@ -84,24 +84,9 @@ class _FlowerRun(_FedRun):
             rate = None if self.netns else cfg.rate_mbit
             latency = cfg.latency == "relay" and (cfg.delay_ms > 0 or cfg.reset_per_s > 0)
             if latency or rate is not None:
-                spec = {"host": link.chief_host, "port": RELAY_PORT if self.netns else 0,
-                        "upstream": f"{link.chief_host}:{port}",
-                        "delay_ms": cfg.delay_ms if latency else 0.0,
-                        "jitter_ms": cfg.jitter_ms if latency else 0.0,
-                        "reset_per_s": cfg.reset_per_s if latency else 0.0}
-                if rate is not None:
-                    spec["rate_mbit"] = rate
-                procs.start("relay", "chief", "relay", spec)
-                port = procs.wait_for(["relay"], "listening")["relay"]["port"]
-                if latency:
-                    res.notes.append(f"latency {cfg.delay_ms:g} +- {cfg.jitter_ms:g} ms one "
-                                     "way (relay)")
-            server = f"{link.chief_host}:{port}"
-            for i, name in enumerate(self.names):
-                procs.start(name, i, "flower_client", bench.spec(
-                    "flower", mc, server=server, index=i + 1, iface=link.iface,
-                    local_epochs=mc.local_epochs), device=True, python=self.python,
-                    module=MODULE)
+                port = self._start_relay(f"{link.chief_host}:{port}", latency, rate)
+            self._start_workers("flower_client", python=self.python, module=MODULE,
+                                server=f"{link.chief_host}:{port}")
             ready = procs.wait_for(["chief", *self.names], "ready")
             self.base = Baseline(ready, self.names)
             q0 = link.qdisc_bytes()

@@ -109,6 +109,11 @@ def _ok(step: Callable[[], object]) -> bool:
 
 # Every packet, whatever its protocol, into ifb0. `matchall` would be the obvious classifier but is
 # missing from the kernel this was developed on; u32 matching zero bits of offset 0 is equivalent.
+# The htb classes of the shaping queues: the default one (whatever no filter claims, and all
+# traffic with queue="fifo"), and worker i's at _FIRST_CLASS + i with queue="fair".
+_DEFAULT_CLASS = 0x10
+_FIRST_CLASS = 0x100
+
 _REDIRECT_TO_IFB0 = "protocol all u32 match u32 0 0 action mirred egress redirect dev ifb0"
 
 
@@ -185,6 +190,7 @@ class LinkCapabilities:
     reason: str  # human sentence: why not, or what is missing
     netem: bool = False  # latency can be emulated
     half_duplex: bool = False  # ifb + u32 + mirred: duplex="half" can run
+    fair_queue: bool = False  # u32 on htb: queue="fair" (a class per worker) can run
 
 
 @cache
@@ -217,6 +223,8 @@ def capabilities() -> LinkCapabilities:
         except SlowLinkError as exc:
             return LinkCapabilities(False, f"htb/bfifo qdisc unsupported: {exc}")
         netem = _ok(lambda: _tc(ns, "qdisc add dev a1 root netem delay 1ms"))
+        fair = _ok(lambda: _tc(ns, "filter add dev a0 parent 1: protocol ip prio 1 u32 match ip "
+                                   "dst 10.0.0.1/32 flowid 1:10"))
 
         def redirect_into_ifb() -> None:
             _ip(ns, "link add ifb0 type ifb")
@@ -229,11 +237,12 @@ def capabilities() -> LinkCapabilities:
             for what, have in (
                 ("netem: no latency", netem),
                 ("ifb/u32/mirred: no half duplex", half),
+                ("u32: no fair queueing, one drop-tail queue", fair),
             )
             if not have
         ]
         reason = "ok" + (f" (missing {'; '.join(missing)})" if missing else "")
-        return LinkCapabilities(True, reason, netem=netem, half_duplex=half)
+        return LinkCapabilities(True, reason, netem=netem, half_duplex=half, fair_queue=fair)
     finally:
         _run(["ip", "netns", "del", ns], check=False)
 
@@ -250,7 +259,12 @@ class SlowLink:
     `rate_mbit` is the rate of Ethernet frames in each direction (headers included, as tc counts;
     TCP payload gets ~95.6% of it at MTU 1500, see `shaper.tcp_payload_fraction`). `delay_ms` is
     one-way per direction (RTT = 2 * delay_ms) and needs netem. `queue_ms` sizes the bottleneck
-    queue in time at `rate_mbit`, like an access point's buffer.
+    queue in time at `rate_mbit`, like an access point's buffer. `queue` is how the workers share
+    each direction: "fair" (default), a queue per worker served in turn, as an access point with
+    per-station queues (Linux mac80211's, with airtime fairness) serves its stations and as the
+    in-process token bucket serves its connections; "fifo", one drop-tail queue, where TCP
+    flows share the rate unevenly. Without the u32 classifier "fair" falls back to "fifo" with a
+    RuntimeWarning (`queue` then says "fifo": what ran).
 
     Workers are indexed 0..n_hosts-1; `CHIEF` addresses the chief. Attributes: `chief_ip`,
     `worker_ips[i]`, `ns_names[i]` (worker namespaces), `chief_ns`, `ap_ns`, `delay_applied`.
@@ -267,6 +281,7 @@ class SlowLink:
         *,
         duplex: Literal["full", "half"] = "full",
         queue_ms: float = 200.0,
+        queue: Literal["fair", "fifo"] = "fair",
         burst_bytes: int | None = None,
         subnet: str = "10.231.0",
     ) -> None:
@@ -278,6 +293,8 @@ class SlowLink:
             raise ValueError("delay_ms must be non-negative")
         if duplex not in ("full", "half"):
             raise ValueError("duplex must be 'full' or 'half'")
+        if queue not in ("fair", "fifo"):
+            raise ValueError("queue must be 'fair' or 'fifo'")
         if not _PREFIX_RE.match(prefix):
             raise ValueError(f"prefix must match {_PREFIX_RE.pattern}")
         self.n_hosts = n_hosts
@@ -286,6 +303,8 @@ class SlowLink:
         self.prefix = prefix
         self.duplex = duplex
         self.queue_ms = float(queue_ms)
+        self.queue_asked = queue
+        self.queue: Literal["fair", "fifo"] = queue  # what runs: "fifo" without u32 (open())
         rate_bytes = mbit_to_bytes_per_s(rate_mbit)
         self.burst_bytes = default_burst(rate_bytes) if burst_bytes is None else int(burst_bytes)
         self.delay_applied = False
@@ -330,6 +349,15 @@ class SlowLink:
                 RuntimeWarning,
                 stacklevel=3,
             )
+        self.queue = self.queue_asked
+        if self.queue == "fair" and not caps.fair_queue:
+            warnings.warn(
+                f"no u32 classifier in this kernel: queue='fair' is NOT applied; the workers "
+                f"share one drop-tail queue ({caps.reason})",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            self.queue = "fifo"
         self._open = True
         atexit.register(self.close)
         try:
@@ -375,31 +403,60 @@ class SlowLink:
         _ip(ns, f"addr add {ip}/24 dev eth0")
         _ip(ns, "link set eth0 up")
 
-    def _shape(self, ns: str, dev: str, netem: bool) -> None:
-        """One htb class at `rate_mbit` as the root of `dev`'s egress, leaf = queue (or netem)."""
-        rate, burst = f"{self.rate_mbit}mbit", self.burst_bytes
-        _tc(ns, f"qdisc replace dev {dev} root handle 1: htb default 10")
-        # quantum only matters between sibling classes; set to quiet htb's "quantum is big".
-        _tc(
-            ns,
-            f"class add dev {dev} parent 1: classid 1:10 htb rate {rate} ceil {rate} "
-            f"burst {burst} cburst {burst} quantum {4 * 1514}",
-        )
+    def _shape(self, ns: str, dev: str, netem: bool, by: tuple[str, ...]) -> None:
+        """htb at `rate_mbit` as the root of `dev`'s egress, shared by every worker.
+
+        ``queue="fair"``: one child class per worker, classified by its address (``by``: the
+        header fields that name the worker, "dst" on the downlink, "src" on the uplink, both in
+        the half-duplex ifb), each assured 0.99 ``rate/n`` and borrowing up to the whole rate,
+        so the link serves the busy workers in turn, as an access point with per-station queues
+        does.
+        ``queue="fifo"``: one class, one drop-tail queue for everyone, where TCP flows share
+        the rate as their windows happen to grow (unevenly, and differently every run).
+        """
+        rate, burst = self.rate_mbit, self.burst_bytes
+        n = self.n_hosts if self.queue == "fair" else 1
+        _tc(ns, f"qdisc replace dev {dev} root handle 1: htb default {_DEFAULT_CLASS:x}")
+        _tc(ns, f"class add dev {dev} parent 1: classid 1:1 htb rate {rate}mbit ceil {rate}mbit "
+                f"burst {burst} cburst {burst}")
         # A byte limit, not packets: it is a buffer measured in time at the link rate whatever
-        # the mix of full frames and ACKs. The floor keeps a few frames at very low rates.
-        limit = max(16 * 1514, int(mbit_to_bytes_per_s(self.rate_mbit) * self.queue_ms / 1e3))
+        # the mix of full frames and ACKs. Each worker's queue gets all of it, as one queue had:
+        # split n ways, six dsgd uploads at once overflowed them (2.5x the drops, 3 % of the
+        # bytes retransmitted). The floor keeps a few frames at low rates.
+        limit = max(16 * 1514, int(mbit_to_bytes_per_s(rate) * self.queue_ms / 1e3))
+        # Quantum: what a class sends per turn when classes share; one frame keeps the turns
+        # as fine as the token bucket's (which interleaves 16 KiB chunks at 20 Mbit/s, 7 ms).
+        leaves = [_DEFAULT_CLASS] if n == 1 else [_DEFAULT_CLASS, *range(_FIRST_CLASS,
+                                                                           _FIRST_CLASS + n)]
+        for cid in leaves:
+            # The default class takes what no filter claims (ARP, and everything in "fifo").
+            # Assured rates must not add up to more than the parent's (htb lets a class under
+            # its own rate send whatever the parent has left): the workers share 99 %.
+            share = (rate if n == 1 else rate * 0.01 if cid == _DEFAULT_CLASS
+                     else rate * 0.99 / n)
+            _tc(ns, f"class add dev {dev} parent 1:1 classid 1:{cid:x} htb rate {share:.6g}mbit "
+                    f"ceil {rate}mbit burst {burst} cburst {burst} quantum 1514")
+            self._leaf(ns, dev, cid, limit, netem)
+        if n == 1:
+            return
+        for prio, field in enumerate(by, start=1):
+            for i, ip in enumerate(self.worker_ips):
+                _tc(ns, f"filter add dev {dev} parent 1: protocol ip prio {prio} u32 match ip "
+                        f"{field} {ip}/32 flowid 1:{_FIRST_CLASS + i:x}")
+
+    def _leaf(self, ns: str, dev: str, cid: int, limit: int, netem: bool) -> None:
         if netem and self.delay_ms > 0:
             # netem's own limit is in packets; size it from the byte budget at full-size frames
             # plus what is in flight during the delay.
             packets = limit // 1514 + int(self.rate_mbit * 1e6 / 8 * self.delay_ms / 1e3 / 1514)
             _tc(
                 ns,
-                f"qdisc add dev {dev} parent 1:10 handle 10: netem delay {self.delay_ms}ms "
-                f"limit {max(100, packets)}",
+                f"qdisc add dev {dev} parent 1:{cid:x} handle {cid:x}: netem delay "
+                f"{self.delay_ms}ms limit {max(100, packets)}",
             )
             self.delay_applied = True
         else:
-            _tc(ns, f"qdisc add dev {dev} parent 1:10 handle 10: bfifo limit {limit}")
+            _tc(ns, f"qdisc add dev {dev} parent 1:{cid:x} handle {cid:x}: bfifo limit {limit}")
 
     def _build(self, netem: bool) -> None:
         for ns in (self.ap_ns, self.chief_ns, *self.ns_names):
@@ -410,14 +467,16 @@ class SlowLink:
         for i, ns in enumerate(self.ns_names):
             self._attach(f"w{i}", ns, self.worker_ips[i])
         if self.duplex == "full":
-            self._shape(self.chief_ns, "eth0", netem)  # downlink: chief -> workers
-            self._shape(self.ap_ns, "c0", netem)  # uplink: workers -> chief
+            self._shape(self.chief_ns, "eth0", netem, ("dst",))  # downlink: chief -> workers
+            self._shape(self.ap_ns, "c0", netem, ("src",))  # uplink: workers -> chief
             return
         # Half duplex: c0's ingress (from the chief: downlink) and c0's egress (toward the chief:
         # uplink) both redirect into ifb0, whose single htb class is the shared airtime.
         _ip(self.ap_ns, "link add ifb0 type ifb")
         _ip(self.ap_ns, "link set ifb0 up")
-        self._shape(self.ap_ns, "ifb0", netem)
+        # A packet to a worker is its airtime, one from a worker too (dst first: worker to
+        # worker through the chief counts for the receiver on both legs).
+        self._shape(self.ap_ns, "ifb0", netem, ("dst", "src"))
         _tc(self.ap_ns, "qdisc add dev c0 ingress")
         _tc(self.ap_ns, f"filter add dev c0 parent ffff: {_REDIRECT_TO_IFB0}")
         # An egress filter needs a classful root to hang on; this htb never queues anything

@@ -22,7 +22,7 @@ import os
 import sys
 import time
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -342,16 +342,22 @@ ROLES = {"relay": run_relay, "chief": run_chief, "fed": run_fed, "ddp": run_ddp,
          "single": run_single}
 
 
-def main(argv: list[str] | None = None) -> int:
+def run_role(roles: dict[str, Callable[[dict[str, Any]], None]], module: str,
+             argv: list[str] | None = None) -> int:
+    """``python -m MODULE ROLE SPEC_JSON``: run ``roles[ROLE]`` with the spec, logging to
+    stderr. The entry point of this module's processes and of flower_procs.py's."""
     argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 2 or argv[0] not in ROLES:
-        print(f"usage: python -m fedberry.bench.procs {{{','.join(ROLES)}}} SPEC_JSON",
-              file=sys.stderr)
+    if len(argv) != 2 or argv[0] not in roles:
+        print(f"usage: python -m {module} {{{','.join(roles)}}} SPEC_JSON", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    ROLES[argv[0]](json.loads(argv[1]))
+    roles[argv[0]](json.loads(argv[1]))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_role(ROLES, "fedberry.bench.procs", argv)
 
 
 if __name__ == "__main__":
