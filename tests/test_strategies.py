@@ -247,7 +247,11 @@ def test_fedavg_order_does_not_matter_beyond_float32_rounding():
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize("ns", [[1, 1, 1], [3, 3], [1e-6, 5, 2], [2e30, 1e-30], [0.25, 0.25]])
+# [1e-300, 1e-300]: a round of tiny weights (liars, or a bug) once summed to 0 x inf = NaN;
+# [1e-30, 2e30]: the heavy update second, so the sum moves to its unit mid-round.
+@pytest.mark.parametrize("ns", [[1, 1, 1], [3, 3], [1e-6, 5, 2], [2e30, 1e-30], [0.25, 0.25],
+                                [1e-300, 1e-300], [1e-300, 3e-300, 2e-300], [1e-30, 2e30],
+                                [1, 2, 4, 8]])
 def test_fedavg_equal_and_unequal_weights_and_extreme_ones(ns):
     rng = np.random.default_rng(3)
     ups = [rng.standard_normal(50).astype(np.float32) for _ in ns]

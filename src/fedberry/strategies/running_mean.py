@@ -49,14 +49,15 @@ class RunningMean:
         w = check_weight(weight)
         spare: list[np.ndarray] = []
         if not self._sum:
-            # The sum counts in units of the first update's weight: while updates weigh the
-            # same (equal shards, the usual case) none is multiplied, and the one pass that
-            # scales the sum to the mean at the end is all the arithmetic besides the adds.
-            # The first update's own buffers become the sums: no allocation, no page faults.
-            # A unit below 1 would scale later updates up by more than their own weight does:
-            # a worker claiming a tiny sample count first must not make float32 overflow.
-            self._unit = max(w, 1.0)
-            scale = w / self._unit
+            # The sum counts in units of the largest weight added so far, starting with the
+            # first update's: while updates weigh the same (equal shards, the usual case) none
+            # is multiplied, and the one pass that scales the sum to the mean at the end is all
+            # the arithmetic besides the adds. The first update's own buffers become the sums:
+            # no allocation, no page faults. Every term is scaled by at most 1, so no product
+            # can overflow float32 however the weights differ, and a round of tiny weights
+            # (1e-300 each) is summed at its own scale instead of vanishing to 0 and giving
+            # 0 x inf at the end.
+            self._unit = w
             for a in update:
                 dtype = _sum_dtype(a.dtype)
                 if a.dtype == dtype and a.flags.writeable:
@@ -67,10 +68,15 @@ class RunningMean:
                     # counters are 0-d).
                     acc = np.array(a, dtype=dtype)
                     spare.append(a)
-                if scale != 1.0:
-                    acc *= scale
                 self._sum.append(acc)
         else:
+            if w > self._unit:
+                # A heavier update: the sum moves to its unit (one pass, only when the largest
+                # weight so far grows), so that its scale, and every later one, stays <= 1.
+                down = self._unit / w
+                for acc in self._sum:
+                    acc *= down
+                self._unit = w
             scale = w / self._unit
             for acc, a in zip(self._sum, update):
                 if a.dtype == acc.dtype and a.flags.writeable:
