@@ -91,6 +91,18 @@ def _worker(chief: fedberry.ChiefHandle, i: int) -> RecordingWorker:
     return RecordingWorker(chief.url, worker_id=f"w{i}")
 
 
+def _federate(chief: fedberry.ChiefHandle, workers: list[RecordingWorker],
+              options: SecAggOptions, train: Callable[[int], None]) -> float:
+    """Train every worker in its thread to the chief's end, check the rounds against plain
+    FedAvg (``_check_secure_fedavg``, whose worst error this returns), stop the chief."""
+    try:
+        _in_threads(train)
+        assert chief.wait(30)
+        return _check_secure_fedavg(chief, workers, options)
+    finally:
+        chief.stop()
+
+
 def _check_secure_fedavg(chief: fedberry.ChiefHandle, workers: list[RecordingWorker],
                          options: SecAggOptions) -> float:
     """Every round: all workers got one model, plain sample-weighted FedAvg (float64, numpy)
@@ -157,12 +169,7 @@ def test_keras_callback_workers_get_plain_fedavg_under_secure_aggregation() -> N
         models[i].fit(x, y, batch_size=4, epochs=10, shuffle=False, verbose=0,
                       callbacks=[callbacks[i]])
 
-    try:
-        _in_threads(train)
-        assert chief.wait(30)
-        _check_secure_fedavg(chief, workers, options)
-    finally:
-        chief.stop()
+    _federate(chief, workers, options, train)
     for cb, m in zip(callbacks, models):
         # fit stopped at the federation's end, holding its final model.
         assert cb.done and cb.syncs == ROUNDS and cb.steps == ROUNDS * 2
@@ -209,12 +216,7 @@ def test_lightning_callback_workers_get_plain_fedavg_under_secure_aggregation() 
                                               torch.randint(0, 2, (32,), generator=g))
         trainers[i].fit(modules[i], torch.utils.data.DataLoader(data, batch_size=8))
 
-    try:
-        _in_threads(train)
-        assert chief.wait(30)
-        worst = _check_secure_fedavg(chief, workers, options)
-    finally:
-        chief.stop()
+    worst = _federate(chief, workers, options, train)
     assert worst > 1e-4, worst  # the coarse ring's error is really there
     for cb, trainer, m in zip(callbacks, trainers, modules):
         # The trainer stopped at the last round, and the module holds the federation's model.
@@ -253,12 +255,7 @@ def test_torch_federated_optimizer_workers_get_plain_fedavg_under_secure_aggrega
                 opt.record_loss(loss)
                 opt.step()
 
-    try:
-        _in_threads(train)
-        assert chief.wait(30)
-        _check_secure_fedavg(chief, workers, options)
-    finally:
-        chief.stop()
+    _federate(chief, workers, options, train)
     for opt, m in zip(opts, models):
         assert opt.steps == ROUNDS * 2
         for (name, tensor), b in zip(m.state_dict().items(), chief.chief.global_arrays):

@@ -73,6 +73,17 @@ def _start_workers(url: str) -> tuple[dict[int, fedberry.Worker], list[threading
     return workers, threads, out, errors
 
 
+def _held_round(monkeypatch, module, timeout: float):  # type: ignore[no-untyped-def]
+    """A secure round of N workers whose ``module.add_masks`` (the worker's or the chief's) is
+    held on an event: the hold, the chief, and ``_start_workers``'s workers, threads, models
+    out and errors."""
+    held = _Held(module.add_masks)
+    monkeypatch.setattr(module, "add_masks", held)
+    chief = fedberry.serve("127.0.0.1:0", workers=N, initial=sw.initial(), rounds=1,
+                           secure_aggregation=SecAggOptions(timeout=timeout))
+    return (held, chief, *_start_workers(chief.url))
+
+
 def _round_trip(w: fedberry.Worker) -> None:
     """From worker ``w``'s own loop: send a PING and wait until the chief's answer has been
     read (the connection's last_seen moves only when the loop reads bytes). Within BOUND."""
@@ -107,11 +118,7 @@ def _check_mean(out: dict[int, list[np.ndarray]]) -> None:
 
 
 def test_a_worker_answers_pings_while_its_masks_are_being_generated(monkeypatch) -> None:
-    held = _Held(client_mod.add_masks)
-    monkeypatch.setattr(client_mod, "add_masks", held)
-    chief = fedberry.serve("127.0.0.1:0", workers=N, initial=sw.initial(), rounds=1,
-                           secure_aggregation=SecAggOptions(timeout=60.0))
-    workers, threads, out, errors = _start_workers(chief.url)
+    held, chief, workers, threads, out, errors = _held_round(monkeypatch, client_mod, 60.0)
     try:
         held.wait_entered(N)  # every worker is inside its mask generation, held there
         t0 = time.monotonic()
@@ -126,11 +133,7 @@ def test_a_worker_answers_pings_while_its_masks_are_being_generated(monkeypatch)
 
 
 def test_the_chief_answers_pings_while_it_unmasks_the_sum(monkeypatch) -> None:
-    held = _Held(server_mod.add_masks)
-    monkeypatch.setattr(server_mod, "add_masks", held)
-    chief = fedberry.serve("127.0.0.1:0", workers=N, initial=sw.initial(), rounds=1,
-                           secure_aggregation=SecAggOptions(timeout=60.0))
-    workers, threads, out, errors = _start_workers(chief.url)
+    held, chief, workers, threads, out, errors = _held_round(monkeypatch, server_mod, 60.0)
     try:
         held.wait_entered(1)  # the chief is regenerating the masks to take out of the sum
         for w in workers.values():
@@ -145,11 +148,7 @@ def test_an_unmasking_that_outlasts_the_steps_timeout_fails_the_round(monkeypatc
     """The step's deadline holds while the masks are regenerated off the chief's thread: the
     round fails with its sentence at the deadline, the model stays, and the outcome that comes
     after is dropped."""
-    held = _Held(server_mod.add_masks)
-    monkeypatch.setattr(server_mod, "add_masks", held)
-    chief = fedberry.serve("127.0.0.1:0", workers=N, initial=sw.initial(), rounds=1,
-                           secure_aggregation=SecAggOptions(timeout=3.0))
-    workers, threads, out, errors = _start_workers(chief.url)
+    held, chief, workers, threads, out, errors = _held_round(monkeypatch, server_mod, 3.0)
     try:
         held.wait_entered(1)
         for t in threads:  # the round ends while the masks are still held
